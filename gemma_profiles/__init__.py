@@ -1,0 +1,68 @@
+"""gemma-profiles: hardware profiles for gemma_pytorch, applied at runtime.
+
+Use::
+
+    import gemma_profiles
+    gemma_profiles.activate("t4")          # or: with gemma_profiles.use("t4"): ...
+
+Write a plugin (a module with ``@hookimpl`` functions named after the hooks in
+``gemma_profiles.hookspecs``) and expose it in your ``pyproject.toml``::
+
+    [project.entry-points.gemma_profiles]
+    my_plugin = "my_package.gemma_plugin"
+
+Set ``GEMMA_PROFILE_DISABLE_PLUGINS=my_plugin`` to keep a plugin from loading.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+from loguru import logger
+
+from .errors import GemmaProfileError
+from .hookspecs import PROJECT_NAME
+
+__version__ = "0.1.0"
+
+#: Marker for hook implementations: ``@gemma_profiles.hookimpl``.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+# A library stays quiet until asked (loguru's advice); activation enables it.
+logger.disable("gemma_profiles")
+
+if TYPE_CHECKING:
+    from .profile import Profile
+    from .runtime import Session
+
+
+def activate(profile: str | Profile) -> Session:
+    """Apply ``profile`` (a name, a path to a YAML file, or a `Profile`) to gemma models built from now on."""
+    from .runtime import activate as _activate
+
+    return _activate(profile)
+
+
+def deactivate() -> None:
+    """Stop applying any profile and restore gemma_pytorch's classes."""
+    from .runtime import deactivate as _deactivate
+
+    _deactivate()
+
+
+def use(profile: str | Profile) -> Any:
+    """Context manager: ``with gemma_profiles.use("t4"): model = GemmaForCausalLM(cfg)``."""
+    from .runtime import use as _use
+
+    return _use(profile)
+
+
+def load_profile(reference: str) -> Profile:
+    """Load a profile by name or path (validated, ``extends`` resolved)."""
+    from .registry import default_registry
+
+    return default_registry().load(reference)
+
+
+__all__ = ["GemmaProfileError", "activate", "deactivate", "hookimpl", "load_profile", "use", "__version__"]

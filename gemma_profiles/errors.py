@@ -1,0 +1,67 @@
+"""One exception family for everything a user can get wrong.
+
+Every error carries *what* failed, *where* (``file:line``, profile, plugin) and
+*what to do*.  The CLI prints ``str(error)`` as one line on stderr and exits
+non-zero; nothing here is meant to surface as a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class GemmaProfileError(Exception):
+    """Base class: a problem the user can act on.
+
+    :param message: what is wrong, in one sentence.
+    :param where: where it is (``path:line``, ``profile 'x'``, ``plugin 'y'``).
+    :param hint: what to do about it.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None):
+        self.message = message
+        self.where = where
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        if self.hint:
+            text = f"{text} ({self.hint})"
+        return text
+
+
+class ProfileError(GemmaProfileError):
+    """A profile file is malformed or inconsistent."""
+
+
+class ProfileNotFoundError(GemmaProfileError):
+    """No profile by that name or path."""
+
+
+class PluginError(GemmaProfileError):
+    """A plugin failed to load or misbehaved."""
+
+
+class PatchError(GemmaProfileError):
+    """Applying a profile to gemma_pytorch failed."""
+
+
+class GemmaNotAvailableError(GemmaProfileError):
+    """gemma_pytorch is missing, or the ``gemma`` installed is another package."""
+
+
+class StateError(GemmaProfileError):
+    """The applied-profile state could not be read or written."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` when a close match exists, else ``""``."""
+    options = list(choices)
+    folded = {option.lower().replace("_", "-"): option for option in options}
+    exact = folded.get(word.lower().replace("_", "-"))
+    close = [exact] if exact else difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

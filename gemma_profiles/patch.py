@@ -1,0 +1,193 @@
+"""The patch on gemma_pytorch's model classes; the only core module that touches torch.
+
+For ``GemmaForCausalLM`` and ``Gemma3ForMultimodalLM`` it wraps:
+
+- ``__init__``: plan + preflight + config rewrite on a copy of the config, then
+  the original constructor under ``torch.set_default_dtype(<rewritten dtype>)``
+  (gemma creates parameters with ``torch.empty`` in the default dtype, and the
+  calling script has already set the default from the *old* config);
+- ``load_weights``: through the ``gemma_profile_load_weights`` hook;
+- ``to`` and ``generate``: the device goes through ``gemma_profile_resolve_device``
+  (the profile's device wins).
+
+Every replaced attribute is recorded, and `unpatch_all` puts each back exactly:
+an attribute the class did not define itself (``to`` comes from ``nn.Module``)
+is deleted again rather than set.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+from loguru import logger
+
+from . import runtime
+from .errors import GemmaNotAvailableError
+from .plugins import get_plugin_manager
+
+#: module -> classes patched in it.
+TARGETS = {"gemma.model": ("GemmaForCausalLM",), "gemma.gemma3_model": ("Gemma3ForMultimodalLM",)}
+_MARKER = "__gemma_profiles_patched__"
+PLAN_ATTRIBUTE = "_gemma_profile_plan"
+
+
+@dataclass(frozen=True)
+class _Replaced:
+    owner: type
+    name: str
+    had_own: bool
+    original: Any
+
+
+_replaced: list[_Replaced] = []
+
+
+def patch_module(module: ModuleType) -> None:
+    """Patch the gemma classes defined in ``module`` (idempotent)."""
+    names = TARGETS.get(module.__name__, ())
+    if module.__name__ == "gemma.model" and not hasattr(module, "GemmaForCausalLM"):
+        raise GemmaNotAvailableError(
+            f"the 'gemma' package at {getattr(module, '__file__', '?')} is not gemma_pytorch (no GemmaForCausalLM); "
+            "PyPI's 'gemma' is DeepMind's JAX library",
+            hint="pip uninstall gemma, then install google/gemma_pytorch (see the README)",
+        )
+    for name in names:
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and _MARKER not in cls.__dict__:
+            _patch_class(cls)
+
+
+def _patch_class(cls: type) -> None:
+    wrappers: dict[str, Callable[[Any], Any]] = {
+        "__init__": _wrap_init,
+        "load_weights": _wrap_load_weights,
+        "to": _wrap_to,
+        "generate": _wrap_generate,
+    }
+    for name, wrap in wrappers.items():
+        if not hasattr(cls, name):
+            continue
+        had_own = name in cls.__dict__
+        original = cls.__dict__[name] if had_own else getattr(cls, name)
+        setattr(cls, name, wrap(original))
+        _replaced.append(_Replaced(cls, name, had_own, original))
+    setattr(cls, _MARKER, True)
+    _replaced.append(_Replaced(cls, _MARKER, False, None))
+    logger.debug("patched {}.{}", cls.__module__, cls.__qualname__)
+
+
+def unpatch_all() -> None:
+    """Restore every replaced attribute, newest first."""
+    while _replaced:
+        item = _replaced.pop()
+        if item.had_own:
+            setattr(item.owner, item.name, item.original)
+        elif item.name in item.owner.__dict__:
+            delattr(item.owner, item.name)
+
+
+def is_patched(cls: type) -> bool:
+    return _MARKER in cls.__dict__
+
+
+def plan_of(model: Any) -> Any:
+    """The plan a model was built with, while a profile is active; else None."""
+    if runtime.current() is None:
+        return None
+    return model.__dict__.get(PLAN_ATTRIBUTE)
+
+
+# -- wrappers ---------------------------------------------------------------------
+
+
+def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        session = runtime.session_for_model()
+        if session is None:
+            original(self, config, *args, **kwargs)
+            return
+        build = session.prepare(config)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(build.config.get_dtype())
+        try:
+            original(self, build.config, *args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+        # Kept out of nn.Module's registries: a plain attribute in __dict__.
+        object.__setattr__(self, PLAN_ATTRIBUTE, build.plan)
+        get_plugin_manager().model_built(self, build.plan)
+
+    return __init__
+
+
+def _wrap_load_weights(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def load_weights(self: Any, model_path: Any, *args: Any, **kwargs: Any) -> Any:
+        plan = plan_of(self)
+        gemma_loader = functools.partial(original, self)
+        if plan is None or args or kwargs:
+            return gemma_loader(model_path, *args, **kwargs)
+        if not get_plugin_manager().load_weights(self, str(model_path), plan, gemma_loader):
+            return gemma_loader(model_path)
+        return None
+
+    return load_weights
+
+
+def _wrap_to(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def to(self: Any, *args: Any, **kwargs: Any) -> Any:
+        plan = plan_of(self)
+        if plan is None:
+            return original(self, *args, **kwargs)
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        chosen = get_plugin_manager().resolve_device(device, plan, "to") if device is not None else None
+        if chosen is None:
+            return original(self, *args, **kwargs)
+        converted: dict[str, Any] = {"device": torch.device(chosen), "non_blocking": non_blocking}
+        if dtype is not None:
+            converted["dtype"] = dtype
+        if memory_format is not None:
+            converted["memory_format"] = memory_format
+        return original(self, **converted)
+
+    return to
+
+
+def _wrap_generate(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        plan = plan_of(self)
+        if plan is None:
+            return original(self, *args, **kwargs)
+        positional = len(args) > 1  # generate(prompts, device, ...)
+        requested = args[1] if positional else kwargs.get("device")
+        chosen = get_plugin_manager().resolve_device(requested, plan, "generate")
+        if chosen is None:
+            return original(self, *args, **kwargs)
+        device = torch.device(chosen)
+        parameter = next(self.parameters(), None)
+        if parameter is not None and not same_device(parameter.device, device):
+            self.to(device)
+        if positional:
+            args = (args[0], device, *args[2:])
+        else:
+            kwargs["device"] = device
+        return original(self, *args, **kwargs)
+
+    return generate
+
+
+def same_device(actual: torch.device, wanted: torch.device) -> bool:
+    """``cuda:0`` matches ``cuda`` (no index means the current device)."""
+    if actual.type != wanted.type:
+        return False
+    if wanted.index is None or actual.index is None:
+        return True
+    return actual.index == wanted.index

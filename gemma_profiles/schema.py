@@ -1,0 +1,169 @@
+"""The typed shape of a profile.
+
+These pydantic models are the single definition of what a profile may say;
+`gemma_profiles.profile` turns YAML into them and their validation errors into
+``file:line`` messages.  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    StrictBool,
+    field_validator,
+)
+
+from .units import parse_memory
+from .variants import FAMILIES, VARIANTS
+
+DType = Literal["float32", "float", "float16", "bfloat16"]
+AttentionTypeName = Literal["GLOBAL", "LOCAL_SLIDING"]
+
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+_MEMORY_KEY = re.compile(r"^(cpu|mps|disk|cuda:\d+|\d+)$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def _memory(value: Any) -> str:
+    parse_memory(value)  # raises ValueError with the accepted forms
+    return str(value)
+
+
+def _device(value: str) -> str:
+    if not _DEVICE.match(value):
+        raise ValueError(f"unknown device {value!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return value
+
+
+def _compute_capability(value: Any) -> Any:
+    if isinstance(value, float):  # YAML reads 6.1 as a number
+        return f"{value:.1f}"
+    return value
+
+
+MemorySize = Annotated[str | int, AfterValidator(_memory)]
+Device = Annotated[str, AfterValidator(_device)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class GemmaConfigOverrides(_Strict):
+    """GemmaConfig fields a profile may set; applied at model construction.
+
+    Field names are gemma_pytorch's own (``gemma.config.GemmaConfig``).  Enum
+    fields take the member's name (``architecture: GEMMA_2``).
+    """
+
+    architecture: Literal["GEMMA_1", "GEMMA_2", "GEMMA_3"] | None = None
+    vocab_size: PositiveInt | None = None
+    max_position_embeddings: PositiveInt | None = None
+    num_hidden_layers: PositiveInt | None = None
+    num_attention_heads: PositiveInt | None = None
+    num_key_value_heads: PositiveInt | None = None
+    hidden_size: PositiveInt | None = None
+    intermediate_size: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
+    rms_norm_eps: PositiveFloat | None = None
+    dtype: DType | None = None
+    quant: StrictBool | None = None
+    tokenizer: str | None = None
+    attn_types: list[AttentionTypeName] | None = None
+    sliding_window_size: PositiveInt | None = None
+    final_logit_softcapping: PositiveFloat | None = None
+    attn_logit_softcapping: PositiveFloat | None = None
+    query_pre_attn_scalar: PositiveInt | None = None
+    use_pre_ffw_norm: StrictBool | None = None
+    use_post_ffw_norm: StrictBool | None = None
+    rope_wave_length: dict[AttentionTypeName, PositiveInt] | None = None
+    use_qk_norm: StrictBool | None = None
+    rope_scaling_factor: PositiveInt | None = None
+
+
+# GemmaConfig fields that exist but a profile cannot set, and why.
+NOT_OVERRIDABLE = {
+    "vision_config": "it is a nested SigLIP config object; choose a variant instead",
+}
+
+
+class Hardware(_Strict):
+    """The machine a profile is written for (documentation and `detect` matching)."""
+
+    device: Literal["cpu", "cuda", "mps"]
+    gpu: list[str] = Field(default_factory=list, description="GPU model names this profile fits")
+    compute_capability: Annotated[str | None, BeforeValidator(_compute_capability)] = Field(
+        default=None, pattern=r"^\d{1,2}\.\d$"
+    )
+    memory: MemorySize | None = Field(default=None, description="accelerator memory")
+    host_memory: MemorySize | None = Field(default=None, description="system RAM")
+    cpu_cores: PositiveInt | None = None
+
+    def capability_tuple(self) -> tuple[int, int] | None:
+        if self.compute_capability is None:
+            return None
+        major, minor = self.compute_capability.split(".")
+        return int(major), int(minor)
+
+
+class Placement(_Strict):
+    """Where the model runs and what may be offloaded."""
+
+    device: Device | None = None
+    device_map: Literal["auto"] | dict[str, str] | None = None
+    max_memory: dict[str, MemorySize] | None = None
+    offload: Literal["none", "cpu", "disk"] = "none"
+    offload_folder: str | None = None
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key in value or {}:
+            if not _MEMORY_KEY.match(key):
+                raise ValueError(f"max_memory key {key!r} is not a device: use 'cuda:N', 'cpu', 'mps' or 'disk'")
+        return value
+
+
+class Quantization(_Strict):
+    """Weight quantization.  ``int8`` sets gemma's own ``quant`` flag."""
+
+    weights: Literal["none", "int8"] = "none"
+
+
+class ProfileBody(_Strict):
+    """The part of a profile that variant overrides may change."""
+
+    config: GemmaConfigOverrides = Field(default_factory=GemmaConfigOverrides)
+    placement: Placement = Field(default_factory=Placement)
+    quantization: Quantization = Field(default_factory=Quantization)
+
+
+class ProfileModel(ProfileBody):
+    """A whole profile file, after ``extends`` has been merged in."""
+
+    name: Annotated[str, Field(pattern=_NAME.pattern)]
+    description: str = ""
+    extends: str | list[str] | None = None
+    abstract: StrictBool = False
+    hardware: Hardware | None = None
+    variants: dict[str, ProfileBody] = Field(default_factory=dict)
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_keys(cls, value: dict[str, ProfileBody]) -> dict[str, ProfileBody]:
+        for key in value:
+            if key not in VARIANTS and key not in FAMILIES:
+                raise ValueError(f"unknown variant {key!r}")
+        return value
+
+
+VARIANT_KEYS = (*VARIANTS, *FAMILIES)

@@ -1,0 +1,13 @@
+"""GemmaConfig rewrites: every ``config:`` value the plan carries (dtype, quant, any field)."""
+
+from __future__ import annotations
+
+from gemma_profiles import hookimpl
+from gemma_profiles.plan import Plan
+from gemma_profiles.types import ConfigRewrite
+
+
+@hookimpl
+def gemma_profile_rewrite_config(rewrite: ConfigRewrite, plan: Plan) -> None:
+    for name, setting in plan.config.items():
+        rewrite.set(name, setting.value, reason=setting.origin)

@@ -1,0 +1,169 @@
+"""Helpers for tests that build tiny Gemma models (not a test module)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+import sentencepiece
+import torch
+from torch import nn
+
+_CORPUS_WORDS = (
+    "the a an one two three red blue green small large quick slow cat dog "
+    "bird fish tree house river hill road city model token layer weight "
+    "cache train runs sees makes takes gives finds reads writes sleeps "
+    "jumps and or but with from into over under near far today again never "
+    "always very quite"
+)
+_WORDS = _CORPUS_WORDS.split()
+
+TOKENIZER_VOCAB_SIZE = 128
+
+
+def train_tiny_tokenizer(directory: str | os.PathLike[str]) -> str:
+    """Trains a tiny (128-piece) SentencePiece BPE model; returns its path."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    rng = random.Random(0)
+    corpus = os.path.join(directory, "tiny_corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        for _ in range(400):
+            words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 12))]
+            f.write(" ".join(words).capitalize() + ".\n")
+    prefix = os.path.join(directory, "tiny_tokenizer")
+    sentencepiece.SentencePieceTrainer.train(
+        input=corpus,
+        model_prefix=prefix,
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        model_type="bpe",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        input_sentence_size=400,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return prefix + ".model"
+
+
+def _period(items: Sequence[Any]) -> list[Any]:
+    """Returns the shortest prefix whose repetition gives ``items``."""
+    n = len(items)
+    for p in range(1, n + 1):
+        if n % p == 0 and list(items[:p]) * (n // p) == list(items):
+            return list(items[:p])
+    return list(items)
+
+
+def tiny_config(
+    gemma_config_module: ModuleType,
+    variant: str = "2b",
+    tokenizer_path: str | None = None,
+    dtype: str | None = None,
+) -> Any:
+    """Shrinks ``get_model_config(variant)`` to a model of a few thousand weights.
+
+    The architecture and feature flags (softcapping, qk norm, extra norms, rope
+    settings, quant) are kept. ``attn_types`` is cut to its repeating pattern and
+    the layer count set to its length (2 for Gemma 2, 6 for Gemma 3), or 2 when
+    there is no pattern. ``dtype`` overrides the config's dtype when given.
+    """
+    config = gemma_config_module.get_model_config(variant)
+    vocab_size = TOKENIZER_VOCAB_SIZE
+    if tokenizer_path is not None:
+        vocab_size = sentencepiece.SentencePieceProcessor(
+            model_file=tokenizer_path
+        ).vocab_size()
+
+    num_heads = 4
+    if config.num_key_value_heads == config.num_attention_heads:
+        num_kv_heads = num_heads  # multi-head attention stays multi-head
+    elif config.num_key_value_heads == 1:
+        num_kv_heads = 1  # multi-query attention stays multi-query
+    else:
+        num_kv_heads = 2  # grouped-query attention
+    changes: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": 16,
+        "max_position_embeddings": 64,
+        "tokenizer": tokenizer_path,
+    }
+    if config.attn_types:
+        pattern = _period(config.attn_types)
+        changes["attn_types"] = pattern
+        changes["num_hidden_layers"] = len(pattern)
+    if config.sliding_window_size is not None:
+        changes["sliding_window_size"] = min(config.sliding_window_size, 8)
+    if config.query_pre_attn_scalar is not None:
+        changes["query_pre_attn_scalar"] = 16
+    if dtype is not None:
+        changes["dtype"] = dtype
+    return dataclasses.replace(config, **changes)
+
+
+def _random_tensor(
+    name: str,
+    shape: Sequence[int],
+    is_int8: bool,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    if is_int8:
+        return torch.randint(
+            -127, 128, tuple(shape), generator=generator, dtype=torch.int8
+        )
+    if name.endswith("weight_scaler"):
+        # int8 values have std ~73; scale them to a weight std of ~0.02.
+        scaler = 0.02 / 73 * (1 + 0.1 * torch.rand(tuple(shape), generator=generator))
+        return scaler.to(dtype)
+    return (torch.randn(tuple(shape), generator=generator) * 0.02).to(dtype)
+
+
+def write_random_checkpoint(
+    model_or_state_dict_shapes: nn.Module | Mapping[str, torch.Tensor | Sequence[int]],
+    path: str | os.PathLike[str],
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Writes ``{'model_state_dict': ...}`` with random weights; returns the dict.
+
+    Takes a constructed model (its parameters, not buffers) or a mapping from
+    name to tensor or shape. Floating weights are normal(0, 0.02) in ``dtype``
+    (norm weights too, so norms stay close to 1 + 0); int8 weights (quant) get
+    random int8 values and their ``weight_scaler`` a small positive scale.
+    Deterministic for a given seed.
+    """
+    if isinstance(model_or_state_dict_shapes, nn.Module):
+        entries: dict[str, tuple[tuple[int, ...], bool]] = {
+            name: (tuple(p.shape), p.dtype == torch.int8)
+            for name, p in model_or_state_dict_shapes.named_parameters()
+        }
+    else:
+        entries = {}
+        names = set(model_or_state_dict_shapes)
+        for name, value in model_or_state_dict_shapes.items():
+            if isinstance(value, torch.Tensor):
+                entries[name] = (tuple(value.shape), value.dtype == torch.int8)
+            else:
+                is_int8 = name.endswith("weight") and name + "_scaler" in names
+                entries[name] = (tuple(value), is_int8)
+
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {
+        name: _random_tensor(name, shape, is_int8, dtype, generator)
+        for name, (shape, is_int8) in entries.items()
+    }
+    torch.save({"model_state_dict": state_dict}, os.fspath(path))
+    return state_dict
