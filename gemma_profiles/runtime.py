@@ -140,6 +140,23 @@ def _set_session(session: Session) -> None:
     log.enable()
     _session = session
     _install_import_hook()
+    _install_excepthook()
+
+
+def _install_excepthook() -> None:
+    """An uncaught `GemmaProfileError` in a user's script prints one line, not a traceback."""
+    if getattr(sys.excepthook, "_gemma_profiles", False):
+        return
+    previous = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if isinstance(value, GemmaProfileError):
+            sys.stderr.write(f"gemma-profiles: error: {value}\n")
+            return
+        previous(kind, value, tb)
+
+    excepthook._gemma_profiles = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook
 
 
 def deactivate() -> None:

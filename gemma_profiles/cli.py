@@ -1,0 +1,290 @@
+"""``gemma-profile``: list, show, validate, apply, current, reset, run, plugins.
+
+Read commands never import torch.  A user's mistake prints one line on stderr
+and exits non-zero (2; ``validate`` exits 1 when it finds problems).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import log
+from .errors import GemmaProfileError
+from .profile import Profile, problems_in
+from .registry import Registry, default_registry, looks_like_path
+
+
+class _Group(click.Group):
+    """Turns our errors into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GemmaProfileError as exc:
+            _fail(str(exc), exc.exit_code)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"gemma-profile: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gemma-profiles")
+def cli() -> None:
+    """Hardware profiles for gemma_pytorch: dtype, quantization and placement, applied at runtime."""
+    log.enable()
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--all", "show_all", is_flag=True, help="Include abstract base profiles.")
+def list_profiles(as_json: bool, show_all: bool) -> None:
+    """List the profiles available here, with the hardware each is for."""
+    registry = default_registry()
+    rows = []
+    for name, entry in registry.index().items():
+        profile = registry.load(name)
+        if profile.model.abstract and not show_all:
+            continue
+        hardware = profile.model.hardware
+        rows.append(
+            {
+                "name": name,
+                "description": profile.description,
+                "device": hardware.device if hardware else None,
+                "compute_capability": hardware.compute_capability if hardware else None,
+                "memory": hardware.memory if hardware else None,
+                "host_memory": hardware.host_memory if hardware else None,
+                "dtype": profile.model.config.dtype,
+                "abstract": profile.model.abstract,
+                "source": entry.source.label,
+                "path": str(entry.path),
+            }
+        )
+    if as_json:
+        _emit_json(rows)
+        return
+    width = max((len(r["name"]) for r in rows), default=4)
+    for row in rows:
+        click.echo(f"{row['name']:<{width}}  {row['source']:<8} {row['description']}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--variant", "-v", help="Fold in this variant's overrides (2b, 7b, 2b-v2, 9b, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(name: str, variant: str | None, as_json: bool) -> None:
+    """Show a profile fully resolved, and where each value came from."""
+    from .plan import make_plan
+    from .variants import VARIANTS
+
+    if variant is not None and variant not in VARIANTS:
+        from .errors import did_you_mean
+
+        raise GemmaProfileError(f"unknown variant '{variant}'{did_you_mean(variant, VARIANTS)}", hint=f"use one of {', '.join(VARIANTS)}")
+    profile = default_registry().load(name)
+    shown = profile.resolve(variant) if variant else profile
+    plan = make_plan(profile, variant)
+    values = [{"key": k, "value": v, "from": str(o) if o else None} for k, v, o in shown.values()]
+    variants = {
+        key: [{"key": k, "value": v, "from": str(profile.origin("variants", key, *k.split(".")) or "")} for k, v in _flat(body)]
+        for key, body in profile.model.model_dump(exclude_unset=True).get("variants", {}).items()
+    }
+    data = {
+        "name": profile.name,
+        "description": profile.description,
+        "path": str(profile.path),
+        "extends": [str(p) for p in profile.chain[1:]],
+        "abstract": profile.model.abstract,
+        "variant": variant,
+        "overrides_applied": list(shown.applied_overrides),
+        "compute_dtype": plan.dtype,
+        "quantization": plan.quantization,
+        "device": plan.device.value if plan.device else None,
+        "values": values,
+        "variants": variants if not variant else {},
+        "warnings": list(plan.warnings),
+    }
+    if as_json:
+        _emit_json(data)
+        return
+    click.echo(f"{profile.name}: {profile.description}")
+    click.echo(f"  file: {profile.path}")
+    for parent in data["extends"]:
+        click.echo(f"  extends: {parent}")
+    if variant:
+        click.echo(f"  variant: {variant} (overrides applied: {', '.join(shown.applied_overrides) or 'none'})")
+    click.echo(f"  compute dtype: {plan.dtype or 'gemma default'}   weights: {plan.quantization}   device: {data['device'] or 'script'}")
+    width = max((len(v["key"]) for v in values), default=10)
+    for item in values:
+        click.echo(f"  {item['key']:<{width}}  {_text(item['value']):<24} {item['from'] or ''}")
+    for key, items in data["variants"].items():
+        click.echo(f"  variants.{key}:")
+        for item in items:
+            click.echo(f"    {item['key']:<{width}}  {_text(item['value']):<22} {item['from']}")
+    for warning in plan.warnings:
+        click.echo(f"  warning: {warning}")
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value and key not in ("max_memory", "device_map", "rope_wave_length"):
+            out.extend(_flat(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def validate(paths: tuple[str, ...], as_json: bool) -> None:
+    """Check profile files (or folders of them); exit 1 on any problem."""
+    registry = default_registry()
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")))
+        else:
+            files.append(path)
+    results = []
+    for file in files:
+        problems = problems_in(file, registry.resolve_extends) if file.exists() else []
+        if not file.exists():
+            from .profile import Problem
+
+            problems = [Problem(str(file), "file not found")]
+        results.append({"path": str(file), "ok": not problems, "problems": [{"where": p.where, "message": p.message} for p in problems]})
+    if as_json:
+        _emit_json(results)
+    else:
+        for result in results:
+            if result["ok"]:
+                click.echo(f"{result['path']}: ok")
+            for problem in result["problems"]:
+                click.echo(f"{problem['where']}: {problem['message']}", err=True)
+    if not all(r["ok"] for r in results):
+        sys.exit(1)
+
+
+def _reference_for(registry: Registry, name: str) -> tuple[str, Profile]:
+    """Load ``name``; return what to store (a name, or an absolute path) and the profile."""
+    profile = registry.load(name)
+    if profile.model.abstract:
+        raise GemmaProfileError(
+            f"profile '{profile.name}' is abstract (a base for extends)", hint="pick a concrete profile from 'gemma-profile list'"
+        )
+    return (str(Path(name).expanduser().resolve()) if looks_like_path(name) else name), profile
+
+
+@cli.command()
+@click.argument("name")
+def apply(name: str) -> None:
+    """Use profile NAME for every gemma model built in this Python environment."""
+    from .gemma_info import gemma_status
+    from .state import write_applied
+
+    reference, profile = _reference_for(default_registry(), name)
+    path = write_applied(reference)
+    click.echo(f"applied '{profile.name}' to the environment {sys.prefix}")
+    click.echo(f"  state: {path}")
+    click.echo("  gemma models built by Python in this environment now use it; 'gemma-profile reset' undoes it")
+    if os.environ.get("GEMMA_PROFILE", "").strip():
+        click.echo(f"  note: GEMMA_PROFILE={os.environ['GEMMA_PROFILE']} is set here and takes precedence", err=True)
+    status = gemma_status()
+    if status.kind not in ("gemma_pytorch", "standin"):
+        click.echo(f"  note: gemma is {status.describe()}", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def current(as_json: bool) -> None:
+    """Show the active profile and why (GEMMA_PROFILE, apply, or none)."""
+    from .gemma_info import gemma_status
+    from .state import active_reference
+
+    active = active_reference()
+    data: dict[str, Any] = {"profile": None, "reference": active.reference, "source": active.source, "detail": active.detail}
+    problem = None
+    if active.reference is not None:
+        try:
+            data["profile"] = default_registry().load(active.reference).name
+        except GemmaProfileError as exc:
+            problem = str(exc)
+    data["error"] = problem
+    data["gemma"] = {"kind": (status := gemma_status()).kind, "location": status.location}
+    if as_json:
+        _emit_json(data)
+    else:
+        click.echo(f"{data['profile'] or active.reference or 'none'} ({active.detail})")
+        click.echo(f"gemma: {status.describe()}")
+    if problem:
+        _fail(problem)
+
+
+@cli.command()
+def reset() -> None:
+    """Forget the profile applied to this environment."""
+    from .state import clear_applied
+
+    click.echo("applied profile removed" if clear_applied() else "no profile was applied")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND with profile NAME active: gemma-profile run t4 -- python my_script.py"""
+    reference, _ = _reference_for(default_registry(), name)
+    env = dict(os.environ, GEMMA_PROFILE=reference)
+    try:
+        completed = subprocess.run(list(command), env=env, check=False)
+    except FileNotFoundError:
+        raise GemmaProfileError(f"command not found: {command[0]}") from None
+    except PermissionError:
+        raise GemmaProfileError(f"command is not executable: {command[0]}") from None
+    sys.exit(completed.returncode)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List loaded plugins: name, package, version, hooks."""
+    from .plugins import BLOCK_ENV, get_plugin_manager
+
+    manager = get_plugin_manager()
+    infos = manager.plugins()
+    if as_json:
+        _emit_json([{**info.__dict__, "hooks": list(info.hooks)} for info in infos])
+        return
+    for info in infos:
+        kind = "builtin" if info.builtin else f"{info.package} {info.version}"
+        click.echo(f"{info.name:<14} {kind:<24} {', '.join(info.hooks)}")
+    if manager.blocked:
+        click.echo(f"blocked by {BLOCK_ENV}: {', '.join(sorted(manager.blocked))}")
+
+
+def main() -> None:
+    cli(prog_name="gemma-profile")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Shared fixtures: an isolated environment per test, fresh plugin manager, tiny gemma."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from gemma_profiles import plugins, runtime  # noqa: E402
+from gemma_profiles.gemma_info import gemma_status  # noqa: E402
+
+_OUR_VARS = ("GEMMA_PROFILE", "GEMMA_PROFILE_PATH", "GEMMA_PROFILE_DISABLE_PLUGINS", "GEMMA_PROFILE_LOG")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"gemma under test: {gemma_status().describe()}"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """No profile active, state and user dir in a temp folder, a fresh plugin manager."""
+    home = tmp_path_factory.mktemp("env")
+    for name in _OUR_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GEMMA_PROFILE_STATE_DIR", str(home / "state"))
+    monkeypatch.setenv("GEMMA_PROFILE_USER_DIR", str(home / "user-profiles"))
+    runtime.deactivate()
+    plugins.reset_plugin_manager()
+    try:
+        yield home
+    finally:
+        runtime.deactivate()
+        plugins.reset_plugin_manager()
+
+
+@pytest.fixture
+def write_profile(tmp_path: Path) -> Callable[..., Path]:
+    """``write_profile("name", "yaml text")`` -> path of tmp_path/name.yaml."""
+
+    def write(name: str, text: str, directory: Path | None = None) -> Path:
+        folder = directory or tmp_path
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.yaml"
+        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from gemma_testing import train_tiny_tokenizer
+
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def gemma() -> object:
+    """gemma's config and model modules (real gemma_pytorch or the stand-in)."""
+    status = gemma_status()
+    if status.kind not in ("gemma_pytorch", "standin"):
+        pytest.skip(f"gemma_pytorch not available: {status.describe()}")
+    from gemma import config, model
+
+    class Gemma:
+        pass
+
+    modules = Gemma()
+    modules.config = config  # type: ignore[attr-defined]
+    modules.model = model  # type: ignore[attr-defined]
+    return modules

@@ -1,0 +1,397 @@
+"""gemma's real flow under profiles: against gemma_pytorch when installed, else the stand-in.
+
+In-process tests use `gemma_profiles.use`; subprocess tests go through the
+``.pth`` autoload exactly as a user's unmodified script would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import gemma_profiles
+from gemma_profiles import plugins
+from gemma_profiles.errors import GemmaProfileError, PluginError
+from gemma_profiles.gemma_info import gemma_status
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).parent
+CUDA = torch.cuda.is_available()
+
+
+def build(gemma: Any, tokenizer: str, variant: str = "2b", **changes: Any) -> tuple[Any, Any]:
+    """run.py's construction step on a tiny config: returns (script's config, model)."""
+    from gemma_testing import tiny_config
+
+    config = tiny_config(gemma.config, variant, tokenizer)
+    config.dtype = "float32"  # run.py sets this after get_model_config
+    config.quant = False
+    for key, value in changes.items():
+        setattr(config, key, value)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(config.get_dtype())
+    try:
+        model = gemma.model.GemmaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return config, model
+
+
+def float_dtypes(model: Any) -> set[torch.dtype]:
+    return {p.dtype for p in model.parameters() if p.is_floating_point()}
+
+
+@pytest.fixture
+def cpu_profile(write_profile: Callable[..., Path]) -> Callable[..., Path]:
+    def make(dtype: str = "float16", extra: str = "") -> Path:
+        return write_profile(
+            f"cpu-{dtype}",
+            f"""
+            name: cpu-{dtype}
+            description: test profile
+            placement: {{device: cpu}}
+            config: {{dtype: {dtype}}}
+            {extra}
+            """,
+        )
+
+    return make
+
+
+@pytest.fixture
+def checkpoint(gemma: Any, tokenizer_path: str, tmp_path: Path) -> Iterator[str]:
+    from gemma_testing import write_random_checkpoint
+
+    _, model = build(gemma, tokenizer_path)
+    path = tmp_path / "tiny-2b.ckpt"
+    write_random_checkpoint(model, str(path), torch.float32, seed=1)
+    yield str(path)
+
+
+def class_dicts(gemma: Any) -> dict[str, dict[str, Any]]:
+    classes = [gemma.model.GemmaForCausalLM]
+    try:
+        from gemma import gemma3_model
+
+        classes.append(gemma3_model.Gemma3ForMultimodalLM)
+    except ImportError:
+        pass
+    return {cls.__qualname__: dict(cls.__dict__) for cls in classes}
+
+
+def generate(model: Any, device: Any = "cpu") -> str:
+    result = model.generate("the cat sees", device, output_len=4, temperature=None)
+    assert isinstance(result, str)
+    return result
+
+
+# -- in-process -----------------------------------------------------------------------
+
+
+def test_no_profile_changes_nothing(gemma: Any, tokenizer_path: str) -> None:
+    before = class_dicts(gemma)
+    config, model = build(gemma, tokenizer_path)
+    assert model.config is config
+    assert float_dtypes(model) == {torch.float32}
+    assert class_dicts(gemma) == before
+
+
+def test_profile_dtype_wins_over_script_default_dtype(gemma: Any, tokenizer_path: str, cpu_profile: Any) -> None:
+    with gemma_profiles.use(str(cpu_profile("float16"))):
+        config, model = build(gemma, tokenizer_path)
+    assert float_dtypes(model) == {torch.float16}
+    assert model.config.dtype == "float16"
+    assert config.dtype == "float32", "the caller's config object is not modified"
+    assert torch.get_default_dtype() == torch.float32, "the default dtype is restored"
+
+
+def test_profile_rewrite_is_logged_before_after(gemma: Any, tokenizer_path: str, cpu_profile: Any) -> None:
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO")
+    try:
+        with gemma_profiles.use(str(cpu_profile("bfloat16"))):
+            build(gemma, tokenizer_path)
+    finally:
+        logger.remove(sink)
+    assert any("[cpu-bfloat16] config.dtype: 'float32' -> 'bfloat16'" in line and "cpu-bfloat16.yaml:4" in line for line in lines)
+
+
+def test_any_gemma_config_field(gemma: Any, tokenizer_path: str, cpu_profile: Any) -> None:
+    extra = "variants: {gemma2: {config: {attn_types: [GLOBAL, GLOBAL], final_logit_softcapping: 10.0, sliding_window_size: 4}}}"
+    with gemma_profiles.use(str(cpu_profile("float32", extra))):
+        _, model = build(gemma, tokenizer_path, "2b-v2")
+        _, gemma1 = build(gemma, tokenizer_path, "2b")
+    assert [t.name for t in model.config.attn_types] == ["GLOBAL", "GLOBAL"]
+    assert model.config.final_logit_softcapping == 10.0
+    assert model.config.sliding_window_size == 4
+    assert gemma1.config.final_logit_softcapping is None, "gemma2 overrides do not touch a gemma1 model"
+
+
+def test_full_flow_matches_unpatched_gemma(gemma: Any, tokenizer_path: str, checkpoint: str, cpu_profile: Any) -> None:
+    _, plain = build(gemma, tokenizer_path)
+    plain.load_weights(checkpoint)
+    expected = generate(plain.to("cpu").eval())
+    with gemma_profiles.use(str(cpu_profile("float32"))):
+        _, model = build(gemma, tokenizer_path)
+        model.load_weights(checkpoint)
+        assert generate(model.to("cpu").eval()) == expected
+    with gemma_profiles.use(str(cpu_profile("bfloat16"))):
+        _, model = build(gemma, tokenizer_path)
+        model.load_weights(checkpoint)
+        generate(model.to("cpu").eval())
+        assert float_dtypes(model) == {torch.bfloat16}
+
+
+def test_profile_device_wins_over_script_device(gemma: Any, tokenizer_path: str, checkpoint: str, cpu_profile: Any) -> None:
+    with gemma_profiles.use(str(cpu_profile("float32"))):
+        _, model = build(gemma, tokenizer_path)
+        model.load_weights(checkpoint)
+        model = model.to("meta")  # the script asks for another device; the profile says cpu
+        assert next(model.parameters()).device.type == "cpu"
+        generate(model, device="meta")
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error on a machine without CUDA")
+def test_pascal_5gb_builds_float16_int8_and_names_missing_cuda(gemma: Any, tokenizer_path: str) -> None:
+    with gemma_profiles.use("pascal-5gb"):
+        _, model = build(gemma, tokenizer_path)
+        assert float_dtypes(model) == {torch.float16}
+        assert model.embedder.weight.dtype == torch.int8
+        with pytest.raises(GemmaProfileError, match=r"pascal-5gb.*'cuda'.*no CUDA"):
+            model.to("cpu")
+
+
+def test_family_override_for_gemma2(gemma: Any, tokenizer_path: str) -> None:
+    with gemma_profiles.use("t4"):
+        _, gemma2 = build(gemma, tokenizer_path, "2b-v2")
+        _, gemma1 = build(gemma, tokenizer_path, "2b")
+    assert float_dtypes(gemma2) == {torch.float32}, "t4 never computes Gemma 2 in float16"
+    assert float_dtypes(gemma1) == {torch.float16}
+
+
+def test_imported_gemma_is_patched_and_deactivate_restores_everything(gemma: Any) -> None:
+    before = class_dicts(gemma)
+    gemma_profiles.activate("cpu-32gb")
+    patched = class_dicts(gemma)
+    assert patched["GemmaForCausalLM"]["__init__"] is not before["GemmaForCausalLM"]["__init__"]
+    assert "to" in patched["GemmaForCausalLM"]
+    gemma_profiles.deactivate()
+    after = class_dicts(gemma)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name].keys() == before[name].keys()
+        for key, value in before[name].items():
+            assert after[name][key] is value, f"{name}.{key} not restored"
+
+
+def test_failed_activation_leaves_gemma_as_it_was(gemma: Any) -> None:
+    before = class_dicts(gemma)
+    with pytest.raises(GemmaProfileError, match="did you mean 'pascal-5gb'"):
+        gemma_profiles.activate("pascal5gb")
+    gemma_profiles.deactivate()
+    assert class_dicts(gemma) == before
+
+
+def test_plugin_raising_fails_construction_cleanly(gemma: Any, tokenizer_path: str, cpu_profile: Any) -> None:
+    class Broken:
+        @gemma_profiles.hookimpl
+        def gemma_profile_rewrite_config(self, rewrite: Any, plan: Any) -> None:
+            raise RuntimeError("boom")
+
+    before = class_dicts(gemma)
+    manager = plugins.GemmaPluginManager(load_entry_points=False)
+    manager.register(Broken(), "broken", package="broken-plugin")
+    plugins.reset_plugin_manager(manager)
+    try:
+        with gemma_profiles.use(str(cpu_profile("float16"))), pytest.raises(PluginError, match="plugin 'broken'.*boom"):
+            build(gemma, tokenizer_path)
+        assert torch.get_default_dtype() == torch.float32
+    finally:
+        plugins.reset_plugin_manager()
+    assert class_dicts(gemma) == before
+
+
+def test_third_party_plugin_rewrites_config(gemma: Any, tokenizer_path: str, cpu_profile: Any) -> None:
+    class Window:
+        @gemma_profiles.hookimpl
+        def gemma_profile_rewrite_config(self, rewrite: Any, plan: Any) -> None:
+            rewrite.set("rms_norm_eps", 1e-5, reason="plugin window")
+
+    manager = plugins.GemmaPluginManager(load_entry_points=False)
+    manager.register(Window(), "window")
+    plugins.reset_plugin_manager(manager)
+    with gemma_profiles.use(str(cpu_profile("float32"))):
+        _, model = build(gemma, tokenizer_path)
+    assert model.config.rms_norm_eps == 1e-5
+
+
+def test_int8_profile_refuses_float_checkpoint(gemma: Any, tokenizer_path: str, checkpoint: str, cpu_profile: Any) -> None:
+    with gemma_profiles.use(str(cpu_profile("float32", "quantization: {weights: int8}"))):
+        _, model = build(gemma, tokenizer_path)
+        with pytest.raises(GemmaProfileError, match="not int8"):
+            model.load_weights(checkpoint)
+        with pytest.raises(GemmaProfileError, match="checkpoint not found"):
+            model.load_weights(checkpoint + ".missing")
+
+
+def test_use_restores_the_previous_profile(gemma: Any, tokenizer_path: str, cpu_profile: Any) -> None:
+    gemma_profiles.activate(str(cpu_profile("float16")))
+    with gemma_profiles.use(str(cpu_profile("bfloat16"))):
+        _, inner = build(gemma, tokenizer_path)
+    _, outer = build(gemma, tokenizer_path)
+    assert float_dtypes(inner) == {torch.bfloat16}
+    assert float_dtypes(outer) == {torch.float16}
+
+
+# -- through the .pth autoload, in a fresh interpreter ------------------------------------
+
+
+def run_flow(env: dict[str, str], tokenizer: str, ckpt: Path, *extra: str) -> dict[str, Any]:
+    completed = subprocess.run(
+        [sys.executable, str(HERE / "run_flow.py"), "--ckpt", str(ckpt), "--tokenizer", tokenizer, "--write-ckpt", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    report["stderr"] = completed.stderr
+    return report
+
+
+@pytest.fixture
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("GEMMA_PROFILE", None)
+    return env
+
+
+def test_autoload_env_var_profile(gemma: Any, tokenizer_path: str, tmp_path: Path, child_env: dict[str, str], cpu_profile: Any) -> None:
+    plain = run_flow(child_env, tokenizer_path, tmp_path / "a.ckpt")
+    assert plain["float_param_dtypes"] == ["torch.float32"]
+    child_env["GEMMA_PROFILE"] = str(cpu_profile("float16"))
+    patched = run_flow(child_env, tokenizer_path, tmp_path / "b.ckpt")
+    assert patched["float_param_dtypes"] == ["torch.float16"]
+    assert patched["script_config_dtype"] == "float32"
+    assert isinstance(patched["result"], str)
+    assert "config.dtype: 'float32' -> 'float16'" in patched["stderr"]
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error on a machine without CUDA")
+def test_autoload_pascal_5gb(gemma: Any, tokenizer_path: str, tmp_path: Path, child_env: dict[str, str]) -> None:
+    child_env["GEMMA_PROFILE"] = "pascal-5gb"
+    report = run_flow(child_env, tokenizer_path, tmp_path / "p.ckpt")
+    assert report["float_param_dtypes"] == ["torch.float16"]
+    assert "torch.int8" in report["param_dtypes"]
+    assert "no CUDA" in report["error"]
+
+
+def test_apply_off_and_reset(gemma: Any, tokenizer_path: str, tmp_path: Path, child_env: dict[str, str], cpu_profile: Any) -> None:
+    cli = [sys.executable, "-m", "gemma_profiles.cli"]
+    subprocess.run([*cli, "apply", str(cpu_profile("bfloat16"))], env=child_env, check=True, capture_output=True)
+    assert run_flow(child_env, tokenizer_path, tmp_path / "c.ckpt")["float_param_dtypes"] == ["torch.bfloat16"]
+    assert run_flow({**child_env, "GEMMA_PROFILE": "off"}, tokenizer_path, tmp_path / "d.ckpt")["float_param_dtypes"] == [
+        "torch.float32"
+    ]
+    env_wins = run_flow({**child_env, "GEMMA_PROFILE": str(cpu_profile("float16"))}, tokenizer_path, tmp_path / "e.ckpt")
+    assert env_wins["float_param_dtypes"] == ["torch.float16"]
+    subprocess.run([*cli, "reset"], env=child_env, check=True, capture_output=True)
+    assert run_flow(child_env, tokenizer_path, tmp_path / "f.ckpt")["float_param_dtypes"] == ["torch.float32"]
+
+
+def test_bad_env_value_fails_at_construction_not_at_startup(
+    gemma: Any, tokenizer_path: str, tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    child_env["GEMMA_PROFILE"] = "pascal5gb"
+    startup = subprocess.run([sys.executable, "-c", "pass"], env=child_env, capture_output=True, text=True)
+    assert startup.returncode == 0 and startup.stderr == ""
+    report = run_flow(child_env, tokenizer_path, tmp_path / "g.ckpt")
+    assert "GEMMA_PROFILE='pascal5gb'" in report["error"]
+    assert "did you mean 'pascal-5gb'" in report["error"]
+    assert "t4" in report["error"], "the available profiles are listed"
+    assert "param_dtypes" not in report, "nothing was built unpatched"
+
+
+def test_uncaught_profile_error_is_one_line(tokenizer_path: str, child_env: dict[str, str], gemma: Any) -> None:
+    child_env["GEMMA_PROFILE"] = "pascal5gb"
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from gemma_testing import tiny_config\n"
+        "from gemma import config, model\n"
+        "model.GemmaForCausalLM(tiny_config(config, '2b', %r))\n"
+    ) % (str(HERE), tokenizer_path)
+    completed = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True)
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert completed.stderr.strip().startswith("gemma-profiles: error: GEMMA_PROFILE='pascal5gb'")
+
+
+def test_autoload_is_inert_without_a_profile(child_env: dict[str, str]) -> None:
+    code = "import sys; print(json.dumps([m for m in ('gemma_profiles_autoload', 'gemma_profiles', 'torch', 'yaml', 'pydantic') if m in sys.modules]))"
+    completed = subprocess.run(
+        [sys.executable, "-c", "import json; " + code], env=child_env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(completed.stdout) == ["gemma_profiles_autoload"], "the .pth ran, and imported nothing heavy"
+
+
+def _real_run_py() -> Path | None:
+    status = gemma_status()
+    if status.kind != "gemma_pytorch" or status.location is None:
+        return None
+    script = Path(status.location).parent / "scripts" / "run.py"
+    return script if script.is_file() else None
+
+
+@pytest.mark.skipif(_real_run_py() is None, reason="needs google/gemma_pytorch's own scripts/run.py")
+def test_gemma_run_py_unmodified(gemma: Any, tokenizer_path: str, tmp_path: Path, write_profile: Any, child_env: dict[str, str]) -> None:
+    """gemma's own scripts/run.py, unmodified; the profile shrinks the model and picks float16."""
+    from gemma_testing import write_random_checkpoint
+
+    profile = write_profile(
+        "tiny-run",
+        f"""
+        name: tiny-run
+        description: gemma's 2b shrunk to a few thousand weights, float16 on the CPU
+        placement: {{device: cpu}}
+        config:
+          dtype: float16
+          vocab_size: 128
+          hidden_size: 64
+          intermediate_size: 128
+          num_hidden_layers: 2
+          num_attention_heads: 4
+          num_key_value_heads: 1
+          head_dim: 16
+          max_position_embeddings: 64
+          tokenizer: {tokenizer_path}
+        """,
+    )
+    with gemma_profiles.use(str(profile)):
+        _, model = build(gemma, tokenizer_path)
+    ckpt = tmp_path / "tiny.ckpt"
+    write_random_checkpoint(model, str(ckpt), torch.float32)
+    child_env["GEMMA_PROFILE"] = str(profile)
+    completed = subprocess.run(
+        [sys.executable, str(_real_run_py()), f"--ckpt={ckpt}", "--variant=2b", "--device=cpu", "--output_len=3", "--prompt=the cat"],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "RESULT:" in completed.stdout
+    assert "config.dtype: 'float32' -> 'float16'" in completed.stderr
+    assert "config.hidden_size: 3072 -> 64" not in completed.stderr  # 2b is 2048 wide
+    assert "config.hidden_size: 2048 -> 64" in completed.stderr
