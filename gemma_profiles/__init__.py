@@ -65,4 +65,4 @@ def load_profile(reference: str) -> Profile:
     return default_registry().load(reference)
 
 
-__all__ = ["GemmaProfileError", "activate", "deactivate", "hookimpl", "load_profile", "use", "__version__"]
+__all__ = ["GemmaProfileError", "__version__", "activate", "deactivate", "hookimpl", "load_profile", "use"]

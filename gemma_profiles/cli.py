@@ -53,7 +53,7 @@ def cli() -> None:
 def list_profiles(as_json: bool, show_all: bool) -> None:
     """List the profiles available here, with the hardware each is for."""
     registry = default_registry()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, entry in registry.index().items():
         profile = registry.load(name)
         if profile.model.abstract and not show_all:
@@ -93,16 +93,21 @@ def show(name: str, variant: str | None, as_json: bool) -> None:
     if variant is not None and variant not in VARIANTS:
         from .errors import did_you_mean
 
-        raise GemmaProfileError(f"unknown variant '{variant}'{did_you_mean(variant, VARIANTS)}", hint=f"use one of {', '.join(VARIANTS)}")
+        raise GemmaProfileError(
+            f"unknown variant '{variant}'{did_you_mean(variant, VARIANTS)}", hint=f"use one of {', '.join(VARIANTS)}"
+        )
     profile = default_registry().load(name)
     shown = profile.resolve(variant) if variant else profile
     plan = make_plan(profile, variant)
     values = [{"key": k, "value": v, "from": str(o) if o else None} for k, v, o in shown.values()]
     variants = {
-        key: [{"key": k, "value": v, "from": str(profile.origin("variants", key, *k.split(".")) or "")} for k, v in _flat(body)]
+        key: [
+            {"key": k, "value": v, "from": str(profile.origin("variants", key, *k.split(".")) or "")}
+            for k, v in _flat(body)
+        ]
         for key, body in profile.model.model_dump(exclude_unset=True).get("variants", {}).items()
     }
-    data = {
+    data: dict[str, Any] = {
         "name": profile.name,
         "description": profile.description,
         "path": str(profile.path),
@@ -126,7 +131,10 @@ def show(name: str, variant: str | None, as_json: bool) -> None:
         click.echo(f"  extends: {parent}")
     if variant:
         click.echo(f"  variant: {variant} (overrides applied: {', '.join(shown.applied_overrides) or 'none'})")
-    click.echo(f"  compute dtype: {plan.dtype or 'gemma default'}   weights: {plan.quantization}   device: {data['device'] or 'script'}")
+    click.echo(
+        f"  compute dtype: {plan.dtype or 'gemma default'}   weights: {plan.quantization}"
+        f"   device: {data['device'] or 'script'}"
+    )
     width = max((len(v["key"]) for v in values), default=10)
     for item in values:
         click.echo(f"  {item['key']:<{width}}  {_text(item['value']):<24} {item['from'] or ''}")
@@ -165,14 +173,20 @@ def validate(paths: tuple[str, ...], as_json: bool) -> None:
             files.extend(sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")))
         else:
             files.append(path)
-    results = []
+    results: list[dict[str, Any]] = []
     for file in files:
         problems = problems_in(file, registry.resolve_extends) if file.exists() else []
         if not file.exists():
             from .profile import Problem
 
             problems = [Problem(str(file), "file not found")]
-        results.append({"path": str(file), "ok": not problems, "problems": [{"where": p.where, "message": p.message} for p in problems]})
+        results.append(
+            {
+                "path": str(file),
+                "ok": not problems,
+                "problems": [{"where": p.where, "message": p.message} for p in problems],
+            }
+        )
     if as_json:
         _emit_json(results)
     else:
@@ -190,7 +204,8 @@ def _reference_for(registry: Registry, name: str) -> tuple[str, Profile]:
     profile = registry.load(name)
     if profile.model.abstract:
         raise GemmaProfileError(
-            f"profile '{profile.name}' is abstract (a base for extends)", hint="pick a concrete profile from 'gemma-profile list'"
+            f"profile '{profile.name}' is abstract (a base for extends)",
+            hint="pick a concrete profile from 'gemma-profile list'",
         )
     return (str(Path(name).expanduser().resolve()) if looks_like_path(name) else name), profile
 
@@ -222,7 +237,12 @@ def current(as_json: bool) -> None:
     from .state import active_reference
 
     active = active_reference()
-    data: dict[str, Any] = {"profile": None, "reference": active.reference, "source": active.source, "detail": active.detail}
+    data: dict[str, Any] = {
+        "profile": None,
+        "reference": active.reference,
+        "source": active.source,
+        "detail": active.detail,
+    }
     problem = None
     if active.reference is not None:
         try:

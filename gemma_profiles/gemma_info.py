@@ -54,7 +54,8 @@ def require_gemma_pytorch() -> GemmaStatus:
     status = gemma_status()
     if status.kind == "missing":
         raise GemmaNotAvailableError(
-            "gemma_pytorch is not installed", hint="see the README: fetch google/gemma_pytorch and pip install --no-deps -e it"
+            "gemma_pytorch is not installed",
+            hint="see the README: fetch google/gemma_pytorch and pip install --no-deps -e it",
         )
     if status.kind == "jax":
         raise GemmaNotAvailableError(

@@ -37,6 +37,10 @@ def enable(level: str | None = None) -> None:
     else:
         logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "DEBUG"), filter=lambda r: not _is_ours(r))
     try:
-        _handler_id = logger.add(sys.stderr, level=chosen, filter=_is_ours, format="gemma-profiles | {level} | {message}")
+        _handler_id = logger.add(
+            sys.stderr, level=chosen, filter=_is_ours, format="gemma-profiles | {level} | {message}"
+        )
     except ValueError:
-        _handler_id = logger.add(sys.stderr, level="INFO", filter=_is_ours, format="gemma-profiles | {level} | {message}")
+        _handler_id = logger.add(
+            sys.stderr, level="INFO", filter=_is_ours, format="gemma-profiles | {level} | {message}"
+        )

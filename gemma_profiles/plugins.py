@@ -86,7 +86,9 @@ class GemmaPluginManager:
             ) from exc
         self.register(plugin, name, package=package, version=version, builtin=builtin)
 
-    def register(self, plugin: object, name: str, *, package: str = "?", version: str | None = None, builtin: bool = False) -> None:
+    def register(
+        self, plugin: object, name: str, *, package: str = "?", version: str | None = None, builtin: bool = False
+    ) -> None:
         """Register a plugin object (module or instance) under ``name``."""
         if self.pm.is_blocked(name):
             return
@@ -139,7 +141,8 @@ class GemmaPluginManager:
             for item in result or ():
                 if not isinstance(item, ProfileSource):
                     raise PluginError(
-                        f"plugin '{impl.plugin_name}' returned {type(item).__name__} from gemma_profile_sources, expected ProfileSource"
+                        f"plugin '{impl.plugin_name}' returned {type(item).__name__} from gemma_profile_sources, "
+                        "expected ProfileSource"
                     )
                 sources.append(item)
         return sorted(sources, key=lambda s: s.precedence)
@@ -154,7 +157,9 @@ class GemmaPluginManager:
         self._call("gemma_profile_model_built", model=model, plan=plan)
 
     def load_weights(self, model: Any, path: str, plan: Plan, gemma_loader: Callable[[str], Any]) -> bool:
-        return bool(self._call("gemma_profile_load_weights", model=model, path=path, plan=plan, gemma_loader=gemma_loader))
+        return bool(
+            self._call("gemma_profile_load_weights", model=model, path=path, plan=plan, gemma_loader=gemma_loader)
+        )
 
     def resolve_device(self, requested: Any, plan: Plan, call: str) -> str | None:
         result = self._call("gemma_profile_resolve_device", requested=requested, plan=plan, call=call)
@@ -189,14 +194,16 @@ class GemmaPluginManager:
     def _plugin_in_traceback(self, exc: BaseException) -> str | None:
         files: dict[str, str] = {}
         for name, plugin in self.pm.list_name_plugin():
-            module = sys.modules.get(getattr(plugin, "__module__", "") or "") if not hasattr(plugin, "__file__") else plugin
+            module = (
+                sys.modules.get(getattr(plugin, "__module__", "") or "") if not hasattr(plugin, "__file__") else plugin
+            )
             path = getattr(module, "__file__", None)
             if path:
                 files[os.path.realpath(path)] = name
         for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-            name = files.get(os.path.realpath(frame.filename))
-            if name:
-                return name
+            found = files.get(os.path.realpath(frame.filename))
+            if found:
+                return found
         return None
 
 
@@ -234,4 +241,4 @@ def reset_plugin_manager(manager: GemmaPluginManager | None = None) -> None:
     _manager = manager
 
 
-__all__ = ["GemmaPluginManager", "PluginInfo", "ProfileSource", "get_plugin_manager", "reset_plugin_manager", "Path"]
+__all__ = ["GemmaPluginManager", "Path", "PluginInfo", "ProfileSource", "get_plugin_manager", "reset_plugin_manager"]

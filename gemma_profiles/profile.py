@@ -146,7 +146,11 @@ def load_profile(path: str | Path, resolve_extends: ExtendsResolver | None = Non
     try:
         model = schema.ProfileModel.model_validate(merged)
     except ValidationError as exc:
-        problems += [_problem(err, origins, str(file)) for err in exc.errors() if tuple(err["loc"]) != ("variants",) or not problems]
+        problems += [
+            _problem(err, origins, str(file))
+            for err in exc.errors()
+            if tuple(err["loc"]) != ("variants",) or not problems
+        ]
     else:
         if not problems:
             return Profile(model, file, origins, chain)
@@ -169,7 +173,9 @@ def _relative_only(reference: str, from_file: Path) -> Path:
     )
 
 
-def _load_merged(file: Path, resolver: ExtendsResolver, seen: tuple[Path, ...]) -> tuple[dict[str, Any], dict[Path_, Origin], tuple[Path, ...]]:
+def _load_merged(
+    file: Path, resolver: ExtendsResolver, seen: tuple[Path, ...]
+) -> tuple[dict[str, Any], dict[Path_, Origin], tuple[Path, ...]]:
     doc = read_yaml_file(file)
     if doc.data is None:
         doc.data = {}
@@ -211,7 +217,13 @@ def _load_merged(file: Path, resolver: ExtendsResolver, seen: tuple[Path, ...]) 
     return merged, origins, tuple(chain)
 
 
-def _merge_into(base: dict[str, Any], base_origins: dict[Path_, Origin], over: dict[str, Any], over_origins: Mapping[Path_, Origin], prefix: Path_ = ()) -> None:
+def _merge_into(
+    base: dict[str, Any],
+    base_origins: dict[Path_, Origin],
+    over: dict[str, Any],
+    over_origins: Mapping[Path_, Origin],
+    prefix: Path_ = (),
+) -> None:
     """Deep-merge ``over`` into ``base``: mappings merge, anything else replaces."""
     for key, value in over.items():
         path = (*prefix, key)
@@ -304,7 +316,9 @@ def _problem(error: Any, origins: Mapping[Path_, Origin], file: str) -> Problem:
                 where,
                 f"unknown GemmaConfig field '{key}'{did_you_mean(key, valid)}; valid fields: {', '.join(valid)}",
             )
-        return Problem(where, f"unknown key '{key}' in {section}{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
+        return Problem(
+            where, f"unknown key '{key}' in {section}{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}"
+        )
     if kind == "missing":
         return Problem(where, f"missing required key '{dotted}'")
     message = str(error["msg"]).removeprefix("Value error, ")
@@ -325,4 +339,4 @@ def problems_in(path: str | Path, resolve_extends: ExtendsResolver | None = None
     return []
 
 
-__all__ = ["Origin", "Problem", "Profile", "ProfileValidationError", "load_profile", "problems_in", "SourcedDoc"]
+__all__ = ["Origin", "Problem", "Profile", "ProfileValidationError", "SourcedDoc", "load_profile", "problems_in"]

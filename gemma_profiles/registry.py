@@ -54,7 +54,11 @@ class Registry:
                     if previous is not None and previous.path.resolve() != path.resolve():
                         logger.info(
                             "profile '{}' from {} ({}) overrides the one from {} ({})",
-                            name, path, source.label, previous.path, previous.source.label,
+                            name,
+                            path,
+                            source.label,
+                            previous.path,
+                            previous.source.label,
                         )
                         index[name] = Entry(name, path, source, (*previous.shadows, previous))
                     elif previous is None:

@@ -59,7 +59,9 @@ class Session:
                 self._profile = default_registry().load(str(self.reference))
             except GemmaProfileError as exc:
                 if self.source == "env":
-                    raise type(exc)(f"GEMMA_PROFILE={self.reference!r}: {exc.message}", where=exc.where, hint=exc.hint) from None
+                    raise type(exc)(
+                        f"GEMMA_PROFILE={self.reference!r}: {exc.message}", where=exc.where, hint=exc.hint
+                    ) from None
                 if self.source == "applied":
                     raise type(exc)(
                         f"applied profile {self.reference!r}: {exc.message}",
@@ -95,10 +97,21 @@ class Session:
         manager.rewrite_config(rewrite, plan)
         for change in rewrite.changes:
             if change.before != change.after:
-                logger.info("[{}] config.{}: {!r} -> {!r} ({})", plan.profile, change.field, _show(change.before), _show(change.after), change.reason)
+                logger.info(
+                    "[{}] config.{}: {!r} -> {!r} ({})",
+                    plan.profile,
+                    change.field,
+                    _show(change.before),
+                    _show(change.after),
+                    change.reason,
+                )
         dtype = getattr(rewrite.config, "dtype", None)
         if hasattr(rewrite.config, "get_dtype") and rewrite.config.get_dtype() is None:
-            raise PatchError(f"dtype {dtype!r} is not one gemma knows", where=f"profile {plan.profile}", hint="use float32, float16 or bfloat16")
+            raise PatchError(
+                f"dtype {dtype!r} is not one gemma knows",
+                where=f"profile {plan.profile}",
+                hint="use float32, float16 or bfloat16",
+            )
         return Build(rewrite.config, plan)
 
 
@@ -219,7 +232,9 @@ class _PatchingLoader(importlib.abc.Loader):
 class GemmaImportHook(importlib.abc.MetaPathFinder):
     """Patches gemma_pytorch's model modules as they are imported."""
 
-    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in PATCHED_MODULES:
             return None
         for finder in sys.meta_path:

@@ -77,4 +77,6 @@ def _enum_member(enum_type: type[enum.Enum], value: Any) -> Any:
     try:
         return enum_type[str(value)]
     except KeyError:
-        raise PatchError(f"{enum_type.__name__} has no member '{value}'", hint=f"use one of {', '.join(enum_type.__members__)}") from None
+        raise PatchError(
+            f"{enum_type.__name__} has no member '{value}'", hint=f"use one of {', '.join(enum_type.__members__)}"
+        ) from None

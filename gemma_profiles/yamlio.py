@@ -76,9 +76,7 @@ def read_yaml_file(path: str | os.PathLike[str]) -> SourcedDoc:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ProfileError(
-            "not valid UTF-8 text", where=f"{name}:{line}", hint="save the file as UTF-8"
-        ) from None
+        raise ProfileError("not valid UTF-8 text", where=f"{name}:{line}", hint="save the file as UTF-8") from None
     return parse_yaml(text, name)
 
 

@@ -27,7 +27,9 @@ def check_checkpoint(path: str) -> None:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, INDEX_FILE)):
             raise GemmaProfileError(
-                f"checkpoint folder has no {INDEX_FILE}", where=path, hint="pass the .ckpt file or a sharded checkpoint folder"
+                f"checkpoint folder has no {INDEX_FILE}",
+                where=path,
+                hint="pass the .ckpt file or a sharded checkpoint folder",
             )
         return
     raise GemmaProfileError("checkpoint not found", where=path, hint="check the --ckpt path")

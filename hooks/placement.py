@@ -60,7 +60,8 @@ def gemma_profile_preflight(plan: Plan) -> None:
     placement = plan.placement
     if placement.offload != "none" or isinstance(placement.device_map, dict) or placement.device_map == "auto":
         raise GemmaProfileError(
-            f"profile '{plan.profile}' asks for a device map / {placement.offload} offload, which no installed plugin provides yet",
+            f"profile '{plan.profile}' asks for a device map / {placement.offload} offload, "
+            "which no installed plugin provides yet",
             where=plan.profile_path,
             hint="use a variant that fits on one device, or int8 weights",
         )
@@ -76,7 +77,9 @@ def gemma_profile_model_built(model: Any, plan: Plan) -> None:
             logger.info("[{}] model placed on {} ({})", plan.profile, device, plan.device.origin)
             model.to(device)
     else:
-        logger.warning("[{}] profile device {} is not available here; the model stays on the CPU until moved", plan.profile, device)
+        logger.warning(
+            "[{}] profile device {} is not available here; the model stays on the CPU until moved", plan.profile, device
+        )
 
 
 @hookimpl
@@ -87,5 +90,12 @@ def gemma_profile_resolve_device(requested: Any, plan: Plan, call: str) -> str |
     key = (plan.profile, call, str(requested), device)
     if str(requested) != device and key not in _announced:
         _announced.add(key)
-        logger.info("[{}] {}(device={}) -> {} (the profile's device wins; {})", plan.profile, call, requested, device, plan.device.origin)
+        logger.info(
+            "[{}] {}(device={}) -> {} (the profile's device wins; {})",
+            plan.profile,
+            call,
+            requested,
+            device,
+            plan.device.origin,
+        )
     return device

@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from gemma_profiles import plugins, runtime  # noqa: E402
-from gemma_profiles.gemma_info import gemma_status  # noqa: E402
+from gemma_profiles import plugins, runtime
+from gemma_profiles.gemma_info import gemma_status
 
 _OUR_VARS = ("GEMMA_PROFILE", "GEMMA_PROFILE_PATH", "GEMMA_PROFILE_DISABLE_PLUGINS", "GEMMA_PROFILE_LOG")
 

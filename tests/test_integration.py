@@ -124,11 +124,17 @@ def test_profile_rewrite_is_logged_before_after(gemma: Any, tokenizer_path: str,
             build(gemma, tokenizer_path)
     finally:
         logger.remove(sink)
-    assert any("[cpu-bfloat16] config.dtype: 'float32' -> 'bfloat16'" in line and "cpu-bfloat16.yaml:4" in line for line in lines)
+    assert any(
+        "[cpu-bfloat16] config.dtype: 'float32' -> 'bfloat16'" in line and "cpu-bfloat16.yaml:4" in line
+        for line in lines
+    )
 
 
 def test_any_gemma_config_field(gemma: Any, tokenizer_path: str, cpu_profile: Any) -> None:
-    extra = "variants: {gemma2: {config: {attn_types: [GLOBAL, GLOBAL], final_logit_softcapping: 10.0, sliding_window_size: 4}}}"
+    extra = (
+        "variants: {gemma2: {config: {attn_types: [GLOBAL, GLOBAL], final_logit_softcapping: 10.0,"
+        " sliding_window_size: 4}}}"
+    )
     with gemma_profiles.use(str(cpu_profile("float32", extra))):
         _, model = build(gemma, tokenizer_path, "2b-v2")
         _, gemma1 = build(gemma, tokenizer_path, "2b")
@@ -153,7 +159,9 @@ def test_full_flow_matches_unpatched_gemma(gemma: Any, tokenizer_path: str, chec
         assert float_dtypes(model) == {torch.bfloat16}
 
 
-def test_profile_device_wins_over_script_device(gemma: Any, tokenizer_path: str, checkpoint: str, cpu_profile: Any) -> None:
+def test_profile_device_wins_over_script_device(
+    gemma: Any, tokenizer_path: str, checkpoint: str, cpu_profile: Any
+) -> None:
     with gemma_profiles.use(str(cpu_profile("float32"))):
         _, model = build(gemma, tokenizer_path)
         model.load_weights(checkpoint)
@@ -214,7 +222,10 @@ def test_plugin_raising_fails_construction_cleanly(gemma: Any, tokenizer_path: s
     manager.register(Broken(), "broken", package="broken-plugin")
     plugins.reset_plugin_manager(manager)
     try:
-        with gemma_profiles.use(str(cpu_profile("float16"))), pytest.raises(PluginError, match="plugin 'broken'.*boom"):
+        with (
+            gemma_profiles.use(str(cpu_profile("float16"))),
+            pytest.raises(PluginError, match=r"plugin 'broken'.*boom"),
+        ):
             build(gemma, tokenizer_path)
         assert torch.get_default_dtype() == torch.float32
     finally:
@@ -236,7 +247,9 @@ def test_third_party_plugin_rewrites_config(gemma: Any, tokenizer_path: str, cpu
     assert model.config.rms_norm_eps == 1e-5
 
 
-def test_int8_profile_refuses_float_checkpoint(gemma: Any, tokenizer_path: str, checkpoint: str, cpu_profile: Any) -> None:
+def test_int8_profile_refuses_float_checkpoint(
+    gemma: Any, tokenizer_path: str, checkpoint: str, cpu_profile: Any
+) -> None:
     with gemma_profiles.use(str(cpu_profile("float32", "quantization: {weights: int8}"))):
         _, model = build(gemma, tokenizer_path)
         with pytest.raises(GemmaProfileError, match="not int8"):
@@ -259,7 +272,16 @@ def test_use_restores_the_previous_profile(gemma: Any, tokenizer_path: str, cpu_
 
 def run_flow(env: dict[str, str], tokenizer: str, ckpt: Path, *extra: str) -> dict[str, Any]:
     completed = subprocess.run(
-        [sys.executable, str(HERE / "run_flow.py"), "--ckpt", str(ckpt), "--tokenizer", tokenizer, "--write-ckpt", *extra],
+        [
+            sys.executable,
+            str(HERE / "run_flow.py"),
+            "--ckpt",
+            str(ckpt),
+            "--tokenizer",
+            tokenizer,
+            "--write-ckpt",
+            *extra,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -278,7 +300,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def test_autoload_env_var_profile(gemma: Any, tokenizer_path: str, tmp_path: Path, child_env: dict[str, str], cpu_profile: Any) -> None:
+def test_autoload_env_var_profile(
+    gemma: Any, tokenizer_path: str, tmp_path: Path, child_env: dict[str, str], cpu_profile: Any
+) -> None:
     plain = run_flow(child_env, tokenizer_path, tmp_path / "a.ckpt")
     assert plain["float_param_dtypes"] == ["torch.float32"]
     child_env["GEMMA_PROFILE"] = str(cpu_profile("float16"))
@@ -298,14 +322,18 @@ def test_autoload_pascal_5gb(gemma: Any, tokenizer_path: str, tmp_path: Path, ch
     assert "no CUDA" in report["error"]
 
 
-def test_apply_off_and_reset(gemma: Any, tokenizer_path: str, tmp_path: Path, child_env: dict[str, str], cpu_profile: Any) -> None:
+def test_apply_off_and_reset(
+    gemma: Any, tokenizer_path: str, tmp_path: Path, child_env: dict[str, str], cpu_profile: Any
+) -> None:
     cli = [sys.executable, "-m", "gemma_profiles.cli"]
     subprocess.run([*cli, "apply", str(cpu_profile("bfloat16"))], env=child_env, check=True, capture_output=True)
     assert run_flow(child_env, tokenizer_path, tmp_path / "c.ckpt")["float_param_dtypes"] == ["torch.bfloat16"]
-    assert run_flow({**child_env, "GEMMA_PROFILE": "off"}, tokenizer_path, tmp_path / "d.ckpt")["float_param_dtypes"] == [
-        "torch.float32"
-    ]
-    env_wins = run_flow({**child_env, "GEMMA_PROFILE": str(cpu_profile("float16"))}, tokenizer_path, tmp_path / "e.ckpt")
+    assert run_flow({**child_env, "GEMMA_PROFILE": "off"}, tokenizer_path, tmp_path / "d.ckpt")[
+        "float_param_dtypes"
+    ] == ["torch.float32"]
+    env_wins = run_flow(
+        {**child_env, "GEMMA_PROFILE": str(cpu_profile("float16"))}, tokenizer_path, tmp_path / "e.ckpt"
+    )
     assert env_wins["float_param_dtypes"] == ["torch.float16"]
     subprocess.run([*cli, "reset"], env=child_env, check=True, capture_output=True)
     assert run_flow(child_env, tokenizer_path, tmp_path / "f.ckpt")["float_param_dtypes"] == ["torch.float32"]
@@ -327,11 +355,11 @@ def test_bad_env_value_fails_at_construction_not_at_startup(
 def test_uncaught_profile_error_is_one_line(tokenizer_path: str, child_env: dict[str, str], gemma: Any) -> None:
     child_env["GEMMA_PROFILE"] = "pascal5gb"
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {str(HERE)!r})\n"
         "from gemma_testing import tiny_config\n"
         "from gemma import config, model\n"
-        "model.GemmaForCausalLM(tiny_config(config, '2b', %r))\n"
-    ) % (str(HERE), tokenizer_path)
+        f"model.GemmaForCausalLM(tiny_config(config, '2b', {tokenizer_path!r}))\n"
+    )
     completed = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True)
     assert completed.returncode == 1
     assert "Traceback" not in completed.stderr
@@ -339,7 +367,8 @@ def test_uncaught_profile_error_is_one_line(tokenizer_path: str, child_env: dict
 
 
 def test_autoload_is_inert_without_a_profile(child_env: dict[str, str]) -> None:
-    code = "import sys; print(json.dumps([m for m in ('gemma_profiles_autoload', 'gemma_profiles', 'torch', 'yaml', 'pydantic') if m in sys.modules]))"
+    modules = ("gemma_profiles_autoload", "gemma_profiles", "torch", "yaml", "pydantic")
+    code = f"import sys; print(json.dumps([m for m in {modules!r} if m in sys.modules]))"
     completed = subprocess.run(
         [sys.executable, "-c", "import json; " + code], env=child_env, capture_output=True, text=True, check=True
     )
@@ -355,7 +384,9 @@ def _real_run_py() -> Path | None:
 
 
 @pytest.mark.skipif(_real_run_py() is None, reason="needs google/gemma_pytorch's own scripts/run.py")
-def test_gemma_run_py_unmodified(gemma: Any, tokenizer_path: str, tmp_path: Path, write_profile: Any, child_env: dict[str, str]) -> None:
+def test_gemma_run_py_unmodified(
+    gemma: Any, tokenizer_path: str, tmp_path: Path, write_profile: Any, child_env: dict[str, str]
+) -> None:
     """gemma's own scripts/run.py, unmodified; the profile shrinks the model and picks float16."""
     from gemma_testing import write_random_checkpoint
 
@@ -384,7 +415,15 @@ def test_gemma_run_py_unmodified(gemma: Any, tokenizer_path: str, tmp_path: Path
     write_random_checkpoint(model, str(ckpt), torch.float32)
     child_env["GEMMA_PROFILE"] = str(profile)
     completed = subprocess.run(
-        [sys.executable, str(_real_run_py()), f"--ckpt={ckpt}", "--variant=2b", "--device=cpu", "--output_len=3", "--prompt=the cat"],
+        [
+            sys.executable,
+            str(_real_run_py()),
+            f"--ckpt={ckpt}",
+            "--variant=2b",
+            "--device=cpu",
+            "--output_len=3",
+            "--prompt=the cat",
+        ],
         env=child_env,
         capture_output=True,
         text=True,
