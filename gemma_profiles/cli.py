@@ -302,6 +302,114 @@ def plugins(as_json: bool) -> None:
         click.echo(f"blocked by {BLOCK_ENV}: {', '.join(sorted(manager.blocked))}")
 
 
+def _load_any(reference: str) -> Profile:
+    """A profile by name or path, or ``auto`` (built from detected hardware)."""
+    if reference == "auto":
+        from .auto import auto_profile
+        from .hardware import detect_hardware
+
+        return auto_profile(detect_hardware())
+    return default_registry().load(reference)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def detect(as_json: bool) -> None:
+    """Describe this machine and the profile that fits it best."""
+    from .auto import best_match
+    from .hardware import detect_hardware
+    from .units import format_bytes
+
+    hardware = detect_hardware()
+    match = best_match(hardware, default_registry())
+    data = {
+        "hardware": hardware.as_dict(),
+        "best_profile": None if match is None else {"name": match.name, "reason": match.reason},
+    }
+    if as_json:
+        _emit_json(data)
+        return
+    cpu = hardware.cpu
+    click.echo(f"torch {hardware.torch_version} (CUDA {hardware.cuda_version or 'none'})")
+    click.echo(
+        f"cpu: {cpu.name or '?'}; {cpu.cores} cores; ISA {cpu.isa_level} ({', '.join(cpu.isa) or 'none'}); "
+        f"RAM {format_bytes(cpu.total_memory)} ({format_bytes(cpu.available_memory)} available)"
+    )
+    for gpu in hardware.gpus:
+        bf16 = "native bf16" if gpu.native_bf16 else "no native bf16"
+        free = f", {format_bytes(gpu.free_memory)} free" if gpu.free_memory is not None else ""
+        click.echo(
+            f"cuda:{gpu.index}: {gpu.name}; compute capability {gpu.compute_capability[0]}.{gpu.compute_capability[1]} "
+            f"({bf16}); {format_bytes(gpu.total_memory)}{free}"
+        )
+    if hardware.mps:
+        click.echo("mps: available (gemma's complex RoPE does not run on MPS; profiles use the CPU)")
+    if match:
+        click.echo(f"best profile: {match.name} - {match.reason}")
+    else:
+        click.echo("best profile: none matches; GEMMA_PROFILE=auto builds one from these facts")
+
+
+@cli.command("plan")
+@click.argument("name")
+@click.option("--variant", "-v", required=True, help="gemma variant: 2b, 7b, 2b-v2, 9b, 27b, 1b, 4b, 12b, 27b_v3.")
+@click.option("--batch", type=click.IntRange(min=1), help="Prompts per generate call (default: the profile's).")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Prompt + output tokens (default: the profile's, 1024).")
+@click.option("--here", is_flag=True, help="Size against this machine instead of the profile's hardware facts.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None, here: bool, as_json: bool) -> None:
+    """Memory table and placement for a variant under a profile; exit 1 when it does not fit."""
+    from .errors import did_you_mean
+    from .hardware import detect_hardware
+    from .plan import Target, make_plan, normalize_device
+    from .units import format_bytes
+    from .variants import VARIANTS
+
+    if variant not in VARIANTS:
+        raise GemmaProfileError(
+            f"unknown variant '{variant}'{did_you_mean(variant, VARIANTS)}", hint=f"use one of {', '.join(VARIANTS)}"
+        )
+    profile = _load_any(name)
+    target = None
+    if here or name == "auto" or profile.model.hardware is None:
+        hardware = detect_hardware()
+        device = profile.model.placement.device
+        target = Target.of_hardware(hardware, normalize_device(device) if device else None)
+    plan = make_plan(profile, variant, target=target, batch=batch, seq_len=seq_len)
+    if plan.verdict is None:
+        raise GemmaProfileError(f"profile '{profile.name}' says nothing about the hardware", hint="use --here")
+    if as_json:
+        _emit_json(plan.as_dict())
+    else:
+        assert plan.memory is not None and plan.target is not None
+        dtype, quant = plan.config.get("dtype"), plan.config.get("quant")
+        click.echo(
+            f"{plan.profile} / {variant}: batch {plan.batch}, {plan.seq_len} tokens; target {plan.target.device}"
+            f" {plan.target.name} ({plan.target.source})"
+        )
+        click.echo(f"  compute dtype: {plan.dtype}  ({dtype.origin if dtype else ''})")
+        click.echo(f"  weights: {plan.quantization}  ({quant.origin if quant else 'profile default'})")
+        click.echo(f"  layers: {', '.join(f'{k} -> {v}' for k, v in plan.layers.items())}")
+        rows = [(i.component, i.device, format_bytes(i.bytes), i.note) for i in plan.memory.items]
+        budgets = {b.device: b for b in plan.budgets}
+        for device, need in plan.memory.required.items():
+            budget = budgets.get(device)
+            limit = f"budget {format_bytes(budget.available)} ({budget.note})" if budget else "no budget known"
+            rows.append(("= must fit", device, format_bytes(need), limit))
+            rows.append(("= peak resident", device, format_bytes(plan.memory.peak[device]), "incl. checkpoint pages"))
+        widths = [max(len(r[i]) for r in [*rows, ("component", "device", "size", "")]) for i in range(3)]
+        click.echo(f"  {'component':<{widths[0]}}  {'device':<{widths[1]}}  {'size':>{widths[2]}}  note")
+        for component, device, size, note in rows:
+            click.echo(f"  {component:<{widths[0]}}  {device:<{widths[1]}}  {size:>{widths[2]}}  {note}")
+        click.echo(f"verdict: {plan.verdict.message}")
+        if plan.verdict.suggestion:
+            click.echo(f"cheapest change that fits: {plan.verdict.suggestion}")
+        for warning in plan.warnings:
+            click.echo(f"warning: {warning}")
+    if not plan.verdict.fits:
+        sys.exit(1)
+
+
 def main() -> None:
     cli(prog_name="gemma-profile")
 

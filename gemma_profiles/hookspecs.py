@@ -7,7 +7,7 @@ entry-point group (see the package docstring).  The builtin behaviour in
 
 Phases:
 
-1. *Discovery* - `gemma_profile_sources`.
+1. *Discovery* - `gemma_profile_sources`, `gemma_profile_detect_hardware`.
 2. *Before construction* - `gemma_profile_preflight`, `gemma_profile_rewrite_config`.
 3. *After construction* - `gemma_profile_model_built`.
 4. *Loading and running* - `gemma_profile_load_weights`, `gemma_profile_resolve_device`.
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from .hardware import Hardware
     from .plan import Plan
     from .types import ConfigRewrite, ProfileSource
 
@@ -42,6 +43,18 @@ def gemma_profile_sources() -> Iterable[ProfileSource]:
     Results of all implementations are combined.
     """
     raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def gemma_profile_detect_hardware() -> Hardware | None:
+    """Describe this machine: CUDA devices, MPS, CPU, memory, torch.
+
+    :returns: a `Hardware` value, or None to let the next implementation answer.
+
+    Stops at first non-None result.  The builtin ``hardware`` plugin (torch,
+    psutil, /proc/cpuinfo) runs last; a plugin can supply facts for hardware it
+    knows better, and tests supply fakes.
+    """
 
 
 # -- before construction -----------------------------------------------------

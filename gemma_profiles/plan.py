@@ -1,37 +1,111 @@
-"""Profile -> `Plan`: what will be done to one model, and why.
+"""Profile (+ hardware, variant, workload) -> `Plan`: what will be done to one model, and why.
 
-Planning never imports torch: it works from the profile and the variant name.
+Explicit profile values always win; every automatic choice carries its reason.
+Planning never imports torch: hardware arrives as a `Target` built from the
+profile's ``hardware:`` facts (``gemma-profile plan``) or from detected
+`Hardware` (``GEMMA_PROFILE=auto`` and the preflight at construction).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import schema
+from .errors import GemmaProfileError
+from .hardware import Hardware
+from .memory import DTYPE_BYTES, MemoryEstimate, ModelShape, estimate_memory, reserve_for
 from .profile import Profile
+from .units import format_bytes, parse_memory
 from .variants import VARIANTS, float16_unsafe
 
 FAMILY_OF = {name: shape.family for name, shape in VARIANTS.items()}
+NATIVE_BF16 = (8, 0)
+MIN_FP16 = (6, 0)
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A resolved value and where it came from (``file:line``, or a reason)."""
+    """A resolved value and where it came from (``file:line``, or ``auto: <reason>``)."""
 
     value: Any
     origin: str
 
 
 @dataclass(frozen=True)
+class Target:
+    """The machine a plan is for: its accelerator (if any) and host memory."""
+
+    device: str  # "cpu", "cuda:0", "mps"
+    name: str = ""
+    compute_capability: tuple[int, int] | None = None
+    memory: int | None = None  # accelerator memory, bytes
+    host_memory: int | None = None
+    cpu_isa: tuple[str, ...] = ()
+    source: str = "profile"
+
+    @classmethod
+    def of_profile(cls, profile: Profile) -> Target | None:
+        hardware = profile.model.hardware
+        if hardware is None:
+            return None
+        device = profile.model.placement.device or ("cuda:0" if hardware.device == "cuda" else hardware.device)
+        return cls(
+            normalize_device(device),
+            ", ".join(hardware.gpu),
+            hardware.capability_tuple(),
+            parse_memory(hardware.memory) if hardware.memory is not None else None,
+            parse_memory(hardware.host_memory) if hardware.host_memory is not None else None,
+            ("avx2",) if hardware.device != "cuda" else (),
+            f"profile {profile.name} hardware:",
+        )
+
+    @classmethod
+    def of_hardware(cls, hardware: Hardware, device: str | None = None) -> Target:
+        device = normalize_device(device or ("cuda:0" if hardware.gpus else "cpu"))
+        gpu = hardware.gpu(device)
+        return cls(
+            device,
+            gpu.name if gpu else hardware.cpu.name,
+            gpu.compute_capability if gpu else None,
+            gpu.total_memory if gpu else None,
+            hardware.cpu.total_memory,
+            hardware.cpu.isa,
+            "detected",
+        )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory one device may use."""
+
+    device: str
+    available: int
+    note: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the plan fits, by how much it does not, and the cheapest change that would."""
+
+    fits: bool
+    message: str
+    shortfall: int = 0
+    suggestion: str | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     """What the active profile does to one model.
 
-    :param config: GemmaConfig field -> `Setting`, only fields the profile sets.
+    :param config: GemmaConfig field -> `Setting` (explicit or automatic).
     :param device: where the model runs, or None to keep the script's choice.
-    :param placement: the profile's whole placement section.
+    :param placement: the profile's placement section.
     :param quantization: ``"none"`` or ``"int8"``.
-    :param warnings: things that will likely go wrong (logged at activation).
+    :param memory: the estimate, when the model's shape is known.
+    :param budgets: memory each device may use, when the hardware is known.
+    :param verdict: fits or not, when both are known.
+    :param layers: decoder layer index ranges -> device (offloaded ones on ``cpu``/``disk``).
     """
 
     profile: str
@@ -44,6 +118,13 @@ class Plan:
     quantization: str
     overrides: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    target: Target | None = None
+    batch: int = 1
+    seq_len: int = 1024
+    memory: MemoryEstimate | None = None
+    budgets: tuple[Budget, ...] = ()
+    verdict: Verdict | None = None
+    layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def dtype(self) -> str | None:
@@ -57,20 +138,88 @@ class Plan:
             "variant": self.variant,
             "family": self.family,
             "overrides_applied": list(self.overrides),
-            "config": {k: {"value": s.value, "from": s.origin} for k, s in self.config.items()},
-            "device": None if self.device is None else {"value": self.device.value, "from": self.device.origin},
-            "placement": self.placement.model_dump(exclude_unset=True),
+            "dtype": self.dtype,
             "quantization": self.quantization,
+            "device": None if self.device is None else self.device.value,
+            "config": {k: {"value": s.value, "from": s.origin} for k, s in self.config.items()},
+            "placement": self.placement.model_dump(exclude_unset=True),
+            "layers": self.layers,
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "target": None if self.target is None else self.target.__dict__,
+            "memory": None if self.memory is None else self.memory.as_dict(),
+            "budgets": [b.__dict__ for b in self.budgets],
+            "verdict": None if self.verdict is None else self.verdict.__dict__,
             "warnings": list(self.warnings),
         }
 
 
-def make_plan(profile: Profile, variant: str | None = None, family: str | None = None) -> Plan:
-    """Resolve ``profile`` for one model (variant and family overrides folded in)."""
+def normalize_device(device: str) -> str:
+    return "cuda:0" if device == "cuda" else device
+
+
+def choose_dtype(target: Target | None, variant: str | None, family: str | None) -> Setting | None:
+    """The compute dtype for a machine and model when the profile names none."""
+    if target is None:
+        return None
+    unsafe = float16_unsafe(variant, family)
+    model = variant or family or "this model"
+    if target.device.startswith("cuda"):
+        cc = target.compute_capability
+        if cc is None:
+            return Setting("float32", "auto: compute capability unknown, float32 is safe everywhere")
+        cc_text = f"{cc[0]}.{cc[1]}"
+        if cc >= NATIVE_BF16:
+            return Setting("bfloat16", f"auto: native bfloat16 on compute capability {cc_text} (>= 8.0)")
+        if cc >= MIN_FP16 and not unsafe:
+            return Setting("float16", f"auto: no native bfloat16 below 8.0 (this GPU: {cc_text}); float16 is native")
+        if cc >= MIN_FP16:
+            return Setting("float32", f"auto: no native bfloat16 on {cc_text}, and float16 overflows for {model}")
+        return Setting("float32", f"auto: compute capability {cc_text} < 6.0 has neither fast float16 nor bfloat16")
+    if "avx2" in target.cpu_isa or any(flag.startswith(("avx512", "amx")) for flag in target.cpu_isa):
+        return Setting(
+            "bfloat16",
+            "auto: CPU decode is memory-bound; bf16 measured 0.253 s/token vs 0.572 in float32 (2b, AVX2)",
+        )
+    return Setting("float32", "auto: no AVX2 on this CPU, float32 avoids slow bfloat16 conversion")
+
+
+def check_dtype(dtype: Setting, target: Target | None, profile: str) -> None:
+    """An explicit bfloat16 on a GPU without native support fails here, before construction."""
+    if target is None or dtype.value != "bfloat16" or not target.device.startswith("cuda"):
+        return
+    cc = target.compute_capability
+    if cc is not None and cc < NATIVE_BF16:
+        raise GemmaProfileError(
+            f"{target.name or target.device} (compute capability {cc[0]}.{cc[1]}) has no native bfloat16, "
+            f"but profile '{profile}' asks for it",
+            where=dtype.origin,
+            hint="use dtype float16 for Gemma 1 2b, float32 for Gemma 2/3 and 7b",
+        )
+
+
+def make_plan(
+    profile: Profile,
+    variant: str | None = None,
+    family: str | None = None,
+    *,
+    target: Target | None = None,
+    shape: ModelShape | None = None,
+    batch: int | None = None,
+    seq_len: int | None = None,
+) -> Plan:
+    """Resolve ``profile`` for one model, and size it against ``target`` when given.
+
+    :param target: the machine; defaults to the profile's own ``hardware:`` facts.
+    :param shape: the model's shape; defaults to the variant's.
+    """
     if family is None and variant is not None:
         family = FAMILY_OF.get(variant)
     resolved = profile.resolve(variant, family)
     model = resolved.model
+    target = target or Target.of_profile(resolved)
+    if shape is None and variant in VARIANTS:
+        shape = ModelShape.of_variant(variant)
 
     def origin(*key: str) -> str:
         found = resolved.origin(*key)
@@ -80,19 +229,21 @@ def make_plan(profile: Profile, variant: str | None = None, family: str | None =
         name: Setting(value, origin("config", name))
         for name, value in model.config.model_dump(exclude_unset=True).items()
     }
-    if "weights" in model.quantization.model_fields_set:
-        config["quant"] = Setting(model.quantization.weights == "int8", origin("quantization", "weights"))
+    explicit_quant = "weights" in model.quantization.model_fields_set
+    quantization = model.quantization.weights
+    if explicit_quant:
+        config["quant"] = Setting(quantization == "int8", origin("quantization", "weights"))
+    if "dtype" in config:
+        check_dtype(config["dtype"], target, profile.name)
+    else:
+        chosen = choose_dtype(target, variant, family)
+        if chosen is not None:
+            config["dtype"] = chosen
     device = None
     if model.placement.device is not None:
         device = Setting(model.placement.device, origin("placement", "device"))
-    warnings = []
-    dtype = config.get("dtype")
-    if dtype is not None and dtype.value == "float16" and float16_unsafe(variant, family):
-        warnings.append(
-            f"float16 compute overflows for {variant or family} (activations reach ~1e5); "
-            f"use float32 or bfloat16 via variants.{family or variant} (set at {dtype.origin})"
-        )
-    return Plan(
+    generation = model.generation
+    plan = Plan(
         profile=profile.name,
         profile_path=str(profile.path),
         variant=variant,
@@ -100,7 +251,151 @@ def make_plan(profile: Profile, variant: str | None = None, family: str | None =
         config=config,
         device=device,
         placement=model.placement,
-        quantization=model.quantization.weights,
+        quantization=quantization,
         overrides=resolved.applied_overrides,
-        warnings=tuple(warnings),
+        warnings=tuple(_warnings(config, variant, family)),
+        target=target,
+        batch=batch or generation.batch,
+        seq_len=min(seq_len or generation.seq_len, shape.max_position_embeddings if shape else 10**9),
     )
+    if shape is None or plan.dtype not in DTYPE_BYTES or target is None:
+        return plan
+    plan = _size(plan, shape, target)
+    if not explicit_quant and plan.verdict is not None and not plan.verdict.fits:
+        int8 = _size(_with_quant(plan, "auto: the weights do not fit in " + str(plan.dtype)), shape, target)
+        if int8.verdict is not None and int8.verdict.fits:
+            plan = int8
+    if plan.layers and any(device in ("cpu", "disk") for device in plan.layers.values()) and target.device != "cpu":
+        plan = replace(
+            plan,
+            warnings=(
+                *plan.warnings,
+                "this plan offloads layers, which no installed plugin executes yet: construction will stop",
+            ),
+        )
+    return plan
+
+
+def _with_quant(plan: Plan, reason: str) -> Plan:
+    config = dict(plan.config)
+    config["quant"] = Setting(True, reason)
+    return replace(plan, config=config, quantization="int8")
+
+
+def _warnings(config: dict[str, Setting], variant: str | None, family: str | None) -> list[str]:
+    dtype = config.get("dtype")
+    if dtype is not None and dtype.value == "float16" and float16_unsafe(variant, family):
+        return [
+            f"float16 compute overflows for {variant or family} (activations reach ~1e5); "
+            f"use float32 or bfloat16 via variants.{family or variant} (set at {dtype.origin})"
+        ]
+    return []
+
+
+def budgets_for(plan: Plan, target: Target) -> dict[str, Budget]:
+    """What each device may use: ``max_memory`` when the profile sets it, else capacity minus reserve."""
+    limits = {
+        normalize_device(k) if not k.isdigit() else f"cuda:{k}": v for k, v in (plan.placement.max_memory or {}).items()
+    }
+    budgets: dict[str, Budget] = {}
+    capacities = {"cpu": target.host_memory}
+    if target.device != "cpu":
+        capacities[target.device] = target.memory
+    for device, capacity in capacities.items():
+        if device in limits:
+            budgets[device] = Budget(device, parse_memory(limits[device]), "placement.max_memory")
+        elif capacity is not None:
+            reserve = reserve_for(capacity)
+            budgets[device] = Budget(
+                device,
+                capacity - reserve,
+                f"{format_bytes(capacity)} - {format_bytes(reserve)} reserve ({target.source})",
+            )
+    return budgets
+
+
+def _estimate(
+    plan: Plan, shape: ModelShape, target: Target, offloaded: int = 0, seq_len: int | None = None
+) -> MemoryEstimate:
+    return estimate_memory(
+        shape,
+        dtype=str(plan.dtype),
+        int8=plan.quantization == "int8",
+        device=target.device,
+        batch=plan.batch,
+        seq_len=seq_len or plan.seq_len,
+        offloaded_layers=offloaded,
+        offload_device="cpu",
+    )
+
+
+def _shortfall(estimate: MemoryEstimate, budgets: dict[str, Budget]) -> dict[str, int]:
+    return {
+        device: need - budgets[device].available
+        for device, need in estimate.required.items()
+        if device in budgets and need > budgets[device].available
+    }
+
+
+def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
+    budgets = budgets_for(plan, target)
+    layers = shape.num_hidden_layers
+    offloaded = 0
+    estimate = _estimate(plan, shape, target)
+    if plan.placement.offload != "none" and target.device != "cpu":
+        # Keep as many layers resident as the budget allows; the rest wait on the CPU.
+        while offloaded < layers and _shortfall(estimate, budgets).get(target.device, 0) > 0:
+            offloaded += 1
+            estimate = _estimate(plan, shape, target, offloaded)
+    resident = layers - offloaded
+    layer_map = {f"0-{resident - 1}": target.device} if resident else {}
+    if offloaded:
+        layer_map[f"{resident}-{layers - 1}"] = plan.placement.offload
+    short = _shortfall(estimate, budgets)
+    if not short:
+        used = ", ".join(
+            f"{d}: {format_bytes(estimate.required[d])} of {format_bytes(b.available)}"
+            for d, b in budgets.items()
+            if d in estimate.required
+        )
+        how = f"int8 weights, {plan.dtype} compute" if plan.quantization == "int8" else f"{plan.dtype} weights"
+        if offloaded:
+            how += f", {offloaded} of {layers} layers offloaded to {plan.placement.offload}"
+        verdict = Verdict(True, f"fits ({how}; {used})")
+    else:
+        worst = max(short, key=lambda d: short[d])
+        verdict = Verdict(
+            False,
+            f"does not fit: {worst} needs {format_bytes(estimate.required[worst])} but has "
+            f"{format_bytes(budgets[worst].available)} ({budgets[worst].note}); short by {format_bytes(short[worst])}",
+            short[worst],
+            _cheapest_fix(plan, shape, target, budgets),
+        )
+    return replace(plan, memory=estimate, budgets=tuple(budgets.values()), verdict=verdict, layers=layer_map)
+
+
+def _cheapest_fix(plan: Plan, shape: ModelShape, target: Target, budgets: dict[str, Budget]) -> str | None:
+    """The first of: int8 weights, a shorter context, CPU offload, a smaller variant - that fits."""
+    if plan.quantization != "int8":
+        trial = _with_quant(plan, "suggestion")
+        if not _shortfall(_estimate(trial, shape, target), budgets):
+            return "int8 weights (quantization: {weights: int8})"
+    seq = plan.seq_len // 2
+    while seq >= 256:
+        if not _shortfall(_estimate(plan, shape, target, seq_len=seq), budgets):
+            return f"a shorter context: --seq-len {seq} (generation.seq_len)"
+        seq //= 2
+    if target.device != "cpu":
+        for offloaded in range(1, shape.num_hidden_layers + 1):
+            if not _shortfall(_estimate(plan, shape, target, offloaded), budgets):
+                return f"offload {offloaded} of {shape.num_hidden_layers} layers to the CPU (placement.offload: cpu)"
+    family = plan.family
+    smaller = [
+        name
+        for name, v in VARIANTS.items()
+        if v.family == family and ModelShape.of_variant(name).parameters < shape.parameters
+    ]
+    for name in sorted(smaller, key=lambda n: -ModelShape.of_variant(n).parameters):
+        if not _shortfall(_estimate(plan, ModelShape.of_variant(name), target), budgets):
+            return f"a smaller variant: {name}"
+    return None

@@ -24,6 +24,7 @@ from .errors import GemmaProfileError, PluginError
 from .types import ProfileSource
 
 if TYPE_CHECKING:
+    from .hardware import Hardware
     from .plan import Plan
     from .types import ConfigRewrite
 
@@ -34,6 +35,7 @@ BLOCK_ENV = "GEMMA_PROFILE_DISABLE_PLUGINS"
 #: Builtin plugins, imported exactly like an entry point's ``module`` value.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("sources", "gemma_profiles.hooks.sources"),
+    ("hardware", "gemma_profiles.hooks.hardware"),
     ("config", "gemma_profiles.hooks.config"),
     ("preflight", "gemma_profiles.hooks.preflight"),
     ("placement", "gemma_profiles.hooks.placement"),
@@ -146,6 +148,14 @@ class GemmaPluginManager:
                     )
                 sources.append(item)
         return sorted(sources, key=lambda s: s.precedence)
+
+    def detect_hardware(self) -> Hardware:
+        from .hardware import Hardware
+
+        result = self._call("gemma_profile_detect_hardware")
+        if not isinstance(result, Hardware):
+            raise PluginError(f"gemma_profile_detect_hardware returned {type(result).__name__}, expected Hardware")
+        return result
 
     def preflight(self, plan: Plan) -> None:
         self._call("gemma_profile_preflight", plan=plan)

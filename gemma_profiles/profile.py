@@ -271,6 +271,7 @@ def _model_for(key_path: Path_) -> type[BaseModel] | None:
         "placement": schema.Placement,
         "quantization": schema.Quantization,
         "hardware": schema.Hardware,
+        "generation": schema.Generation,
     }
     if not key_path:
         return schema.ProfileModel

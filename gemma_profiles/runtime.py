@@ -56,7 +56,13 @@ class Session:
             from .registry import default_registry
 
             try:
-                self._profile = default_registry().load(str(self.reference))
+                if self.reference == "auto":
+                    from .auto import auto_profile
+                    from .hardware import detect_hardware
+
+                    self._profile = auto_profile(detect_hardware())
+                else:
+                    self._profile = default_registry().load(str(self.reference))
             except GemmaProfileError as exc:
                 if self.source == "env":
                     raise type(exc)(
@@ -78,11 +84,23 @@ class Session:
         return self._profile
 
     def plan_for(self, config: Any) -> Plan:
-        return make_plan(
-            self.profile(),
-            variant=getattr(config, "_gemma_profile_variant", None) or identify_variant(config),
-            family=family_of_architecture(getattr(config, "architecture", None)),
-        )
+        """The plan for one config, sized against this machine when the profile's device is here."""
+        from .hardware import detect_hardware
+        from .memory import ModelShape
+        from .plan import Target
+
+        profile = self.profile()
+        variant = identify_variant(config)
+        family = family_of_architecture(getattr(config, "architecture", None))
+        plan = make_plan(profile, variant, family)
+        hardware = detect_hardware()
+        device = plan.device.value if plan.device is not None else ("cuda:0" if hardware.gpus else "cpu")
+        if device.startswith("cuda") and hardware.gpu(device) is None:
+            return plan  # the device is missing here; placement says so when the model moves
+        if device == "mps":
+            return plan
+        shape = ModelShape.of_config(config)
+        return make_plan(profile, variant, family, target=Target.of_hardware(hardware, device), shape=shape)
 
     def prepare(self, config: Any) -> Build:
         """Plan, preflight and rewrite a copy of ``config`` (the caller's is untouched)."""

@@ -139,12 +139,20 @@ class Quantization(_Strict):
     weights: Literal["none", "int8"] = "none"
 
 
+class Generation(_Strict):
+    """The workload the memory plan is sized for (``plan --batch/--seq-len`` override it)."""
+
+    batch: PositiveInt = 1
+    seq_len: PositiveInt = 1024
+
+
 class ProfileBody(_Strict):
     """The part of a profile that variant overrides may change."""
 
     config: GemmaConfigOverrides = Field(default_factory=GemmaConfigOverrides)
     placement: Placement = Field(default_factory=Placement)
     quantization: Quantization = Field(default_factory=Quantization)
+    generation: Generation = Field(default_factory=Generation)
 
 
 class ProfileModel(ProfileBody):

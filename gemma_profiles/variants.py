@@ -25,6 +25,7 @@ class VariantShape:
     head_dim: int
     vocab_size: int = 256_000
     max_position_embeddings: int = 8192
+    sliding_window_size: int | None = None
 
 
 VARIANTS: dict[str, VariantShape] = {
@@ -32,13 +33,13 @@ VARIANTS: dict[str, VariantShape] = {
     for v in (
         VariantShape("2b", "gemma1", 18, 2048, 16384, 8, 1, 256),
         VariantShape("7b", "gemma1", 28, 3072, 24576, 16, 16, 256),
-        VariantShape("2b-v2", "gemma2", 26, 2304, 9216, 8, 4, 256),
-        VariantShape("9b", "gemma2", 42, 3584, 14336, 16, 8, 256),
-        VariantShape("27b", "gemma2", 46, 4608, 36864, 32, 16, 128),
-        VariantShape("1b", "gemma3", 26, 1152, 6912, 4, 1, 256, 262_144, 32_768),
-        VariantShape("4b", "gemma3", 34, 2560, 10240, 8, 4, 256, 262_144, 8192),
-        VariantShape("12b", "gemma3", 48, 3840, 15360, 16, 8, 256, 262_144, 131_072),
-        VariantShape("27b_v3", "gemma3", 62, 5376, 21504, 32, 16, 128, 262_144, 131_072),
+        VariantShape("2b-v2", "gemma2", 26, 2304, 9216, 8, 4, 256, sliding_window_size=4096),
+        VariantShape("9b", "gemma2", 42, 3584, 14336, 16, 8, 256, sliding_window_size=4096),
+        VariantShape("27b", "gemma2", 46, 4608, 36864, 32, 16, 128, sliding_window_size=4096),
+        VariantShape("1b", "gemma3", 26, 1152, 6912, 4, 1, 256, 262_144, 32_768, 512),
+        VariantShape("4b", "gemma3", 34, 2560, 10240, 8, 4, 256, 262_144, 8192, 1024),
+        VariantShape("12b", "gemma3", 48, 3840, 15360, 16, 8, 256, 262_144, 131_072, 1024),
+        VariantShape("27b_v3", "gemma3", 62, 5376, 21504, 32, 16, 128, 262_144, 131_072, 1024),
     )
 }
 

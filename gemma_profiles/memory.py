@@ -1,0 +1,267 @@
+"""Memory estimate for a gemma_pytorch model, from its shape and settings alone (no torch).
+
+Every figure follows what gemma_pytorch allocates (DESIGN.md):
+
+- weights: embedder (tied output) + per layer qkv/o/gate/up/down + norms; with int8,
+  one byte per linear/embedding weight plus a ``weight_scaler`` per output row in
+  the compute dtype;
+- rope tables: ``2 * max_position_embeddings x head_dim/2`` complex64, one table
+  (Gemma 1/2) or two (Gemma 3);
+- KV cache: ``layers x batch x seq x kv_heads x head_dim x 2`` in the compute dtype;
+- masks: float32 ``seq x seq``, plus a local one with sliding windows, plus one
+  temporary while building them;
+- dequantization workspace: gemma's int8 layers rebuild ``weight * weight_scaler``
+  on every forward; the largest is the (vocab x hidden) embedder;
+- activation peak: the larger of the MLP (gate, up, product), attention (scores in
+  the compute dtype and float32 softmax, K/V repeated for GQA) and the logits;
+- checkpoint pages: gemma's ``load_weights`` memory-maps the file and copies into
+  the parameters, so RSS holds both at the peak (2.0x for a bf16 2b, measured);
+  those pages are file-backed and reclaimable, so they count towards the RSS peak
+  but not towards what must fit;
+- CUDA context and a reserve margin on accelerators (max(2 %, 512 MiB), as
+  mistral.rs; llama.cpp keeps 1 GiB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .variants import VARIANTS, VariantShape, family_of_architecture
+
+DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "bfloat16": 2}
+CUDA_CONTEXT_BYTES = 500 * 2**20
+MIN_RESERVE_BYTES = 512 * 2**20
+RESERVE_FRACTION = 0.02
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers the estimate needs; from a variant name or a GemmaConfig."""
+
+    family: str
+    num_hidden_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    sliding_window_size: int | None = None
+
+    @classmethod
+    def of_variant(cls, variant: str) -> ModelShape:
+        v: VariantShape = VARIANTS[variant]
+        return cls(
+            v.family,
+            v.num_hidden_layers,
+            v.hidden_size,
+            v.intermediate_size,
+            v.num_attention_heads,
+            v.num_key_value_heads,
+            v.head_dim,
+            v.vocab_size,
+            v.max_position_embeddings,
+            v.sliding_window_size,
+        )
+
+    @classmethod
+    def of_config(cls, config: Any) -> ModelShape:
+        return cls(
+            family_of_architecture(config.architecture) or "gemma1",
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            config.vocab_size,
+            config.max_position_embeddings,
+            config.sliding_window_size,
+        )
+
+    # -- parameter counts --------------------------------------------------------------
+
+    @property
+    def qkv_out(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+    @property
+    def linear_weights_per_layer(self) -> int:
+        h, i = self.hidden_size, self.intermediate_size
+        return h * self.qkv_out + self.num_attention_heads * self.head_dim * h + 3 * h * i
+
+    @property
+    def scalers_per_layer(self) -> int:
+        """Output rows of the quantized linears (one ``weight_scaler`` each)."""
+        return self.qkv_out + self.hidden_size + 2 * self.intermediate_size + self.hidden_size
+
+    @property
+    def norm_weights_per_layer(self) -> int:
+        extra = self.family in ("gemma2", "gemma3")
+        qk_norm = 2 * self.head_dim if self.family == "gemma3" else 0
+        return self.hidden_size * (4 if extra else 2) + qk_norm
+
+    @property
+    def embedding_weights(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def parameters(self) -> int:
+        per_layer = self.linear_weights_per_layer + self.norm_weights_per_layer
+        return self.embedding_weights + self.num_hidden_layers * per_layer + self.hidden_size
+
+    def layer_bytes(self, dtype: str, int8: bool) -> int:
+        """One decoder layer's weights."""
+        size = DTYPE_BYTES[dtype]
+        if int8:
+            return self.linear_weights_per_layer + (self.scalers_per_layer + self.norm_weights_per_layer) * size
+        return (self.linear_weights_per_layer + self.norm_weights_per_layer) * size
+
+    def embedding_bytes(self, dtype: str, int8: bool) -> int:
+        size = DTYPE_BYTES[dtype]
+        if int8:
+            return self.embedding_weights + self.vocab_size * size
+        return self.embedding_weights * size
+
+    def weight_bytes(self, dtype: str, int8: bool) -> int:
+        return (
+            self.embedding_bytes(dtype, int8)
+            + self.num_hidden_layers * self.layer_bytes(dtype, int8)
+            + self.hidden_size * DTYPE_BYTES[dtype]
+        )
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One row of the memory table."""
+
+    component: str
+    device: str
+    bytes: int
+    note: str = ""
+    reclaimable: bool = False
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Rows per component and device, and the two peaks that matter.
+
+    ``peak[device]`` is the most resident memory at once (what RSS or
+    ``max_memory_allocated`` shows, plus the CUDA context); ``required[device]``
+    leaves out reclaimable checkpoint pages: it is what must fit.
+    """
+
+    items: tuple[MemoryItem, ...]
+    peak: dict[str, int] = field(default_factory=dict)
+    required: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "items": [item.__dict__ for item in self.items],
+            "peak": self.peak,
+            "required": self.required,
+        }
+
+
+def reserve_for(capacity: int) -> int:
+    """Headroom kept free on an accelerator: max(2 %, 512 MiB)."""
+    return max(int(capacity * RESERVE_FRACTION), MIN_RESERVE_BYTES)
+
+
+def estimate_memory(
+    shape: ModelShape,
+    *,
+    dtype: str,
+    int8: bool,
+    device: str = "cpu",
+    batch: int = 1,
+    seq_len: int = 1024,
+    prefill_tokens: int | None = None,
+    checkpoint_dtype: str | None = "bfloat16",
+    offloaded_layers: int = 0,
+    offload_device: str = "cpu",
+) -> MemoryEstimate:
+    """Estimate the memory of building, loading and generating with one model.
+
+    :param device: where the model runs (``cpu``, ``cuda``, ``cuda:N``, ``mps``).
+    :param seq_len: prompt plus generated tokens (sizes the KV cache and masks).
+    :param prefill_tokens: the longest prompt (sizes activations); default ``seq_len``.
+    :param checkpoint_dtype: the checkpoint file's float dtype; None when loading
+        does not go through a memory-mapped file.
+    :param offloaded_layers: decoder layers kept on ``offload_device`` instead.
+    """
+    size = DTYPE_BYTES[dtype]
+    kind = device.split(":")[0]
+    host = "cpu" if kind == "cpu" else offload_device
+    prefill = min(prefill_tokens or seq_len, seq_len)
+    layers_here = shape.num_hidden_layers - offloaded_layers
+    layer = shape.layer_bytes(dtype, int8)
+    rope_tables = 2 if shape.family == "gemma3" else 1
+    items = [
+        MemoryItem(
+            "embedder (tied output)", device, shape.embedding_bytes(dtype, int8), "int8 + scalers" if int8 else dtype
+        ),
+        MemoryItem(f"decoder layers x{layers_here}", device, layers_here * layer, f"{layer / 2**20:.1f} MiB each"),
+        MemoryItem("final norm", device, shape.hidden_size * size),
+        MemoryItem(
+            "rope tables",
+            device,
+            rope_tables * 2 * shape.max_position_embeddings * (shape.head_dim // 2) * 8,
+            f"{rope_tables} x complex64 (2 x {shape.max_position_embeddings} positions)",
+        ),
+    ]
+    if offloaded_layers:
+        items.append(MemoryItem(f"offloaded layers x{offloaded_layers}", offload_device, offloaded_layers * layer))
+    kv = shape.num_hidden_layers * batch * seq_len * shape.num_key_value_heads * shape.head_dim * 2 * size
+    items.append(MemoryItem("KV cache", device, kv, f"batch {batch} x {seq_len} tokens"))
+    masks = 3 if shape.sliding_window_size else 2
+    items.append(MemoryItem("attention masks", device, masks * seq_len * seq_len * 4, "float32"))
+    if int8:
+        items.append(
+            MemoryItem(
+                "dequantization workspace", device, shape.embedding_weights * size, "gemma rebuilds weight*scaler"
+            )
+        )
+    heads = shape.num_attention_heads
+    mlp = 3 * batch * prefill * shape.intermediate_size * size + 2 * batch * prefill * shape.hidden_size * size
+    attention = batch * heads * prefill * seq_len * (2 * size + 4) + 2 * batch * seq_len * heads * shape.head_dim * size
+    logits = batch * shape.vocab_size * (size + 4)
+    items.append(MemoryItem("activation peak", device, max(mlp, attention, logits), f"{prefill} prompt tokens"))
+    if kind == "cuda":
+        items.append(MemoryItem("CUDA context", device, CUDA_CONTEXT_BYTES, "not in max_memory_allocated"))
+    checkpoint = 0
+    if checkpoint_dtype is not None:
+        checkpoint = (
+            shape.weight_bytes(checkpoint_dtype, int8) if not int8 else shape.weight_bytes(checkpoint_dtype, True)
+        )
+        items.append(
+            MemoryItem(
+                "checkpoint pages while loading",
+                host,
+                checkpoint,
+                "mmap'd by load_weights; reclaimable",
+                reclaimable=True,
+            )
+        )
+
+    def total(on: str, *, with_reclaimable: bool) -> int:
+        return sum(i.bytes for i in items if i.device == on and (with_reclaimable or not i.reclaimable))
+
+    devices = sorted({item.device for item in items})
+    peak: dict[str, int] = {}
+    required: dict[str, int] = {}
+    resident = {d: total(d, with_reclaimable=False) for d in devices}
+    for d in devices:
+        # Loading and generating do not overlap: checkpoint pages are gone before the
+        # KV cache, masks and activations exist.
+        running = {"KV cache", "attention masks", "activation peak", "dequantization workspace"}
+        static = sum(i.bytes for i in items if i.device == d and not i.reclaimable and i.component not in running)
+        load_phase = static + sum(i.bytes for i in items if i.device == d and i.reclaimable)
+        if d == host and kind != "cpu":
+            # gemma builds the weights on the CPU; they move to the accelerator before loading.
+            load_phase = max(load_phase, static + shape.weight_bytes(dtype, int8))
+        peak[d] = max(resident[d], load_phase)
+        required[d] = resident[d]
+    return MemoryEstimate(tuple(items), peak, required)
