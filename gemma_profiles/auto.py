@@ -39,7 +39,7 @@ def auto_profile(hardware: Hardware) -> Profile:
         hardware=facts,
         placement=schema.Placement(device=device),
     )
-    origins = {("placement", "device"): _ORIGIN, ("hardware",): _ORIGIN}
+    origins: dict[tuple[str | int, ...], Origin] = {("placement", "device"): _ORIGIN, ("hardware",): _ORIGIN}
     return Profile(model, Path("<auto>"), origins, ())
 
 
