@@ -90,7 +90,7 @@ def _score(name: str, facts: schema.Hardware, hardware: Hardware, gpu: object) -
     if facts.device != wanted or facts.host_memory is None:
         return None
     memory = parse_memory(facts.host_memory)
-    if memory <= host * 1.05:  # "32 GB" boxes report a little less than 32 GiB
+    if memory <= host * 1.1:  # a "32 GB" box reports a little less than 32 GiB
         return Match(
             name,
             f"{wanted} profile for {facts.host_memory} of RAM; this machine has {format_bytes(host)}",
