@@ -274,6 +274,10 @@ def reset() -> None:
 def run(name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND with profile NAME active: gemma-profile run t4 -- python my_script.py"""
     reference, _ = _reference_for(default_registry(), name)
+    if command and command[0] == "--":  # click keeps the separator once NAME is read
+        command = command[1:]
+    if not command:
+        raise GemmaProfileError("no command given", hint="gemma-profile run NAME -- python my_script.py")
     env = dict(os.environ, GEMMA_PROFILE=reference)
     try:
         completed = subprocess.run(list(command), env=env, check=False)

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from . import schema
-from .errors import ProfileError, did_you_mean
+from .errors import GemmaProfileError, ProfileError, did_you_mean
 from .variants import FAMILIES, VARIANTS, identify_variant
 from .yamlio import Path_, SourcedDoc, read_yaml_file
 
@@ -178,7 +178,7 @@ def _load_merged(
 ) -> tuple[dict[str, Any], dict[Path_, Origin], tuple[Path, ...]]:
     doc = read_yaml_file(file)
     if doc.data is None:
-        doc.data = {}
+        raise ProfileError("the file is empty", where=str(file), hint="a profile needs at least a description")
     if not isinstance(doc.data, dict):
         raise ProfileError("a profile must be a mapping of keys to values", where=doc.where(()))
     here_origins = {key_path: Origin(str(file), line) for key_path, line in doc.lines.items() if key_path}
@@ -200,7 +200,7 @@ def _load_merged(
         where = doc.where(("extends", index) if ("extends", index) in doc.lines else ("extends",))
         try:
             parent_file = resolver(parent, file)
-        except ProfileError as exc:
+        except GemmaProfileError as exc:
             raise ProfileError(exc.message, where=where, hint=exc.hint) from None
         stack = (*seen, resolved_here)
         if parent_file.resolve() in stack:

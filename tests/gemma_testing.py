@@ -78,9 +78,7 @@ def tiny_config(
     config = gemma_config_module.get_model_config(variant)
     vocab_size = TOKENIZER_VOCAB_SIZE
     if tokenizer_path is not None:
-        vocab_size = sentencepiece.SentencePieceProcessor(
-            model_file=tokenizer_path
-        ).vocab_size()
+        vocab_size = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path).vocab_size()
 
     num_heads = 4
     if config.num_key_value_heads == config.num_attention_heads:
@@ -121,9 +119,7 @@ def _random_tensor(
     generator: torch.Generator,
 ) -> torch.Tensor:
     if is_int8:
-        return torch.randint(
-            -127, 128, tuple(shape), generator=generator, dtype=torch.int8
-        )
+        return torch.randint(-127, 128, tuple(shape), generator=generator, dtype=torch.int8)
     if name.endswith("weight_scaler"):
         # int8 values have std ~73; scale them to a weight std of ~0.02.
         scaler = 0.02 / 73 * (1 + 0.1 * torch.rand(tuple(shape), generator=generator))
@@ -147,8 +143,7 @@ def write_random_checkpoint(
     """
     if isinstance(model_or_state_dict_shapes, nn.Module):
         entries: dict[str, tuple[tuple[int, ...], bool]] = {
-            name: (tuple(p.shape), p.dtype == torch.int8)
-            for name, p in model_or_state_dict_shapes.named_parameters()
+            name: (tuple(p.shape), p.dtype == torch.int8) for name, p in model_or_state_dict_shapes.named_parameters()
         }
     else:
         entries = {}
@@ -162,8 +157,7 @@ def write_random_checkpoint(
 
     generator = torch.Generator().manual_seed(seed)
     state_dict = {
-        name: _random_tensor(name, shape, is_int8, dtype, generator)
-        for name, (shape, is_int8) in entries.items()
+        name: _random_tensor(name, shape, is_int8, dtype, generator) for name, (shape, is_int8) in entries.items()
     }
     torch.save({"model_state_dict": state_dict}, os.fspath(path))
     return state_dict

@@ -196,7 +196,6 @@ def test_preflight_stops_construction_before_weights(
 
 def test_gemma_profile_auto_builds_from_detected_hardware(gemma: Any, tokenizer_path: str, fake_hardware: Any) -> None:
     import torch
-
     from gemma_testing import tiny_config
 
     fake_hardware(MACHINES["cpu32"])

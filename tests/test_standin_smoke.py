@@ -13,10 +13,10 @@ gemma = pytest.importorskip("gemma")
 if not getattr(gemma, "__standin__", False):
     pytest.skip("gemma is not the stand-in", allow_module_level=True)
 
-import gemma_testing
-from gemma import config as gemma_config
-from gemma import gemma3_model
-from gemma import model as gemma_model
+import gemma_testing  # noqa: E402
+from gemma import config as gemma_config  # noqa: E402
+from gemma import gemma3_model  # noqa: E402
+from gemma import model as gemma_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,8 @@ def float32_default() -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _build(
-    variant: str, tokenizer_path: str, tmp_path: Path, quant: bool = False
-) -> gemma_model.GemmaForCausalLM:
-    config = gemma_testing.tiny_config(
-        gemma_config, variant, tokenizer_path=tokenizer_path, dtype="float32"
-    )
+def _build(variant: str, tokenizer_path: str, tmp_path: Path, quant: bool = False) -> gemma_model.GemmaForCausalLM:
+    config = gemma_testing.tiny_config(gemma_config, variant, tokenizer_path=tokenizer_path, dtype="float32")
     config = dataclasses.replace(config, quant=quant)
     model = gemma_model.GemmaForCausalLM(config).eval()
     ckpt = tmp_path / f"{variant}.ckpt"
@@ -51,18 +47,14 @@ def _build(
 
 
 @pytest.mark.parametrize("variant", ["2b", "2b-v2", "1b"])
-def test_greedy_generate_is_deterministic(
-    variant: str, tokenizer_path: str, tmp_path: Path
-) -> None:
+def test_greedy_generate_is_deterministic(variant: str, tokenizer_path: str, tmp_path: Path) -> None:
     model = _build(variant, tokenizer_path, tmp_path)
     cpu = torch.device("cpu")
     first = model.generate("the cat sees a dog", cpu, output_len=5, temperature=None)
     second = model.generate("the cat sees a dog", cpu, output_len=5, temperature=None)
     assert isinstance(first, str)
     assert first == second
-    batch = model.generate(
-        ["the cat sees a dog", "a red house"], cpu, output_len=5, temperature=None
-    )
+    batch = model.generate(["the cat sees a dog", "a red house"], cpu, output_len=5, temperature=None)
     assert isinstance(batch, list) and batch[0] == first
 
 
@@ -112,9 +104,7 @@ def test_quant_and_sampling(tokenizer_path: str, tmp_path: Path) -> None:
 
 
 def test_gemma3_multimodal_text_only(tokenizer_path: str, tmp_path: Path) -> None:
-    config = gemma_testing.tiny_config(
-        gemma_config, "4b", tokenizer_path=tokenizer_path, dtype="float32"
-    )
+    config = gemma_testing.tiny_config(gemma_config, "4b", tokenizer_path=tokenizer_path, dtype="float32")
     mm = gemma3_model.Gemma3ForMultimodalLM(config)
     assert mm.dtype == torch.float32
     assert mm.local_freqs_cis.shape == (2 * 64, 8)

@@ -1,0 +1,424 @@
+"""The ``gemma-profile`` command: CliRunner for most, real subprocesses where stdio or exit codes matter."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from loguru import logger
+
+from gemma_profiles import log
+from gemma_profiles.cli import cli
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("gemma-profile")
+FILE_LINE = re.compile(r"\.ya?ml:\d+\b")
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each CliRunner run gets its own stderr: let ``log.enable`` add a handler bound to it, then drop it."""
+    with monkeypatch.context() as patch:
+        patch.setattr(log, "_handler_id", None)
+        try:
+            yield
+        finally:
+            if log._handler_id is not None:
+                logger.remove(log._handler_id)
+            logger.disable("gemma_profiles")
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), prog_name="gemma-profile")
+
+
+def invoke_json(*args: str) -> object:
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def gemma_profile(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real console script (falling back to ``python -m``) in the isolated environment."""
+    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env or dict(os.environ), timeout=60)
+
+
+# -- list ---------------------------------------------------------------------------------
+
+
+def test_list_json_has_the_concrete_profiles():
+    rows = invoke_json("list")
+    names = [row["name"] for row in rows]
+    assert {"pascal-5gb", "t4", "cpu-32gb"} <= set(names)
+    assert len(names) >= 8
+    assert all(not row["abstract"] for row in rows)
+    assert "base-cuda" not in names
+    pascal = next(row for row in rows if row["name"] == "pascal-5gb")
+    assert (pascal["device"], pascal["compute_capability"], pascal["dtype"]) == ("cuda", "6.1", "float16")
+    assert pascal["source"] == "bundled"
+    assert Path(pascal["path"]).name == "pascal-5gb.yaml"
+
+
+def test_list_all_includes_abstract_bases():
+    rows = {row["name"]: row for row in invoke_json("list", "--all")}
+    assert rows["base-cuda"]["abstract"] is True
+    assert rows["base-cpu"]["abstract"] is True
+    assert rows["t4"]["abstract"] is False
+
+
+def test_list_text():
+    result = invoke("list")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("pascal-5gb ") for line in lines)
+    assert not any(line.startswith("base-cuda ") for line in lines)
+
+
+def test_list_shows_a_user_profile(isolated_env, write_profile):
+    write_profile("my-box", "description: my box\nextends: base-cpu\n", isolated_env / "user-profiles")
+    rows = {row["name"]: row for row in invoke_json("list")}
+    assert rows["my-box"]["source"] == "user"
+    assert rows["my-box"]["dtype"] == "bfloat16"
+
+
+# -- show -----------------------------------------------------------------------------------
+
+
+def test_show_pascal_json():
+    data = invoke_json("show", "pascal-5gb")
+    assert data["name"] == "pascal-5gb"
+    assert data["compute_dtype"] == "float16"
+    assert data["quantization"] == "int8"
+    assert data["device"] == "cuda"
+    assert [Path(p).name for p in data["extends"]] == ["base-cuda.yaml"]
+    assert data["values"]
+    for item in data["values"]:
+        assert item["from"] and FILE_LINE.search(item["from"]), item
+    by_key = {item["key"]: item for item in data["values"]}
+    assert "pascal-5gb.yaml:" in by_key["config.dtype"]["from"]
+    assert "base-cuda.yaml:" in by_key["placement.device"]["from"]
+    assert "extends base-cuda" in by_key["placement.device"]["from"]
+    assert set(data["variants"]) >= {"gemma2", "gemma3", "7b"}
+    for items in data["variants"].values():
+        for item in items:
+            assert FILE_LINE.search(item["from"]), item
+    assert data["warnings"] == []
+
+
+def test_show_t4_for_9b():
+    data = invoke_json("show", "t4", "--variant", "9b")
+    assert data["compute_dtype"] == "float32"
+    assert data["quantization"] == "int8"
+    assert data["overrides_applied"] == ["gemma2", "9b"]
+    by_key = {item["key"]: item for item in data["values"]}
+    assert "variants.gemma2" in by_key["config.dtype"]["from"]
+    assert "variants.9b" in by_key["quantization.weights"]["from"]
+
+
+def test_show_text_mentions_origins():
+    result = invoke("show", "t4", "--variant", "2b")
+    assert result.exit_code == 0
+    assert "compute dtype: float16" in result.stdout
+    assert re.search(r"t4\.yaml:\d+", result.stdout)
+
+
+def test_show_unknown_variant_suggests():
+    result = invoke("show", "t4", "--variant", "9B")
+    assert result.exit_code == 2
+    assert "did you mean '9b'" in result.stderr
+
+
+def test_show_by_path(write_profile):
+    path = write_profile("mine", "description: mine\nextends: base-cpu\n")
+    data = invoke_json("show", str(path))
+    assert data["name"] == "mine"
+    assert data["compute_dtype"] == "bfloat16"
+
+
+def test_show_unknown_is_one_line_exit_2():
+    result = invoke("show", "nosuch")
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("gemma-profile: error:")
+    assert "nosuch" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_show_unknown_in_a_real_process():
+    completed = gemma_profile("show", "nosuch")
+    assert completed.returncode == 2
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("gemma-profile: error:")
+    assert "Traceback" not in completed.stderr
+    assert completed.stdout == ""
+
+
+# -- validate --------------------------------------------------------------------------------
+
+
+BROKEN = """\
+name: broken
+config:
+  dtpye: float16
+placement:
+  device: gpu
+"""
+
+
+def test_validate_broken_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN)
+    result = invoke("validate", str(path))
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"{path}:3: ")
+    assert "did you mean 'dtype'" in lines[0]
+    assert lines[1].startswith(f"{path}:5: ")
+    assert "Traceback" not in result.output
+
+
+def test_validate_good_file(write_profile):
+    path = write_profile("good", "description: fine\nextends: base-cpu\n")
+    result = invoke("validate", str(path))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == f"{path}: ok"
+    assert result.stderr == ""
+
+
+def test_validate_folder_reports_every_file(tmp_path, write_profile):
+    write_profile("good", "description: fine\n", tmp_path / "mixed")
+    (tmp_path / "mixed" / "broken.yaml").write_text(BROKEN)
+    data = json.loads(invoke("validate", str(tmp_path / "mixed"), "--json").stdout)
+    assert {Path(r["path"]).name: r["ok"] for r in data} == {"good.yaml": True, "broken.yaml": False}
+
+
+def test_validate_missing_file(tmp_path):
+    result = invoke("validate", str(tmp_path / "absent.yaml"))
+    assert result.exit_code == 1
+    assert "file not found" in result.stderr
+
+
+def test_validate_bundled_profiles_are_clean():
+    from gemma_profiles.hooks.sources import bundled_dir
+
+    result = invoke("validate", str(bundled_dir()))
+    assert result.exit_code == 0, result.stderr
+
+
+def test_validate_bad_extends_is_a_problem_not_an_abort(tmp_path, write_profile):
+    bad = write_profile("bad", "description: x\nextends: base-cudaa\n")
+    good = write_profile("good", "description: fine\n")
+    result = invoke("validate", str(bad), str(good))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"{bad}:2: ")
+    assert f"{good}: ok" in result.stdout
+
+
+def test_validate_broken_file_in_a_real_process(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN)
+    completed = gemma_profile("validate", str(path))
+    assert completed.returncode == 1
+    assert completed.stderr.splitlines()[0].startswith(f"{path}:3: ")
+
+
+# -- apply / current / reset -------------------------------------------------------------
+
+
+def state_file() -> Path:
+    return Path(os.environ["GEMMA_PROFILE_STATE_DIR"]) / "applied.json"
+
+
+def test_apply_current_reset(monkeypatch):
+    result = invoke("apply", "t4")
+    assert result.exit_code == 0, result.stderr
+    path = state_file()
+    assert str(path) in result.stdout
+    assert json.loads(path.read_text(encoding="utf-8"))["profile"] == "t4"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["applied.json"]
+
+    data = invoke_json("current")
+    assert (data["profile"], data["source"], data["error"]) == ("t4", "applied", None)
+
+    monkeypatch.setenv("GEMMA_PROFILE", "cpu-32gb")
+    data = invoke_json("current")
+    assert (data["profile"], data["source"]) == ("cpu-32gb", "env")
+
+    monkeypatch.setenv("GEMMA_PROFILE", "off")
+    data = invoke_json("current")
+    assert data["profile"] is None
+    assert data["reference"] is None
+    assert data["source"] == "env"
+    monkeypatch.delenv("GEMMA_PROFILE")
+
+    result = invoke("reset")
+    assert result.exit_code == 0
+    assert "removed" in result.stdout
+    assert not path.exists()
+    assert invoke_json("current")["source"] == "none"
+    assert "no profile was applied" in invoke("reset").stdout
+
+
+def test_apply_notes_an_overriding_env_var(monkeypatch):
+    monkeypatch.setenv("GEMMA_PROFILE", "cpu-32gb")
+    result = invoke("apply", "t4")
+    assert result.exit_code == 0
+    assert "GEMMA_PROFILE=cpu-32gb" in result.stderr
+
+
+def test_apply_a_path_stores_it_absolute(write_profile, tmp_path, monkeypatch):
+    write_profile("mine", "description: mine\nextends: base-cpu\n", tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")
+    assert invoke("apply", "mine.yaml").exit_code == 0
+    stored = json.loads(state_file().read_text(encoding="utf-8"))["profile"]
+    assert stored == str(tmp_path / "here" / "mine.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert invoke_json("current")["profile"] == "mine"
+
+
+@pytest.mark.parametrize("name", ["base-cuda", "nosuch"])
+def test_apply_refuses_without_writing(name):
+    result = invoke("apply", name)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("gemma-profile: error:")
+    assert len(result.stderr.splitlines()) == 1
+    assert not state_file().exists()
+
+
+def test_apply_abstract_says_so():
+    assert "abstract" in invoke("apply", "base-cuda").stderr
+
+
+def test_current_with_a_bad_env_profile_fails_cleanly(monkeypatch):
+    monkeypatch.setenv("GEMMA_PROFILE", "nosuch")
+    result = invoke("current", "--json")
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["error"]
+    assert result.stderr.startswith("gemma-profile: error:")
+
+
+def test_current_with_a_corrupt_state_file_is_not_fatal():
+    state_file().parent.mkdir(parents=True)
+    state_file().write_text("{not json")
+    result = invoke("current", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["source"] == "none"
+
+
+def test_apply_then_current_in_real_processes():
+    assert gemma_profile("apply", "t4").returncode == 0
+    completed = gemma_profile("current", "--json")
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["source"] == "applied"
+    assert gemma_profile("reset").returncode == 0
+    assert not state_file().exists()
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+def test_run_sets_the_profile_for_the_child():
+    completed = gemma_profile(
+        "run", "cpu-32gb", "--", sys.executable, "-c", "import os; print(os.environ['GEMMA_PROFILE'])"
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "cpu-32gb"
+
+
+def test_run_propagates_the_exit_code():
+    completed = gemma_profile("run", "cpu-32gb", "--", sys.executable, "-c", "raise SystemExit(3)")
+    assert completed.returncode == 3, completed.stderr
+
+
+def test_run_without_dashes_sets_the_profile_and_exit_code():
+    code = "import os, sys; print(os.environ['GEMMA_PROFILE']); sys.exit(3)"
+    completed = gemma_profile("run", "cpu-32gb", sys.executable, "-c", code)
+    assert completed.stdout.strip() == "cpu-32gb"
+    assert completed.returncode == 3, completed.stderr
+
+
+def test_run_stores_a_path_as_absolute(tmp_path, write_profile):
+    write_profile("mine", "description: mine\nextends: base-cpu\n", tmp_path / "here")
+    code = "import os; print(os.environ['GEMMA_PROFILE'])"
+    completed = subprocess.run(
+        [sys.executable, "-m", "gemma_profiles.cli", "run", "mine.yaml", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path / "here",
+        timeout=60,
+    )
+    assert completed.stdout.strip() == str(tmp_path / "here" / "mine.yaml"), completed.stderr
+
+
+def test_run_refuses_an_abstract_profile():
+    result = invoke("run", "base-cuda", sys.executable, "-c", "pass")
+    assert result.exit_code == 2
+    assert "abstract" in result.stderr
+
+
+def test_run_unknown_command_is_one_line():
+    result = invoke("run", "t4", "surely-not-a-command-xyz")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "gemma-profile: error: command not found: surely-not-a-command-xyz"
+
+
+# -- plugins ----------------------------------------------------------------------------------
+
+
+def test_plugins_json_lists_the_builtins():
+    rows = {row["name"]: row for row in invoke_json("plugins")}
+    assert {"sources", "config", "preflight", "placement", "loading"} <= set(rows)
+    assert rows["sources"]["hooks"] == ["gemma_profile_sources"]
+    assert all(rows[name]["builtin"] for name in ("sources", "config", "preflight", "placement", "loading"))
+
+
+def test_plugins_text_shows_blocked(monkeypatch):
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "loading")
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    assert "blocked by GEMMA_PROFILE_DISABLE_PLUGINS: loading" in result.stdout
+    assert not any(line.startswith("loading ") for line in result.stdout.splitlines())
+
+
+# -- no torch for read commands ------------------------------------------------------------------
+
+NO_TORCH = textwrap.dedent(
+    """
+    import sys
+    from gemma_profiles.cli import cli
+
+    for args in (["list"], ["list", "--all", "--json"], ["show", "t4", "--variant", "9b"],
+                 ["validate", sys.argv[1]], ["current"], ["plugins"]):
+        try:
+            cli(args, standalone_mode=False)
+        except SystemExit as exc:
+            assert not exc.code, (args, exc.code)
+    print("torch" in sys.modules)
+    """
+)
+
+
+@pytest.mark.parametrize("env_profile", [None, "t4"], ids=["no-profile", "GEMMA_PROFILE=t4"])
+def test_read_commands_never_import_torch(env_profile, write_profile):
+    good = write_profile("good", "description: fine\nextends: base-cuda\n")
+    env = dict(os.environ)
+    if env_profile:
+        env["GEMMA_PROFILE"] = env_profile
+    completed = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(good)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert "t4" in completed.stdout  # the commands really ran
+    assert f"{good}: ok" in lines
+    assert lines[-1] == "False", completed.stdout

@@ -1,0 +1,210 @@
+"""Registry: precedence between sources, override logging, paths as names, not-found errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gemma_profiles.hooks.sources import bundled_dir
+from loguru import logger
+
+from gemma_profiles.errors import GemmaProfileError, ProfileNotFoundError
+from gemma_profiles.profile import problems_in
+from gemma_profiles.registry import Registry, default_registry
+from gemma_profiles.types import ProfileSource
+
+
+@pytest.fixture
+def log_messages() -> Iterator[list[str]]:
+    """Our loguru records as text (the library disables its logger at import)."""
+    messages: list[str] = []
+    logger.enable("gemma_profiles")
+    sink = logger.add(messages.append, level="DEBUG", format="{level} | {message}")
+    try:
+        yield messages
+    finally:
+        logger.remove(sink)
+        logger.disable("gemma_profiles")
+
+
+@pytest.fixture
+def user_dir(isolated_env: Path) -> Path:
+    folder = Path(os.environ["GEMMA_PROFILE_USER_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def t4_variant(label: str) -> str:
+    return f"""
+    description: {label}
+    extends: base-cuda
+    hardware: {{device: cuda, compute_capability: "7.5"}}
+    config: {{dtype: float32}}
+    """
+
+
+def test_bundled_profile_is_found_by_name():
+    registry = default_registry()
+    assert registry.find("t4").resolve() == (bundled_dir() / "t4.yaml").resolve()
+    assert registry.index()["t4"].source.label == "bundled"
+    assert {"t4", "pascal-5gb", "cpu-32gb"} <= set(registry.names())
+    assert registry.names() == sorted(registry.names())
+
+
+def test_user_dir_overrides_bundled(user_dir, write_profile, log_messages):
+    mine = write_profile("t4", t4_variant("user t4"), user_dir)
+    registry = default_registry()
+    entry = registry.index()["t4"]
+    assert entry.path == mine
+    assert entry.source.label == "user"
+    assert [shadowed.source.label for shadowed in entry.shadows] == ["bundled"]
+    profile = registry.load("t4")
+    assert profile.description == "user t4"
+    # extends by name still reaches the bundled base
+    assert profile.model.placement.device == "cuda"
+    logged = [m for m in log_messages if "overrides" in m]
+    assert len(logged) == 1
+    assert "'t4'" in logged[0]
+    assert str(mine) in logged[0]
+    assert "user" in logged[0]
+    assert "bundled" in logged[0]
+
+
+def test_profile_path_overrides_user_dir_leftmost_wins(tmp_path, user_dir, write_profile, monkeypatch, log_messages):
+    write_profile("t4", t4_variant("user t4"), user_dir)
+    left = write_profile("t4", t4_variant("left t4"), tmp_path / "left")
+    right = write_profile("t4", t4_variant("right t4"), tmp_path / "right")
+    write_profile("only-right", t4_variant("only in right"), tmp_path / "right")
+    monkeypatch.setenv("GEMMA_PROFILE_PATH", os.pathsep.join([str(left.parent), str(right.parent)]))
+
+    registry = default_registry()
+    assert registry.find("t4") == left
+    assert registry.load("t4").description == "left t4"
+    assert registry.load("only-right").description == "only in right"
+    entry = registry.index()["t4"]
+    assert entry.source.label == "GEMMA_PROFILE_PATH"
+    assert [s.path for s in entry.shadows] == [bundled_dir() / "t4.yaml", user_dir / "t4.yaml", right]
+
+    logged = [m for m in log_messages if "overrides" in m and "'t4'" in m]
+    assert len(logged) == 3  # user over bundled, right over user, left over right
+    assert str(left) in logged[-1]
+    assert str(right) in logged[-1]
+    assert all(m.startswith("INFO") for m in logged)
+
+
+def test_profile_path_order_reversed(tmp_path, write_profile, monkeypatch):
+    left = write_profile("t4", t4_variant("left t4"), tmp_path / "left")
+    right = write_profile("t4", t4_variant("right t4"), tmp_path / "right")
+    monkeypatch.setenv("GEMMA_PROFILE_PATH", os.pathsep.join([str(right.parent), str(left.parent)]))
+    assert default_registry().find("t4") == right
+
+
+def test_profile_path_may_name_a_single_file(tmp_path, write_profile, monkeypatch):
+    single = write_profile("lonely", t4_variant("one file"), tmp_path / "files")
+    monkeypatch.setenv("GEMMA_PROFILE_PATH", str(single))
+    assert default_registry().find("lonely") == single
+
+
+def test_missing_profile_path_entries_are_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA_PROFILE_PATH", os.pathsep.join([str(tmp_path / "nope"), ""]))
+    assert "t4" in default_registry().names()
+
+
+def test_no_override_is_logged_without_a_clash(log_messages):
+    default_registry().index()
+    assert not [m for m in log_messages if "overrides" in m]
+
+
+def test_precedence_follows_the_number_not_the_order(tmp_path, write_profile):
+    low = write_profile("same", "description: low\n", tmp_path / "low")
+    high = write_profile("same", "description: high\n", tmp_path / "high")
+    registry = Registry([ProfileSource(high.parent, "high", 5), ProfileSource(low.parent, "low", 1)])
+    assert registry.find("same") == high
+
+
+# -- a path works wherever a name does ---------------------------------------------------
+
+
+def test_absolute_path_works_like_a_name(tmp_path, write_profile):
+    path = write_profile("elsewhere", t4_variant("by path"), tmp_path / "x")
+    registry = default_registry()
+    assert "elsewhere" not in registry.names()
+    assert registry.find(str(path)) == path
+    profile = registry.load(str(path))
+    assert profile.name == "elsewhere"
+    assert profile.description == "by path"
+    assert profile.model.placement.device == "cuda"  # extends by name from a file outside the registry
+
+
+def test_relative_yaml_file_name_works(tmp_path, write_profile, monkeypatch):
+    write_profile("here", "description: relative\n", tmp_path / "cwd")
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert default_registry().load("here.yaml").description == "relative"
+
+
+def test_home_relative_path_works(tmp_path, write_profile, monkeypatch):
+    write_profile("homely", "description: at home\n", tmp_path / "home")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_registry().load("~/homely.yaml").description == "at home"
+
+
+def test_extends_by_relative_path(tmp_path, write_profile):
+    write_profile("parent", "config: {dtype: float32, head_dim: 8}\n", tmp_path / "x" / "bases")
+    child = write_profile("child", "extends: bases/parent.yaml\nconfig: {head_dim: 4}\n", tmp_path / "x")
+    profile = default_registry().load(str(child))
+    assert (profile.model.config.dtype, profile.model.config.head_dim) == ("float32", 4)
+
+
+def test_missing_path_is_not_found(tmp_path):
+    with pytest.raises(ProfileNotFoundError, match="does not exist"):
+        default_registry().find(str(tmp_path / "absent.yaml"))
+
+
+# -- not found ------------------------------------------------------------------------------
+
+
+def test_unknown_name_suggests_and_lists():
+    with pytest.raises(ProfileNotFoundError) as caught:
+        default_registry().find("pascal-5g")
+    message = str(caught.value)
+    assert "no profile named 'pascal-5g'" in message
+    assert "did you mean 'pascal-5gb'" in message
+    available = message.split("available:", 1)[1]
+    for name in ("t4", "cpu-32gb", "pascal-5gb", "h100-80gb"):
+        assert name in available
+    assert "\n" not in message
+
+
+def test_unknown_name_far_from_everything_has_no_suggestion():
+    with pytest.raises(ProfileNotFoundError) as caught:
+        default_registry().load("zzzzzzzz")
+    assert "did you mean" not in str(caught.value)
+    assert "available:" in str(caught.value)
+
+
+def test_unknown_name_with_no_sources():
+    with pytest.raises(ProfileNotFoundError, match="available: none"):
+        Registry([]).find("t4")
+
+
+def test_extends_of_an_unknown_name_suggests(write_profile):
+    path = write_profile("child", "extends: base-cudaa\n")
+    with pytest.raises(GemmaProfileError) as caught:
+        default_registry().load(str(path))
+    assert "did you mean 'base-cuda'" in str(caught.value)
+
+
+@pytest.mark.parametrize("reference", ["base-cudaa", "missing/parent.yaml"])
+def test_extends_of_a_missing_profile_names_file_and_line(write_profile, reference):
+    path = write_profile("child", f"description: x\nextends: {reference}\n")
+    with pytest.raises(GemmaProfileError) as caught:
+        default_registry().load(str(path))
+    assert f"{path}:2" in str(caught.value)
+
+
+def test_problems_in_reports_a_missing_extends_through_the_registry(write_profile):
+    path = write_profile("child", "description: x\nextends: base-cudaa\n")
+    problems = problems_in(path, default_registry().resolve_extends)
+    assert [p.where for p in problems] == [f"{path}:2"]
