@@ -11,9 +11,11 @@ Every figure follows what gemma_pytorch allocates (DESIGN.md):
 - masks: float32 ``seq x seq``, plus a local one with sliding windows, plus one
   temporary while building them;
 - dequantization workspace: gemma's int8 layers rebuild ``weight * weight_scaler``
-  on every forward; the largest is the (vocab x hidden) embedder, and torch
-  first converts the int8 tensor to the scaler's dtype, so two full-precision
-  copies are alive at once (measured: 3.9 GiB for a 256000 x 2048 float32 one);
+  on every forward; the largest is the (vocab x hidden) embedder.  On the CPU
+  torch first converts the int8 tensor to the scaler's dtype (TensorIterator
+  materialises input casts there), so two full-precision copies are alive at
+  once (measured: 3.9 GiB for a 256000 x 2048 float32 one); CUDA kernels cast
+  on the fly, so one copy;
 - activation peak: the larger of the MLP (gate, up, product), attention (scores in
   the compute dtype and float32 softmax, K/V repeated for GQA) and the logits;
 - checkpoint pages: gemma's ``load_weights`` memory-maps the file and copies into
@@ -223,7 +225,10 @@ def estimate_memory(
     if int8:
         items.append(
             MemoryItem(
-                "dequantization workspace", device, 2 * shape.embedding_weights * size, "gemma rebuilds weight*scaler"
+                "dequantization workspace",
+                device,
+                (2 if kind == "cpu" else 1) * shape.embedding_weights * size,
+                "gemma rebuilds weight*scaler",
             )
         )
     heads = shape.num_attention_heads
