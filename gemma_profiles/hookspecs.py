@@ -10,7 +10,8 @@ Phases:
 1. *Discovery* - `gemma_profile_sources`, `gemma_profile_detect_hardware`.
 2. *Before construction* - `gemma_profile_preflight`, `gemma_profile_rewrite_config`.
 3. *After construction* - `gemma_profile_model_built`.
-4. *Loading and running* - `gemma_profile_load_weights`, `gemma_profile_resolve_device`.
+4. *Loading and running* - `gemma_profile_load_weights`, `gemma_profile_weights_loaded`,
+   `gemma_profile_resolve_device`.
 """
 
 from __future__ import annotations
@@ -114,6 +115,17 @@ def gemma_profile_load_weights(model: Any, path: str, plan: Plan, gemma_loader: 
 
     Stops at first non-None result.  The builtin ``loading`` plugin runs last and
     calls ``gemma_loader``.
+    """
+
+
+@hookspec
+def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
+    """Act on the model once its weights are in place (offload, kernel swaps).
+
+    :param model: the model, after ``load_weights`` returned.
+    :param plan: the plan it was built with.
+
+    All implementations run.
     """
 
 

@@ -133,8 +133,10 @@ def _wrap_load_weights(original: Callable[..., Any]) -> Callable[..., Any]:
         gemma_loader = functools.partial(original, self)
         if plan is None or args or kwargs:
             return gemma_loader(model_path, *args, **kwargs)
-        if not get_plugin_manager().load_weights(self, str(model_path), plan, gemma_loader):
-            return gemma_loader(model_path)
+        manager = get_plugin_manager()
+        if not manager.load_weights(self, str(model_path), plan, gemma_loader):
+            gemma_loader(model_path)
+        manager.weights_loaded(self, plan)
         return None
 
     return load_weights

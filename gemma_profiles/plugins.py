@@ -171,6 +171,9 @@ class GemmaPluginManager:
             self._call("gemma_profile_load_weights", model=model, path=path, plan=plan, gemma_loader=gemma_loader)
         )
 
+    def weights_loaded(self, model: Any, plan: Plan) -> None:
+        self._call("gemma_profile_weights_loaded", model=model, plan=plan)
+
     def resolve_device(self, requested: Any, plan: Plan, call: str) -> str | None:
         result = self._call("gemma_profile_resolve_device", requested=requested, plan=plan, call=call)
         return None if result is None else str(result)
