@@ -3,7 +3,7 @@
 For each configuration a fresh Python process runs gemma's run.py flow (build,
 ``load_weights``, ``generate``) on a random checkpoint of real Gemma widths
 (fewer layers, so it fits this box) and reports its peak RSS above the RSS it
-had after importing torch and gemma (``ru_maxrss`` - baseline).  The
+had after importing torch and gemma (``VmHWM`` - baseline).  The
 prediction comes from `gemma_profiles.memory.estimate_memory` with the same
 shape and settings, before anything runs.  Configurations run with gemma as-is
 (no profile; run.py's float32) and under profiles (through the .pth autoload).
@@ -42,7 +42,7 @@ OUTPUT_LEN = 16
 
 MEASURE = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import psutil, torch
     sys.path.insert(0, {tests!r})
     from gemma import config as gemma_config, model as gemma_model
@@ -66,7 +66,8 @@ MEASURE = textwrap.dedent(
     except IndexError:
         pass  # random weights pick ids the tiny tokenizer cannot decode; the peak came before
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec and starts at the parent's RSS.
+    peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
     tokens = len(model.tokenizer.encode(spec["prompt"]))
     print(json.dumps({{"baseline": baseline, "peak": peak, "prompt_tokens": tokens}}))
     """

@@ -5,10 +5,14 @@ For ``GemmaForCausalLM`` and ``Gemma3ForMultimodalLM`` it wraps:
 - ``__init__``: plan + preflight + config rewrite on a copy of the config, then
   the original constructor under ``torch.set_default_dtype(<rewritten dtype>)``
   (gemma creates parameters with ``torch.empty`` in the default dtype, and the
-  calling script has already set the default from the *old* config);
-- ``load_weights``: through the ``gemma_profile_load_weights`` hook;
+  calling script has already set the default from the *old* config), with those
+  parameters on the meta device (`lazy`): the loader fills them;
+- ``load_weights``: through the ``gemma_profile_load_weights`` hook, then
+  ``gemma_profile_weights_loaded``;
 - ``to`` and ``generate``: the device goes through ``gemma_profile_resolve_device``
-  (the profile's device wins).
+  (the profile's device wins);
+- ``load_state_dict`` and ``forward``: materialise lazily built parameters first,
+  so code other than our loader sees gemma's own behaviour.
 
 Every replaced attribute is recorded, and `unpatch_all` puts each back exactly:
 an attribute the class did not define itself (``to`` comes from ``nn.Module``)
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 from loguru import logger
 
-from . import runtime
+from . import lazy, runtime
 from .errors import GemmaNotAvailableError
 from .plugins import get_plugin_manager
 
@@ -68,6 +72,8 @@ def _patch_class(cls: type) -> None:
         "load_weights": _wrap_load_weights,
         "to": _wrap_to,
         "generate": _wrap_generate,
+        "load_state_dict": _wrap_materializing,
+        "forward": _wrap_materializing,
     }
     for name, wrap in wrappers.items():
         if not hasattr(cls, name):
@@ -116,9 +122,11 @@ def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(build.config.get_dtype())
         try:
-            original(self, build.config, *args, **kwargs)
+            with lazy.MetaParameters():
+                original(self, build.config, *args, **kwargs)
         finally:
             torch.set_default_dtype(previous)
+        lazy.set_lazy(self, True)
         # Kept out of nn.Module's registries: a plain attribute in __dict__.
         object.__setattr__(self, PLAN_ATTRIBUTE, build.plan)
         get_plugin_manager().model_built(self, build.plan)
@@ -145,6 +153,7 @@ def _wrap_load_weights(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_to(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def to(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lazy.materialize(self)
         plan = plan_of(self)
         if plan is None:
             return original(self, *args, **kwargs)
@@ -165,6 +174,7 @@ def _wrap_to(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_generate(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lazy.materialize(self)
         plan = plan_of(self)
         if plan is None:
             return original(self, *args, **kwargs)
@@ -184,6 +194,15 @@ def _wrap_generate(original: Callable[..., Any]) -> Callable[..., Any]:
         return original(self, *args, **kwargs)
 
     return generate
+
+
+def _wrap_materializing(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lazy.materialize(self)
+        return original(self, *args, **kwargs)
+
+    return wrapper
 
 
 def same_device(actual: torch.device, wanted: torch.device) -> bool:

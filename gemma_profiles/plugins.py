@@ -40,6 +40,8 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("preflight", "gemma_profiles.hooks.preflight"),
     ("placement", "gemma_profiles.hooks.placement"),
     ("loading", "gemma_profiles.hooks.loading"),
+    ("oom", "gemma_profiles.hooks.oom"),
+    ("quantization", "gemma_profiles.hooks.quantization"),
 )
 
 

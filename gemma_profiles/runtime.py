@@ -198,6 +198,7 @@ def deactivate() -> None:
     patch = sys.modules.get("gemma_profiles.patch")
     if patch is not None:
         patch.unpatch_all()
+        sys.modules["gemma_profiles.lazy"].materialize_all()
 
 
 @contextmanager

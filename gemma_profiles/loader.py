@@ -1,0 +1,222 @@
+"""Lean checkpoint loading: memory-mapped, tensor by tensor, assigned instead of copied.
+
+Torch-touching; used by the ``loading`` builtin (``hooks/loading.py``).
+
+gemma's own ``load_weights`` loads the whole state dict and copies it into the
+parameters (peak RSS 2.0x the checkpoint, DESIGN.md) and loads with
+``strict=False``, so a missing tensor or a float checkpoint in an int8 model
+passes silently.  This loader, used whenever a profile is active:
+
+- reads single files, sharded folders (``pytorch_model.bin.index.json``) and
+  safetensors (a ``.safetensors`` file or ``model.safetensors.index.json``)
+  through memory maps, with ``weights_only=True``;
+- puts each tensor straight into the lazily built (meta) model: the mapped
+  tensor itself when dtype and device already match (no copy), else one
+  converted tensor at a time;
+- quantizes float weights to gemma's int8 format (int8 weight + per-row
+  ``weight_scaler``) when the plan says ``int8``, and dequantizes an int8
+  checkpoint into a float model, in row chunks;
+- places each tensor on its layer's device (the plan's layer map; offloaded
+  layers stay on the CPU), and reports missing tensors by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from loguru import logger
+
+from .errors import GemmaProfileError
+from .lazy import assign, meta_tensors, set_lazy
+from .plan import Plan
+
+INDEX_FILE = "pytorch_model.bin.index.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SCALER = "_scaler"
+CHUNK_ROWS = 8192
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+def check_checkpoint(path: str) -> None:
+    """A missing checkpoint is a user error with a clear message, not a traceback."""
+    if os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, index)) for index in (INDEX_FILE, SAFETENSORS_INDEX)):
+            raise GemmaProfileError(
+                f"checkpoint folder has no {INDEX_FILE} or {SAFETENSORS_INDEX}",
+                where=path,
+                hint="pass the .ckpt file or a sharded checkpoint folder",
+            )
+        return
+    raise GemmaProfileError("checkpoint not found", where=path, hint="check the --ckpt path")
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+def _torch_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        logger.warning("{} is not in the zip format torch can memory-map; reading it whole", path)
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    if isinstance(state, dict) and "model_state_dict" in state:
+        state = state["model_state_dict"]
+    if not isinstance(state, dict):
+        raise GemmaProfileError("checkpoint does not hold a state dict", where=path)
+    # Hand tensors out one by one and drop our reference, so converted ones can be freed.
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+def _safetensors_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise GemmaProfileError(
+            "reading .safetensors needs the safetensors package", where=path, hint="pip install safetensors"
+        ) from None
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+            yield name, handle.get_tensor(name)
+
+
+def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a checkpoint, memory-mapped where the format allows."""
+    if os.path.isfile(path):
+        yield from (_safetensors_file(path) if path.endswith(".safetensors") else _torch_file(path))
+        return
+    for index_name, reader in ((SAFETENSORS_INDEX, _safetensors_file), (INDEX_FILE, _torch_file)):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as handle:
+                shards = sorted(set(json.load(handle).get("weight_map", {}).values()))
+            for shard in shards:
+                yield from reader(os.path.join(path, shard))
+            return
+
+
+def checkpoint_keys(path: str) -> list[str]:
+    """Tensor names in a checkpoint, read without loading tensor data."""
+    if os.path.isdir(path):
+        for index_name in (SAFETENSORS_INDEX, INDEX_FILE):
+            index = os.path.join(path, index_name)
+            if os.path.isfile(index):
+                with open(index, encoding="utf-8") as handle:
+                    return list(json.load(handle).get("weight_map", {}))
+    return [name for name, _ in iter_checkpoint(path)]
+
+
+# -- converting ---------------------------------------------------------------------
+
+
+def quantize_rows(weight: torch.Tensor, scaler_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``weight ~= q * scaler[:, None]``, in chunks of rows."""
+    rows = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scaler = torch.empty(rows, dtype=torch.float32)
+    for start in range(0, rows, CHUNK_ROWS):
+        block = weight[start : start + CHUNK_ROWS].float()
+        scale = block.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[start : start + CHUNK_ROWS] = torch.round(block / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        scaler[start : start + CHUNK_ROWS] = scale
+    return q, scaler.to(scaler_dtype)
+
+
+def dequantize_rows(weight: torch.Tensor, scaler: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(weight.shape, dtype=dtype)
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        out[rows] = (weight[rows].to(torch.float32) * scaler[rows].to(torch.float32).unsqueeze(1)).to(dtype)
+    return out
+
+
+def execution_devices(plan: Plan) -> tuple[str, dict[int, str]]:
+    """The device resident tensors go to, and per-layer devices from the plan's layer map."""
+    device = "cpu"
+    if plan.device is not None:
+        from .hooks.placement import device_problem
+
+        wanted = str(plan.device.value)
+        device = wanted if device_problem(wanted) is None else "cpu"
+    layers: dict[int, str] = {}
+    for span, where in plan.layers.items():
+        first, _, last = span.partition("-")
+        for index in range(int(first), int(last or first) + 1):
+            layers[index] = "cpu" if where in ("cpu", "disk") or device == "cpu" else device
+    return device, layers
+
+
+def lean_load(model: Any, path: str, plan: Plan) -> None:
+    """Load ``path`` into a lazily built ``model`` following ``plan``."""
+    device, layer_devices = execution_devices(plan)
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    int8_in_model = {name for name, t in targets.items() if t.dtype == torch.int8}
+    pending_int8: dict[str, torch.Tensor] = {}
+    pending_scalers: dict[str, torch.Tensor] = {}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+
+    def device_for(name: str) -> str:
+        match = _LAYER.match(name.removeprefix("model.") if name.startswith("model.model.") else name)
+        return layer_devices.get(int(match.group(1)), device) if match else device
+
+    def place(name: str, tensor: torch.Tensor) -> None:
+        target = targets[name]
+        wanted = device_for(name)
+        if tensor.dtype != target.dtype:
+            tensor = tensor.to(target.dtype)
+        if str(tensor.device) != wanted:
+            tensor = tensor.to(wanted)
+        assign(model, name, tensor)
+        loaded.add(name)
+
+    def float_from_int8(name: str) -> None:
+        place(name, dequantize_rows(pending_int8.pop(name), pending_scalers.pop(name + SCALER), targets[name].dtype))
+
+    for name, tensor in iter_checkpoint(path):
+        if name not in targets:
+            if name.endswith(SCALER) and name[: -len(SCALER)] in targets:
+                pending_scalers[name] = tensor  # an int8 checkpoint for a float model
+                if name[: -len(SCALER)] in pending_int8:
+                    float_from_int8(name[: -len(SCALER)])
+                continue
+            unexpected.append(name)
+            continue
+        if name in int8_in_model and tensor.is_floating_point():
+            q, scaler = quantize_rows(tensor, targets[name + SCALER].dtype)
+            place(name, q)
+            place(name + SCALER, scaler)
+        elif name.endswith(SCALER) and name in loaded:
+            continue  # we produced this scaler by quantizing the float weight
+        elif tensor.dtype == torch.int8 and name not in int8_in_model and targets[name].is_floating_point():
+            pending_int8[name] = tensor
+            if name + SCALER in pending_scalers:
+                float_from_int8(name)
+        else:
+            place(name, tensor)
+    missing = [name for name in meta_tensors(model) if name not in loaded]
+    if missing or pending_int8:
+        shown = ", ".join((missing + list(pending_int8))[:6])
+        raise GemmaProfileError(
+            f"checkpoint lacks {len(missing) + len(pending_int8)} tensor(s) the model needs: {shown}",
+            where=path,
+            hint=f"is it a checkpoint for this variant? (profile '{plan.profile}')",
+        )
+    # Whatever gemma computed at construction (rope tables) follows the resident weights.
+    for name, buffer in model.named_buffers():
+        if name not in loaded and str(buffer.device) != device_for(name):
+            assign(model, name, buffer.to(device_for(name)))
+    if unexpected:
+        logger.debug("[{}] ignored {} checkpoint tensors the model has no place for", plan.profile, len(unexpected))
+    set_lazy(model, False)
+    logger.info("[{}] loaded {} tensors from {} (memory-mapped; {})", plan.profile, len(loaded), path, device)

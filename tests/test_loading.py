@@ -1,0 +1,236 @@
+"""Lean loading, on-the-fly int8 and the int8 kernels (issue 5), against real gemma or the stand-in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import gemma_profiles
+from gemma_profiles.errors import GemmaProfileError
+
+HERE = Path(__file__).parent
+
+
+def build(gemma: Any, tokenizer: str, variant: str = "2b") -> Any:
+    from gemma_testing import tiny_config
+
+    config = tiny_config(gemma.config, variant, tokenizer, dtype="float32")
+    torch.set_default_dtype(torch.float32)
+    return gemma.model.GemmaForCausalLM(config)
+
+
+def logits(model: Any, tokens: list[int]) -> torch.Tensor:
+    """One forward over ``tokens`` through gemma's own forward; the last position's logits."""
+    config = model.config
+    device = next(model.parameters()).device
+    n = len(tokens)
+    size = (1, n, config.num_key_value_heads, config.head_dim)
+    caches = [
+        (torch.zeros(size, dtype=config.get_dtype()), torch.zeros(size, dtype=config.get_dtype()))
+        for _ in range(config.num_hidden_layers)
+    ]
+    mask = torch.triu(torch.full((1, 1, n, n), -2.3819763e38), diagonal=1)
+    _, out = model(
+        input_token_ids=torch.tensor([tokens], device=device),
+        input_positions=torch.arange(n, device=device),
+        kv_write_indices=None,
+        kv_caches=caches,
+        mask=mask,
+        output_positions=torch.tensor([n - 1], device=device),
+        temperatures=None,
+        top_ps=torch.tensor([1.0]),
+        top_ks=torch.tensor([1]),
+        local_mask=mask if config.sliding_window_size else None,
+    )
+    return out.float().reshape(-1)
+
+
+@pytest.fixture
+def profile(write_profile: Callable[..., Path]) -> Callable[..., str]:
+    def make(dtype: str, weights: str = "none") -> str:
+        return str(
+            write_profile(
+                f"load-{dtype}-{weights}",
+                f"description: t\nplacement: {{device: cpu}}\nconfig: {{dtype: {dtype}}}\n"
+                f"quantization: {{weights: {weights}}}\n",
+            )
+        )
+
+    return make
+
+
+@pytest.fixture
+def float_ckpt(gemma: Any, tokenizer_path: str, tmp_path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    from gemma_testing import write_random_checkpoint
+
+    path = tmp_path / "float.ckpt"
+    state = write_random_checkpoint(build(gemma, tokenizer_path), path, torch.float32, seed=3)
+    return str(path), state
+
+
+TOKENS = [2, 17, 33, 5, 60, 12]
+
+
+def test_lean_loader_equals_gemma_loader(gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any) -> None:
+    path, _ = float_ckpt
+    reference = build(gemma, tokenizer_path)
+    reference.load_weights(path)
+    with gemma_profiles.use(profile("float32")):
+        lean = build(gemma, tokenizer_path)
+        assert all(p.is_meta for name, p in lean.named_parameters() if name.endswith("proj.weight"))
+        lean.load_weights(path)
+        assert not any(p.is_meta for p in lean.parameters())
+        for (name, a), (_, b) in zip(reference.state_dict().items(), lean.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+        assert torch.equal(logits(reference, TOKENS), logits(lean, TOKENS))
+        expected = reference.generate("the cat sees", "cpu", output_len=5, temperature=None)
+        assert lean.generate("the cat sees", "cpu", output_len=5, temperature=None) == expected
+
+
+def test_sharded_and_safetensors_checkpoints(
+    gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    _, state = float_ckpt
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for shard, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, sharded / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    single = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(single))
+    with gemma_profiles.use(profile("float32")):
+        for source in (sharded, single):
+            model = build(gemma, tokenizer_path)
+            model.load_weights(str(source))
+            for name, tensor in state.items():
+                assert torch.equal(model.state_dict()[name], tensor), (source, name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_on_the_fly_int8_stays_close(
+    gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any, dtype: str
+) -> None:
+    path, _ = float_ckpt
+    with gemma_profiles.use(profile(dtype)):
+        dense = build(gemma, tokenizer_path)
+        dense.load_weights(path)
+        expected = logits(dense, TOKENS)
+    with gemma_profiles.use(profile(dtype, "int8")):
+        model = build(gemma, tokenizer_path)
+        model.load_weights(path)
+        qkv = model.model.layers[0].self_attn.qkv_proj
+        assert qkv.weight.dtype == torch.int8 and qkv.weight_scaler.dtype == getattr(torch, dtype)
+        assert "forward" in qkv.__dict__, "the int8 kernel replaced gemma's dequantize-every-call forward"
+        assert model.embedder.weight.dtype == getattr(torch, dtype) and model.config.quant is False
+        got = logits(model, TOKENS)
+    cosine = torch.nn.functional.cosine_similarity(got, expected, dim=0).item()
+    assert cosine >= 0.99, cosine
+
+
+def test_official_int8_checkpoint_loads_into_int8_and_float_models(
+    gemma: Any, tokenizer_path: str, profile: Any, tmp_path: Path
+) -> None:
+    from gemma_testing import tiny_config, write_random_checkpoint
+
+    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
+    config.quant = True
+    torch.set_default_dtype(torch.float32)
+    int8_model = gemma.model.GemmaForCausalLM(config)  # gemma as-is: its own int8 layout
+    path = tmp_path / "quant.ckpt"
+    write_random_checkpoint(int8_model, path, torch.float32, seed=5)
+    int8_model.load_weights(str(path))
+    expected = logits(int8_model, TOKENS)
+    with gemma_profiles.use(profile("float32", "int8")):
+        model = build(gemma, tokenizer_path)
+        model.load_weights(str(path))
+        assert torch.allclose(logits(model, TOKENS), expected, rtol=1e-4, atol=1e-4)
+    with gemma_profiles.use(profile("float32")):
+        dense = build(gemma, tokenizer_path)
+        dense.load_weights(str(path))  # dequantized while loading
+        assert dense.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+        assert torch.allclose(logits(dense, TOKENS), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_missing_tensor_is_named(
+    gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any, tmp_path: Path
+) -> None:
+    _, state = float_ckpt
+    partial = {k: v for k, v in state.items() if "layers.1.mlp" not in k}
+    path = tmp_path / "partial.ckpt"
+    torch.save({"model_state_dict": partial}, path)
+    with gemma_profiles.use(profile("float32")):
+        model = build(gemma, tokenizer_path)
+        with pytest.raises(GemmaProfileError, match=r"checkpoint lacks 3 tensor\(s\).*layers\.1\.mlp"):
+            model.load_weights(str(path))
+
+
+def test_unloaded_lazy_model_behaves_like_gemma(gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any) -> None:
+    _, state = float_ckpt
+    with gemma_profiles.use(profile("float32")):
+        model = build(gemma, tokenizer_path)
+        model.load_state_dict(state, strict=False)  # the user's own loading, not ours
+        assert not any(p.is_meta for p in model.parameters())
+        assert torch.equal(model.state_dict()["embedder.weight"], state["embedder.weight"])
+        other = build(gemma, tokenizer_path)
+    assert not any(p.is_meta for p in other.parameters()), "deactivate hands lazily built models back materialised"
+
+
+MEASURE = textwrap.dedent(
+    """
+    import json, sys
+    import psutil, torch
+    sys.path.insert(0, {tests!r})
+    from gemma import config as gemma_config, model as gemma_model
+    from gemma_testing import tiny_config
+    config = tiny_config(gemma_config, "2b", {tokenizer!r}, dtype="float32")
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 1024, 8192, 4
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 1, 128
+    baseline = psutil.Process().memory_info().rss
+    torch.set_default_dtype(config.get_dtype())
+    model = gemma_model.GemmaForCausalLM(config)
+    model.load_weights({ckpt!r})
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec and starts at the parent's RSS.
+    status = open("/proc/self/status").read()
+    peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+    print(json.dumps({{"delta": peak - baseline}}))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_lean_load_peak_rss_is_about_the_checkpoint(gemma: Any, tokenizer_path: str, tmp_path: Path) -> None:
+    """Peak RSS while loading: <= 1.10x the checkpoint under a profile (gemma's loader: ~2x)."""
+    from gemma_testing import tiny_config, write_random_checkpoint
+
+    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 1024, 8192, 4
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 1, 128
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in gemma.model.GemmaForCausalLM(config).named_parameters()}
+    ckpt = tmp_path / "medium.ckpt"
+    write_random_checkpoint(shapes, ckpt, torch.float32)
+    size = os.path.getsize(ckpt)
+    profile = tmp_path / "f32.yaml"
+    profile.write_text("description: t\nplacement: {device: cpu}\nconfig: {dtype: float32}\n")
+    code = MEASURE.format(tests=str(HERE), tokenizer=tokenizer_path, ckpt=str(ckpt))
+    ratios = {}
+    for label, value in (("profile", str(profile)), ("gemma", "off")):
+        env = {**os.environ, "GEMMA_PROFILE": value}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        ratios[label] = json.loads(done.stdout.strip().splitlines()[-1])["delta"] / size
+    assert ratios["profile"] <= 1.10, ratios
+    assert ratios["gemma"] >= 1.5, ratios
