@@ -273,7 +273,10 @@ def reset() -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND with profile NAME active: gemma-profile run t4 -- python my_script.py"""
+    from .gemma_info import require_gemma_pytorch
+
     reference, _ = _reference_for(default_registry(), name)
+    require_gemma_pytorch()  # a profile for the JAX 'gemma', or for no gemma, would do nothing
     if command and command[0] == "--":  # click keeps the separator once NAME is read
         command = command[1:]
     if not command:
@@ -412,6 +415,44 @@ def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None
             click.echo(f"warning: {warning}")
     if not plan.verdict.fits:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--variant", "-v", required=True, help="gemma variant: 2b, 7b, 2b-v2, 9b, 1b, ...")
+@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint file or sharded folder.")
+@click.option("--tokenizer", type=click.Path(), help="tokenizer.model (default: the config's path).")
+@click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens to generate.")
+@click.option("--prompt", default="The capital of France is", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def bench(name: str, variant: str, ckpt: str, tokenizer: str | None, tokens: int, prompt: str, as_json: bool) -> None:
+    """Load a checkpoint under profile NAME and time generation: tokens/s and peak memory."""
+    from .bench import run_bench
+    from .errors import did_you_mean
+    from .gemma_info import require_gemma_pytorch
+    from .variants import VARIANTS
+
+    if variant not in VARIANTS:
+        raise GemmaProfileError(
+            f"unknown variant '{variant}'{did_you_mean(variant, VARIANTS)}", hint=f"use one of {', '.join(VARIANTS)}"
+        )
+    require_gemma_pytorch()
+    profile = _load_any(name)
+    with click.progressbar(length=tokens, label=f"{profile.name} / {variant}", file=sys.stderr) as bar:
+        result = run_bench(
+            profile, variant, ckpt, tokenizer=tokenizer, tokens=tokens, prompt=prompt, progress=bar.update
+        )
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"{profile.name} / {variant} on {result['device']}: {result['dtypes']}")
+    click.echo(f"  load (construct + load_weights): {result['load_s']:.2f} s")
+    click.echo(f"  prefill ({result['prompt_tokens']} tokens): {result['prefill_s']:.3f} s")
+    click.echo(
+        f"  decode: {result['tokens_per_s']:.2f} tokens/s (median {result['s_per_token'] * 1e3:.1f} ms/token "
+        f"over {result['decode_steps']} steps)"
+    )
+    click.echo(f"  peak memory: {result['peak_memory_human']} ({result['peak_memory_kind']})")
 
 
 def main() -> None:

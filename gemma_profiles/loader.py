@@ -22,7 +22,10 @@ passes silently.  This loader, used whenever a profile is active:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -39,6 +42,13 @@ INDEX_FILE = "pytorch_model.bin.index.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SCALER = "_scaler"
 CHUNK_ROWS = 8192
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+except (OSError, AttributeError):
+    _LIBC = None
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
@@ -60,7 +70,11 @@ def check_checkpoint(path: str) -> None:
 # -- reading ------------------------------------------------------------------------
 
 
-def _torch_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+Item = tuple[str, torch.Tensor, bool]  # name, tensor, memory-mapped from the file
+
+
+def _torch_file(path: str) -> Iterator[Item]:
+    mapped = True
     try:
         state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
     except RuntimeError as exc:
@@ -68,16 +82,17 @@ def _torch_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise
         logger.warning("{} is not in the zip format torch can memory-map; reading it whole", path)
         state = torch.load(path, weights_only=True, map_location="cpu")
+        mapped = False
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]
     if not isinstance(state, dict):
         raise GemmaProfileError("checkpoint does not hold a state dict", where=path)
     # Hand tensors out one by one and drop our reference, so converted ones can be freed.
     for name in list(state):
-        yield name, state.pop(name)
+        yield name, state.pop(name), mapped
 
 
-def _safetensors_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_file(path: str) -> Iterator[Item]:
     try:
         from safetensors import safe_open
     except ImportError:
@@ -86,11 +101,11 @@ def _safetensors_file(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         ) from None
     with safe_open(path, framework="pt", device="cpu") as handle:
         for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-            yield name, handle.get_tensor(name)
+            yield name, handle.get_tensor(name), False
 
 
-def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of a checkpoint, memory-mapped where the format allows."""
+def iter_checkpoint(path: str) -> Iterator[Item]:
+    """(name, tensor, mapped) of a checkpoint, memory-mapped where the format allows."""
     if os.path.isfile(path):
         yield from (_safetensors_file(path) if path.endswith(".safetensors") else _torch_file(path))
         return
@@ -112,10 +127,26 @@ def checkpoint_keys(path: str) -> list[str]:
             if os.path.isfile(index):
                 with open(index, encoding="utf-8") as handle:
                     return list(json.load(handle).get("weight_map", {}))
-    return [name for name, _ in iter_checkpoint(path)]
+    return [name for name, _, _ in iter_checkpoint(path)]
 
 
 # -- converting ---------------------------------------------------------------------
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a memory-mapped source tensor we are done with (Linux).
+
+    The mapping is private and never written, so the kernel re-reads the file if
+    the pages are touched again; without this, every converted tensor's source
+    pages stay in RSS until the whole checkpoint mapping goes away.
+    """
+    if _LIBC is None or tensor.device.type != "cpu":
+        return
+    start, length = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    first = -(-start // _PAGE) * _PAGE  # whole pages inside the tensor only
+    last = (start + length) // _PAGE * _PAGE
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
 def quantize_rows(weight: torch.Tensor, scaler_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +156,8 @@ def quantize_rows(weight: torch.Tensor, scaler_dtype: torch.dtype) -> tuple[torc
     scaler = torch.empty(rows, dtype=torch.float32)
     for start in range(0, rows, CHUNK_ROWS):
         block = weight[start : start + CHUNK_ROWS].float()
-        scale = block.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q[start : start + CHUNK_ROWS] = torch.round(block / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        scale = block.abs().amax(dim=1).clamp_(min=1e-12).div_(127.0)
+        q[start : start + CHUNK_ROWS] = block.div_(scale.unsqueeze(1)).round_().clamp_(-127, 127)
         scaler[start : start + CHUNK_ROWS] = scale
     return q, scaler.to(scaler_dtype)
 
@@ -170,7 +201,7 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
         match = _LAYER.match(name.removeprefix("model.") if name.startswith("model.model.") else name)
         return layer_devices.get(int(match.group(1)), device) if match else device
 
-    def place(name: str, tensor: torch.Tensor) -> None:
+    def place(name: str, tensor: torch.Tensor) -> torch.Tensor:
         target = targets[name]
         wanted = device_for(name)
         if tensor.dtype != target.dtype:
@@ -179,11 +210,12 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
             tensor = tensor.to(wanted)
         assign(model, name, tensor)
         loaded.add(name)
+        return tensor
 
     def float_from_int8(name: str) -> None:
         place(name, dequantize_rows(pending_int8.pop(name), pending_scalers.pop(name + SCALER), targets[name].dtype))
 
-    for name, tensor in iter_checkpoint(path):
+    for name, tensor, mapped in iter_checkpoint(path):
         if name not in targets:
             if name.endswith(SCALER) and name[: -len(SCALER)] in targets:
                 pending_scalers[name] = tensor  # an int8 checkpoint for a float model
@@ -196,6 +228,8 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
             q, scaler = quantize_rows(tensor, targets[name + SCALER].dtype)
             place(name, q)
             place(name + SCALER, scaler)
+            if mapped:
+                release_pages(tensor)
         elif name.endswith(SCALER) and name in loaded:
             continue  # we produced this scaler by quantizing the float weight
         elif tensor.dtype == torch.int8 and name not in int8_in_model and targets[name].is_floating_point():
@@ -203,7 +237,8 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
             if name + SCALER in pending_scalers:
                 float_from_int8(name)
         else:
-            place(name, tensor)
+            if place(name, tensor) is not tensor and mapped:
+                release_pages(tensor)  # converted or moved: the mapped source is done with
     missing = [name for name in meta_tensors(model) if name not in loaded]
     if missing or pending_int8:
         shown = ", ".join((missing + list(pending_int8))[:6])

@@ -234,3 +234,49 @@ def test_lean_load_peak_rss_is_about_the_checkpoint(gemma: Any, tokenizer_path: 
         ratios[label] = json.loads(done.stdout.strip().splitlines()[-1])["delta"] / size
     assert ratios["profile"] <= 1.10, ratios
     assert ratios["gemma"] >= 1.5, ratios
+
+
+def test_bench_command(gemma: Any, tokenizer_path: str, tmp_path: Path, write_profile: Any) -> None:
+    """``gemma-profile bench`` on gemma's 2b shrunk by the profile itself (any GemmaConfig field)."""
+    from click.testing import CliRunner
+    from gemma_testing import write_random_checkpoint
+
+    from gemma_profiles.cli import cli
+
+    profile = write_profile(
+        "tiny-bench",
+        f"""
+        description: 2b shrunk to a few thousand weights, bfloat16 on the CPU
+        placement: {{device: cpu}}
+        config: {{dtype: bfloat16, vocab_size: 128, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+                  num_attention_heads: 4, num_key_value_heads: 1, head_dim: 16, max_position_embeddings: 64,
+                  tokenizer: {tokenizer_path}}}
+        """,
+    )
+    with gemma_profiles.use(str(profile)):
+        model = gemma.model.GemmaForCausalLM(gemma.config.get_model_config("2b"))
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+    ckpt = tmp_path / "tiny.ckpt"
+    write_random_checkpoint(shapes, ckpt, torch.float32)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            str(profile),
+            "--variant",
+            "2b",
+            "--ckpt",
+            str(ckpt),
+            "--tokens",
+            "4",
+            "--prompt",
+            "the cat",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["dtypes"] == ["bfloat16"] and data["decode_steps"] == 3
+    assert data["tokens_per_s"] > 0 and data["peak_memory"] > 0
+    missing = CliRunner().invoke(cli, ["bench", str(profile), "--variant", "2b", "--ckpt", str(tmp_path / "nope.ckpt")])
+    assert missing.exit_code == 2 and "checkpoint not found" in missing.stderr

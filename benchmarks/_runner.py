@@ -1,0 +1,124 @@
+"""Shared by the CPU benchmarks: a random 2b checkpoint, and one measured run per process.
+
+Each configuration runs in a fresh interpreter through gemma's run.py flow:
+``get_model_config(variant)``, ``dtype = "float32"``, construct under
+``set_default_dtype``, ``load_weights``, ``generate``.  "gemma as-is" runs with
+``GEMMA_PROFILE=off``; a profile runs through the .pth autoload, so the script
+is the same.  Peak memory is ``VmHWM`` (``ru_maxrss`` survives exec and starts
+at the parent's RSS) minus the RSS after imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent / "tests"
+sys.path.insert(0, str(TESTS))
+
+RUN = r"""
+import json, os, statistics, sys, time
+import psutil, torch
+sys.path.insert(0, {tests!r})
+from gemma import config as gemma_config, model as gemma_model
+spec = json.loads({spec!r})
+torch.set_num_threads(spec["threads"])
+model_config = gemma_config.get_model_config(spec["variant"])
+model_config.tokenizer = spec["tokenizer"]
+model_config.dtype = "float32"
+model_config.quant = False
+baseline = psutil.Process().memory_info().rss
+start = time.perf_counter()
+torch.set_default_dtype(model_config.get_dtype())
+model = gemma_model.GemmaForCausalLM(model_config)
+model.load_weights(spec["ckpt"])
+model = model.to("cpu").eval()
+torch.set_default_dtype(torch.float32)
+load_s = time.perf_counter() - start
+hwm = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+result = {{"load_s": load_s, "load_peak": hwm() - baseline}}
+if spec.get("first_token"):
+    # Memory-mapped weights are read on first use: time one token and its peak too.
+    start = time.perf_counter()
+    try:
+        model.generate("the", "cpu", output_len=1, temperature=None)
+    except IndexError:
+        pass
+    result.update(first_token_s=time.perf_counter() - start, first_token_peak=hwm() - baseline)
+if spec["output_len"]:
+    steps = []
+    def pre(module, args, kwargs):
+        steps.append(time.perf_counter())
+    def post(module, args, kwargs, output):
+        steps[-1] = time.perf_counter() - steps[-1]
+    model.register_forward_pre_hook(pre, with_kwargs=True)
+    model.register_forward_hook(post, with_kwargs=True)
+    try:
+        model.generate(spec["prompt"], "cpu", output_len=spec["output_len"], temperature=None)
+    except IndexError:
+        pass  # random weights pick ids the tiny tokenizer cannot decode; timing is done
+    decode = steps[1:]  # steps[0] is the prefill
+    result.update(s_per_token=statistics.median(decode), steps=len(decode), peak=hwm() - baseline)
+    result["dtypes"] = sorted({{str(p.dtype) for p in model.parameters()}})
+print(json.dumps(result))
+"""
+
+
+def ensure_checkpoint(folder: Path, variant: str = "2b", dtype: str = "bfloat16") -> tuple[Path, str]:
+    """A random checkpoint of the full variant (bf16, like the official one) and a tiny tokenizer."""
+    import torch
+    from gemma_testing import train_tiny_tokenizer, write_random_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = str(folder / "tok" / "tiny_tokenizer.model")
+    if not os.path.exists(tokenizer):
+        tokenizer = train_tiny_tokenizer(folder / "tok")
+    ckpt = folder / f"gemma-{variant}-random-{dtype}.ckpt"
+    if not ckpt.exists():
+        from gemma import config as gemma_config
+        from gemma import model as gemma_model
+
+        print(f"writing a random {variant} checkpoint to {ckpt} (once)...", flush=True)
+        config = gemma_config.get_model_config(variant)
+        config.tokenizer = tokenizer
+        with torch.device("meta"):
+            shapes = {n: p.shape for n, p in gemma_model.GemmaForCausalLM(config).named_parameters()}
+        partial = ckpt.with_suffix(".partial")
+        write_random_checkpoint(shapes, partial, getattr(torch, dtype))
+        partial.rename(ckpt)
+    return ckpt, tokenizer
+
+
+def run(spec: dict[str, Any], profile: str) -> dict[str, Any]:
+    """One configuration in a fresh interpreter; ``profile`` is a name/path or "off"."""
+    env = dict(os.environ, GEMMA_PROFILE=profile, GEMMA_PROFILE_LOG="WARNING")
+    code = RUN.format(tests=str(TESTS), spec=json.dumps(spec))
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{profile}: failed\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def memory_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
+    """Read bandwidth in bytes/s: median time to sum a ``gib`` GiB float32 tensor."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(int(gib * 2**30) // 4)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times)
