@@ -248,7 +248,7 @@ def current(as_json: bool) -> None:
         try:
             data["profile"] = default_registry().load(active.reference).name
         except GemmaProfileError as exc:
-            problem = str(exc)
+            problem = f"{active.detail}: {exc}"  # says which setting chose the profile
     data["error"] = problem
     data["gemma"] = {"kind": (status := gemma_status()).kind, "location": status.location}
     if as_json:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+#: Everything ``str.splitlines`` breaks on, written as its escape.
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
 
 class GemmaProfileError(Exception):
     """Base class: a problem the user can act on.
@@ -31,7 +34,8 @@ class GemmaProfileError(Exception):
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.hint:
             text = f"{text} ({self.hint})"
-        return text
+        # A value quoted from a file may hold a line break; the error stays one line.
+        return text.translate(_LINE_BREAKS)
 
 
 class ProfileError(GemmaProfileError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -54,12 +55,14 @@ def require_gemma_pytorch() -> GemmaStatus:
     status = gemma_status()
     if status.kind == "missing":
         raise GemmaNotAvailableError(
-            "gemma_pytorch is not installed",
+            "gemma_pytorch is not installed in this Python environment",
+            where=sys.prefix,
             hint="see the README: fetch google/gemma_pytorch and pip install --no-deps -e it",
         )
     if status.kind == "jax":
         raise GemmaNotAvailableError(
-            f"the installed 'gemma' ({status.location}) is DeepMind's JAX library, not gemma_pytorch",
+            "the installed 'gemma' is DeepMind's JAX library, not gemma_pytorch",
+            where=status.location,
             hint="pip uninstall gemma, then install google/gemma_pytorch (see the README)",
         )
     return status

@@ -164,9 +164,12 @@ def _line_of(problem: Problem) -> int:
 
 
 def _relative_only(reference: str, from_file: Path) -> Path:
-    candidate = (from_file.parent / reference).resolve()
-    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
-        return candidate
+    try:
+        candidate = (from_file.parent / reference).resolve()
+        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+            return candidate
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
+        pass
     raise ProfileError(
         f"cannot find the profile '{reference}' named in extends",
         hint="use a profile name known to 'gemma-profile list' or a path relative to this file",

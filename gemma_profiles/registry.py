@@ -75,8 +75,8 @@ class Registry:
         :raises ProfileNotFoundError: with a did-you-mean and the available names.
         """
         if looks_like_path(reference):
-            path = Path(reference).expanduser()
-            if path.is_file():
+            path = _existing_file(reference, any_kind=True)
+            if path is not None:
                 return path
             raise ProfileNotFoundError(f"profile file '{reference}' does not exist", hint="check the path")
         entry = self.index().get(reference)
@@ -94,13 +94,25 @@ class Registry:
 
     def resolve_extends(self, reference: str, from_file: Path) -> Path:
         if looks_like_path(reference):
-            candidate = Path(reference).expanduser()
-            if not candidate.is_absolute():
-                candidate = from_file.parent / candidate
-            if candidate.is_file():
+            candidate = _existing_file(reference, from_file.parent)
+            if candidate is not None:
                 return candidate
             raise ProfileNotFoundError(f"profile file '{reference}' named in extends does not exist")
         return self.find(reference)
+
+
+def _existing_file(reference: str, base: Path | None = None, *, any_kind: bool = False) -> Path | None:
+    """``reference`` as a file (``~`` expanded, relative to ``base``), or None when there is none.
+
+    :param any_kind: accept a directory or a pipe too, for the loader to say what it is.
+    """
+    try:
+        path = Path(reference).expanduser()
+        if base is not None and not path.is_absolute():
+            path = base / path
+        return path if (path.exists() if any_kind else path.is_file()) else None
+    except (OSError, ValueError, RuntimeError):  # a name too long, a NUL byte, an unknown ~user
+        return None
 
 
 def _profile_files(path: Path) -> list[Path]:

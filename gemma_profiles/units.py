@@ -38,7 +38,8 @@ def parse_memory(text: str | int) -> int:
                 "'500MB' or '16GB' (KiB/MiB/GiB/TiB are powers of 2, KB/MB/GB/TB of 10)"
             )
         number, unit = match.groups()
-        value = int(float(number) * _UNITS[(unit or "").upper()])
+        scaled = float(number) * _UNITS[(unit or "").upper()]
+        value = int(scaled) if scaled <= MAX_BYTES else MAX_BYTES + 1  # a long digit string is inf
     if value < 0 or value > MAX_BYTES:
         raise ValueError(f"memory size {text!r} is out of range (0 to 1PiB)")
     return value
@@ -46,7 +47,10 @@ def parse_memory(text: str | int) -> int:
 
 def format_bytes(n: int | float) -> str:
     """Format bytes in binary units with two decimals: ``4.50 GiB``."""
-    value = float(n)
+    try:
+        value = float(n)
+    except OverflowError:  # past float's range: a profile may ask for any batch size
+        return f"{int(n) // 1024**4} TiB"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(value) < 1024:
             return f"{value:.0f} B" if unit == "B" else f"{value:.2f} {unit}"

@@ -10,6 +10,7 @@ stops there).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ _PLAIN_TAGS = {
     "tag:yaml.org,2002:null",
 }
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_PLAIN_HINT = "profiles hold plain strings, numbers, booleans, lists and mappings"
 
 
 @dataclass
@@ -59,18 +61,28 @@ def read_yaml_file(path: str | os.PathLike[str]) -> SourcedDoc:
     """Read and parse a profile file, refusing what is not plain, bounded data."""
     name = os.fspath(path)
     try:
+        mode = os.stat(name).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(name)
+        if not stat.S_ISREG(mode):  # reading a pipe would block, a device might never end
+            raise ProfileError("not a regular file (a pipe or a device?)", where=name, hint="name a .yaml file")
         with open(name, "rb") as handle:
             raw = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ProfileError("file not found", where=name, hint="check the path") from None
     except IsADirectoryError:
-        raise ProfileError("is a directory, not a profile file", where=name) from None
+        raise ProfileError("is a directory, not a profile file", where=name, hint="name a .yaml file") from None
     except OSError as exc:
-        raise ProfileError(f"cannot read: {exc.strerror}", where=name) from None
+        raise ProfileError(
+            f"cannot read: {exc.strerror}", where=name, hint="check that the file exists and you may read it"
+        ) from None
+    except ValueError:  # a NUL byte in the name
+        raise ProfileError("not a usable file name", where=repr(name), hint="check the path") from None
     if len(raw) > MAX_FILE_BYTES:
         raise ProfileError(
             f"file is larger than {MAX_FILE_BYTES // 1024} KiB; a profile is a few dozen lines",
             where=name,
+            hint="check that this is the profile you meant",
         )
     try:
         text = raw.decode("utf-8")
@@ -89,6 +101,20 @@ def parse_yaml(text: str, path: str = "<string>") -> SourcedDoc:
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = exc.problem or exc.context or "invalid YAML"
         raise ProfileError(f"invalid YAML: {problem}", where=f"{path}{line}") from None
+    except yaml.reader.ReaderError as exc:
+        # No mark, a position: libyaml counts UTF-8 bytes, the pure-Python reader characters.
+        if _Loader is yaml.SafeLoader:
+            row = text[: exc.position].count("\n") + 1
+        else:
+            row = text.encode("utf-8", "replace")[: exc.position].count(b"\n") + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or "\0")
+        raise ProfileError(
+            f"invalid YAML: character #x{code:04x} is not allowed: {exc.reason}",
+            where=f"{path}:{row}",
+            hint="a profile is plain text; remove the character",
+        ) from None
+    except UnicodeEncodeError:
+        raise ProfileError("not valid UTF-8 text", where=path, hint="save the file as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ProfileError(f"invalid YAML: {exc}", where=path) from None
     except RecursionError:
@@ -120,10 +146,10 @@ class _Builder:
                 hint="write the values out plainly",
             )
         if depth > MAX_DEPTH:
-            raise self.fail(node, f"nested deeper than {MAX_DEPTH} levels")
+            raise self.fail(node, f"nested deeper than {MAX_DEPTH} levels", hint="a profile is a few levels deep")
         if isinstance(node, yaml.MappingNode):
             if node.tag != "tag:yaml.org,2002:map":
-                raise self.fail(node, f"tag {node.tag!r} is not allowed in a profile")
+                raise self.fail(node, f"tag {node.tag!r} is not allowed in a profile", hint=_PLAIN_HINT)
             result: dict[str, Any] = {}
             for key_node, value_node in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
@@ -140,7 +166,7 @@ class _Builder:
             return result
         if isinstance(node, yaml.SequenceNode):
             if node.tag != "tag:yaml.org,2002:seq":
-                raise self.fail(node, f"tag {node.tag!r} is not allowed in a profile")
+                raise self.fail(node, f"tag {node.tag!r} is not allowed in a profile", hint=_PLAIN_HINT)
             items = []
             for index, item in enumerate(node.value):
                 child = (*key_path, index)
@@ -151,7 +177,7 @@ class _Builder:
             raise self.fail(
                 node,
                 f"tag {node.tag!r} is not allowed in a profile",
-                hint="profiles hold plain strings, numbers, booleans, lists and mappings",
+                hint=_PLAIN_HINT,
             )
         try:
             return self.scalars.construct_object(node)
