@@ -27,6 +27,7 @@ import ctypes.util
 import json
 import mmap
 import os
+import pickle
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -44,11 +45,18 @@ SCALER = "_scaler"
 CHUNK_ROWS = 8192
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-except (OSError, AttributeError):
-    _LIBC = None
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
@@ -76,13 +84,22 @@ Item = tuple[str, torch.Tensor, bool]  # name, tensor, memory-mapped from the fi
 def _torch_file(path: str) -> Iterator[Item]:
     mapped = True
     try:
-        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise
-        logger.warning("{} is not in the zip format torch can memory-map; reading it whole", path)
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        mapped = False
+        try:
+            state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            logger.warning("{} is not in the zip format torch can memory-map; reading it whole", path)
+            state = torch.load(path, weights_only=True, map_location="cpu")
+            mapped = False
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL [\w.]+", str(exc))
+        first = found.group(0) if found else type(exc).__name__
+        raise GemmaProfileError(
+            f"refused: the checkpoint holds Python objects, not only tensors ({first[:160]})",
+            where=path,
+            hint="gemma-profiles loads checkpoints with weights_only=True; use a plain state-dict checkpoint",
+        ) from None
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]
     if not isinstance(state, dict):
