@@ -194,11 +194,12 @@ def estimate_memory(
     :param prefill_tokens: the longest prompt (sizes activations); default ``seq_len``.
     :param checkpoint_dtype: the checkpoint file's float dtype; None when loading
         does not go through a memory-mapped file.
-    :param offloaded_layers: decoder layers kept on ``offload_device`` instead.
+    :param offloaded_layers: decoder layers kept on ``offload_device`` (``cpu`` or ``disk``)
+        instead, and streamed through two layer-sized slots on ``device``.
     """
     size = DTYPE_BYTES[dtype]
     kind = device.split(":")[0]
-    host = "cpu" if kind == "cpu" else offload_device
+    host = "cpu"  # checkpoint pages and offloaded-to-cpu layers live in host memory, whatever the device
     prefill = min(prefill_tokens or seq_len, seq_len)
     layers_here = shape.num_hidden_layers - offloaded_layers
     layer = shape.layer_bytes(dtype, int8)
@@ -218,6 +219,10 @@ def estimate_memory(
     ]
     if offloaded_layers:
         items.append(MemoryItem(f"offloaded layers x{offloaded_layers}", offload_device, offloaded_layers * layer))
+        # hooks/offload.py streams offloaded layers through two slots on the device:
+        # one computing, the next one arriving.
+        streamed = min(offloaded_layers, 2)
+        items.append(MemoryItem(f"streaming slots x{streamed}", device, streamed * layer, "offloaded layers run here"))
     kv = shape.num_hidden_layers * batch * seq_len * shape.num_key_value_heads * shape.head_dim * 2 * size
     items.append(MemoryItem("KV cache", device, kv, f"batch {batch} x {seq_len} tokens"))
     masks = 3 if shape.sliding_window_size else 2

@@ -8,6 +8,7 @@ profile's ``hardware:`` facts (``gemma-profile plan``) or from detected
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -127,6 +128,11 @@ class Plan:
     layers: dict[str, str] = field(default_factory=dict)
 
     @property
+    def offloads(self) -> bool:
+        """Whether the placement offloads or maps modules (``hooks/offload.py`` places them after loading)."""
+        return self.placement.offload != "none" or isinstance(self.placement.device_map, dict)
+
+    @property
     def dtype(self) -> str | None:
         setting = self.config.get("dtype")
         return None if setting is None else str(setting.value)
@@ -156,6 +162,71 @@ class Plan:
 
 def normalize_device(device: str) -> str:
     return "cuda:0" if device == "cuda" else device
+
+
+OFFLOAD_TARGETS = ("cpu", "disk")
+#: ``device_map`` keys naming decoder layers: ``3``, ``10-17``, ``layers.3``, ``model.layers.10-17``.
+_LAYER_KEY = re.compile(r"^(?:(?:model\.)?layers\.)?(\d+)(?:-(\d+))?$")
+#: ``device_map`` keys naming the tied embedder (``Gemma3ForMultimodalLM`` calls it ``text_token_embedder``).
+EMBEDDER_KEYS = ("embedder", "text_token_embedder")
+
+
+def split_device_map(
+    device_map: dict[str, str], num_layers: int, where: str = "placement.device_map"
+) -> tuple[dict[int, str], str | None]:
+    """An explicit ``device_map`` as (layer index -> device, embedder device or None).
+
+    Values are devices (``cuda`` means ``cuda:0``), ``cpu`` or ``disk``; layers it
+    does not name stay on the execution device.
+
+    :raises GemmaProfileError: for a key that is neither a decoder layer (range) nor
+        the embedder, or a layer index the model does not have.
+    """
+    layers: dict[int, str] = {}
+    embedder: str | None = None
+    for key, value in device_map.items():
+        device = normalize_device(str(value))
+        if key in EMBEDDER_KEYS:
+            embedder = device
+            continue
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            raise GemmaProfileError(
+                f"device_map key {key!r} names neither decoder layers nor the embedder",
+                where=where,
+                hint="use layer ranges ('0-12', 'model.layers.13') or 'embedder'; the final norm and the rope "
+                "tables always stay on the execution device",
+            )
+        first = int(match.group(1))
+        last = int(match.group(2) or first)
+        if first > last or last >= num_layers:
+            raise GemmaProfileError(
+                f"device_map key {key!r}: this model has decoder layers 0-{num_layers - 1}", where=where
+            )
+        for index in range(first, last + 1):
+            layers[index] = device
+    return layers, embedder
+
+
+def compress_layers(devices: list[str]) -> dict[str, str]:
+    """Per-layer devices as ranges: ``["cuda:0", "cuda:0", "cpu"]`` -> ``{"0-1": "cuda:0", "2-2": "cpu"}``."""
+    ranges: dict[str, str] = {}
+    start = 0
+    for index in range(1, len(devices) + 1):
+        if index == len(devices) or devices[index] != devices[start]:
+            ranges[f"{start}-{index - 1}"] = devices[start]
+            start = index
+    return ranges
+
+
+def expand_layers(layers: dict[str, str]) -> dict[int, str]:
+    """``plan.layers`` ranges back to layer index -> device."""
+    expanded: dict[int, str] = {}
+    for span, device in layers.items():
+        first, _, last = span.partition("-")
+        for index in range(int(first), int(last or first) + 1):
+            expanded[index] = device
+    return expanded
 
 
 def choose_dtype(target: Target | None, variant: str | None, family: str | None) -> Setting | None:
@@ -265,14 +336,6 @@ def make_plan(
         int8 = _size(_with_quant(plan, "auto: the weights do not fit in " + str(plan.dtype)), shape, target)
         if int8.verdict is not None and int8.verdict.fits:
             plan = int8
-    if plan.layers and any(device in ("cpu", "disk") for device in plan.layers.values()) and target.device != "cpu":
-        plan = replace(
-            plan,
-            warnings=(
-                *plan.warnings,
-                "this plan offloads layers, which no installed plugin executes yet: construction will stop",
-            ),
-        )
     return plan
 
 
@@ -315,7 +378,12 @@ def budgets_for(plan: Plan, target: Target) -> dict[str, Budget]:
 
 
 def _estimate(
-    plan: Plan, shape: ModelShape, target: Target, offloaded: int = 0, seq_len: int | None = None
+    plan: Plan,
+    shape: ModelShape,
+    target: Target,
+    offloaded: int = 0,
+    seq_len: int | None = None,
+    offload_device: str = "cpu",
 ) -> MemoryEstimate:
     return estimate_memory(
         shape,
@@ -325,7 +393,7 @@ def _estimate(
         batch=plan.batch,
         seq_len=seq_len or plan.seq_len,
         offloaded_layers=offloaded,
-        offload_device="cpu",
+        offload_device=offload_device,
     )
 
 
@@ -340,17 +408,31 @@ def _shortfall(estimate: MemoryEstimate, budgets: dict[str, Budget]) -> dict[str
 def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
     budgets = budgets_for(plan, target)
     layers = shape.num_hidden_layers
-    offloaded = 0
-    estimate = _estimate(plan, shape, target)
-    if plan.placement.offload != "none" and target.device != "cpu":
-        # Keep as many layers resident as the budget allows; the rest wait on the CPU.
-        while offloaded < layers and _shortfall(estimate, budgets).get(target.device, 0) > 0:
+    offload = plan.placement.offload
+    device_map = plan.placement.device_map
+    if isinstance(device_map, dict):
+        # An explicit map wins; "cpu" on a CPU target is simply resident.
+        named, _ = split_device_map(device_map, layers, f"{plan.profile_path} placement.device_map")
+        devices = [named.get(index, target.device) for index in range(layers)]
+        stored = [d for d in devices if d in OFFLOAD_TARGETS and d != target.device]
+        offloaded = len(stored)
+        where = "disk" if stored and all(d == "disk" for d in stored) else "cpu"
+        estimate = _estimate(plan, shape, target, offloaded, offload_device=where)
+        layer_map = compress_layers(devices)
+    else:
+        # Keep as many layers resident as the budget allows; the rest wait on the CPU
+        # (or on disk).  On a CPU target only disk offload frees anything.
+        offloaded = 0
+        estimate = _estimate(plan, shape, target)
+        budget_device = target.device
+        offloading = offload != "none" and (target.device != "cpu" or offload == "disk")
+        while offloading and offloaded < layers and _shortfall(estimate, budgets).get(budget_device, 0) > 0:
             offloaded += 1
-            estimate = _estimate(plan, shape, target, offloaded)
-    resident = layers - offloaded
-    layer_map = {f"0-{resident - 1}": target.device} if resident else {}
-    if offloaded:
-        layer_map[f"{resident}-{layers - 1}"] = plan.placement.offload
+            estimate = _estimate(plan, shape, target, offloaded, offload_device=offload)
+        resident = layers - offloaded
+        layer_map = {f"0-{resident - 1}": target.device} if resident else {}
+        if offloaded:
+            layer_map[f"{resident}-{layers - 1}"] = offload
     short = _shortfall(estimate, budgets)
     if not short:
         used = ", ".join(
@@ -360,7 +442,7 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
         )
         how = f"int8 weights, {plan.dtype} compute" if plan.quantization == "int8" else f"{plan.dtype} weights"
         if offloaded:
-            how += f", {offloaded} of {layers} layers offloaded to {plan.placement.offload}"
+            how += f", {offloaded} of {layers} layers offloaded to {offload if offload != 'none' else 'cpu/disk'}"
         verdict = Verdict(True, f"fits ({how}; {used})")
     else:
         worst = max(short, key=lambda d: short[d])
@@ -389,6 +471,10 @@ def _cheapest_fix(plan: Plan, shape: ModelShape, target: Target, budgets: dict[s
         for offloaded in range(1, shape.num_hidden_layers + 1):
             if not _shortfall(_estimate(plan, shape, target, offloaded), budgets):
                 return f"offload {offloaded} of {shape.num_hidden_layers} layers to the CPU (placement.offload: cpu)"
+    else:
+        for offloaded in range(1, shape.num_hidden_layers + 1):
+            if not _shortfall(_estimate(plan, shape, target, offloaded, offload_device="disk"), budgets):
+                return f"offload {offloaded} of {shape.num_hidden_layers} layers to disk (placement.offload: disk)"
     family = plan.family
     smaller = [
         name

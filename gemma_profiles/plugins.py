@@ -42,6 +42,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("loading", "gemma_profiles.hooks.loading"),
     ("oom", "gemma_profiles.hooks.oom"),
     ("quantization", "gemma_profiles.hooks.quantization"),
+    ("offload", "gemma_profiles.hooks.offload"),
 )
 
 

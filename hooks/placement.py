@@ -8,7 +8,9 @@ Policy (README "Device policy"):
 - ``model.to(x)`` and ``model.generate(..., device=x)`` use the profile's
   device instead of ``x`` (logged once per call kind and device); ``generate``
   first moves the model there if it is elsewhere;
-- a profile without ``placement.device`` leaves every device choice to the script;
+- a profile without ``placement.device`` leaves every device choice to the script
+  (unless it offloads: then ``hooks/offload.py`` picks the execution device);
+- a profile that offloads or maps modules is placed after loading, by ``hooks/offload.py``;
 - a profile device this machine lacks is an error at the first move, naming
   the profile and the device.
 """
@@ -56,20 +58,13 @@ def require_device(plan: Plan) -> str:
 
 
 @hookimpl
-def gemma_profile_preflight(plan: Plan) -> None:
-    placement = plan.placement
-    if placement.offload != "none" or isinstance(placement.device_map, dict) or placement.device_map == "auto":
-        raise GemmaProfileError(
-            f"profile '{plan.profile}' asks for a device map / {placement.offload} offload, "
-            "which no installed plugin provides yet",
-            where=plan.profile_path,
-            hint="use a variant that fits on one device, or int8 weights",
-        )
-
-
-@hookimpl
 def gemma_profile_model_built(model: Any, plan: Plan) -> None:
     if plan.device is None:
+        return
+    if plan.offloads:
+        # Moving everything now would put offloaded layers on the device too; the
+        # offload plugin places each module once the weights are loaded.
+        logger.debug("[{}] offload: modules are placed after loading", plan.profile)
         return
     device = str(plan.device.value)
     if device_problem(device) is None:

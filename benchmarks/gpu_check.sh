@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# GPU checks for offload (issue 4), in one call, offline, under 8 minutes:
+#   1. the CUDA tests (tests/test_offload_gpu.py, plus the CPU offload tests on this machine);
+#   2. benchmarks/offload_gpu.py: a 2b-shaped model under a 5 GiB CUDA allocator cap - ours
+#      (offload: cpu / disk, prefetch on a side stream) against accelerate's cpu_offload and
+#      dispatch_model at the same layer split, the fraction of the measured host->device
+#      bandwidth bound reached, and pascal-5gb's int8 2b run capped at 5 GiB.
+#
+# From the repository root on a machine with a GPU:
+#     bash benchmarks/gpu_check.sh
+# With this workplace's device tool (the log and offload_gpu.json come back in $OUT):
+#     run(command="bash benchmarks/gpu_check.sh", carry=[".whl", "third_party/gemma_pytorch"], timeout_s=540)
+#
+# The GPU machine has torch (and accelerate, sentencepiece, pluggy, pyyaml, click, psutil) but no
+# package registry.  Whatever else is missing travels as wheels in the folder GEMMA_PROFILES_WHEELS
+# (default: .wheels, then .whl - ignored by git, never committed), installed with
+# `pip install --no-index --find-links`.  Make it here (Python 3.12, x86-64):
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#         -d .whl loguru pydantic pydantic_core annotated-types typing-inspection typing_extensions platformdirs
+#     (add accelerate, safetensors, huggingface_hub ... if the machine lacks accelerate)
+#     echo /.whl/ >> .git/info/exclude
+# accelerate not importable after that: the comparison rows are skipped, with a message.
+# gemma: the real gemma_pytorch when GEMMA_PYTORCH_SRC (default third_party/gemma_pytorch) holds it,
+# else the stand-in in tests/standin.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PYTEST_FLAGS=
+PY=${PYTHON:-python3}
+OUT=${OUT:-$ROOT/.gpu-check-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG=$OUT/gpu_check.log
+exec > >(tee "$LOG") 2>&1
+started=$(date +%s)
+elapsed() { echo "[$(( $(date +%s) - started )) s]"; }
+
+echo "== machine $(elapsed)"
+nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
+$PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, \
+'available', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+
+echo "== dependencies $(elapsed)"
+missing() {
+    $PY - <<'EOF'
+import importlib.util
+names = {"loguru": "loguru", "pydantic": "pydantic", "platformdirs": "platformdirs", "pluggy": "pluggy",
+         "yaml": "pyyaml", "click": "click", "psutil": "psutil", "sentencepiece": "sentencepiece",
+         "pytest": "pytest", "accelerate": "accelerate"}
+print(" ".join(dist for module, dist in names.items() if importlib.util.find_spec(module) is None))
+EOF
+}
+need=$(missing)
+WHEELS=${GEMMA_PROFILES_WHEELS:-}
+if [ -z "$WHEELS" ]; then
+    for candidate in .wheels .whl; do [ -d "$candidate" ] && WHEELS=$candidate && break; done
+fi
+if [ -n "$need" ]; then
+    echo "missing: $need"
+    if [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then
+        echo "installing from $WHEELS (no index)"
+        # shellcheck disable=SC2086
+        $PY -m pip install -q --no-index --find-links "$WHEELS" $need 2>&1 | tail -3 || true
+        need=$(missing)
+        [ -n "$need" ] && echo "still missing after $WHEELS: $need"
+    else
+        echo "no wheel folder (GEMMA_PROFILES_WHEELS, .wheels, .whl): see the header of this script"
+    fi
+fi
+for required in loguru pydantic platformdirs pluggy pyyaml click psutil sentencepiece pytest; do
+    case " $need " in *" $required "*) echo "FATAL: $required is required"; exit 2 ;; esac
+done
+case " $need " in *" accelerate "*) echo "accelerate is not importable: the comparison with it is skipped" ;; esac
+
+echo "== gemma-profiles and gemma $(elapsed)"
+# gemma-profiles from this tree: hooks/ and profiles/ are installed as gemma_profiles.hooks/.profiles.
+if $PY -c "import gemma_profiles.hooks.offload" 2>/dev/null; then
+    echo "gemma-profiles already importable"
+elif ! $PY -m pip install -q --no-deps --no-index --no-build-isolation -e . >/dev/null 2>&1; then
+    echo "pip install -e . failed; using a copy on PYTHONPATH"
+    rm -rf /tmp/gp-src && mkdir -p /tmp/gp-src
+    cp -r gemma_profiles /tmp/gp-src/ && cp -r hooks /tmp/gp-src/gemma_profiles/hooks
+    cp -r profiles /tmp/gp-src/gemma_profiles/profiles && cp gemma_profiles_autoload.py /tmp/gp-src/
+    export PYTHONPATH=/tmp/gp-src${PYTHONPATH:+:$PYTHONPATH}
+    # -P: the repository root must not come first on sys.path (its gemma_profiles/ lacks hooks/).
+    PYTEST_FLAGS=-P
+fi
+SRC=${GEMMA_PYTORCH_SRC:-$ROOT/third_party/gemma_pytorch}
+if $PY -c "import gemma.model" 2>/dev/null; then
+    echo "gemma already importable"
+elif [ -f "$SRC/gemma/model.py" ]; then
+    export PYTHONPATH=$SRC${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$ROOT/tests/standin${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY -c "from gemma_profiles.gemma_info import gemma_status; print('gemma under test:', gemma_status().describe())" \
+    || { echo "FATAL: gemma-profiles does not import"; exit 2; }
+
+echo "== tests: CUDA offload, then the CPU offload tests on this machine $(elapsed)"
+timeout 120 $PY ${PYTEST_FLAGS:-} -m pytest -q -p no:cacheprovider -x tests/test_offload_gpu.py tests/test_offload.py 2>&1 | tail -25
+tests=${PIPESTATUS[0]}
+
+echo "== benchmark $(elapsed)"
+export OUT
+timeout 340 $PY benchmarks/offload_gpu.py "$@"
+bench=$?
+
+echo "== done $(elapsed): tests exit $tests, benchmark exit $bench (log: $LOG)"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

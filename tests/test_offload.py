@@ -1,0 +1,522 @@
+"""Offload (hooks/offload.py) against gemma's own flow: real gemma_pytorch when installed, else the stand-in.
+
+Every placement - all resident, CPU-offloaded and streamed through slots (the GPU's
+code path, forced on the CPU), disk-offloaded (memory-mapped) - must give exactly the
+plain single-device model's greedy tokens and logits; the caller's KV cache must be
+written in place; a cache on the wrong device must raise; disk offload must keep the
+resident set below the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gemma_profiles.hooks import offload
+
+import gemma_profiles
+from gemma_profiles import streaming
+from gemma_profiles.errors import GemmaProfileError
+from gemma_profiles.memory import ModelShape
+from gemma_profiles.plan import Target, compress_layers, expand_layers, make_plan, split_device_map
+from gemma_profiles.profile import load_profile
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).parent
+PROMPT = "the cat sees"
+OUTPUT_LEN = 5
+
+
+def layers_for(variant: str) -> int:
+    """Enough layers for the slots to cycle; Gemma 3's pattern (5 local + 1 global) plus one."""
+    return 7 if variant == "1b" else 5
+
+
+def build(gemma: Any, tokenizer: str, variant: str) -> Any:
+    """run.py's construction step (float32, as run.py forces) on a tiny config."""
+    from gemma_testing import tiny_config
+
+    config = tiny_config(gemma.config, variant, tokenizer, dtype="float32")
+    config = dataclasses.replace(config, num_hidden_layers=layers_for(variant), quant=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return gemma.model.GemmaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@dataclasses.dataclass
+class Run:
+    text: str
+    logits: list[torch.Tensor]
+    model: Any
+
+
+def generate(model: Any) -> Run:
+    logits: list[torch.Tensor] = []
+    handle = model.sampler.register_forward_hook(lambda module, args, output: logits.append(output[1].clone()))
+    try:
+        text = model.generate(PROMPT, "cpu", output_len=OUTPUT_LEN, temperature=None)
+    finally:
+        handle.remove()
+    return Run(text, logits, model)
+
+
+@pytest.fixture(scope="module")
+def checkpoints() -> dict[str, str]:
+    """Checkpoint paths by variant, written once per module."""
+    return {}
+
+
+@pytest.fixture
+def checkpoint(
+    gemma: Any, tokenizer_path: str, tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, str]
+) -> Callable[..., str]:
+    """``checkpoint(variant)``: a random float32 checkpoint for the tiny variant (cached per module)."""
+    from gemma_testing import write_random_checkpoint
+
+    def make(variant: str) -> str:
+        if variant not in checkpoints:
+            path = tmp_path_factory.mktemp("ckpt") / f"{variant}.ckpt"
+            write_random_checkpoint(build(gemma, tokenizer_path, variant), str(path), torch.float32, seed=7)
+            checkpoints[variant] = str(path)
+        return checkpoints[variant]
+
+    return make
+
+
+@pytest.fixture
+def reference(gemma: Any, tokenizer_path: str, checkpoint: Callable[..., str]) -> Callable[[str], Run]:
+    """The plain model - no profile, one device - for a variant."""
+
+    def make(variant: str) -> Run:
+        model = build(gemma, tokenizer_path, variant)
+        model.load_weights(checkpoint(variant))
+        return generate(model.to("cpu").eval())
+
+    return make
+
+
+@pytest.fixture
+def offloaded(
+    gemma: Any, tokenizer_path: str, checkpoint: Callable[..., str], write_profile: Callable[..., Path], tmp_path: Path
+) -> Callable[..., Run]:
+    """``offloaded(variant, placement, stream_cpu=False)``: the same flow under a profile with that placement.
+
+    ``FOLDER`` in the placement becomes a temporary offload folder; ``stream_cpu`` streams
+    ``cpu`` layers through slots (the GPU's code path) although the execution device is the CPU.
+    """
+    profiles = iter(range(100))
+
+    def make(variant: str, placement: str, stream_cpu: bool = False) -> Run:
+        name = f"offload-{next(profiles)}"
+        text = placement.replace("FOLDER", str(tmp_path / "offload"))
+        path = write_profile(
+            name, f"name: {name}\ndescription: offload test\nconfig: {{dtype: float32}}\nplacement: {text}\n"
+        )
+        with gemma_profiles.use(str(path)):
+            with offload.streaming_on_cpu() if stream_cpu else contextlib.nullcontext():
+                model = build(gemma, tokenizer_path, variant)
+                model.load_weights(checkpoint(variant))
+            return generate(model.to("cpu").eval())
+
+    return make
+
+
+PLACEMENTS = {
+    "resident": ("{device: cpu}", False),
+    "cpu-offload-on-cpu": ("{device: cpu, offload: cpu}", False),
+    "cpu-streamed": ("{device: cpu, offload: cpu}", True),
+    "disk": ("{device: cpu, offload: disk, offload_folder: FOLDER, device_map: {'1-4': disk}}", False),
+    "disk-and-cpu-streamed": (
+        "{device: cpu, offload: disk, offload_folder: FOLDER, device_map: {'0-1': cpu, '2-4': disk}}",
+        True,
+    ),
+    "disk-with-embedder": (
+        "{device: cpu, offload: disk, offload_folder: FOLDER, device_map: {embedder: disk, '0-4': disk}}",
+        False,
+    ),
+}
+
+
+def same_logits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) == OUTPUT_LEN and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("variant", ["2b", "2b-v2", "1b"])
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_every_placement_matches_the_plain_model_exactly(
+    variant: str, placement: str, reference: Callable[[str], Run], offloaded: Callable[..., Run]
+) -> None:
+    expected = reference(variant)
+    text, stream_cpu = PLACEMENTS[placement]
+    run = offloaded(variant, text, stream_cpu)
+    assert run.text == expected.text
+    assert same_logits(run.logits, expected.logits), "logits differ from the plain model's"
+    state = streaming.offload_state(run.model)
+    if placement == "resident":
+        assert state is None, "no offload asked, nothing installed"
+        return
+    assert state is not None
+    units = {unit.index: unit.kind for unit in state.units}
+    if placement == "cpu-streamed":
+        assert units == dict.fromkeys(range(layers_for(variant)), "cpu")
+        assert state.streamer is not None and state.streamer.copied >= OUTPUT_LEN, "layers were copied per token"
+    if placement.startswith("disk"):
+        assert "disk" in units.values()
+        assert state.folder is not None and sorted(p.name for p in state.folder.iterdir())
+    if placement == "cpu-offload-on-cpu":
+        assert units == {}, "the weights are in CPU memory already"
+
+
+def test_streamed_weights_go_back_to_their_storage(
+    offloaded: Callable[..., Run], reference: Callable[[str], Run]
+) -> None:
+    run = offloaded("2b", PLACEMENTS["disk-and-cpu-streamed"][0], stream_cpu=True)
+    state = streaming.offload_state(run.model)
+    assert state is not None and state.streamer is not None
+    for unit in state.units:
+        start = unit.storage.data_ptr()
+        for param in unit.params:
+            assert start <= param.data_ptr() < start + unit.nbytes, f"{unit.name} still points at a slot"
+    # state_dict() reads the storage: the same tensors the plain model loaded.
+    expected = reference("2b").model.state_dict()
+    for name, tensor in run.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_prefetch_off_gives_the_same_tokens(
+    gemma: Any, tokenizer_path: str, checkpoint: Callable[..., str], reference: Callable[[str], Run], tmp_path: Path
+) -> None:
+    model = build(gemma, tokenizer_path, "2b")
+    model.load_weights(checkpoint("2b"))
+    layout = streaming.Layout("cpu", {i: "cpu" for i in range(5)} | {3: "disk"}, folder=str(tmp_path))
+    state = streaming.apply_offload(model, layout, prefetch=False)
+    run = generate(model.eval())
+    assert same_logits(run.logits, reference("2b").logits)
+    assert state.streamer is not None and state.streamer.copied > 0
+    streaming.remove_offload(model)
+    assert streaming.offload_state(model) is None
+    assert same_logits(generate(model).logits, reference("2b").logits), "the storage still holds the weights"
+
+
+# -- the KV cache ------------------------------------------------------------------------
+
+
+def forward_once(model: Any, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One prefill step the way gemma's generate() calls forward; returns the logits."""
+    config = model.config
+    ids = torch.tensor([model.tokenizer.encode(PROMPT)])
+    length = ids.shape[1]
+    size = caches[0][0].shape[1]
+    positions = torch.arange(length)
+    mask = torch.full((1, 1, size, size), -2.3819763e38).triu(1).index_select(2, positions)
+    local = None
+    if config.sliding_window_size:
+        rows, cols = torch.arange(size).unsqueeze(1), torch.arange(size).unsqueeze(0)
+        allowed = (cols <= rows) & (rows - cols < config.sliding_window_size)
+        local = torch.where(allowed, 0.0, -2.3819763e38)[None, None].index_select(2, positions)
+    _, logits = model(
+        input_token_ids=ids,
+        input_positions=positions,
+        kv_write_indices=None,
+        kv_caches=caches,
+        mask=mask,
+        output_positions=torch.tensor([length - 1]),
+        temperatures=None,
+        top_ps=torch.tensor([1.0]),
+        top_ks=torch.tensor([1]),
+        local_mask=local,
+    )
+    assert isinstance(logits, torch.Tensor)
+    return logits
+
+
+def new_caches(model: Any, device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    config = model.config
+    shape = (1, 16, config.num_key_value_heads, config.head_dim)
+    return [
+        (torch.zeros(shape, device=device), torch.zeros(shape, device=device)) for _ in range(config.num_hidden_layers)
+    ]
+
+
+def assert_caches_written(caches: list[tuple[torch.Tensor, torch.Tensor]], expected: list[Any]) -> None:
+    """The caller's own cache tensors hold what the plain model wrote into its own."""
+    for index, (got, want) in enumerate(zip(caches, expected, strict=True)):
+        assert bool(want[0].abs().sum() > 0), "the reference wrote its cache"
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"layer {index}'s cache was not written"
+
+
+@pytest.mark.parametrize("placement", ["cpu-streamed", "disk", "disk-with-embedder"])
+def test_the_callers_kv_cache_is_written_in_place(
+    placement: str, reference: Callable[[str], Run], offloaded: Callable[..., Run]
+) -> None:
+    plain = reference("2b").model
+    expected = new_caches(plain)
+    want_logits = forward_once(plain, expected)
+    text, stream_cpu = PLACEMENTS[placement]
+    model = offloaded("2b", text, stream_cpu).model
+    caches = new_caches(model)
+    assert torch.equal(forward_once(model, caches), want_logits)
+    assert_caches_written(caches, expected)
+
+
+def copy_caches_like_accelerate(model: Any) -> None:
+    """What accelerate's hooks do to a layer's inputs on another device: ``.to()`` - a new tensor."""
+    for layer in model.model.layers:
+        original = layer.forward
+
+        def forward(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            kwargs["kv_cache"] = tuple(t.to("cpu", copy=True) for t in kwargs["kv_cache"])
+            return _original(*args, **kwargs)
+
+        layer.forward = forward
+
+
+def test_a_copied_kv_cache_is_wrong_silently_and_the_written_check_catches_it(
+    reference: Callable[[str], Run],
+) -> None:
+    plain = reference("2b").model
+    expected = new_caches(plain)
+    forward_once(plain, expected)
+    copying = reference("2b").model
+    copy_caches_like_accelerate(copying)
+    caches = new_caches(copying)
+    forward_once(copying, caches)  # no error ...
+    with pytest.raises(AssertionError, match="was not written"):
+        assert_caches_written(caches, expected)  # ... but the cache stayed empty
+    assert generate(copying).logits[-1].ne(reference("2b").logits[-1]).any(), "decoding went wrong"
+
+
+@pytest.mark.parametrize("placement", ["cpu-offload-on-cpu", "cpu-streamed", "disk"])
+def test_a_kv_cache_on_another_device_raises_instead_of_being_copied(
+    placement: str, offloaded: Callable[..., Run]
+) -> None:
+    text, stream_cpu = PLACEMENTS[placement]
+    model = offloaded("2b", text, stream_cpu).model
+    copy_caches_like_accelerate(model)  # our check runs before any wrapper could move the cache
+    with pytest.raises(GemmaProfileError, match=r"decoder layer 0 runs on cpu but its KV cache is on meta"):
+        forward_once(model, new_caches(model, "meta"))
+
+
+# -- placement and policy -----------------------------------------------------------------
+
+
+def test_model_to_keeps_offloaded_layers_and_refuses_a_dtype_change(offloaded: Callable[..., Run]) -> None:
+    run = offloaded("2b", PLACEMENTS["disk"][0])
+    model = run.model
+    layer = model.model.layers[2]
+    before = layer.mlp.down_proj.weight.data_ptr()
+    model.to("cpu")
+    assert layer.mlp.down_proj.weight.data_ptr() == before, "still the memory-mapped storage"
+    with pytest.raises(GemmaProfileError, match=r"decoder layer 1 is offloaded in torch\.float32"):
+        model.to(torch.float16)
+
+
+def test_without_a_profile_device_generate_runs_on_the_execution_device(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],
+    reference: Callable[[str], Run],
+    write_profile: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    path = write_profile(
+        "no-device",
+        "name: no-device\ndescription: t\nconfig: {dtype: float32}\n"
+        f"placement: {{offload: disk, offload_folder: {tmp_path}, device_map: {{'0-4': disk}}}}\n",
+    )
+    with gemma_profiles.use(str(path)):
+        model = build(gemma, tokenizer_path, "2b")
+        model.load_weights(checkpoint("2b"))
+        state = streaming.offload_state(model)
+        assert state is not None and state.layout.device == ("cuda:0" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            assert model.generate(PROMPT, "meta", output_len=OUTPUT_LEN, temperature=None) == reference("2b").text
+
+
+def test_loading_twice_reapplies_offload(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],
+    reference: Callable[[str], Run],
+    write_profile: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    path = write_profile(
+        "twice",
+        "name: twice\ndescription: t\nconfig: {dtype: float32}\n"
+        f"placement: {{device: cpu, offload: disk, offload_folder: {tmp_path}, device_map: {{'0-4': disk}}}}\n",
+    )
+    with gemma_profiles.use(str(path)):
+        model = build(gemma, tokenizer_path, "2b")
+        model.load_weights(checkpoint("2b"))
+        first = streaming.offload_state(model)
+        model.load_weights(checkpoint("2b"))
+        second = streaming.offload_state(model)
+        run = generate(model.eval())
+    assert first is not None and second is not None and first is not second
+    assert len(model.model.layers[0]._forward_pre_hooks) == 2, "one KV check and one streaming hook, not two of each"
+    assert same_logits(run.logits, reference("2b").logits)
+
+
+def test_a_layer_on_a_second_accelerator_is_refused(offloaded: Callable[..., Run]) -> None:
+    with pytest.raises(GemmaProfileError, match=r"decoder layer 3 on cuda:1.*one device"):
+        offloaded("2b", "{device: cpu, device_map: {'3': 'cuda:1'}}")
+
+
+def test_a_device_map_naming_something_else_is_refused(offloaded: Callable[..., Run]) -> None:
+    with pytest.raises(GemmaProfileError, match=r"'model\.norm' names neither"):
+        offloaded("2b", "{device: cpu, device_map: {model.norm: disk}}")
+    with pytest.raises(GemmaProfileError, match="decoder layers 0-4"):
+        offloaded("2b", "{device: cpu, device_map: {'layers.5': disk}}")
+
+
+def test_int8_weights_offload_to_disk_like_resident(
+    gemma: Any, tokenizer_path: str, write_profile: Callable[..., Path], tmp_path: Path
+) -> None:
+    """int8 layers (weight + weight_scaler) stream like float ones: same tokens as resident under int8."""
+    from gemma_testing import tiny_config, write_random_checkpoint
+
+    config = dataclasses.replace(tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32"), num_hidden_layers=4)
+    quant = dataclasses.replace(config, quant=True)
+    ckpt = tmp_path / "int8.ckpt"
+    write_random_checkpoint(gemma.model.GemmaForCausalLM(quant), str(ckpt), torch.float32, seed=3)
+    runs = []
+    for name, placement in (
+        ("int8-resident", "{device: cpu}"),
+        ("int8-disk", f"{{device: cpu, offload: disk, offload_folder: {tmp_path}, device_map: {{'0-3': disk}}}}"),
+    ):
+        path = write_profile(
+            name,
+            f"name: {name}\ndescription: t\nconfig: {{dtype: float32}}\nquantization: {{weights: int8}}\n"
+            f"placement: {placement}\n",
+        )
+        with gemma_profiles.use(str(path)):
+            model = gemma.model.GemmaForCausalLM(config)
+            model.load_weights(str(ckpt))
+            runs.append(generate(model.eval()))
+    assert runs[0].text == runs[1].text
+    assert same_logits(runs[0].logits, runs[1].logits)
+
+
+def test_without_a_sized_plan_max_memory_decides_how_many_layers_stay(
+    gemma: Any, tokenizer_path: str, write_profile: Callable[..., Path]
+) -> None:
+    """No target (the profile's device is missing here, or MPS): the split comes from max_memory, else all go."""
+    model = build(gemma, tokenizer_path, "2b")
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    rest = sum(p.numel() * p.element_size() for p in model.parameters()) - 5 * layer
+    rest += sum(b.numel() * b.element_size() for b in model.buffers())
+    budget = rest + (2 + 2) * layer + layer // 2  # two slots, two resident layers, half a layer spare
+    for limits, resident in ((f"max_memory: {{cpu: {budget}}}, ", 2), ("", 0)):
+        path = write_profile(
+            f"unsized-{resident}",
+            f"name: unsized-{resident}\ndescription: t\nplacement: {{device: cpu, {limits}offload: disk}}\n",
+        )
+        plan = make_plan(load_profile(path), "2b")
+        assert plan.layers == {} and plan.target is None
+        layout = offload.decide_layout(model, plan, "cpu")
+        assert layout.offloaded == {i: "disk" for i in range(resident, 5)}, layout
+
+
+# -- peak RSS ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_peak_rss_under_disk_offload_stays_below_the_weights(
+    gemma: Any, tokenizer_path: str, tmp_path: Path, write_profile: Callable[..., Path]
+) -> None:
+    from gemma_testing import write_random_checkpoint
+    from offload_rss import rss_config
+
+    layers = 16
+    config = rss_config(gemma.config, tokenizer_path, layers)
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in gemma.model.GemmaForCausalLM(config).named_parameters()}
+    ckpt = tmp_path / "wide.ckpt"
+    write_random_checkpoint(shapes, str(ckpt), torch.float32, seed=5)
+    profile = write_profile(
+        "disk-rss",
+        "name: disk-rss\ndescription: all layers on disk\nconfig: {dtype: float32}\n"
+        f"placement: {{device: cpu, offload: disk, offload_folder: {tmp_path / 'offload'}, "
+        f"device_map: {{'0-{layers - 1}': disk}}}}\n",
+    )
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "offload_rss.py"),
+            "--tokenizer",
+            tokenizer_path,
+            "--ckpt",
+            str(ckpt),
+            "--profile",
+            str(profile),
+            "--layers",
+            str(layers),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    weights = report["weights"]
+    assert weights > 200 * 2**20
+    generating = report["peak_generate"] - report["baseline"]
+    # Two layers in flight (one computing, one faulted in ahead), plus the small resident rest.
+    assert generating < weights / 2, report
+    assert report["after_load"] - report["baseline"] < weights / 2, report
+    if report["lazy_loader"]:  # a loader that memory-maps the checkpoint: loading stays below the weights too
+        assert report["peak_load"] - report["baseline"] < weights, report
+
+
+# -- the planner (no torch) ----------------------------------------------------------------------
+
+
+def test_planner_offloads_to_disk_on_a_cpu_target_when_ram_is_short(write_profile: Callable[..., Path]) -> None:
+    path = write_profile(
+        "small-ram",
+        "name: small-ram\ndescription: t\nconfig: {dtype: bfloat16}\nplacement: {device: cpu, offload: disk}\n",
+    )
+    target = Target("cpu", host_memory=12 * 2**30, cpu_isa=("avx2",), source="test")
+    plan = make_plan(load_profile(path), "7b", target=target)
+    assert plan.verdict is not None and plan.verdict.fits, plan.verdict
+    devices = expand_layers(plan.layers)
+    on_disk = [i for i, d in devices.items() if d == "disk"]
+    assert on_disk and on_disk == list(range(min(on_disk), 28)), plan.layers
+    assert plan.memory is not None
+    rows = {item.component: item for item in plan.memory.items}
+    assert rows[f"offloaded layers x{len(on_disk)}"].device == "disk"
+    assert rows["streaming slots x2"].device == "cpu"
+
+
+def test_planner_follows_an_explicit_device_map(write_profile: Callable[..., Path]) -> None:
+    path = write_profile(
+        "mapped",
+        "name: mapped\ndescription: t\nconfig: {dtype: float16}\n"
+        "placement: {device: cuda, device_map: {'0-9': cuda, model.layers.10-17: cpu}}\n",
+    )
+    target = Target("cuda:0", "T4", (7, 5), 15 * 2**30, 32 * 2**30, source="test")
+    plan = make_plan(load_profile(path), "2b", target=target, shape=ModelShape.of_variant("2b"))
+    assert plan.layers == {"0-9": "cuda:0", "10-17": "cpu"}
+    assert plan.offloads
+
+
+def test_device_map_helpers() -> None:
+    layers, embedder = split_device_map({"embedder": "cpu", "0-2": "cuda", "model.layers.3": "disk"}, 4)
+    assert layers == {0: "cuda:0", 1: "cuda:0", 2: "cuda:0", 3: "disk"} and embedder == "cpu"
+    assert compress_layers(["cuda:0", "cuda:0", "cpu", "disk"]) == {"0-1": "cuda:0", "2-2": "cpu", "3-3": "disk"}
+    assert expand_layers({"0-1": "cuda:0", "2": "cpu"}) == {0: "cuda:0", 1: "cuda:0", 2: "cpu"}
+    with pytest.raises(GemmaProfileError, match="names neither"):
+        split_device_map({"sampler": "cpu"}, 4)
