@@ -55,6 +55,15 @@ def materialize_all() -> None:
         materialize(model)
 
 
+def set_pending_device(model: Any, device: str) -> None:
+    """A ``.to(device)`` asked for before the weights arrived."""
+    object.__setattr__(model, "_gemma_profile_pending_device", str(device))
+
+
+def pending_device(model: Any) -> str | None:
+    return model.__dict__.get("_gemma_profile_pending_device")  # type: ignore[no-any-return]
+
+
 def meta_tensors(model: nn.Module) -> list[str]:
     """Names of parameters and buffers still without data."""
     names = [name for name, p in model.named_parameters() if p.is_meta]

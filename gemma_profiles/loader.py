@@ -187,13 +187,16 @@ def dequantize_rows(weight: torch.Tensor, scaler: torch.Tensor, dtype: torch.dty
     return out
 
 
-def execution_devices(plan: Plan) -> tuple[str, dict[int, str]]:
-    """The device resident tensors go to, and per-layer devices from the plan's layer map."""
-    device = "cpu"
-    if plan.device is not None:
-        from .hooks.placement import device_problem
+def execution_devices(plan: Plan, pending: str | None = None) -> tuple[str, dict[int, str]]:
+    """The device resident tensors go to, and per-layer devices from the plan's layer map.
 
-        wanted = str(plan.device.value)
+    :param pending: a device the script asked for with ``.to()`` before loading.
+    """
+    from .hooks.placement import device_problem
+
+    device = "cpu"
+    wanted = str(plan.device.value) if plan.device is not None else pending
+    if wanted is not None:
         device = wanted if device_problem(wanted) is None else "cpu"
     layers: dict[int, str] = {}
     for span, where in plan.layers.items():
@@ -205,7 +208,9 @@ def execution_devices(plan: Plan) -> tuple[str, dict[int, str]]:
 
 def lean_load(model: Any, path: str, plan: Plan) -> None:
     """Load ``path`` into a lazily built ``model`` following ``plan``."""
-    device, layer_devices = execution_devices(plan)
+    from .lazy import pending_device
+
+    device, layer_devices = execution_devices(plan, pending_device(model))
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     int8_in_model = {name for name, t in targets.items() if t.dtype == torch.int8}

@@ -153,12 +153,18 @@ def _wrap_load_weights(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_to(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def to(self: Any, *args: Any, **kwargs: Any) -> Any:
-        lazy.materialize(self)
         plan = plan_of(self)
         if plan is None:
+            lazy.materialize(self)
             return original(self, *args, **kwargs)
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         chosen = get_plugin_manager().resolve_device(device, plan, "to") if device is not None else None
+        if lazy.is_lazy(self) and device is not None and dtype is None:
+            # No weights yet: remember the device; the loader puts each tensor there (or
+            # keeps an offloaded layer on the CPU) instead of building and moving all of it now.
+            lazy.set_pending_device(self, chosen or str(device))
+            return self
+        lazy.materialize(self)
         if chosen is None:
             return original(self, *args, **kwargs)
         converted: dict[str, Any] = {"device": torch.device(chosen), "non_blocking": non_blocking}
@@ -174,7 +180,11 @@ def _wrap_to(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_generate(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
-        lazy.materialize(self)
+        if lazy.is_lazy(self):  # generating without weights: gemma's behaviour, on the asked device
+            pending = lazy.pending_device(self)
+            lazy.materialize(self)
+            if pending is not None:
+                self.to(pending)
         plan = plan_of(self)
         if plan is None:
             return original(self, *args, **kwargs)

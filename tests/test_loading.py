@@ -280,3 +280,17 @@ def test_bench_command(gemma: Any, tokenizer_path: str, tmp_path: Path, write_pr
     assert data["tokens_per_s"] > 0 and data["peak_memory"] > 0
     missing = CliRunner().invoke(cli, ["bench", str(profile), "--variant", "2b", "--ckpt", str(tmp_path / "nope.ckpt")])
     assert missing.exit_code == 2 and "checkpoint not found" in missing.stderr
+
+
+def test_to_before_load_weights_defers_to_the_loader(
+    gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any
+) -> None:
+    """``model.to(device)`` before ``load_weights`` does not build the whole model first."""
+    path, state = float_ckpt
+    with gemma_profiles.use(profile("float32")):
+        model = build(gemma, tokenizer_path)
+        assert model.to("cpu") is model
+        assert any(p.is_meta for p in model.parameters()), "still lazy: nothing allocated yet"
+        model.load_weights(path)
+        assert not any(p.is_meta for p in model.parameters())
+        assert torch.equal(model.state_dict()["embedder.weight"], state["embedder.weight"])
