@@ -177,6 +177,7 @@ def main() -> int:
             seq_len=result["prompt_tokens"] + OUTPUT_LEN,
             prefill_tokens=result["prompt_tokens"],
             checkpoint_dtype=ckpt_dtype,
+            engine="profiles" if profiled else "gemma",
         )
         predicted = estimate.peak["cpu"]
         ratio = predicted / measured

@@ -24,6 +24,15 @@ Every figure follows what gemma_pytorch allocates (DESIGN.md):
   but not towards what must fit;
 - CUDA context and a reserve margin on accelerators (max(2 %, 512 MiB), as
   mistral.rs; llama.cpp keeps 1 GiB).
+
+``engine="gemma"`` describes gemma_pytorch as it ships (the items above);
+``engine="profiles"`` - what runs while a profile is active - differs in three
+ways: the lean loader assigns memory-mapped tensors (no second copy when the
+checkpoint's dtype is the compute dtype; otherwise one source tensor's pages at
+a time), the int8 path keeps the tied embedder in the compute dtype and never
+rebuilds a full-precision weight (``_weight_int8pack_mm`` on a bf16 CPU, one
+reused scratch buffer the size of the largest linear elsewhere), and tensors go
+straight to the execution device (no full CPU copy before a GPU).
 """
 
 from __future__ import annotations
@@ -186,6 +195,7 @@ def estimate_memory(
     checkpoint_dtype: str | None = "bfloat16",
     offloaded_layers: int = 0,
     offload_device: str = "cpu",
+    engine: str = "profiles",
 ) -> MemoryEstimate:
     """Estimate the memory of building, loading and generating with one model.
 
@@ -196,7 +206,9 @@ def estimate_memory(
         does not go through a memory-mapped file.
     :param offloaded_layers: decoder layers kept on ``offload_device`` (``cpu`` or ``disk``)
         instead, and streamed through two layer-sized slots on ``device``.
+    :param engine: ``"profiles"`` (a profile is active) or ``"gemma"`` (gemma_pytorch as-is).
     """
+    ours = engine == "profiles"
     size = DTYPE_BYTES[dtype]
     kind = device.split(":")[0]
     host = "cpu"  # checkpoint pages and offloaded-to-cpu layers live in host memory, whatever the device
@@ -204,9 +216,13 @@ def estimate_memory(
     layers_here = shape.num_hidden_layers - offloaded_layers
     layer = shape.layer_bytes(dtype, int8)
     rope_tables = 2 if shape.family == "gemma3" else 1
+    embedder_int8 = int8 and not ours  # our int8 path keeps the tied embedder in the compute dtype
     items = [
         MemoryItem(
-            "embedder (tied output)", device, shape.embedding_bytes(dtype, int8), "int8 + scalers" if int8 else dtype
+            "embedder (tied output)",
+            device,
+            shape.embedding_bytes(dtype, embedder_int8),
+            "int8 + scalers" if embedder_int8 else dtype,
         ),
         MemoryItem(f"decoder layers x{layers_here}", device, layers_here * layer, f"{layer / 2**20:.1f} MiB each"),
         MemoryItem("final norm", device, shape.hidden_size * size),
@@ -227,7 +243,7 @@ def estimate_memory(
     items.append(MemoryItem("KV cache", device, kv, f"batch {batch} x {seq_len} tokens"))
     masks = 3 if shape.sliding_window_size else 2
     items.append(MemoryItem("attention masks", device, masks * seq_len * seq_len * 4, "float32"))
-    if int8:
+    if int8 and not ours:
         items.append(
             MemoryItem(
                 "dequantization workspace",
@@ -236,6 +252,10 @@ def estimate_memory(
                 "gemma rebuilds weight*scaler",
             )
         )
+    elif int8 and not (kind == "cpu" and dtype == "bfloat16"):
+        h = shape.hidden_size
+        largest = max(shape.qkv_out * h, h * shape.num_attention_heads * shape.head_dim, shape.intermediate_size * h)
+        items.append(MemoryItem("int8 scratch buffer", device, largest * size, "one, reused by every layer"))
     heads = shape.num_attention_heads
     mlp = 3 * batch * prefill * shape.intermediate_size * size + 2 * batch * prefill * shape.hidden_size * size
     attention = batch * heads * prefill * seq_len * (2 * size + 4) + 2 * batch * seq_len * heads * shape.head_dim * size
@@ -243,20 +263,34 @@ def estimate_memory(
     items.append(MemoryItem("activation peak", device, max(mlp, attention, logits), f"{prefill} prompt tokens"))
     if kind == "cuda":
         items.append(MemoryItem("CUDA context", device, CUDA_CONTEXT_BYTES, "not in max_memory_allocated"))
-    checkpoint = 0
-    if checkpoint_dtype is not None:
-        checkpoint = (
-            shape.weight_bytes(checkpoint_dtype, int8) if not int8 else shape.weight_bytes(checkpoint_dtype, True)
-        )
+    if checkpoint_dtype is not None and not ours:
         items.append(
             MemoryItem(
                 "checkpoint pages while loading",
                 host,
-                checkpoint,
+                shape.weight_bytes(checkpoint_dtype, int8),
                 "mmap'd by load_weights; reclaimable",
                 reclaimable=True,
             )
         )
+    elif checkpoint_dtype is not None and (int8 or checkpoint_dtype != dtype or kind != "cpu"):
+        # Converted (or moved) one tensor at a time; the largest is the embedder.  With
+        # int8 its source is read while only its int8 copy exists: the compute-dtype
+        # embedder counted above is made from that copy after loading.
+        largest = shape.embedding_weights * DTYPE_BYTES[checkpoint_dtype]
+        if int8:
+            largest = max(0, largest + shape.embedding_weights - shape.embedding_weights * size)
+        items.append(
+            MemoryItem(
+                "one checkpoint tensor while loading", host, largest, "converted, then released", reclaimable=True
+            )
+        )
+        if int8:
+            items.append(
+                MemoryItem(
+                    "int8 embedder while dequantizing", device, shape.embedding_weights, "once, after loading", True
+                )
+            )
 
     def total(on: str, *, with_reclaimable: bool) -> int:
         return sum(i.bytes for i in items if i.device == on and (with_reclaimable or not i.reclaimable))
@@ -270,8 +304,10 @@ def estimate_memory(
         # KV cache, masks and activations exist.
         running = {"KV cache", "attention masks", "activation peak", "dequantization workspace"}
         static = sum(i.bytes for i in items if i.device == d and not i.reclaimable and i.component not in running)
-        load_phase = static + sum(i.bytes for i in items if i.device == d and i.reclaimable)
-        if d == host and kind != "cpu":
+        # Loading transients come one after another (a source tensor's pages, then the
+        # embedder's int8 copy), so the largest one counts.
+        load_phase = static + max((i.bytes for i in items if i.device == d and i.reclaimable), default=0)
+        if d == host and kind != "cpu" and not ours:
             # gemma builds the weights on the CPU; they move to the accelerator before loading.
             load_phase = max(load_phase, static + shape.weight_bytes(dtype, int8))
         peak[d] = max(resident[d], load_phase)

@@ -142,10 +142,21 @@ def test_memory_estimator_matches_design_figures() -> None:
 
 
 def test_gemma_loader_peak_is_twice_the_checkpoint_on_cpu() -> None:
-    estimate = estimate_memory(ModelShape.of_variant("2b"), dtype="bfloat16", int8=False, seq_len=64)
+    estimate = estimate_memory(ModelShape.of_variant("2b"), dtype="bfloat16", int8=False, seq_len=64, engine="gemma")
     weights = ModelShape.of_variant("2b").weight_bytes("bfloat16", False)
     assert estimate.peak["cpu"] == pytest.approx(2.0 * weights, rel=0.02)
     assert estimate.required["cpu"] < 1.1 * weights
+    lean = estimate_memory(ModelShape.of_variant("2b"), dtype="bfloat16", int8=False, seq_len=64)
+    assert lean.peak["cpu"] == pytest.approx(weights, rel=0.03), "the lean loader assigns the mapped tensors"
+
+
+def test_profiles_int8_keeps_the_embedder_and_drops_the_workspace() -> None:
+    shape = ModelShape.of_variant("2b")
+    gemma_int8 = estimate_memory(shape, dtype="bfloat16", int8=True, seq_len=64, engine="gemma")
+    ours = estimate_memory(shape, dtype="bfloat16", int8=True, seq_len=64)
+    assert any(i.component == "dequantization workspace" for i in gemma_int8.items)
+    assert not any("workspace" in i.component or "scratch" in i.component for i in ours.items)
+    assert ours.required["cpu"] < gemma_int8.required["cpu"] - 1.4 * 2**30
 
 
 @pytest.mark.parametrize(
