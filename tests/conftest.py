@@ -12,7 +12,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from gemma_profiles import plugins, runtime
+from loguru import logger
+
+from gemma_profiles import log, plugins, runtime
 from gemma_profiles.gemma_info import gemma_status
 
 _OUR_VARS = ("GEMMA_PROFILE", "GEMMA_PROFILE_PATH", "GEMMA_PROFILE_DISABLE_PLUGINS", "GEMMA_PROFILE_LOG")
@@ -37,6 +39,32 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     finally:
         runtime.deactivate()
         plugins.reset_plugin_manager()
+
+
+@pytest.fixture
+def log_messages() -> Iterator[list[str]]:
+    """Our loguru records as text (the library disables its logger at import)."""
+    messages: list[str] = []
+    logger.enable("gemma_profiles")
+    sink = logger.add(messages.append, level="DEBUG", format="{level} | {message}")
+    try:
+        yield messages
+    finally:
+        logger.remove(sink)
+        logger.disable("gemma_profiles")
+
+
+@pytest.fixture
+def fresh_log_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each CliRunner run gets its own stderr: let ``log.enable`` add a handler bound to it, then drop it."""
+    with monkeypatch.context() as patch:
+        patch.setattr(log, "_handler_id", None)
+        try:
+            yield
+        finally:
+            if log._handler_id is not None:
+                logger.remove(log._handler_id)
+            logger.disable("gemma_profiles")
 
 
 @pytest.fixture

@@ -16,16 +16,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from loguru import logger
 
 import gemma_profiles
-from gemma_profiles import log, plugins, runtime, yamlio
+from gemma_profiles import plugins, runtime, yamlio
 from gemma_profiles.cli import cli
 from gemma_profiles.errors import GemmaNotAvailableError, GemmaProfileError, PluginError
 from gemma_profiles.gemma_info import gemma_status, require_gemma_pytorch
@@ -33,22 +32,11 @@ from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
 from gemma_profiles.state import read_applied, write_applied
 from gemma_profiles.units import format_bytes
 
+pytestmark = pytest.mark.usefixtures("fresh_log_handler")
+
 GiB = 2**30
 HERE = Path(__file__).parent
 CONSOLE_SCRIPT = Path(sys.executable).with_name("gemma-profile")
-
-
-@pytest.fixture(autouse=True)
-def fresh_log_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each CliRunner run gets its own stderr (as in test_cli)."""
-    with monkeypatch.context() as patch:
-        patch.setattr(log, "_handler_id", None)
-        try:
-            yield
-        finally:
-            if log._handler_id is not None:
-                logger.remove(log._handler_id)
-            logger.disable("gemma_profiles")
 
 
 def error_line(result: Result | subprocess.CompletedProcess[str], code: int = 2, prefix: str = "gemma-profile") -> str:

@@ -8,31 +8,17 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from loguru import logger
 
-from gemma_profiles import log
 from gemma_profiles.cli import cli
+
+pytestmark = pytest.mark.usefixtures("fresh_log_handler")
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("gemma-profile")
 FILE_LINE = re.compile(r"\.ya?ml:\d+\b")
-
-
-@pytest.fixture(autouse=True)
-def fresh_log_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each CliRunner run gets its own stderr: let ``log.enable`` add a handler bound to it, then drop it."""
-    with monkeypatch.context() as patch:
-        patch.setattr(log, "_handler_id", None)
-        try:
-            yield
-        finally:
-            if log._handler_id is not None:
-                logger.remove(log._handler_id)
-            logger.disable("gemma_profiles")
 
 
 def invoke(*args: str) -> Result:

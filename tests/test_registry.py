@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from gemma_profiles.hooks.sources import bundled_dir
-from loguru import logger
 
 from gemma_profiles.errors import GemmaProfileError, ProfileNotFoundError
 from gemma_profiles.profile import problems_in
 from gemma_profiles.registry import Registry, default_registry
 from gemma_profiles.types import ProfileSource
-
-
-@pytest.fixture
-def log_messages() -> Iterator[list[str]]:
-    """Our loguru records as text (the library disables its logger at import)."""
-    messages: list[str] = []
-    logger.enable("gemma_profiles")
-    sink = logger.add(messages.append, level="DEBUG", format="{level} | {message}")
-    try:
-        yield messages
-    finally:
-        logger.remove(sink)
-        logger.disable("gemma_profiles")
 
 
 @pytest.fixture

@@ -6,28 +6,13 @@ import errno
 import json
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
 from gemma_profiles import state
 from gemma_profiles.errors import StateError
 from gemma_profiles.state import active_reference, clear_applied, read_applied, state_path, write_applied
-
-
-@pytest.fixture
-def log_messages() -> Iterator[list[str]]:
-    """Our loguru records as text (the library disables its logger at import)."""
-    messages: list[str] = []
-    logger.enable("gemma_profiles")
-    sink = logger.add(messages.append, level="DEBUG", format="{level} | {message}")
-    try:
-        yield messages
-    finally:
-        logger.remove(sink)
-        logger.disable("gemma_profiles")
 
 
 def leftovers(folder: Path) -> list[str]:
