@@ -2,9 +2,9 @@
 
 Policy (README "Device policy"):
 
-- parameters are built on the CPU, as gemma does, in the profile's dtype;
-- right after construction the model moves to ``placement.device`` when that
-  device exists here;
+- parameters are built lazily (meta) in the profile's dtype, and the loader puts
+  each weight on ``placement.device`` when that device exists here (a model built
+  eagerly - materialised before loading - is moved there right after construction);
 - ``model.to(x)`` and ``model.generate(..., device=x)`` use the profile's
   device instead of ``x`` (logged once per call kind and device); ``generate``
   first moves the model there if it is elsewhere;
