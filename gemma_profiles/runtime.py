@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -129,6 +130,14 @@ class Session:
                 f"dtype {dtype!r} is not one gemma knows",
                 where=f"profile {plan.profile}",
                 hint="use float32, float16 or bfloat16",
+            )
+        tokenizer = getattr(rewrite.config, "tokenizer", None)
+        if isinstance(tokenizer, str) and not os.path.isfile(tokenizer):
+            # gemma would stop on a bare `assert` naming only the path, after our plan ran.
+            raise PatchError(
+                f"tokenizer file not found: {tokenizer} (relative to {os.getcwd()})",
+                where=f"profile {plan.profile}",
+                hint="set model_config.tokenizer, or config.tokenizer in the profile, to your tokenizer.model",
             )
         return Build(rewrite.config, plan)
 

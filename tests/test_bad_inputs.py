@@ -569,3 +569,16 @@ def test_two_concurrent_applies_leave_one_of_the_two():
         child.communicate(timeout=60)
         assert child.returncode == 0
     assert read_applied() in ("t4", "cpu-32gb")
+
+
+def test_missing_tokenizer_is_one_line_before_construction(gemma, tokenizer_path, cpu_fp32, tmp_path):
+    from gemma_testing import tiny_config
+
+    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
+    config.tokenizer = str(tmp_path / "no-such" / "tokenizer.model")
+    with (
+        gemma_profiles.use(str(cpu_fp32)),
+        pytest.raises(GemmaProfileError, match="tokenizer file not found") as caught,
+    ):
+        gemma.model.GemmaForCausalLM(config)
+    assert str(caught.value).splitlines() == [str(caught.value)]
