@@ -37,10 +37,10 @@ straight to the execution device (no full CPU copy before a GPU).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .variants import VARIANTS, VariantShape, family_of_architecture
+from .variants import VARIANTS, family_of_architecture
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "bfloat16": 2}
 CUDA_CONTEXT_BYTES = 500 * 2**20
@@ -65,19 +65,8 @@ class ModelShape:
 
     @classmethod
     def of_variant(cls, variant: str) -> ModelShape:
-        v: VariantShape = VARIANTS[variant]
-        return cls(
-            v.family,
-            v.num_hidden_layers,
-            v.hidden_size,
-            v.intermediate_size,
-            v.num_attention_heads,
-            v.num_key_value_heads,
-            v.head_dim,
-            v.vocab_size,
-            v.max_position_embeddings,
-            v.sliding_window_size,
-        )
+        shape = VARIANTS[variant]
+        return cls(**{f.name: getattr(shape, f.name) for f in fields(cls)})
 
     @classmethod
     def of_config(cls, config: Any) -> ModelShape:

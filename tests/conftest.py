@@ -14,8 +14,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from loguru import logger
 
-from gemma_profiles import log, plugins, runtime
+from gemma_profiles import hookimpl, log, plugins, runtime
 from gemma_profiles.gemma_info import gemma_status
+from gemma_profiles.hardware import Hardware
 
 _OUR_VARS = ("GEMMA_PROFILE", "GEMMA_PROFILE_PATH", "GEMMA_PROFILE_DISABLE_PLUGINS", "GEMMA_PROFILE_LOG")
 
@@ -65,6 +66,29 @@ def fresh_log_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             if log._handler_id is not None:
                 logger.remove(log._handler_id)
             logger.disable("gemma_profiles")
+
+
+class FakeHardware:
+    """A plugin that reports the given `Hardware` before the builtin detector runs."""
+
+    def __init__(self, hardware: Hardware):
+        self.hardware = hardware
+
+    @hookimpl(tryfirst=True)
+    def gemma_profile_detect_hardware(self) -> Hardware:
+        return self.hardware
+
+
+@pytest.fixture
+def fake_hardware() -> Callable[[Hardware], None]:
+    """``fake_hardware(Hardware(...))``: detection answers with it for the rest of the test."""
+
+    def install(hardware: Hardware) -> None:
+        manager = plugins.GemmaPluginManager(load_entry_points=False)
+        manager.register(FakeHardware(hardware), "fake-hardware")
+        plugins.reset_plugin_manager(manager)
+
+    return install  # isolated_env resets the plugin manager afterwards
 
 
 @pytest.fixture

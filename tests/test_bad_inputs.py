@@ -64,15 +64,6 @@ def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 
-class FakeHardware:
-    def __init__(self, hardware: Hardware):
-        self.hardware = hardware
-
-    @gemma_profiles.hookimpl(tryfirst=True)
-    def gemma_profile_detect_hardware(self) -> Hardware:
-        return self.hardware
-
-
 def install_plugins(*named: tuple[str, object]) -> plugins.GemmaPluginManager:
     manager = plugins.GemmaPluginManager(load_entry_points=False)
     for name, plugin in named:
@@ -192,8 +183,8 @@ def test_a_line_break_in_a_quoted_key_stays_one_line(write_profile):
 # -- hardware the profile wants but this machine lacks ---------------------------------------------
 
 
-def test_bf16_forced_on_an_old_gpu_stops_construction(gemma, tokenizer_path, write_profile):
-    install_plugins(("fake-hardware", FakeHardware(one_gpu_box("Quadro P2200", (6, 1)))))
+def test_bf16_forced_on_an_old_gpu_stops_construction(gemma, tokenizer_path, write_profile, fake_hardware):
+    fake_hardware(one_gpu_box("Quadro P2200", (6, 1)))
     path = write_profile("bf16", "description: x\nplacement: {device: cuda}\nconfig:\n  dtype: bfloat16\n")
     with gemma_profiles.use(str(path)), pytest.raises(GemmaProfileError) as caught:
         build(gemma, tokenizer_path)
@@ -210,10 +201,10 @@ def test_bf16_on_an_old_gpu_through_plan(write_profile):
     assert f"{path}:3: cuda:0 (compute capability 6.1) has no native bfloat16" in line
 
 
-def test_device_index_this_box_does_not_have(gemma, tokenizer_path, write_profile, monkeypatch):
+def test_device_index_this_box_does_not_have(gemma, tokenizer_path, write_profile, monkeypatch, fake_hardware):
     import torch
 
-    install_plugins(("fake-hardware", FakeHardware(one_gpu_box())))
+    fake_hardware(one_gpu_box())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     path = write_profile("gpu3", "description: x\nconfig: {dtype: float32}\nplacement:\n  device: cuda:3\n")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 import gemma_profiles
-from gemma_profiles import plugins
 from gemma_profiles.auto import auto_profile, best_match
 from gemma_profiles.cli import cli
 from gemma_profiles.errors import GemmaProfileError
@@ -39,26 +37,6 @@ MACHINES = {
 }
 VARIANTS = ("2b", "7b", "2b-v2", "9b", "1b")
 FLOAT16_UNSAFE = {"7b", "2b-v2", "9b", "1b"}
-
-
-class FakeHardware:
-    def __init__(self, hardware: Hardware):
-        self.hardware = hardware
-
-    @gemma_profiles.hookimpl(tryfirst=True)
-    def gemma_profile_detect_hardware(self) -> Hardware:
-        return self.hardware
-
-
-@pytest.fixture
-def fake_hardware() -> Iterator[Any]:
-    def install(hardware: Hardware) -> None:
-        manager = plugins.GemmaPluginManager(load_entry_points=False)
-        manager.register(FakeHardware(hardware), "fake-hardware")
-        plugins.reset_plugin_manager(manager)
-
-    yield install
-    plugins.reset_plugin_manager()
 
 
 @pytest.mark.parametrize("name", MACHINES)
