@@ -7,7 +7,7 @@ torch and psutil only when called.  Nothing here imports torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 #: x86 ISA levels we report, lowest first (Linux /proc/cpuinfo flag names).
@@ -55,7 +55,6 @@ class Hardware:
     mps: bool = False
     torch_version: str | None = None
     cuda_version: str | None = None
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def accelerator(self) -> str:

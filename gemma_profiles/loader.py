@@ -136,17 +136,6 @@ def iter_checkpoint(path: str) -> Iterator[Item]:
             return
 
 
-def checkpoint_keys(path: str) -> list[str]:
-    """Tensor names in a checkpoint, read without loading tensor data."""
-    if os.path.isdir(path):
-        for index_name in (SAFETENSORS_INDEX, INDEX_FILE):
-            index = os.path.join(path, index_name)
-            if os.path.isfile(index):
-                with open(index, encoding="utf-8") as handle:
-                    return list(json.load(handle).get("weight_map", {}))
-    return [name for name, _, _ in iter_checkpoint(path)]
-
-
 # -- converting ---------------------------------------------------------------------
 
 

@@ -97,10 +97,6 @@ def unpatch_all() -> None:
             delattr(item.owner, item.name)
 
 
-def is_patched(cls: type) -> bool:
-    return _MARKER in cls.__dict__
-
-
 def plan_of(model: Any) -> Any:
     """The plan a model was built with, while a profile is active; else None."""
     if runtime.current() is None:

@@ -14,7 +14,6 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -257,4 +256,4 @@ def reset_plugin_manager(manager: GemmaPluginManager | None = None) -> None:
     _manager = manager
 
 
-__all__ = ["GemmaPluginManager", "Path", "PluginInfo", "ProfileSource", "get_plugin_manager", "reset_plugin_manager"]
+__all__ = ["GemmaPluginManager", "PluginInfo", "ProfileSource", "get_plugin_manager", "reset_plugin_manager"]

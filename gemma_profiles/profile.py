@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import schema
 from .errors import GemmaProfileError, ProfileError, did_you_mean
-from .variants import FAMILIES, VARIANTS, identify_variant
+from .variants import FAMILIES, VARIANTS
 from .yamlio import Path_, SourcedDoc, read_yaml_file
 
 MAX_EXTENDS_DEPTH = 16
@@ -115,12 +115,6 @@ class Profile:
             applied.append(key)
         model = schema.ProfileModel.model_validate(data)
         return Profile(model, self.path, origins, self.chain, tuple(applied))
-
-    def resolve_for_config(self, config: Any) -> Profile:
-        """`resolve` for a constructed GemmaConfig (variant matched by shape)."""
-        from .variants import family_of_architecture
-
-        return self.resolve(identify_variant(config), family_of_architecture(getattr(config, "architecture", None)))
 
     def values(self) -> Iterator[tuple[str, Any, Origin | None]]:
         """Every value set by the profile files as (dotted key, value, origin)."""
