@@ -15,9 +15,12 @@ int8 weight directly:
   per-row scale is applied to the output (``x @ (q*s).T == (x @ q.T) * s``), so no
   weight-sized tensor is allocated per call.
 
-The tied embedder is dequantized once into the compute dtype: gemma's forward
-otherwise rebuilds the whole (vocab x hidden) matrix for the sampler every step.
-``model.config.quant`` is then False, so gemma's forward uses it as a plain weight.
+gemma's forward otherwise rebuilds the whole (vocab x hidden) tied embedder for the
+lookup and again for the sampler, every step.  On a CPU with bfloat16 activations
+the embedder stays int8: its lookup dequantizes just the rows it gathers, and the
+sampler's product runs on ``_weight_int8pack_mm`` (`gemma_profiles.tied`); elsewhere it
+is dequantized once into the compute dtype.  ``model.config.quant`` is then False, so
+gemma's forward hands the weight to the sampler as it is.
 """
 
 from __future__ import annotations
@@ -65,3 +68,36 @@ def dequantize_embedder(model: Any, name: str, dtype: torch.dtype) -> None:
     module._parameters["weight"] = torch.nn.Parameter(weight, requires_grad=False)
     remove_parameter(model, f"{name}.weight_scaler")
     module.quant = False
+
+
+def int8_lookup(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """gemma's int8 ``Embedding.forward`` (``F.embedding(x, weight * scaler)``) on the gathered rows only."""
+    scaler = self.weight_scaler
+    return F.embedding(x, self.weight).to(scaler.dtype) * F.embedding(x, scaler.unsqueeze(-1))
+
+
+def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
+    """Keep the tied embedder int8 (CPU, bfloat16 compute): row lookups and an int8 sampler product."""
+    import types
+
+    from .tied import SamplerWeight, install
+
+    module = model.get_submodule(name)
+    weight, scaler = module.weight, module.weight_scaler
+    if dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+        return False
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        return int8_linear(hidden.to(dtype), module.weight, module.weight_scaler).to(hidden.dtype)
+
+    def dense() -> torch.Tensor:
+        from .loader import dequantize_rows
+
+        return dequantize_rows(module.weight, module.weight_scaler, dtype)
+
+    if not install(model, module, SamplerWeight(dense, project, (weight.shape[0], weight.shape[1]), dtype)):
+        return False
+    if scaler.dtype != dtype:
+        module._parameters["weight_scaler"] = torch.nn.Parameter(scaler.to(dtype), requires_grad=False)
+    module.forward = types.MethodType(int8_lookup, module)
+    return True

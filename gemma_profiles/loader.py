@@ -146,13 +146,31 @@ def release_pages(tensor: torch.Tensor) -> None:
     the pages are touched again; without this, every converted tensor's source
     pages stay in RSS until the whole checkpoint mapping goes away.
     """
-    if _LIBC is None or tensor.device.type != "cpu":
+    if _LIBC is None or tensor.device.type != "cpu" or tensor.is_mkldnn or tensor.is_meta:
         return
     start, length = tensor.data_ptr(), tensor.numel() * tensor.element_size()
     first = -(-start // _PAGE) * _PAGE  # whole pages inside the tensor only
     last = (start + length) // _PAGE * _PAGE
-    if last > first:
+    if last > first and _file_backed(first, last):
         _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _file_backed(first: int, last: int) -> bool:
+    """Whether ``[first, last)`` lies in one private file mapping (``/proc/self/maps``).
+
+    ``MADV_DONTNEED`` on anonymous memory zeroes it: only a mapped checkpoint's pages,
+    which the kernel re-reads from the file, may be dropped.
+    """
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                low, _, high = fields[0].partition("-")
+                if int(low, 16) <= first < int(high, 16):
+                    return last <= int(high, 16) and fields[4] != "0" and fields[1].endswith("p")
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
 
 
 def quantize_rows(weight: torch.Tensor, scaler_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,10 +29,13 @@ Every figure follows what gemma_pytorch allocates (DESIGN.md):
 ``engine="profiles"`` - what runs while a profile is active - differs in three
 ways: the lean loader assigns memory-mapped tensors (no second copy when the
 checkpoint's dtype is the compute dtype; otherwise one source tensor's pages at
-a time), the int8 path keeps the tied embedder in the compute dtype and never
-rebuilds a full-precision weight (``_weight_int8pack_mm`` on a bf16 CPU, one
-reused scratch buffer the size of the largest linear elsewhere), and tensors go
-straight to the execution device (no full CPU copy before a GPU).
+a time), the int8 path never rebuilds a full-precision weight (int8 kernels on
+a bf16 CPU, where the tied embedder stays int8; elsewhere one reused scratch
+buffer the size of the largest linear, and the tied embedder dequantized once
+into the compute dtype), and tensors go straight to the execution device (no
+full CPU copy before a GPU).  Packing weights for the CPU kernels (``kernels``
+builtin) replaces each mapped tensor by a packed copy one tensor (or one
+16384-row chunk of the embedder) at a time: one more transient.
 """
 
 from __future__ import annotations
@@ -205,7 +208,10 @@ def estimate_memory(
     layers_here = shape.num_hidden_layers - offloaded_layers
     layer = shape.layer_bytes(dtype, int8)
     rope_tables = 2 if shape.family == "gemma3" else 1
-    embedder_int8 = int8 and not ours  # our int8 path keeps the tied embedder in the compute dtype
+    # gemma keeps the tied embedder int8; so do we on a bfloat16 CPU (lookups and the sampler read
+    # it directly); elsewhere our int8 path dequantizes it once into the compute dtype.
+    embedder_kept_int8 = ours and kind == "cpu" and dtype == "bfloat16" and not offloaded_layers
+    embedder_int8 = int8 and (not ours or embedder_kept_int8)
     items = [
         MemoryItem(
             "embedder (tied output)",
@@ -267,19 +273,28 @@ def estimate_memory(
         # int8 its source is read while only its int8 copy exists: the compute-dtype
         # embedder counted above is made from that copy after loading.
         largest = shape.embedding_weights * DTYPE_BYTES[checkpoint_dtype]
-        if int8:
+        if int8 and not embedder_int8:
             largest = max(0, largest + shape.embedding_weights - shape.embedding_weights * size)
         items.append(
             MemoryItem(
                 "one checkpoint tensor while loading", host, largest, "converted, then released", reclaimable=True
             )
         )
-        if int8:
+        if int8 and not embedder_int8:
             items.append(
                 MemoryItem(
                     "int8 embedder while dequantizing", device, shape.embedding_weights, "once, after loading", True
                 )
             )
+
+    if ours and kind == "cpu" and not int8 and dtype in ("float32", "bfloat16") and not offloaded_layers:
+        # hooks/kernels.py packs each weight (the embedder 16384 rows at a time) into a copy,
+        # then drops the mapped source's pages: one source tensor is resident twice.
+        h = shape.hidden_size
+        largest = max(shape.intermediate_size * h, shape.qkv_out * h, min(shape.vocab_size, 16384) * h)
+        items.append(
+            MemoryItem("one weight while packing", host, largest * size, "CPU kernels; then released", reclaimable=True)
+        )
 
     def total(on: str, *, with_reclaimable: bool) -> int:
         return sum(i.bytes for i in items if i.device == on and (with_reclaimable or not i.reclaimable))

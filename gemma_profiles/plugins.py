@@ -41,6 +41,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("loading", "gemma_profiles.hooks.loading"),
     ("oom", "gemma_profiles.hooks.oom"),
     ("quantization", "gemma_profiles.hooks.quantization"),
+    ("kernels", "gemma_profiles.hooks.kernels"),
     ("offload", "gemma_profiles.hooks.offload"),
 )
 

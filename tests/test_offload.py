@@ -109,13 +109,21 @@ def reference(gemma: Any, tokenizer_path: str, checkpoint: Callable[..., str]) -
 
 @pytest.fixture
 def offloaded(
-    gemma: Any, tokenizer_path: str, checkpoint: Callable[..., str], write_profile: Callable[..., Path], tmp_path: Path
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],
+    write_profile: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Callable[..., Run]:
     """``offloaded(variant, placement, stream_cpu=False)``: the same flow under a profile with that placement.
 
     ``FOLDER`` in the placement becomes a temporary offload folder; ``stream_cpu`` streams
     ``cpu`` layers through slots (the GPU's code path) although the execution device is the CPU.
+    Packed CPU matmuls (``kernels``, tested in test_kernels.py) are off: placements are compared
+    bit for bit with gemma's plain ``F.linear``.
     """
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "kernels")
     profiles = iter(range(100))
 
     def make(variant: str, placement: str, stream_cpu: bool = False) -> Run:

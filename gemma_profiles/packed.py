@@ -1,0 +1,128 @@
+"""Linear weights repacked into oneDNN's blocked layout for CPU matmuls (torch-touching).
+
+Used by the ``kernels`` builtin (``hooks/kernels.py``).
+
+A decode step on a CPU is one matrix-vector product per weight: its speed is the
+rate at which the weight streams from memory.  ``F.linear`` on a plain row-major
+weight reads it at 23 GB/s (float32) / 30 GB/s (bfloat16) on the 2-core AVX-512
+box of ``benchmarks/cpu_decode.py``, where a plain ``sum()`` reads 48 GB/s; the
+same product against the weight reordered once by
+``torch.ops.mkldnn._reorder_linear_weight`` (what ``torch.compile`` does with
+frozen CPU weights) runs at 45-50 GB/s in both dtypes, and prompt-sized batches
+get faster too.  So after loading, each full-precision gemma ``Linear`` on the
+CPU swaps its weight for the packed one - one tensor at a time, the memory-mapped
+source pages released as it goes, so the peak stays one tensor above the model -
+and computes with ``torch.ops.mkldnn._linear_pointwise``.
+
+The packed weight is an opaque ``_mkldnn`` tensor kept as the module's ``weight``
+buffer; ``state_dict()`` gives the plain tensor back and ``load_state_dict``
+repacks, so saving and reloading work.  Moving the model off the CPU or changing
+its dtype is not supported afterwards (the profile pins the device), and int8
+layers keep their own kernel (`gemma_profiles.int8`).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from .loader import release_pages
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+_MARK = "_gemma_profile_packed"
+
+
+def available(dtype: torch.dtype) -> str | None:
+    """None when weights of ``dtype`` can be packed here; else why not."""
+    if dtype not in PACKED_DTYPES:
+        return f"no packed kernel for {str(dtype).removeprefix('torch.')}"
+    mkldnn = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+    if not mkldnn or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return "this torch build has no oneDNN (mkldnn) CPU kernels"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN has no bfloat16 kernels for this CPU"
+    return None
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out x in, on the CPU) reordered for ``_linear_pointwise``; decode-sized batches."""
+    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    return packed
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` against the packed weight."""
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return out
+
+
+def is_packed(module: nn.Module) -> bool:
+    return bool(module.__dict__.get(_MARK, False))
+
+
+def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight: torch.Tensor = self.weight  # type: ignore[assignment]
+    if x.dtype != weight.dtype:  # gemma computes in the parameters' dtype; anything else keeps working
+        return packed_linear(x.to(weight.dtype), weight).to(x.dtype)
+    return packed_linear(x, weight)
+
+
+def _save_to_state_dict(self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+    destination[prefix + "weight"] = self.weight.to_dense()  # type: ignore[operator]
+
+
+def _load_from_state_dict(
+    self: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    key = prefix + "weight"
+    if key not in state_dict:
+        if strict:
+            missing_keys.append(key)
+        return
+    value = state_dict[key]
+    current: torch.Tensor = self.weight  # type: ignore[assignment]
+    if tuple(value.shape) != tuple(current.shape):
+        error_msgs.append(
+            f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+            f"the shape in current model is {tuple(current.shape)}."
+        )
+        return
+    self._buffers["weight"] = pack(value.to(device="cpu", dtype=current.dtype))
+
+
+def pack_module(module: nn.Module) -> None:
+    """Swap a plain float ``Linear``'s weight parameter for the packed buffer, and its forward."""
+    weight = module._parameters["weight"]
+    assert weight is not None
+    packed = pack(weight)
+    del module._parameters["weight"]
+    module.register_buffer("weight", packed)
+    release_pages(weight)  # a memory-mapped checkpoint tensor: its pages are not needed any more
+    module.forward = types.MethodType(_forward, module)
+    module._save_to_state_dict = types.MethodType(_save_to_state_dict, module)  # type: ignore[method-assign]
+    module._load_from_state_dict = types.MethodType(_load_from_state_dict, module)  # type: ignore[method-assign]
+    object.__setattr__(module, _MARK, True)
+
+
+def packable(module: nn.Module) -> bool:
+    """A gemma ``Linear`` with a full-precision 2-D weight on the CPU (int8 layers have their own kernel)."""
+    if type(module).__name__ != "Linear" or getattr(module, "quant", True) or is_packed(module):
+        return False
+    weight = module._parameters.get("weight")
+    return (
+        weight is not None
+        and weight.dim() == 2
+        and weight.device.type == "cpu"
+        and weight.dtype in PACKED_DTYPES
+        and not weight.is_meta
+    )

@@ -1,0 +1,186 @@
+"""The tied embedder, as gemma's sampler reads it, through a fast kernel (torch-touching).
+
+gemma's ``GemmaForCausalLM.forward`` hands ``embedder.weight`` to its ``Sampler``,
+which computes the logits as ``torch.matmul(hidden, embedding.t())`` - on a 2b model
+a (1 x 2048) x (2048 x 256000) product, a fifth of the bytes of a decode step.  On a
+CPU torch runs it at ~30 GB/s from the plain weight.  A forward pre-hook on the
+sampler swaps that argument for a `SamplerWeight`: an object gemma's code uses like
+the tensor (``.t()``, ``.to(dtype)``, ``torch.matmul``, ``@``) whose product runs
+on the kernel the loader set up:
+
+- a full-precision model: a oneDNN-packed copy of the weight (`gemma_profiles.packed`,
+  45 GB/s), in chunks of rows (each chunk's mapped source pages released before the
+  next, so loading peaks one chunk above the model), made only when the plain weight is
+  a memory-mapped checkpoint tensor: lookups read their rows from the file's pages and
+  the memory stays one copy;
+- an int8 model: ``_weight_int8pack_mm`` on the int8 weight and its scaler - the
+  embedder stays int8 (half the bytes, half the memory of a dequantized copy) and its
+  lookup dequantizes just the rows it gathers.
+
+Any other use of the object gets the dense matrix, so a gemma version that does more
+with ``embedding`` keeps working (slower).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from loguru import logger
+from torch import nn
+
+_HOOK = "_gemma_profile_sampler_hook"
+#: Rows packed at a time: the packed copy is built while one chunk's source pages are resident.
+CHUNK_ROWS = 16384
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm}
+
+
+class SamplerWeight:
+    """Stands for a (vocab x hidden) weight, or its ``.t()``; ``hidden @ it.t()`` runs ``project``.
+
+    :param dense: the matrix as a tensor, for any use other than that product.
+    :param project: ``hidden (..., hidden_size) -> logits (..., vocab)``.
+    """
+
+    def __init__(
+        self,
+        dense: Callable[[], torch.Tensor],
+        project: Callable[[torch.Tensor], torch.Tensor],
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        transposed: bool = False,
+    ) -> None:
+        self._dense, self._project = dense, project
+        self._shape, self.dtype, self.transposed = shape, dtype, transposed
+        self.device = torch.device("cpu")
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._shape[::-1] if self.transposed else self._shape)
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 2
+
+    def t(self) -> SamplerWeight:
+        return SamplerWeight(self._dense, self._project, self._shape, self.dtype, not self.transposed)
+
+    @property
+    def T(self) -> SamplerWeight:
+        return self.t()
+
+    def dense(self) -> torch.Tensor:
+        matrix = self._dense()
+        return matrix.t() if self.transposed else matrix
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """Itself for a no-op ``.to(dtype)``/``.to("cpu")``; otherwise the dense matrix moved."""
+
+        def same(target: Any) -> bool:
+            if isinstance(target, (str, torch.device)):
+                return torch.device(target).type == "cpu"
+            return bool(target == self.dtype)
+
+        if all(same(t) for t in [*args, *kwargs.values()]):
+            return self
+        return self.dense().to(*args, **kwargs)
+
+    def __matmul__(self, other: Any) -> Any:
+        return torch.matmul(self.dense(), other)
+
+    def __rmatmul__(self, other: Any) -> Any:
+        return torch.matmul(other, self)  # type: ignore[arg-type] # dispatched to __torch_function__
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if (
+            func in _MATMULS
+            and not kwargs
+            and len(args) == 2
+            and isinstance(args[0], torch.Tensor)
+            and isinstance(args[1], SamplerWeight)
+            and args[1].transposed
+        ):
+            hidden, weight = args
+            return weight._project(hidden)
+        dense = [a.dense() if isinstance(a, SamplerWeight) else a for a in args]
+        return func(*dense, **(kwargs or {}))
+
+
+def install(model: nn.Module, embedder: nn.Module, weight: SamplerWeight) -> bool:
+    """Make ``model.sampler`` receive ``weight`` wherever gemma passes ``embedder.weight``."""
+    sampler = getattr(model, "sampler", None)
+    if sampler is None or _HOOK in sampler.__dict__:
+        return False
+
+    def swap(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        current = embedder._parameters.get("weight")
+        if kwargs.get("embedding") is current and current is not None:
+            return args, {**kwargs, "embedding": weight}
+        if args and args[0] is current and current is not None:
+            return (weight, *args[1:]), kwargs
+        return None
+
+    handle = sampler.register_forward_pre_hook(swap, with_kwargs=True)
+    object.__setattr__(sampler, _HOOK, handle)
+    return True
+
+
+def tied_embedder(model: nn.Module) -> tuple[str, nn.Module] | None:
+    for name in ("embedder", "text_token_embedder"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module) and getattr(module, "weight", None) is not None:
+            return name, module
+    return None
+
+
+def install_packed(model: nn.Module, profile: str) -> bool:
+    """Full-precision tied embedder: the sampler's product on a packed copy (mapped weights only)."""
+    from . import packed
+    from .loader import _file_backed, release_pages
+
+    found = tied_embedder(model)
+    if found is None:
+        return False
+    name, embedder = found
+    weight = embedder._parameters.get("weight")
+    if weight is None or weight.dim() != 2 or weight.device.type != "cpu" or packed.available(weight.dtype):
+        return False
+    start = weight.data_ptr()
+    if not _file_backed(start, start + weight.numel() * weight.element_size()):
+        logger.debug(
+            "[{}] the sampler reads the plain {}.weight (not memory-mapped: a packed copy would double it)",
+            profile,
+            name,
+        )
+        return False
+    chunks = []
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        rows = weight[start : start + CHUNK_ROWS]
+        chunks.append(packed.pack(rows))
+        release_pages(rows)  # lookups read single rows back from the file
+    shape = (weight.shape[0], weight.shape[1])
+    return install(
+        model,
+        embedder,
+        SamplerWeight(lambda: _weight_of(embedder), lambda h: _project(h, chunks), shape, weight.dtype),
+    )
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    weight = module._parameters["weight"]
+    assert weight is not None
+    return weight
+
+
+def _project(hidden: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
+    from .packed import packed_linear
+
+    x = hidden if hidden.dtype == chunks[0].dtype else hidden.to(chunks[0].dtype)
+    logits = torch.cat([packed_linear(x, chunk) for chunk in chunks], dim=-1)
+    return logits if logits.dtype == hidden.dtype else logits.to(hidden.dtype)

@@ -1,0 +1,50 @@
+"""Packed CPU matmul weights after loading: see `gemma_profiles.packed` for the kernel and why.
+
+Applies when the model runs on the CPU as a whole: the plan's device is ``cpu``
+(or, without one, the machine has no CUDA/MPS device the script could move it
+to) and no layer is offloaded or mapped elsewhere.  Block it with
+``GEMMA_PROFILE_DISABLE_PLUGINS=kernels`` to compute with gemma's plain
+``F.linear``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loguru import logger
+
+from gemma_profiles import hookimpl
+from gemma_profiles.plan import Plan
+
+
+@hookimpl(trylast=True)
+def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
+    from gemma_profiles.hooks.placement import runs_on_cpu
+
+    if not runs_on_cpu(plan):
+        return
+    from gemma_profiles import packed
+
+    dtypes = {m.weight.dtype for m in model.modules() if packed.packable(m)}
+    if not dtypes:
+        return
+    reasons = {dtype: packed.available(dtype) for dtype in dtypes}
+    for dtype, reason in reasons.items():
+        if reason:
+            logger.info("[{}] plain CPU matmuls for {} weights: {}", plan.profile, dtype, reason)
+    if all(reasons.values()):
+        return
+    count = 0
+    for module in list(model.modules()):
+        if packed.packable(module) and reasons[module.weight.dtype] is None:
+            packed.pack_module(module)
+            count += 1
+    from gemma_profiles.tied import install_packed
+
+    sampler = install_packed(model, plan.profile)
+    logger.info(
+        "[{}] CPU kernels: {} linear layers{} use oneDNN-packed weights",
+        plan.profile,
+        count,
+        " and the sampler's tied embedder" if sampler else "",
+    )

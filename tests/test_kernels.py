@@ -1,0 +1,240 @@
+"""Packed CPU matmuls (the ``kernels`` builtin), against real gemma or the stand-in."""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import gemma_profiles
+from gemma_profiles import packed
+from gemma_profiles.loader import _file_backed, release_pages
+
+PROMPTS = ["the cat sees a dog", "two red birds"]
+
+
+def build(gemma: Any, tokenizer: str, variant: str, dtype: str) -> Any:
+    from gemma_testing import tiny_config
+
+    config = tiny_config(gemma.config, variant, tokenizer, dtype=dtype)
+    torch.set_default_dtype(config.get_dtype())
+    try:
+        model = gemma.model.GemmaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model
+
+
+@pytest.fixture
+def checkpoint(gemma: Any, tokenizer_path: str, tmp_path: Path) -> Callable[[str], str]:
+    from gemma_testing import write_random_checkpoint
+
+    def make(variant: str, dtype: str = "float32") -> str:
+        path = tmp_path / f"{variant}-{dtype}.ckpt"
+        if not path.exists():
+            model = build(gemma, tokenizer_path, variant, "float32")
+            write_random_checkpoint(model, path, getattr(torch, dtype), seed=5)
+        return str(path)
+
+    return make
+
+
+def load(gemma: Any, tokenizer: str, variant: str, dtype: str, ckpt: str) -> Any:
+    model = build(gemma, tokenizer, variant, dtype)
+    model.load_weights(ckpt)
+    return model.to("cpu").eval()
+
+
+def packed_names(model: Any) -> list[str]:
+    return [name for name, module in model.named_modules() if packed.is_packed(module)]
+
+
+def cpu_profile(write_profile: Callable[..., Path], dtype: str, extra: str = "") -> str:
+    text = f"description: t\nplacement: {{device: cpu}}\nconfig: {{dtype: {dtype}}}\n{extra}"
+    return str(write_profile(f"kernels-{dtype}", text))
+
+
+@pytest.mark.parametrize("variant", ["2b", "2b-v2", "1b"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_model_generates_what_the_plain_one_does(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[[str], str],
+    write_profile: Callable[..., Path],
+    variant: str,
+    dtype: str,
+) -> None:
+    if packed.available(getattr(torch, dtype)):
+        pytest.skip(str(packed.available(getattr(torch, dtype))))
+    ckpt = checkpoint(variant, dtype)  # in the model's dtype: memory-mapped as it is
+    plain = load(gemma, tokenizer_path, variant, dtype, ckpt)
+    with gemma_profiles.use(cpu_profile(write_profile, dtype)):
+        model = load(gemma, tokenizer_path, variant, dtype, ckpt)
+        names = packed_names(model)
+        linears = [n for n, m in model.named_modules() if type(m).__name__ == "Linear"]
+        assert names and names == linears, "every gemma Linear is packed"
+        assert all(model.get_submodule(n).weight.is_mkldnn for n in names)
+        assert sampler_swapped(model), "the sampler's product runs on a packed copy of the mapped embedder"
+        # A batch of prompts of different lengths: prefill (many rows) and decode (one row each).
+        out = model.generate(PROMPTS, "cpu", output_len=4, temperature=None)
+    expected = plain.generate(PROMPTS, "cpu", output_len=4, temperature=None)
+    if dtype == "float32":
+        assert out == expected
+    for name in names:
+        x = torch.randn(3, model.get_submodule(name).weight.shape[1]).to(getattr(torch, dtype))
+        got = model.get_submodule(name)(x).float()
+        want = plain.get_submodule(name)(x).float()
+        tolerance = 1e-5 if dtype == "float32" else 2e-2
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+def sampler_swapped(model: Any) -> bool:
+    from gemma_profiles.tied import _HOOK
+
+    return _HOOK in model.sampler.__dict__
+
+
+def test_a_converted_embedder_is_not_copied(
+    gemma: Any, tokenizer_path: str, checkpoint: Callable[[str], str], write_profile: Callable[..., Path]
+) -> None:
+    """float32 checkpoint, bfloat16 model: the embedder is not memory-mapped; a packed copy would double it."""
+    if packed.available(torch.bfloat16):
+        pytest.skip(str(packed.available(torch.bfloat16)))
+    with gemma_profiles.use(cpu_profile(write_profile, "bfloat16")):
+        model = load(gemma, tokenizer_path, "2b", "bfloat16", checkpoint("2b"))
+    assert packed_names(model) and not sampler_swapped(model)
+
+
+@pytest.mark.parametrize("variant", ["2b", "1b"])
+def test_int8_sampler_reads_the_int8_embedder(
+    gemma: Any, tokenizer_path: str, checkpoint: Callable[[str], str], write_profile: Callable[..., Path], variant: str
+) -> None:
+    with gemma_profiles.use(cpu_profile(write_profile, "bfloat16", "quantization: {weights: int8}\n")):
+        model = load(gemma, tokenizer_path, variant, "bfloat16", checkpoint(variant))
+        expected = model.generate(PROMPTS, "cpu", output_len=3, temperature=None)
+    name = "embedder" if hasattr(model, "embedder") else "text_token_embedder"
+    embedder = model.get_submodule(name)
+    assert embedder.weight.dtype == torch.int8 and sampler_swapped(model)
+    hidden = torch.randn(2, 1, embedder.weight.shape[1]).to(torch.bfloat16)
+    args = {
+        "hidden_states": hidden,
+        "output_positions": torch.tensor([0]),
+        "temperatures": None,
+        "top_ps": torch.tensor([1.0, 1.0]),
+        "top_ks": torch.tensor([1, 1]),
+    }
+    _, fast = model.sampler(embedding=embedder.weight, **args)
+    dense = (embedder.weight.float() * embedder.weight_scaler.float().unsqueeze(-1)).to(torch.bfloat16)
+    _, reference = model.sampler(embedding=dense, **args)  # not the embedder's weight: used as it is
+    cosine = torch.nn.functional.cosine_similarity(fast.float().flatten(), reference.float().flatten(), dim=0)
+    assert cosine.item() >= 0.999
+    assert len(expected) == len(PROMPTS)  # generate ran through the int8 lookup and sampler
+
+
+def test_sampler_weight_stands_in_for_the_tensor() -> None:
+    from gemma_profiles.tied import SamplerWeight
+
+    matrix = torch.randn(7, 3)
+    calls: list[torch.Tensor] = []
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        calls.append(hidden)
+        return hidden @ matrix.t()
+
+    weight = SamplerWeight(lambda: matrix, project, (7, 3), torch.float32)
+    hidden = torch.randn(2, 3)
+    assert weight.shape == (7, 3) and weight.t().shape == (3, 7) and weight.T.size(1) == 7
+    assert weight.t().to(torch.float32).transposed and weight.to("cpu") is weight
+    torch.testing.assert_close(torch.matmul(hidden, weight.t()), hidden @ matrix.t())
+    torch.testing.assert_close(hidden @ weight.t(), hidden @ matrix.t())
+    torch.testing.assert_close(hidden.matmul(weight.t()), hidden @ matrix.t())
+    assert len(calls) == 3, "every product went through the kernel"
+    # Anything else sees the dense matrix.
+    torch.testing.assert_close(torch.sum(weight), matrix.sum())
+    torch.testing.assert_close(torch.matmul(weight, hidden.t()), matrix @ hidden.t())
+    torch.testing.assert_close(weight.to(torch.float64), matrix.double())
+    assert len(calls) == 3
+
+
+def test_state_dict_round_trip(
+    gemma: Any, tokenizer_path: str, checkpoint: Callable[[str], str], write_profile: Callable[..., Path]
+) -> None:
+    ckpt = checkpoint("2b")
+    saved = torch.load(ckpt, weights_only=True)["model_state_dict"]
+    with gemma_profiles.use(cpu_profile(write_profile, "float32")):
+        model = load(gemma, tokenizer_path, "2b", "float32", ckpt)
+    state = model.state_dict()
+    assert set(state) == {n for n, _ in model.named_parameters()} | set(dict(model.named_buffers()))
+    for name, value in saved.items():
+        if name in state:
+            assert not state[name].is_mkldnn and torch.equal(state[name], value), name
+    # Loading a changed state dict repacks: the module computes with the new weight.
+    name = "model.layers.0.mlp.down_proj"
+    state[f"{name}.weight"] = torch.ones_like(state[f"{name}.weight"])
+    model.load_state_dict(state)
+    module = model.get_submodule(name)
+    assert module.weight.is_mkldnn
+    x = torch.ones(1, module.weight.shape[1])
+    torch.testing.assert_close(module(x), torch.full((1, module.weight.shape[0]), float(module.weight.shape[1])))
+    wrong = dict(state, **{f"{name}.weight": torch.ones(2, 2)})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model.load_state_dict(wrong)
+
+
+@pytest.mark.parametrize(
+    ("extra", "disable"),
+    [
+        ("quantization: {weights: int8}\n", ""),  # int8 layers keep their own kernel
+        ("", "kernels"),  # blocked like any plugin
+    ],
+    ids=["int8", "disabled"],
+)
+def test_not_packed(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[[str], str],
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: str,
+    disable: str,
+) -> None:
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", disable)
+    with gemma_profiles.use(cpu_profile(write_profile, "bfloat16", extra)):
+        model = load(gemma, tokenizer_path, "2b", "bfloat16", checkpoint("2b"))
+    assert packed_names(model) == []
+
+
+def test_only_on_a_cpu_execution_device(write_profile: Callable[..., Path]) -> None:
+    from gemma_profiles.hooks.placement import runs_on_cpu
+
+    from gemma_profiles.plan import make_plan
+    from gemma_profiles.profile import load_profile
+
+    def plan(placement: str) -> Any:
+        path = write_profile("where", f"description: t\nplacement: {placement}\n")
+        return make_plan(load_profile(str(path)), variant="2b")
+
+    assert runs_on_cpu(plan("{device: cpu}"))
+    assert not runs_on_cpu(plan("{device: 'cuda:0'}"))
+    assert not runs_on_cpu(plan("{device: cpu, offload: disk}"))
+    assert runs_on_cpu(plan("{}")) is not (torch.cuda.is_available())
+
+
+def test_release_pages_never_zeroes_anonymous_memory(tmp_path: Path) -> None:
+    tensor = torch.arange(4 * mmap.PAGESIZE, dtype=torch.uint8)
+    start = tensor.data_ptr()
+    assert not _file_backed(start, start + mmap.PAGESIZE)
+    release_pages(tensor)
+    assert torch.equal(tensor, torch.arange(4 * mmap.PAGESIZE, dtype=torch.uint8))
+    # A memory-mapped checkpoint tensor: pages dropped, contents read back from the file.
+    path = tmp_path / "t.pt"
+    torch.save({"t": torch.arange(2**20, dtype=torch.float32)}, path)
+    mapped = torch.load(path, mmap=True, weights_only=True)["t"]
+    assert mapped.sum().item() == sum(range(2**20))
+    assert _file_backed(mapped.data_ptr() + mmap.PAGESIZE, mapped.data_ptr() + 2 * mmap.PAGESIZE)
+    release_pages(mapped)
+    assert torch.equal(mapped, torch.arange(2**20, dtype=torch.float32))
