@@ -8,29 +8,38 @@ torch materialises the int8 -> float cast) - 16x slower than bf16 on a CPU
 (DESIGN.md).  After loading, each int8 ``Linear`` gets a forward that reads the
 int8 weight directly:
 
-- CPU with bfloat16 activations: ``torch.ops.aten._weight_int8pack_mm`` (int8
-  weight, per-row scale; 2.6x faster than a bf16 matvec on 16384x2048 here);
+- CPU with AVX-512 VNNI, float32 or bfloat16 activations: our native kernel
+  (`gemma_profiles.native`: the weight repacked once, multiplied as int8 against
+  24-bit integer activations; 1.3-2x ``_weight_int8pack_mm`` here, which converts
+  every weight to float first);
+- other CPUs with bfloat16 activations: ``torch.ops.aten._weight_int8pack_mm``
+  (int8 weight, per-row scale; 2.6x faster than a bf16 matvec on 16384x2048 here);
 - elsewhere (CUDA, float32/float16 activations): the int8 weight is converted
   into one scratch buffer per device and dtype, reused by every layer, and the
   per-row scale is applied to the output (``x @ (q*s).T == (x @ q.T) * s``), so no
   weight-sized tensor is allocated per call.
 
 gemma's forward otherwise rebuilds the whole (vocab x hidden) tied embedder for the
-lookup and again for the sampler, every step.  On a CPU with bfloat16 activations
-the embedder stays int8: its lookup dequantizes just the rows it gathers, and the
-sampler's product runs on ``_weight_int8pack_mm`` (`gemma_profiles.tied`); elsewhere it
-is dequantized once into the compute dtype.  ``model.config.quant`` is then False, so
-gemma's forward hands the weight to the sampler as it is.
+lookup and again for the sampler, every step.  On a CPU where one of the first two
+kernels runs, the embedder stays int8: its lookup dequantizes just the rows it
+gathers, and the sampler's product runs on that kernel (`gemma_profiles.tied`);
+elsewhere it is dequantized once into the compute dtype.  ``model.config.quant`` is
+then False, so gemma's forward hands the weight to the sampler as it is.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from . import native
 from .lazy import remove_parameter
+
+_NATIVE = "_gemma_profile_int8"
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -46,7 +55,8 @@ def _scratch_for(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scaler: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight * scaler[:, None])`` without a per-call weight-sized allocation."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.shape[0] % 4 == 0:
+        # (int8pack returns garbage, or crashes, for a row count that is not a multiple of 4)
         flat = x.reshape(-1, x.shape[-1])
         out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, weight, scaler.to(x.dtype))
         return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -76,28 +86,121 @@ def int8_lookup(self: Any, x: torch.Tensor) -> torch.Tensor:
     return F.embedding(x, self.weight).to(scaler.dtype) * F.embedding(x, scaler.unsqueeze(-1))
 
 
-def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
-    """Keep the tied embedder int8 (CPU, bfloat16 compute): row lookups and an int8 sampler product."""
-    import types
+def native_kernel(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether ``module``'s int8 weight can run on the native kernel here."""
+    weight = module._parameters.get("weight")
+    return weight is not None and native.supports(weight, dtype) and native.unavailable() is None
 
-    from .tied import SamplerWeight, install
+
+def _install_native(module: nn.Module) -> native.Int8Weight:
+    """Swap the int8 weight parameter for the kernel's layout (a buffer); ``state_dict()`` unpacks it."""
+    weight = module._parameters["weight"]
+    scaler = module._parameters["weight_scaler"]
+    assert weight is not None and scaler is not None
+    packed = native.Int8Weight.pack(weight, scaler)
+    del module._parameters["weight"]
+    module.register_buffer("weight", packed.data)
+    object.__setattr__(module, _NATIVE, packed)
+    module._save_to_state_dict = types.MethodType(_save_native, module)  # type: ignore[method-assign]
+    module._load_from_state_dict = types.MethodType(_load_native, module)  # type: ignore[method-assign]
+    return packed
+
+
+def _save_native(self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+    destination[prefix + "weight"] = self.__dict__[_NATIVE].unpack()
+    scaler = self._parameters["weight_scaler"]
+    assert scaler is not None
+    destination[prefix + "weight_scaler"] = scaler if keep_vars else scaler.detach()
+
+
+def _load_native(
+    self: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    keys = (prefix + "weight", prefix + "weight_scaler")
+    absent = [key for key in keys if key not in state_dict]
+    if absent:
+        if strict:
+            missing_keys.extend(absent)
+        return
+    weight, scaler = state_dict[keys[0]], state_dict[keys[1]]
+    packed: native.Int8Weight = self.__dict__[_NATIVE]
+    if tuple(weight.shape) != packed.shape or weight.dtype != torch.int8:
+        error_msgs.append(
+            f"size mismatch for {keys[0]}: copying a param with shape {tuple(weight.shape)} ({weight.dtype}), "
+            f"the shape in current model is {packed.shape} (torch.int8)."
+        )
+        return
+    own = self._parameters["weight_scaler"]
+    assert own is not None
+    with torch.no_grad():
+        own.copy_(scaler)
+    packed = native.Int8Weight.pack(weight, own)
+    object.__setattr__(self, _NATIVE, packed)
+    self._buffers["weight"] = packed.data
+
+
+def _native_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    packed: native.Int8Weight = self.__dict__[_NATIVE]
+    if x.dtype in (torch.float32, torch.bfloat16):
+        return packed.matmul(x)
+    return packed.matmul(x.float()).to(x.dtype)
+
+
+def native_linear(module: nn.Module) -> None:
+    """An int8 ``Linear`` computing on the native kernel (check `native_kernel` first)."""
+    _install_native(module)
+    module.forward = types.MethodType(_native_forward, module)
+
+
+def _native_lookup(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """gemma's int8 ``Embedding.forward`` on the gathered rows of the packed weight."""
+    scaler: torch.Tensor = self.weight_scaler  # type: ignore[assignment]
+    packed: native.Int8Weight = self.__dict__[_NATIVE]
+    return packed.rows(x).to(scaler.dtype) * F.embedding(x, scaler.unsqueeze(-1))
+
+
+def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
+    """Keep the tied embedder int8 on a CPU: row lookups, and the sampler's product on an int8 kernel."""
+    from .loader import dequantize_rows
+    from .tied import _HOOK, SamplerWeight, install
 
     module = model.get_submodule(name)
     weight, scaler = module.weight, module.weight_scaler
-    if dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+    sampler = getattr(model, "sampler", None)
+    if weight.device.type != "cpu" or weight.dim() != 2 or sampler is None or _HOOK in sampler.__dict__:
         return False
-
-    def project(hidden: torch.Tensor) -> torch.Tensor:
-        return int8_linear(hidden.to(dtype), module.weight, module.weight_scaler).to(hidden.dtype)
-
-    def dense() -> torch.Tensor:
-        from .loader import dequantize_rows
-
-        return dequantize_rows(module.weight, module.weight_scaler, dtype)
-
-    if not install(model, module, SamplerWeight(dense, project, (weight.shape[0], weight.shape[1]), dtype)):
+    use_native = native_kernel(module, dtype)
+    if not use_native and (dtype != torch.bfloat16 or weight.shape[0] % 4):
         return False
     if scaler.dtype != dtype:
         module._parameters["weight_scaler"] = torch.nn.Parameter(scaler.to(dtype), requires_grad=False)
-    module.forward = types.MethodType(int8_lookup, module)
+    shape = (weight.shape[0], weight.shape[1])
+    if use_native:
+        packed = _install_native(module)
+
+        def project(hidden: torch.Tensor) -> torch.Tensor:
+            return packed.matmul(hidden.to(dtype)).to(hidden.dtype)
+
+        def dense() -> torch.Tensor:
+            return dequantize_rows(module.__dict__[_NATIVE].unpack(), module.weight_scaler, dtype)
+
+        lookup = _native_lookup
+    else:
+
+        def project(hidden: torch.Tensor) -> torch.Tensor:
+            return int8_linear(hidden.to(dtype), module.weight, module.weight_scaler).to(hidden.dtype)
+
+        def dense() -> torch.Tensor:
+            return dequantize_rows(module.weight, module.weight_scaler, dtype)
+
+        lookup = int8_lookup
+    install(model, module, SamplerWeight(dense, project, shape, dtype))
+    module.forward = types.MethodType(lookup, module)
     return True

@@ -119,7 +119,7 @@ def install(model: nn.Module, embedder: nn.Module, weight: SamplerWeight) -> boo
         return False
 
     def swap(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
-        current = embedder._parameters.get("weight")
+        current = getattr(embedder, "weight", None)  # a parameter, or the int8 kernel's buffer
         if kwargs.get("embedding") is current and current is not None:
             return args, {**kwargs, "embedding": weight}
         if args and args[0] is current and current is not None:

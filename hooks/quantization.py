@@ -14,30 +14,46 @@ from gemma_profiles.plan import Plan
 def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     import types
 
+    import torch
     from gemma_profiles.hooks.placement import runs_on_cpu
 
-    from gemma_profiles.int8 import dequantize_embedder, fast_forward, keep_int8_embedder
+    from gemma_profiles import native
+    from gemma_profiles.int8 import (
+        dequantize_embedder,
+        fast_forward,
+        keep_int8_embedder,
+        native_kernel,
+        native_linear,
+    )
 
     config = getattr(model, "config", None)
     if config is None or not getattr(config, "quant", False):
         return
     dtype = config.get_dtype()
-    fast = 0
+    on_cpu = runs_on_cpu(plan)
+    kernels: dict[str, int] = {}
     embedder = "int8 (lookups and the sampler read it directly)"
     for name, module in list(model.named_modules()):
         if not getattr(module, "quant", False) or getattr(module, "weight", None) is None:
             continue
         if name in ("embedder", "text_token_embedder"):
-            if not (runs_on_cpu(plan) and keep_int8_embedder(model, name, dtype)):
+            if not (on_cpu and keep_int8_embedder(model, name, dtype)):
                 dequantize_embedder(model, name, dtype)
                 embedder = f"{str(dtype).removeprefix('torch.')} (computed once)"
         elif hasattr(module, "weight_scaler") and module.weight.dim() == 2 and type(module).__name__ == "Linear":
-            module.forward = types.MethodType(fast_forward, module)
-            fast += 1
+            if on_cpu and native_kernel(module, dtype):
+                native_linear(module)
+                kernel = "native VNNI kernel"
+            else:
+                module.forward = types.MethodType(fast_forward, module)
+                kernel = "_weight_int8pack_mm" if on_cpu and dtype == torch.bfloat16 else "scratch-buffer kernel"
+            kernels[kernel] = kernels.get(kernel, 0) + 1
     config.quant = False  # gemma's forward hands embedder.weight to the sampler as it is
+    if on_cpu and "native VNNI kernel" not in kernels and native.unavailable():
+        logger.info("[{}] int8: no native kernel here: {}", plan.profile, native.unavailable())
     logger.info(
-        "[{}] int8: {} linear layers read int8 weights directly; the tied embedder is {}",
+        "[{}] int8: linear layers read int8 weights directly ({}); the tied embedder is {}",
         plan.profile,
-        fast,
+        ", ".join(f"{count} on the {kernel}" for kernel, count in kernels.items()) or "none",
         embedder,
     )

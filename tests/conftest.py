@@ -18,7 +18,13 @@ from gemma_profiles import hookimpl, log, plugins, runtime
 from gemma_profiles.gemma_info import gemma_status
 from gemma_profiles.hardware import Hardware
 
-_OUR_VARS = ("GEMMA_PROFILE", "GEMMA_PROFILE_PATH", "GEMMA_PROFILE_DISABLE_PLUGINS", "GEMMA_PROFILE_LOG")
+_OUR_VARS = (
+    "GEMMA_PROFILE",
+    "GEMMA_PROFILE_PATH",
+    "GEMMA_PROFILE_DISABLE_PLUGINS",
+    "GEMMA_PROFILE_LOG",
+    "GEMMA_PROFILE_NATIVE",
+)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -40,6 +46,23 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     finally:
         runtime.deactivate()
         plugins.reset_plugin_manager()
+
+
+@pytest.fixture(params=["native", "torch"])
+def int8_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each int8 CPU path: our native VNNI kernel (skipped where it cannot build or run), torch's."""
+    from gemma_profiles import native
+
+    if request.param == "torch":
+        monkeypatch.setenv(native.ENV, "0")
+    native.reset()
+    if request.param == "native" and native.unavailable():
+        pytest.skip(f"native int8 kernel: {native.unavailable()}")
+    try:
+        yield str(request.param)
+    finally:
+        monkeypatch.delenv(native.ENV, raising=False)
+        native.reset()
 
 
 @pytest.fixture

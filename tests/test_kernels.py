@@ -111,7 +111,12 @@ def test_a_converted_embedder_is_not_copied(
 
 @pytest.mark.parametrize("variant", ["2b", "1b"])
 def test_int8_sampler_reads_the_int8_embedder(
-    gemma: Any, tokenizer_path: str, checkpoint: Callable[[str], str], write_profile: Callable[..., Path], variant: str
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[[str], str],
+    write_profile: Callable[..., Path],
+    variant: str,
+    int8_kernel: str,
 ) -> None:
     with gemma_profiles.use(cpu_profile(write_profile, "bfloat16", "quantization: {weights: int8}\n")):
         model = load(gemma, tokenizer_path, variant, "bfloat16", checkpoint(variant))
@@ -119,7 +124,8 @@ def test_int8_sampler_reads_the_int8_embedder(
     name = "embedder" if hasattr(model, "embedder") else "text_token_embedder"
     embedder = model.get_submodule(name)
     assert embedder.weight.dtype == torch.int8 and sampler_swapped(model)
-    hidden = torch.randn(2, 1, embedder.weight.shape[1]).to(torch.bfloat16)
+    state = embedder.state_dict()
+    hidden = torch.randn(2, 1, state["weight"].shape[1]).to(torch.bfloat16)
     args = {
         "hidden_states": hidden,
         "output_positions": torch.tensor([0]),
@@ -128,7 +134,7 @@ def test_int8_sampler_reads_the_int8_embedder(
         "top_ks": torch.tensor([1, 1]),
     }
     _, fast = model.sampler(embedding=embedder.weight, **args)
-    dense = (embedder.weight.float() * embedder.weight_scaler.float().unsqueeze(-1)).to(torch.bfloat16)
+    dense = (state["weight"].float() * state["weight_scaler"].float().unsqueeze(-1)).to(torch.bfloat16)
     _, reference = model.sampler(embedding=dense, **args)  # not the embedder's weight: used as it is
     cosine = torch.nn.functional.cosine_similarity(fast.float().flatten(), reference.float().flatten(), dim=0)
     assert cosine.item() >= 0.999

@@ -133,7 +133,7 @@ def test_sharded_and_safetensors_checkpoints(
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_on_the_fly_int8_stays_close(
-    gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any, dtype: str
+    gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any, dtype: str, int8_kernel: str
 ) -> None:
     path, _ = float_ckpt
     with gemma_profiles.use(profile(dtype)):
@@ -148,10 +148,13 @@ def test_on_the_fly_int8_stays_close(
         assert "forward" in qkv.__dict__, "the int8 kernel replaced gemma's dequantize-every-call forward"
         assert model.config.quant is False, "gemma's forward no longer rebuilds the embedder every step"
         embedder = model.embedder
-        if dtype == "bfloat16":  # kept int8: lookups gather rows, the sampler reads int8 (test_kernels.py)
+        state = embedder.state_dict()
+        if int8_kernel == "native" or dtype == "bfloat16":
+            # kept int8: lookups gather rows, the sampler reads int8 (test_kernels.py)
             ids = torch.tensor([TOKENS])
-            assert embedder.weight.dtype == torch.int8
-            assert torch.equal(embedder(ids), type(embedder).forward(embedder, ids)), "gemma's own int8 lookup"
+            assert state["weight"].dtype == torch.int8
+            gemmas = torch.nn.functional.embedding(ids, state["weight"] * state["weight_scaler"].unsqueeze(-1))
+            assert torch.equal(embedder(ids), gemmas), "gemma's own int8 lookup"
         else:
             assert embedder.weight.dtype == torch.float32  # dequantized once
         got = logits(model, TOKENS)
@@ -160,7 +163,7 @@ def test_on_the_fly_int8_stays_close(
 
 
 def test_official_int8_checkpoint_loads_into_int8_and_float_models(
-    gemma: Any, tokenizer_path: str, profile: Any, tmp_path: Path
+    gemma: Any, tokenizer_path: str, profile: Any, tmp_path: Path, int8_kernel: str
 ) -> None:
     from gemma_testing import tiny_config, write_random_checkpoint
 

@@ -391,10 +391,18 @@ def test_a_device_map_naming_something_else_is_refused(offloaded: Callable[..., 
 
 
 def test_int8_weights_offload_to_disk_like_resident(
-    gemma: Any, tokenizer_path: str, write_profile: Callable[..., Path], tmp_path: Path
+    gemma: Any, tokenizer_path: str, write_profile: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """int8 layers (weight + weight_scaler) stream like float ones: same tokens as resident under int8."""
+    """int8 layers (weight + weight_scaler) stream like float ones: same tokens as resident under int8.
+
+    Both on torch's int8 path (the native kernel, for resident CPU models only, is tested in test_kernels.py).
+    """
     from gemma_testing import tiny_config, write_random_checkpoint
+
+    from gemma_profiles import native
+
+    monkeypatch.setenv(native.ENV, "0")
+    native.reset()
 
     config = dataclasses.replace(tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32"), num_hidden_layers=4)
     quant = dataclasses.replace(config, quant=True)

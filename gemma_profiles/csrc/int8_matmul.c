@@ -1,0 +1,169 @@
+/*
+ * y = x @ (w * scale[:, None]).T for gemma's int8 layers on a CPU with AVX-512 VNNI.
+ *
+ * Built on first use by gemma_profiles/native.py (cc -O3 -fopenmp), loaded with ctypes;
+ * OpenMP resolves to the libgomp torch already loaded, so both share one thread pool.
+ *
+ * Why: torch's _weight_int8pack_mm converts every int8 weight to float before its
+ * multiply-add: ~17 GB/s of weights per core on the 2-core AVX-512 box of
+ * benchmarks/cpu_decode.py, below what memory delivers, so an int8 decode step is
+ * compute-bound.  Here the weights are never converted.  Each row of x is quantized once
+ * per call to a 24-bit integer (per-row scale amax / (2^23 - 1): finer than bfloat16
+ * activations for any value within 2^15 of the row's largest) and split into three byte
+ * planes
+ *     q = 65536 * h + 256 * m + l,    l, m in [0, 255], h in [-128, 127],
+ * so that VPDPBUSD (unsigned byte x signed byte, four products summed into an int32 lane)
+ * multiplies the int8 weights as they are: one instruction per plane per 64 weights.  The
+ * top plane is stored as h + 128 (unsigned); 128 * sum(w) is taken back out with the
+ * per-row weight sums the caller passes.  Integer sums are exact; the result is scaled in
+ * double.
+ *
+ * Layout: w is packed once after loading (gemma_profiles/native.py) into blocks of four rows,
+ * interleaved 64 bytes at a time - [n/4][k/64][4][64], zero-padded to multiples of 4 rows
+ * and 64 columns - so each thread reads one sequential stream (four interleaved row streams
+ * of a plain layout leave the hardware prefetcher behind: ~30% slower here).
+ *
+ * Bounds: each int32 lane adds k/16 products of at most 255 * 128, and a row's sum adds 16
+ * lanes, so k <= 32768 keeps every partial sum below 2^31 (checked).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 4
+#define PREFETCH_BYTES 8192
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                            /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+int gp_int8_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+AVX512
+static __m512 load16(const void *x, int bf16, int64_t i, __mmask16 mask) {
+    if (bf16) {
+        __m256i v = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)x + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+    }
+    return _mm512_maskz_loadu_ps(mask, (const float *)x + i);
+}
+
+#define MASK16(k, i) ((k) - (i) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ((k) - (i))) - 1))
+
+/* One row of x -> three byte planes of kp bytes (weights past k are loaded as 0); returns its scale. */
+AVX512
+static double quantize_row(const void *x, int bf16, int64_t k, int64_t kp, uint8_t *planes) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x, bf16, i, MASK16(k, i))));
+    float top = _mm512_reduce_max_ps(amax);
+    memset(planes, 0, (size_t)(2 * kp));
+    memset(planes + 2 * kp, 128, (size_t)kp); /* h + 128 for h = 0 */
+    if (!(top > 0.0f) || top != top || top > 3.0e38f) return 0.0;
+    const float qmax = 8388607.0f; /* 2^23 - 1 */
+    __m512 inv = _mm512_set1_ps(qmax / top);
+    __m512i lo = _mm512_set1_epi32(-8388607), hi = _mm512_set1_epi32(8388607), bias = _mm512_set1_epi32(128);
+    for (int64_t i = 0; i < k; i += 16) {
+        __mmask16 mask = MASK16(k, i);
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x, bf16, i, mask), inv));
+        q = _mm512_max_epi32(_mm512_min_epi32(q, hi), lo);
+        _mm_mask_storeu_epi8(planes + i, mask, _mm512_cvtepi32_epi8(q));
+        _mm_mask_storeu_epi8(planes + kp + i, mask, _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 8)));
+        _mm_mask_storeu_epi8(planes + 2 * kp + i, mask,
+                             _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_srai_epi32(q, 16), bias)));
+    }
+    return (double)top / (double)qmax;
+}
+
+static inline void finish(int64_t sl, int64_t sm, int64_t sh, int32_t wsum, double xscale, float scale, void *y,
+                          int y_bf16, int64_t at) {
+    double total = (double)((sh - 128 * (int64_t)wsum) * 65536 + sm * 256 + sl);
+    float out = (float)(total * xscale) * scale;
+    if (y_bf16)
+        ((uint16_t *)y)[at] = f32_to_bf16(out);
+    else
+        ((float *)y)[at] = out;
+}
+
+#define DOT3(a, v)                              \
+    a##l = _mm512_dpbusd_epi32(a##l, xl, v);    \
+    a##m = _mm512_dpbusd_epi32(a##m, xm, v);    \
+    a##h = _mm512_dpbusd_epi32(a##h, xh, v)
+#define ZERO3(a) __m512i a##l = _mm512_setzero_si512(), a##m = _mm512_setzero_si512(), a##h = _mm512_setzero_si512()
+#define FINISH3(a, r)                                                                                     \
+    finish(_mm512_reduce_add_epi32(a##l), _mm512_reduce_add_epi32(a##m), _mm512_reduce_add_epi32(a##h), \
+           wsum[n0 + (r)], xscale[m], scale[n0 + (r)], y, y_bf16, m * n + n0 + (r))
+
+/* Block b of w (rows 4b..4b+3) against every row of x: 12 accumulators in registers; the
+ * block stays in L2 across the rows of x, so w is read from memory once whatever m_rows is. */
+AVX512
+static void block4(const uint8_t *planes, const double *xscale, int64_t m_rows, int64_t kp, const int8_t *w,
+                   int64_t b, const float *scale, const int32_t *wsum, void *y, int y_bf16, int64_t n) {
+    const int8_t *block = w + b * ROWS * kp;
+    int64_t n0 = b * ROWS;
+    for (int64_t m = 0; m < m_rows; ++m) {
+        const uint8_t *pl = planes + m * 3 * kp, *pm = pl + kp, *ph = pl + 2 * kp;
+        ZERO3(a);
+        ZERO3(b);
+        ZERO3(c);
+        ZERO3(d);
+        for (int64_t i = 0; i < kp; i += 64) {
+            const int8_t *at = block + i * ROWS;
+            if (m == 0) { /* the stream PREFETCH_BYTES ahead; past the end these are hints, which never fault */
+                _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char *)at + PREFETCH_BYTES + 64, _MM_HINT_T0);
+                _mm_prefetch((const char *)at + PREFETCH_BYTES + 128, _MM_HINT_T0);
+                _mm_prefetch((const char *)at + PREFETCH_BYTES + 192, _MM_HINT_T0);
+            }
+            __m512i xl = _mm512_load_si512(pl + i), xm = _mm512_load_si512(pm + i), xh = _mm512_load_si512(ph + i);
+            __m512i v0 = _mm512_loadu_si512(at), v1 = _mm512_loadu_si512(at + 64);
+            __m512i v2 = _mm512_loadu_si512(at + 128), v3 = _mm512_loadu_si512(at + 192);
+            DOT3(a, v0);
+            DOT3(b, v1);
+            DOT3(c, v2);
+            DOT3(d, v3);
+        }
+        FINISH3(a, 0);
+        if (n0 + 1 < n) FINISH3(b, 1);
+        if (n0 + 2 < n) FINISH3(c, 2);
+        if (n0 + 3 < n) FINISH3(d, 3);
+    }
+}
+
+/*
+ * x: m_rows x k (float32, or bfloat16 when x_bf16), row-major, contiguous.
+ * w: n x k int8 packed as above.  scale: n float32.  wsum: n int32 (each row of w summed).
+ * y: m_rows x n (bfloat16 when y_bf16, else float32).
+ * Returns 0; -1 on a CPU without AVX-512 VNNI or k out of range; -2 out of memory.
+ */
+int gp_int8_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, const int8_t *w, int64_t n,
+                   const float *scale, const int32_t *wsum, void *y, int y_bf16) {
+    if (!gp_int8_supported() || k <= 0 || k > 32768 || n <= 0 || m_rows <= 0) return -1;
+    int64_t kp = (k + 63) / 64 * 64;
+    uint8_t *planes = aligned_alloc(64, (size_t)(m_rows * 3 * kp));
+    double *xscale = malloc(sizeof(double) * (size_t)m_rows);
+    if (!planes || !xscale) {
+        free(planes);
+        free(xscale);
+        return -2;
+    }
+    size_t row_bytes = (size_t)(x_bf16 ? 2 : 4) * (size_t)k;
+#pragma omp parallel for schedule(static) if (m_rows * k >= 65536)
+    for (int64_t m = 0; m < m_rows; ++m)
+        xscale[m] = quantize_row((const char *)x + m * row_bytes, x_bf16, k, kp, planes + m * 3 * kp);
+    int64_t blocks = (n + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) block4(planes, xscale, m_rows, kp, w, b, scale, wsum, y, y_bf16, n);
+    free(planes);
+    free(xscale);
+    return 0;
+}

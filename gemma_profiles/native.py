@@ -1,0 +1,191 @@
+"""The native int8 kernel (``csrc/int8_matmul.c``): built on first use, loaded with ctypes.
+
+Torch-touching; used by `gemma_profiles.int8` on a CPU with AVX-512 VNNI.
+
+The C file is compiled once per source version with the system C compiler
+(``$CC``, else ``cc``; ``-O3 -fopenmp``) into the user cache
+(``~/.cache/gemma-profiles/native/``) and reused by every later process; a
+missing compiler, a failed build or a CPU without AVX-512 VNNI leaves the
+int8 layers on torch's ``_weight_int8pack_mm``, with one log line saying why.
+``GEMMA_PROFILE_NATIVE=0`` turns it off.
+
+`Int8Weight` holds one int8 weight in the kernel's layout - blocks of four rows
+interleaved 64 bytes at a time, ``[n/4][k/64][4][64]``, zero-padded - with its
+per-row scale (float32) and per-row sums; it gives the plain ``(n, k)`` int8 back
+for ``state_dict()`` and gathers rows for an embedding lookup.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "int8_matmul.c"
+ENV = "GEMMA_PROFILE_NATIVE"
+#: The kernel's int32 partial sums stay exact up to this reduction length.
+MAX_K = 32768
+_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
+
+
+class Unavailable(Exception):
+    """Why the native kernel cannot be used here (one line)."""
+
+
+def _cache_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("gemma-profiles")) / "native"
+
+
+def build(compiler: str | None = None, folder: Path | None = None) -> Path:
+    """Compile the kernel (once per source and compiler); returns the shared library's path."""
+    cc = compiler or os.environ.get("CC") or "cc"
+    path = shutil.which(cc)
+    if path is None:
+        raise Unavailable(f"no C compiler ('{cc}' not found; set CC)")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + path.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    folder = folder or _cache_dir()
+    library = folder / f"int8_matmul-{digest}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=library.stem, suffix=".so.partial", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [path, *_FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True, timeout=300, check=False
+        )
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            raise Unavailable(f"building {SOURCE.name} with {cc} failed: {first.strip()}")
+        os.replace(partial, library)  # atomic: concurrent builders each install a complete file
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Unavailable(f"building {SOURCE.name} with {cc} failed: {exc}") from exc
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return library
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | str:
+    """The loaded kernel, or why not (cached for the process)."""
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return f"turned off ({ENV}=0)"
+    try:
+        library = ctypes.CDLL(str(build()))
+    except Unavailable as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"loading the built kernel failed: {exc}"
+    library.gp_int8_supported.restype = ctypes.c_int
+    if not library.gp_int8_supported():
+        return "this CPU lacks AVX-512 VNNI"
+    library.gp_int8_matmul.restype = ctypes.c_int
+    library.gp_int8_matmul.argtypes = (
+        ctypes.c_void_p,  # x
+        ctypes.c_int,  # x is bfloat16
+        ctypes.c_int64,  # rows of x
+        ctypes.c_int64,  # k
+        ctypes.c_void_p,  # packed w
+        ctypes.c_int64,  # n
+        ctypes.c_void_p,  # scale (float32)
+        ctypes.c_void_p,  # row sums (int32)
+        ctypes.c_void_p,  # y
+        ctypes.c_int,  # y is bfloat16
+    )
+    return library
+
+
+def unavailable() -> str | None:
+    """None when the kernel runs here; else why not."""
+    library = _library()
+    return library if isinstance(library, str) else None
+
+
+def reset() -> None:
+    """Forget the cached library (tests switch ``GEMMA_PROFILE_NATIVE``/``CC``)."""
+    _library.cache_clear()
+
+
+def supports(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (
+        weight.dtype == torch.int8
+        and weight.dim() == 2
+        and weight.device.type == "cpu"
+        and 0 < weight.shape[1] <= MAX_K
+        and dtype in (torch.float32, torch.bfloat16)
+    )
+
+
+class Int8Weight:
+    """One int8 weight in the kernel's layout, with its scale and row sums.
+
+    :param data: ``[n4/4, kp/64, 4, 64]`` int8 (``n4``, ``kp``: ``n``, ``k`` padded to 4, 64).
+    """
+
+    def __init__(self, data: torch.Tensor, n: int, k: int, scale: torch.Tensor, sums: torch.Tensor) -> None:
+        self.data, self.n, self.k, self.scale, self.sums = data, n, k, scale, sums
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, scaler: torch.Tensor) -> Int8Weight:
+        n, k = weight.shape
+        n4, kp = -(-n // 4) * 4, -(-k // 64) * 64
+        plain = weight.detach()
+        if (n4, kp) != (n, k):
+            plain = torch.zeros(n4, kp, dtype=torch.int8)
+            plain[:n, :k] = weight
+        data = plain.view(n4 // 4, 4, kp // 64, 64).permute(0, 2, 1, 3).contiguous()
+        sums = weight.sum(dim=1, dtype=torch.int32).contiguous()
+        return cls(data, n, k, scaler.detach().to(torch.float32).contiguous(), sums)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    def unpack(self) -> torch.Tensor:
+        """The plain ``(n, k)`` int8 weight."""
+        blocks, chunks = self.data.shape[:2]
+        plain = self.data.permute(0, 2, 1, 3).reshape(blocks * 4, chunks * 64)
+        return plain[: self.n, : self.k].contiguous()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``unpack()[ids]`` without unpacking: an embedding lookup."""
+        gathered = self.data[ids // 4, :, ids % 4, :]  # ids.shape + (kp/64, 64)
+        return gathered.reshape(*ids.shape, -1)[..., : self.k]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ (weight * scale[:, None]).T`` in ``x``'s dtype (float32 or bfloat16)."""
+        library = _library()
+        assert not isinstance(library, str), library
+        flat = x.reshape(-1, self.k)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        out = torch.empty(flat.shape[0], self.n, dtype=x.dtype)
+        if flat.shape[0] == 0:
+            return out.reshape(*x.shape[:-1], self.n)
+        bf16 = int(x.dtype == torch.bfloat16)
+        status = library.gp_int8_matmul(
+            flat.data_ptr(),
+            bf16,
+            flat.shape[0],
+            self.k,
+            self.data.data_ptr(),
+            self.n,
+            self.scale.data_ptr(),
+            self.sums.data_ptr(),
+            out.data_ptr(),
+            bf16,
+        )
+        if status != 0:
+            raise RuntimeError(f"gemma-profiles int8 kernel failed ({status}) for {tuple(x.shape)} x {self.shape}")
+        return out.reshape(*x.shape[:-1], self.n)

@@ -1,0 +1,153 @@
+"""The native int8 kernel (gemma_profiles/csrc/int8_matmul.c): layout, numerics, build failures."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import gemma_profiles
+from gemma_profiles import native
+
+
+@pytest.fixture
+def kernel() -> None:
+    native.reset()
+    if native.unavailable():
+        pytest.skip(f"native int8 kernel: {native.unavailable()}")
+
+
+def quantized(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+    return weight, torch.rand(n, generator=generator) * 0.01 + 1e-4
+
+
+@pytest.mark.parametrize(("n", "k"), [(7, 63), (37, 100), (64, 2048), (12, 4096), (1, 64)])
+def test_layout_round_trip_and_row_lookup(n: int, k: int) -> None:
+    weight, scaler = quantized(n, k)
+    packed = native.Int8Weight.pack(weight, scaler)
+    assert packed.data.shape == (-(-n // 4), -(-k // 64), 4, 64)
+    assert torch.equal(packed.unpack(), weight)
+    ids = torch.tensor([[0, n - 1, n // 2], [n - 1, 0, 0]])
+    assert torch.equal(packed.rows(ids), weight[ids])
+    assert torch.equal(packed.sums, weight.sum(dim=1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 7, 63), (2, 37, 100), (3, 64, 2048), (5, 256, 4096), (1, 4, 32768)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_matches_the_dequantized_product(kernel: None, m: int, n: int, k: int, dtype: torch.dtype) -> None:
+    weight, scaler = quantized(n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x[0, k // 3] = 50.0  # an outlier: the per-row scale follows the largest value
+    exact = x.double() @ (weight.double() * scaler.double().unsqueeze(1)).t()
+    got = native.Int8Weight.pack(weight, scaler).matmul(x)
+    assert got.dtype == dtype and got.shape == (m, n)
+    # float32: 24-bit activations, exact integer sums; bfloat16: the output's own rounding.
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < tolerance
+
+
+def test_matmul_shapes(kernel: None) -> None:
+    weight, scaler = quantized(8, 128)
+    packed = native.Int8Weight.pack(weight, scaler)
+    x = torch.randn(2, 3, 128)
+    torch.testing.assert_close(packed.matmul(x), packed.matmul(x.reshape(6, 128)).reshape(2, 3, 8))
+    assert packed.matmul(torch.randn(0, 128)).shape == (0, 8)
+    strided = torch.randn(128, 4).t()  # not contiguous
+    torch.testing.assert_close(packed.matmul(strided), packed.matmul(strided.contiguous()))
+    zeros = packed.matmul(torch.zeros(1, 128))
+    assert torch.equal(zeros, torch.zeros(1, 8))
+
+
+def test_turned_off_and_build_failures(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(native.ENV, "0")
+    native.reset()
+    assert native.unavailable() == "turned off (GEMMA_PROFILE_NATIVE=0)"
+    monkeypatch.delenv(native.ENV)
+    native.reset()
+    with pytest.raises(native.Unavailable, match=r"no C compiler \('no-such-cc' not found; set CC\)"):
+        native.build("no-such-cc", tmp_path)
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\necho 'int8_matmul.c:1: error: no AVX-512 here' >&2\nexit 1\n")
+    failing.chmod(failing.stat().st_mode | stat.S_IXUSR)
+    with pytest.raises(native.Unavailable, match=r"failed: int8_matmul\.c:1: error: no AVX-512 here"):
+        native.build(str(failing), tmp_path)
+    assert not list(tmp_path.glob("*.so*")), "no partial library left behind"
+    monkeypatch.setenv("CC", str(failing))
+    native.reset()
+    assert "failed" in str(native.unavailable())
+
+
+def test_build_is_cached(kernel: None, tmp_path: Path) -> None:
+    first = native.build(folder=tmp_path)
+    mtime = os.stat(first).st_mtime_ns
+    assert native.build(folder=tmp_path) == first and os.stat(first).st_mtime_ns == mtime
+
+
+def test_a_model_without_the_kernel_says_why(
+    gemma: Any,
+    tokenizer_path: str,
+    write_profile: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    log_messages: list[str],
+) -> None:
+    from gemma_testing import tiny_config, write_random_checkpoint
+
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built there yet
+    native.reset()
+    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="bfloat16")
+    ckpt = tmp_path / "m.ckpt"
+    write_random_checkpoint(gemma.model.GemmaForCausalLM(config), str(ckpt), torch.float32, seed=1)
+    path = write_profile(
+        "int8-cpu",
+        "description: t\nplacement: {device: cpu}\nconfig: {dtype: bfloat16}\nquantization: {weights: int8}\n",
+    )
+    with gemma_profiles.use(str(path)):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = gemma.model.GemmaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        model.load_weights(str(ckpt))
+    assert any("no native kernel here: no C compiler ('no-such-cc' not found; set CC)" in m for m in log_messages)
+    assert any("on the _weight_int8pack_mm" in m for m in log_messages)
+
+
+def test_int8_model_state_dict_round_trip(
+    kernel: None, gemma: Any, tokenizer_path: str, write_profile: Callable[..., Path], tmp_path: Path
+) -> None:
+    from gemma_testing import tiny_config, write_random_checkpoint
+
+    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
+    ckpt = tmp_path / "m.ckpt"
+    write_random_checkpoint(gemma.model.GemmaForCausalLM(config), str(ckpt), torch.float32, seed=2)
+    path = write_profile(
+        "int8-cpu",
+        "description: t\nplacement: {device: cpu}\nconfig: {dtype: float32}\nquantization: {weights: int8}\n",
+    )
+    with gemma_profiles.use(str(path)):
+        model = gemma.model.GemmaForCausalLM(config)
+        model.load_weights(str(ckpt))
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.weight.dim() == 4, "the kernel's layout"
+    state = model.state_dict()
+    weight, scaler = state["model.layers.0.mlp.down_proj.weight"], state["model.layers.0.mlp.down_proj.weight_scaler"]
+    assert weight.dtype == torch.int8 and weight.shape == (config.hidden_size, config.intermediate_size)
+    x = torch.randn(1, config.intermediate_size)
+    before = layer(x)
+    torch.testing.assert_close(before, x @ (weight.float() * scaler.unsqueeze(1)).t(), rtol=1e-5, atol=1e-5)
+    state["model.layers.0.mlp.down_proj.weight"] = -weight
+    model.load_state_dict(state)
+    torch.testing.assert_close(layer(x), -before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.state_dict()["model.layers.0.mlp.down_proj.weight"], -weight)
+    state["model.layers.0.mlp.down_proj.weight"] = weight[:, :8]
+    with pytest.raises(RuntimeError, match=r"size mismatch for model\.layers\.0\.mlp\.down_proj\.weight"):
+        model.load_state_dict(state)
