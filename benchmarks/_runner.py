@@ -66,6 +66,16 @@ if spec["output_len"]:
     decode = steps[1:]  # steps[0] is the prefill
     result.update(s_per_token=statistics.median(decode), steps=len(decode), peak=hwm() - baseline)
     result["dtypes"] = sorted({{str(p.dtype) for p in model.parameters()}})
+    if spec.get("bandwidth"):
+        # Read bandwidth right after the decode, in this process: on a shared host it drifts
+        # (46-80 GB/s on the same box within minutes), so each row gets its own bound.
+        data = torch.ones(2**28)
+        best = float("inf")
+        for _ in range(15):
+            start = time.perf_counter()
+            data.sum()
+            best = min(best, time.perf_counter() - start)
+        result["bandwidth"] = data.numel() * 4 / best
 print(json.dumps(result))
 """
 
@@ -95,9 +105,9 @@ def ensure_checkpoint(folder: Path, variant: str = "2b", dtype: str = "bfloat16"
     return ckpt, tokenizer
 
 
-def run(spec: dict[str, Any], profile: str) -> dict[str, Any]:
+def run(spec: dict[str, Any], profile: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """One configuration in a fresh interpreter; ``profile`` is a name/path or "off"."""
-    env = dict(os.environ, GEMMA_PROFILE=profile, GEMMA_PROFILE_LOG="WARNING")
+    env = dict(os.environ, GEMMA_PROFILE=profile, GEMMA_PROFILE_LOG="WARNING", **(env or {}))
     code = RUN.format(tests=str(TESTS), spec=json.dumps(spec))
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)

@@ -6,7 +6,14 @@ For each configuration (fresh process, same random checkpoint, written once):
 load time, peak RSS, median seconds per decoded token, the ratio to gemma
 as-is (run.py's float32), and the fraction of the memory-bandwidth bound: the
 bytes a decode step must read (weights as stored, plus the KV cache) divided by
-the read bandwidth measured in the same run, over the measured step time.
+the read bandwidth, over the measured step time.  The bandwidth (best of 15
+``sum()`` of a 1 GiB float32 tensor) is measured in each configuration's own
+process right after its decode: on a shared host it drifts by a factor of
+almost two within minutes, and a bound measured once at the start would
+flatter or wrong the rows that run in another phase.
+
+"cpu-8gb, torch int8 kernel" is cpu-8gb with ``GEMMA_PROFILE_NATIVE=0``: torch's
+``_weight_int8pack_mm`` instead of our native kernel, to show what the kernel adds.
 """
 
 from __future__ import annotations
@@ -15,29 +22,25 @@ import argparse
 import os
 from pathlib import Path
 
-from _runner import ensure_checkpoint, memory_bandwidth, run
+from _runner import ensure_checkpoint, run
 
 PROMPT = "the cat sees a dog near the river"
 CONFIGS = (
-    ("gemma as-is (float32)", "off", "float32", False),
-    ("cpu-32gb (bfloat16)", "cpu-32gb", "bfloat16", False),
-    ("cpu-8gb (int8, bfloat16)", "cpu-8gb", "bfloat16", True),
+    ("gemma as-is (float32)", "off", "float32", False, {}),
+    ("cpu-32gb (bfloat16)", "cpu-32gb", "bfloat16", False, {}),
+    ("cpu-8gb (int8, bfloat16)", "cpu-8gb", "bfloat16", True, {}),
+    ("cpu-8gb, torch int8 kernel", "cpu-8gb", "bfloat16", True, {"GEMMA_PROFILE_NATIVE": "0"}),
 )
 
 
 def bytes_per_token(variant: str, dtype: str, int8: bool, seq_len: int) -> int:
-    """Weights read per decode step (the int8 path keeps the tied embedder in ``dtype``), plus KV."""
+    """Weights read per decode step (int8: every linear and the tied embedder, plus scalers), plus KV."""
     from gemma_profiles.memory import DTYPE_BYTES, ModelShape
 
     shape = ModelShape.of_variant(variant)
     size = DTYPE_BYTES[dtype]
-    if int8:
-        layers = shape.num_hidden_layers * shape.layer_bytes(dtype, True)
-        weights = layers + shape.embedding_weights * size
-    else:
-        weights = shape.weight_bytes(dtype, False)
     kv = shape.num_hidden_layers * seq_len * shape.num_key_value_heads * shape.head_dim * 2 * size
-    return weights + kv
+    return shape.weight_bytes(dtype, int8) + kv
 
 
 def main() -> int:
@@ -52,10 +55,8 @@ def main() -> int:
     from gemma_profiles.units import format_bytes
 
     ckpt, tokenizer = ensure_checkpoint(args.dir, args.variant)
-    bandwidth = memory_bandwidth(args.threads)
     print(f"gemma: {gemma_status().describe()}")
     print(f"checkpoint: {ckpt} ({format_bytes(ckpt.stat().st_size)}); threads {args.threads}")
-    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     spec = {
         "variant": args.variant,
         "ckpt": str(ckpt),
@@ -63,18 +64,25 @@ def main() -> int:
         "prompt": PROMPT,
         "output_len": args.tokens,
         "threads": args.threads,
+        "bandwidth": True,
     }
-    header = f"{'configuration':<28} {'load s':>7} {'peak RSS':>10} {'s/token':>8} {'vs gemma':>9} {'of bound':>9}"
+    header = (
+        f"{'configuration':<28} {'load s':>7} {'peak RSS':>10} {'s/token':>8} {'vs gemma':>9} "
+        f"{'GB/token':>9} {'bandwidth':>10} {'of bound':>9}"
+    )
     print(header)
     baseline = None
-    for label, profile, dtype, int8 in CONFIGS:
-        result = run(spec, profile)
+    for label, profile, dtype, int8, env in CONFIGS:
+        result = run(spec, profile, env)
         seconds = result["s_per_token"]
         baseline = baseline or seconds
-        bound = bytes_per_token(args.variant, dtype, int8, 16 + args.tokens) / bandwidth
+        needed = bytes_per_token(args.variant, dtype, int8, 16 + args.tokens)
+        bound = needed / result["bandwidth"]
         print(
             f"{label:<28} {result['load_s']:>7.1f} {format_bytes(result['peak']):>10} {seconds:>8.3f} "
-            f"{baseline / seconds:>8.2f}x {bound / seconds:>8.0%}"
+            f"{baseline / seconds:>8.2f}x {needed / 1e9:>9.2f} {result['bandwidth'] / 1e9:>5.1f} GB/s "
+            f"{bound / seconds:>8.0%}",
+            flush=True,
         )
     return 0
 

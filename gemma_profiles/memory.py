@@ -296,6 +296,15 @@ def estimate_memory(
             MemoryItem("one weight while packing", host, largest * size, "CPU kernels; then released", reclaimable=True)
         )
 
+    if embedder_kept_int8 and int8:
+        # The native int8 kernel repacks each int8 weight (after loading) into its layout: the
+        # embedder is the largest copy alive next to its source.
+        items.append(
+            MemoryItem(
+                "one int8 weight while packing", host, shape.embedding_weights, "int8 kernel; then released", True
+            )
+        )
+
     def total(on: str, *, with_reclaimable: bool) -> int:
         return sum(i.bytes for i in items if i.device == on and (with_reclaimable or not i.reclaimable))
 

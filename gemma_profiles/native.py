@@ -127,6 +127,15 @@ def supports(weight: torch.Tensor, dtype: torch.dtype) -> bool:
     )
 
 
+def row_sums(weight: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """``weight.sum(1)`` in int32, a few rows at a time: on a CPU torch casts the whole input to
+    int32 first (a 2 GiB temporary for a 2b embedder)."""
+    sums = torch.empty(weight.shape[0], dtype=torch.int32)
+    for start in range(0, weight.shape[0], chunk):
+        torch.sum(weight[start : start + chunk], dim=1, dtype=torch.int32, out=sums[start : start + chunk])
+    return sums
+
+
 class Int8Weight:
     """One int8 weight in the kernel's layout, with its scale and row sums.
 
@@ -145,8 +154,7 @@ class Int8Weight:
             plain = torch.zeros(n4, kp, dtype=torch.int8)
             plain[:n, :k] = weight
         data = plain.view(n4 // 4, 4, kp // 64, 64).permute(0, 2, 1, 3).contiguous()
-        sums = weight.sum(dim=1, dtype=torch.int32).contiguous()
-        return cls(data, n, k, scaler.detach().to(torch.float32).contiguous(), sums)
+        return cls(data, n, k, scaler.detach().to(torch.float32).contiguous(), row_sums(weight))
 
     @property
     def shape(self) -> tuple[int, int]:

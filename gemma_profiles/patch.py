@@ -187,17 +187,19 @@ def _wrap_generate(original: Callable[..., Any]) -> Callable[..., Any]:
         positional = len(args) > 1  # generate(prompts, device, ...)
         requested = args[1] if positional else kwargs.get("device")
         chosen = get_plugin_manager().resolve_device(requested, plan, "generate")
-        if chosen is None:
+        if chosen is not None:
+            device = torch.device(chosen)
+            parameter = next(self.parameters(), None)
+            if parameter is not None and not same_device(parameter.device, device):
+                self.to(device)
+            if positional:
+                args = (args[0], device, *args[2:])
+            else:
+                kwargs["device"] = device
+        # gemma generates under no_grad; inference mode also skips version counters and view
+        # tracking (1.5-2 ms of a 60 ms int8 CPU step).  Only text comes out of generate.
+        with torch.inference_mode():
             return original(self, *args, **kwargs)
-        device = torch.device(chosen)
-        parameter = next(self.parameters(), None)
-        if parameter is not None and not same_device(parameter.device, device):
-            self.to(device)
-        if positional:
-            args = (args[0], device, *args[2:])
-        else:
-            kwargs["device"] = device
-        return original(self, *args, **kwargs)
 
     return generate
 
