@@ -52,11 +52,21 @@ if spec.get("first_token"):
         pass
     result.update(first_token_s=time.perf_counter() - start, first_token_peak=hwm() - baseline)
 if spec["output_len"]:
-    steps = []
+    steps, bandwidths = [], []
+    probe = torch.ones(2**26) if spec.get("bandwidth") else None  # 256 MiB, 8x the L3 here
     def pre(module, args, kwargs):
         steps.append(time.perf_counter())
     def post(module, args, kwargs, output):
         steps[-1] = time.perf_counter() - steps[-1]
+        if probe is not None:
+            # Read bandwidth right after each step, in this process: on a shared host it
+            # drifts (46-80 GB/s on the same box within minutes), so each step gets its own.
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                probe.sum()
+                best = min(best, time.perf_counter() - start)
+            bandwidths.append(probe.numel() * 4 / best)
     model.register_forward_pre_hook(pre, with_kwargs=True)
     model.register_forward_hook(post, with_kwargs=True)
     try:
@@ -66,16 +76,9 @@ if spec["output_len"]:
     decode = steps[1:]  # steps[0] is the prefill
     result.update(s_per_token=statistics.median(decode), steps=len(decode), peak=hwm() - baseline)
     result["dtypes"] = sorted({{str(p.dtype) for p in model.parameters()}})
-    if spec.get("bandwidth"):
-        # Read bandwidth right after the decode, in this process: on a shared host it drifts
-        # (46-80 GB/s on the same box within minutes), so each row gets its own bound.
-        data = torch.ones(2**28)
-        best = float("inf")
-        for _ in range(15):
-            start = time.perf_counter()
-            data.sum()
-            best = min(best, time.perf_counter() - start)
-        result["bandwidth"] = data.numel() * 4 / best
+    if bandwidths:
+        result["bandwidths"] = bandwidths[1:]
+        result["decode_steps"] = decode
 print(json.dumps(result))
 """
 

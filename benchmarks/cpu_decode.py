@@ -1,16 +1,17 @@
 """Decode speed on the CPU: gemma_pytorch as-is against the CPU profiles, in one run.
 
-    python benchmarks/cpu_decode.py [--variant 2b] [--tokens 16] [--dir ~/.cache/gemma-bench]
+    python benchmarks/cpu_decode.py [--variant 2b] [--tokens 16] [--rounds 3] [--dir ~/.cache/gemma-bench]
 
 For each configuration (fresh process, same random checkpoint, written once):
 load time, peak RSS, median seconds per decoded token, the ratio to gemma
 as-is (run.py's float32), and the fraction of the memory-bandwidth bound: the
 bytes a decode step must read (weights as stored, plus the KV cache) divided by
-the read bandwidth, over the measured step time.  The bandwidth (best of 15
-``sum()`` of a 1 GiB float32 tensor) is measured in each configuration's own
-process right after its decode: on a shared host it drifts by a factor of
-almost two within minutes, and a bound measured once at the start would
-flatter or wrong the rows that run in another phase.
+the read bandwidth, over the measured step time.  The bandwidth (best of 3
+``sum()`` of a 256 MiB float32 tensor, 8x the L3 cache) is measured right after
+every decode step, in the same process: on a shared host it drifts by a factor
+of almost two within minutes, so each step is set against the bandwidth of its
+own moment and the column is the median over steps of (bytes / bandwidth) /
+step time.  The peak RSS column includes that probe's 256 MiB.
 
 "cpu-8gb, torch int8 kernel" is cpu-8gb with ``GEMMA_PROFILE_NATIVE=0``: torch's
 ``_weight_int8pack_mm`` instead of our native kernel, to show what the kernel adds.
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 from pathlib import Path
+from typing import Any
 
 from _runner import ensure_checkpoint, run
 
 PROMPT = "the cat sees a dog near the river"
-CONFIGS = (
+CONFIGS: tuple[tuple[str, str, str, bool, dict[str, str]], ...] = (
     ("gemma as-is (float32)", "off", "float32", False, {}),
     ("cpu-32gb (bfloat16)", "cpu-32gb", "bfloat16", False, {}),
     ("cpu-8gb (int8, bfloat16)", "cpu-8gb", "bfloat16", True, {}),
@@ -43,11 +46,21 @@ def bytes_per_token(variant: str, dtype: str, int8: bool, seq_len: int) -> int:
     return shape.weight_bytes(dtype, int8) + kv
 
 
+def show(label: str, row: dict[str, float], gemma_seconds: float, format_bytes: Any) -> None:
+    print(
+        f"{label:<28} {row['load_s']:>7.1f} {format_bytes(int(row['peak'])):>10} {row['seconds']:>8.3f} "
+        f"{gemma_seconds / row['seconds']:>8.2f}x {row['needed'] / 1e9:>9.2f} {row['bandwidth'] / 1e9:>5.1f} GB/s "
+        f"{row['fraction']:>8.0%}",
+        flush=True,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="2b")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=3, help="run every configuration this many times, round-robin")
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "gemma-profiles-bench")
     args = parser.parse_args()
 
@@ -70,20 +83,34 @@ def main() -> int:
         f"{'configuration':<28} {'load s':>7} {'peak RSS':>10} {'s/token':>8} {'vs gemma':>9} "
         f"{'GB/token':>9} {'bandwidth':>10} {'of bound':>9}"
     )
-    print(header)
-    baseline = None
-    for label, profile, dtype, int8, env in CONFIGS:
-        result = run(spec, profile, env)
-        seconds = result["s_per_token"]
-        baseline = baseline or seconds
-        needed = bytes_per_token(args.variant, dtype, int8, 16 + args.tokens)
-        bound = needed / result["bandwidth"]
-        print(
-            f"{label:<28} {result['load_s']:>7.1f} {format_bytes(result['peak']):>10} {seconds:>8.3f} "
-            f"{baseline / seconds:>8.2f}x {needed / 1e9:>9.2f} {result['bandwidth'] / 1e9:>5.1f} GB/s "
-            f"{bound / seconds:>8.0%}",
-            flush=True,
-        )
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in CONFIGS}
+    for round_ in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {round_ + 1} of {args.rounds}")
+        print(header)
+        for label, profile, dtype, int8, env in CONFIGS:
+            result = run(spec, profile, env)
+            needed = bytes_per_token(args.variant, dtype, int8, 16 + args.tokens)
+            pairs = zip(result["decode_steps"], result["bandwidths"], strict=True)
+            rows[label].append(
+                {
+                    "load_s": result["load_s"],
+                    "peak": result["peak"],
+                    "seconds": result["s_per_token"],
+                    "needed": needed,
+                    "bandwidth": statistics.median(result["bandwidths"]),
+                    "fraction": statistics.median(needed / bandwidth / step for step, bandwidth in pairs),
+                }
+            )
+            show(label, rows[label][-1], rows[CONFIGS[0][0]][-1]["seconds"], format_bytes)
+    if args.rounds > 1:
+        print(f"median of {args.rounds} rounds (vs gemma: ratio of the medians)")
+        print(header)
+        medians = {}
+        for label, runs in rows.items():
+            medians[label] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for label, median in medians.items():
+            show(label, median, medians[CONFIGS[0][0]]["seconds"], format_bytes)
     return 0
 
 

@@ -144,6 +144,8 @@ class Int8Weight:
 
     def __init__(self, data: torch.Tensor, n: int, k: int, scale: torch.Tensor, sums: torch.Tensor) -> None:
         self.data, self.n, self.k, self.scale, self.sums = data, n, k, scale, sums
+        # Addresses taken once: the tensors are owned here and never resized.
+        self._pointers = (data.data_ptr(), scale.data_ptr(), sums.data_ptr())
 
     @classmethod
     def pack(cls, weight: torch.Tensor, scaler: torch.Tensor) -> Int8Weight:
@@ -182,17 +184,9 @@ class Int8Weight:
         if flat.shape[0] == 0:
             return out.reshape(*x.shape[:-1], self.n)
         bf16 = int(x.dtype == torch.bfloat16)
+        weight, scale, sums = self._pointers
         status = library.gp_int8_matmul(
-            flat.data_ptr(),
-            bf16,
-            flat.shape[0],
-            self.k,
-            self.data.data_ptr(),
-            self.n,
-            self.scale.data_ptr(),
-            self.sums.data_ptr(),
-            out.data_ptr(),
-            bf16,
+            flat.data_ptr(), bf16, flat.shape[0], self.k, weight, self.n, scale, sums, out.data_ptr(), bf16
         )
         if status != 0:
             raise RuntimeError(f"gemma-profiles int8 kernel failed ({status}) for {tuple(x.shape)} x {self.shape}")
