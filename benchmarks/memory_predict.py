@@ -17,6 +17,7 @@ prediction is off by more than 10 %.  Needs gemma (gemma_pytorch or the stand-in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -35,7 +36,10 @@ CONFIGS = [
     ("2b-v2 x6 layers, profile float32", "2b-v2", 6, "float32", False, True, "float32"),
     ("1b (Gemma 3, all 26 layers), profile bfloat16", "1b", 26, "bfloat16", False, True, "bfloat16"),
     ("2b x4 layers, profile int8 + float32", "2b", 4, "float32", True, True, "float32"),
+    ("2b x4 layers, profile int8 + bfloat16", "2b", 4, "bfloat16", True, True, "bfloat16"),
 ]
+# A profile's int8 quantizes a float checkpoint while loading (what the CPU profiles do with
+# the official bf16 checkpoints); gemma as-is with int8 needs its own int8 checkpoint.
 QUICK = [0, 1, 4]
 PROMPT = "the cat sees a dog near the river and the bird"
 OUTPUT_LEN = 16
@@ -128,12 +132,18 @@ def main() -> int:
 
     from gemma_testing import train_tiny_tokenizer
 
+    from gemma_profiles import native
     from gemma_profiles.gemma_info import gemma_status
     from gemma_profiles.memory import ModelShape, estimate_memory
     from gemma_profiles.units import format_bytes
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="gemma-mem-"))
     work.mkdir(parents=True, exist_ok=True)
+    if not args.keep:  # several GiB of checkpoints: gone when the script ends
+        import atexit
+        import shutil
+
+        atexit.register(shutil.rmtree, work, True)
     tokenizer = train_tiny_tokenizer(work / "tok")
     print(f"gemma: {gemma_status().describe()}")
     print(f"{'configuration':<48} {'predicted':>11} {'measured':>11} {'ratio':>6}")
@@ -141,9 +151,10 @@ def main() -> int:
     chosen = [CONFIGS[i] for i in QUICK] if args.quick else CONFIGS
     for index, (label, variant, layers, dtype, int8, profiled, ckpt_dtype) in enumerate(chosen):
         config = final_config(variant, layers, dtype, int8, tokenizer)
-        ckpt = work / f"ckpt-{variant}-{layers}-{ckpt_dtype}-{int(int8)}.pt"
+        int8_checkpoint = int8 and not profiled
+        ckpt = work / f"ckpt-{variant}-{layers}-{ckpt_dtype}-{int(int8_checkpoint)}.pt"
         if not ckpt.exists():
-            make_checkpoint(config, ckpt, ckpt_dtype)
+            make_checkpoint(dataclasses.replace(config, quant=int8_checkpoint), ckpt, ckpt_dtype)
         env = dict(os.environ)
         env.pop("GEMMA_PROFILE", None)
         if profiled:
@@ -178,6 +189,7 @@ def main() -> int:
             prefill_tokens=result["prompt_tokens"],
             checkpoint_dtype=ckpt_dtype,
             engine="profiles" if profiled else "gemma",
+            cpu_int8_kernel=native.unavailable() is None,
         )
         predicted = estimate.peak["cpu"]
         ratio = predicted / measured

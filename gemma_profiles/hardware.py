@@ -7,11 +7,27 @@ torch and psutil only when called.  Nothing here imports torch.
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
 #: x86 ISA levels we report, lowest first (Linux /proc/cpuinfo flag names).
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+#: ``0`` turns the native int8 CPU kernel off (`gemma_profiles.native`).
+NATIVE_ENV = "GEMMA_PROFILE_NATIVE"
+
+
+def native_int8_expected(isa: tuple[str, ...]) -> bool:
+    """Whether the native int8 CPU kernel should run on a CPU with these ISA flags (without torch).
+
+    It needs AVX-512 VNNI and a C compiler to build it on first use; the planner uses this to
+    know whether an int8 model keeps its tied embedder int8 in float32 compute too.
+    """
+    if os.environ.get(NATIVE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    has_vnni = any(flag in isa for flag in ("avx512_vnni", "avx512_bf16", "amx_bf16"))
+    return has_vnni and shutil.which(os.environ.get("CC") or "cc") is not None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from torch import nn
 
 from . import native
 from .lazy import remove_parameter
+from .loader import release_pages
 
 _NATIVE = "_gemma_profile_int8"
 
@@ -100,6 +101,7 @@ def _install_native(module: nn.Module) -> native.Int8Weight:
     packed = native.Int8Weight.pack(weight, scaler)
     del module._parameters["weight"]
     module.register_buffer("weight", packed.data)
+    release_pages(weight)  # an int8 checkpoint's mapped tensor: its pages are not needed any more
     object.__setattr__(module, _NATIVE, packed)
     module._save_to_state_dict = types.MethodType(_save_native, module)  # type: ignore[method-assign]
     module._load_from_state_dict = types.MethodType(_load_native, module)  # type: ignore[method-assign]

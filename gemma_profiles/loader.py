@@ -173,13 +173,22 @@ def _file_backed(first: int, last: int) -> bool:
     return False
 
 
-def quantize_rows(weight: torch.Tensor, scaler_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: ``weight ~= q * scaler[:, None]``, in chunks of rows."""
+def quantize_rows(
+    weight: torch.Tensor, scaler_dtype: torch.dtype, mapped: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``weight ~= q * scaler[:, None]``, in chunks of rows.
+
+    ``weight`` is left as it was; when it is ``mapped`` (a memory-mapped checkpoint tensor),
+    each chunk's pages are released once read, so a source tensor is never resident whole.
+    """
     rows = weight.shape[0]
     q = torch.empty(weight.shape, dtype=torch.int8)
     scaler = torch.empty(rows, dtype=torch.float32)
     for start in range(0, rows, CHUNK_ROWS):
-        block = weight[start : start + CHUNK_ROWS].float()
+        source = weight[start : start + CHUNK_ROWS]
+        block = source.to(torch.float32, copy=True)
+        if mapped:
+            release_pages(source)
         scale = block.abs().amax(dim=1).clamp_(min=1e-12).div_(127.0)
         q[start : start + CHUNK_ROWS] = block.div_(scale.unsqueeze(1)).round_().clamp_(-127, 127)
         scaler[start : start + CHUNK_ROWS] = scale
@@ -254,7 +263,7 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
             unexpected.append(name)
             continue
         if name in int8_in_model and tensor.is_floating_point():
-            q, scaler = quantize_rows(tensor, targets[name + SCALER].dtype)
+            q, scaler = quantize_rows(tensor, targets[name + SCALER].dtype, mapped)
             place(name, q)
             place(name + SCALER, scaler)
             if mapped:

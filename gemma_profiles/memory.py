@@ -188,6 +188,7 @@ def estimate_memory(
     offloaded_layers: int = 0,
     offload_device: str = "cpu",
     engine: str = "profiles",
+    cpu_int8_kernel: bool = False,
 ) -> MemoryEstimate:
     """Estimate the memory of building, loading and generating with one model.
 
@@ -199,6 +200,8 @@ def estimate_memory(
     :param offloaded_layers: decoder layers kept on ``offload_device`` (``cpu`` or ``disk``)
         instead, and streamed through two layer-sized slots on ``device``.
     :param engine: ``"profiles"`` (a profile is active) or ``"gemma"`` (gemma_pytorch as-is).
+    :param cpu_int8_kernel: the native int8 kernel runs here (`hardware.native_int8_expected`):
+        on a CPU an int8 model keeps its tied embedder int8 in float32 compute too.
     """
     ours = engine == "profiles"
     size = DTYPE_BYTES[dtype]
@@ -210,7 +213,8 @@ def estimate_memory(
     rope_tables = 2 if shape.family == "gemma3" else 1
     # gemma keeps the tied embedder int8; so do we on a bfloat16 CPU (lookups and the sampler read
     # it directly); elsewhere our int8 path dequantizes it once into the compute dtype.
-    embedder_kept_int8 = ours and kind == "cpu" and dtype == "bfloat16" and not offloaded_layers
+    cpu_kernel = dtype == "bfloat16" or (cpu_int8_kernel and dtype in ("float32", "float"))
+    embedder_kept_int8 = ours and kind == "cpu" and cpu_kernel and not offloaded_layers
     embedder_int8 = int8 and (not ours or embedder_kept_int8)
     items = [
         MemoryItem(
@@ -273,8 +277,13 @@ def estimate_memory(
         # int8 its source is read while only its int8 copy exists: the compute-dtype
         # embedder counted above is made from that copy after loading.
         largest = shape.embedding_weights * DTYPE_BYTES[checkpoint_dtype]
-        if int8 and not embedder_int8:
-            largest = max(0, largest + shape.embedding_weights - shape.embedding_weights * size)
+        if int8:
+            # Quantized 8192 rows at a time, each chunk's source pages released once read.
+            h = shape.hidden_size
+            chunk = max(min(shape.vocab_size, 8192) * h, shape.intermediate_size * h) * DTYPE_BYTES[checkpoint_dtype]
+            largest = min(largest, chunk)
+            if not embedder_int8:  # the compute-dtype embedder counted above is made after loading
+                largest = max(0, largest + shape.embedding_weights - shape.embedding_weights * size)
         items.append(
             MemoryItem(
                 "one checkpoint tensor while loading", host, largest, "converted, then released", reclaimable=True
@@ -296,7 +305,7 @@ def estimate_memory(
             MemoryItem("one weight while packing", host, largest * size, "CPU kernels; then released", reclaimable=True)
         )
 
-    if embedder_kept_int8 and int8:
+    if embedder_kept_int8 and int8 and cpu_int8_kernel:
         # The native int8 kernel repacks each int8 weight (after loading) into its layout: the
         # embedder is the largest copy alive next to its source.
         items.append(

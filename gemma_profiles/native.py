@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from .hardware import NATIVE_ENV
+
 SOURCE = Path(__file__).with_name("csrc") / "int8_matmul.c"
-ENV = "GEMMA_PROFILE_NATIVE"
+ENV = NATIVE_ENV
 #: The kernel's int32 partial sums stay exact up to this reduction length.
 MAX_K = 32768
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")

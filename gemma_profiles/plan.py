@@ -14,7 +14,7 @@ from typing import Any
 
 from . import schema
 from .errors import GemmaProfileError
-from .hardware import Hardware
+from .hardware import Hardware, native_int8_expected
 from .memory import DTYPE_BYTES, MemoryEstimate, ModelShape, estimate_memory, reserve_for
 from .profile import Profile
 from .units import format_bytes, parse_memory
@@ -394,6 +394,7 @@ def _estimate(
         seq_len=seq_len or plan.seq_len,
         offloaded_layers=offloaded,
         offload_device=offload_device,
+        cpu_int8_kernel=native_int8_expected(target.cpu_isa),
     )
 
 

@@ -151,3 +151,28 @@ def test_int8_model_state_dict_round_trip(
     state["model.layers.0.mlp.down_proj.weight"] = weight[:, :8]
     with pytest.raises(RuntimeError, match=r"size mismatch for model\.layers\.0\.mlp\.down_proj\.weight"):
         model.load_state_dict(state)
+
+
+def test_the_planner_knows_when_the_embedder_stays_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gemma_profiles.hardware import native_int8_expected
+    from gemma_profiles.memory import ModelShape, estimate_memory
+
+    monkeypatch.setenv("CC", "sh")  # any program on PATH stands for a compiler here
+    assert native_int8_expected(("avx2", "avx512f", "avx512_vnni"))
+    assert not native_int8_expected(("avx2", "avx512f"))
+    monkeypatch.setenv(native.ENV, "0")
+    assert not native_int8_expected(("avx512_vnni",))
+    monkeypatch.delenv(native.ENV)
+    monkeypatch.setenv("CC", "no-such-cc")
+    assert not native_int8_expected(("avx512_vnni",))
+
+    shape = ModelShape.of_variant("2b")
+
+    def embedder(**kwargs: Any) -> int:
+        estimate = estimate_memory(shape, int8=True, device="cpu", **kwargs)
+        return next(item.bytes for item in estimate.items if item.component == "embedder (tied output)")
+
+    int8_bytes = shape.embedding_weights + shape.vocab_size * 4
+    assert embedder(dtype="float32", cpu_int8_kernel=True) == int8_bytes
+    assert embedder(dtype="float32", cpu_int8_kernel=False) == shape.embedding_weights * 4
+    assert embedder(dtype="bfloat16") == shape.embedding_weights + shape.vocab_size * 2
