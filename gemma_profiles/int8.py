@@ -185,10 +185,11 @@ def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
         module._parameters["weight_scaler"] = torch.nn.Parameter(scaler.to(dtype), requires_grad=False)
     shape = (weight.shape[0], weight.shape[1])
     if use_native:
-        packed = _install_native(module)
+        _install_native(module)
 
         def project(hidden: torch.Tensor) -> torch.Tensor:
-            return packed.matmul(hidden.to(dtype)).to(hidden.dtype)
+            current: native.Int8Weight = module.__dict__[_NATIVE]  # load_state_dict repacks
+            return current.matmul(hidden.to(dtype)).to(hidden.dtype)
 
         def dense() -> torch.Tensor:
             return dequantize_rows(module.__dict__[_NATIVE].unpack(), module.weight_scaler, dtype)

@@ -142,7 +142,7 @@ def tied_embedder(model: nn.Module) -> tuple[str, nn.Module] | None:
 def install_packed(model: nn.Module, profile: str) -> bool:
     """Full-precision tied embedder: the sampler's product on a packed copy (mapped weights only)."""
     from . import packed
-    from .loader import _file_backed, release_pages
+    from .loader import _file_backed
 
     found = tied_embedder(model)
     if found is None:
@@ -159,17 +159,33 @@ def install_packed(model: nn.Module, profile: str) -> bool:
             name,
         )
         return False
-    chunks = []
-    for start in range(0, weight.shape[0], CHUNK_ROWS):
-        rows = weight[start : start + CHUNK_ROWS]
-        chunks.append(packed.pack(rows))
-        release_pages(rows)  # lookups read single rows back from the file
+    chunks = _pack_rows(weight)
+    original_load = embedder._load_from_state_dict
+
+    def load_and_repack(*args: Any, **kwargs: Any) -> None:
+        original_load(*args, **kwargs)  # copies into the (mapped, private) weight
+        chunks[:] = _pack_rows(_weight_of(embedder))
+
+    embedder._load_from_state_dict = load_and_repack  # type: ignore[method-assign]
     shape = (weight.shape[0], weight.shape[1])
     return install(
         model,
         embedder,
         SamplerWeight(lambda: _weight_of(embedder), lambda h: _project(h, chunks), shape, weight.dtype),
     )
+
+
+def _pack_rows(weight: torch.Tensor) -> list[torch.Tensor]:
+    """Packed copies of ``weight``, CHUNK_ROWS rows each; each chunk's mapped pages dropped once read."""
+    from .loader import release_pages
+    from .packed import pack
+
+    chunks = []
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        rows = weight[start : start + CHUNK_ROWS]
+        chunks.append(pack(rows))
+        release_pages(rows)  # lookups read single rows back from the file
+    return chunks
 
 
 def _weight_of(module: nn.Module) -> torch.Tensor:

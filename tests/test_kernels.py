@@ -244,3 +244,33 @@ def test_release_pages_never_zeroes_anonymous_memory(tmp_path: Path) -> None:
     assert _file_backed(mapped.data_ptr() + mmap.PAGESIZE, mapped.data_ptr() + 2 * mmap.PAGESIZE)
     release_pages(mapped)
     assert torch.equal(mapped, torch.arange(2**20, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("weights", ["none", "int8"])
+def test_load_state_dict_reaches_the_sampler(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[[str], str],
+    write_profile: Callable[..., Path],
+    weights: str,
+) -> None:
+    """The sampler's packed (or int8) copy of the tied embedder follows a later load_state_dict."""
+    dtype = "float32" if weights == "none" else "bfloat16"
+    ckpt = checkpoint("2b", "float32")
+    with gemma_profiles.use(cpu_profile(write_profile, dtype, f"quantization: {{weights: {weights}}}\n")):
+        model = load(gemma, tokenizer_path, "2b", dtype, ckpt)
+    assert sampler_swapped(model)
+    state = model.state_dict()
+    hidden = torch.randn(1, 1, state["embedder.weight"].shape[1]).to(getattr(torch, dtype))
+    args = {
+        "hidden_states": hidden,
+        "output_positions": torch.tensor([0]),
+        "temperatures": None,
+        "top_ps": torch.tensor([1.0]),
+        "top_ks": torch.tensor([1]),
+    }
+    _, before = model.sampler(embedding=model.embedder.weight, **args)
+    state["embedder.weight"] = -state["embedder.weight"]
+    model.load_state_dict(state)
+    _, after = model.sampler(embedding=model.embedder.weight, **args)
+    torch.testing.assert_close(after.float(), -before.float(), rtol=1e-2, atol=1e-2)
