@@ -39,6 +39,7 @@ from torch import nn
 from . import native
 from .lazy import remove_parameter
 from .loader import release_pages
+from .packed import pin_to_cpu
 
 _NATIVE = "_gemma_profile_int8"
 
@@ -105,6 +106,7 @@ def _install_native(module: nn.Module) -> native.Int8Weight:
     object.__setattr__(module, _NATIVE, packed)
     module._save_to_state_dict = types.MethodType(_save_native, module)  # type: ignore[method-assign]
     module._load_from_state_dict = types.MethodType(_load_native, module)  # type: ignore[method-assign]
+    pin_to_cpu(module, "this int8 layer", torch.int8)
     return packed
 
 

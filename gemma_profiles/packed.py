@@ -24,11 +24,13 @@ layers keep their own kernel (`gemma_profiles.int8`).
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import GemmaProfileError
 from .loader import release_pages
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -100,6 +102,39 @@ def _load_from_state_dict(
     self._buffers["weight"] = pack(value.to(device="cpu", dtype=current.dtype))
 
 
+def pin_to_cpu(module: nn.Module, what: str, dtype: torch.dtype, *, packed_weight: bool = True) -> None:
+    """Make ``.to(cuda)``/``.half()`` on a module holding CPU-kernel weights a one-line error
+    raised before anything is converted, not an oneDNN/ctypes failure later; moves and casts
+    that change nothing still pass.
+
+    :param dtype: the compute dtype a cast must keep (None-like int8 weights: ``torch.int8``,
+        where only a device move is refused, as ``.to(dtype)`` leaves integer tensors alone).
+    :param packed_weight: the module's own ``weight`` buffer is packed: the cast skips it.
+    """
+    original: Callable[..., nn.Module] = module._apply
+
+    def apply(fn: Any, recurse: bool = True) -> nn.Module:
+        probe = fn(torch.zeros(1, dtype=torch.float32 if dtype == torch.int8 else dtype))
+        if probe.device.type != "cpu" or (dtype != torch.int8 and probe.dtype != dtype):
+            target = f"{probe.device}" if probe.device.type != "cpu" else str(probe.dtype).removeprefix("torch.")
+            raise GemmaProfileError(
+                f"{what} holds weights packed for the CPU kernels; they cannot move to {target}",
+                where=type(module).__name__,
+                hint="choose the device and dtype in the profile (placement.device, config.dtype), "
+                "or load with GEMMA_PROFILE_DISABLE_PLUGINS=kernels,quantization",
+            )
+        if not packed_weight:
+            return original(fn, recurse)
+        buffer = module._buffers.pop("weight")
+        try:
+            result: nn.Module = original(fn, recurse)
+        finally:
+            module._buffers["weight"] = buffer
+        return result
+
+    module._apply = apply  # type: ignore[method-assign]
+
+
 def pack_module(module: nn.Module) -> None:
     """Swap a plain float ``Linear``'s weight parameter for the packed buffer, and its forward."""
     weight = module._parameters["weight"]
@@ -112,6 +147,7 @@ def pack_module(module: nn.Module) -> None:
     module._save_to_state_dict = types.MethodType(_save_to_state_dict, module)  # type: ignore[method-assign]
     module._load_from_state_dict = types.MethodType(_load_from_state_dict, module)  # type: ignore[method-assign]
     object.__setattr__(module, _MARK, True)
+    pin_to_cpu(module, "this layer", packed.dtype)
 
 
 def packable(module: nn.Module) -> bool:

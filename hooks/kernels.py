@@ -41,6 +41,8 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
             count += 1
     from gemma_profiles.tied import install_packed
 
+    packed.pin_to_cpu(model, "this model", next(iter(dtypes)), packed_weight=False)
+
     sampler = install_packed(model, plan.profile)
     logger.info(
         "[{}] CPU kernels: {} linear layers{} use oneDNN-packed weights",

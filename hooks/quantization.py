@@ -49,6 +49,10 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
                 kernel = "_weight_int8pack_mm" if on_cpu and dtype == torch.bfloat16 else "scratch-buffer kernel"
             kernels[kernel] = kernels.get(kernel, 0) + 1
     config.quant = False  # gemma's forward hands embedder.weight to the sampler as it is
+    if "native VNNI kernel" in kernels:
+        from gemma_profiles.packed import pin_to_cpu
+
+        pin_to_cpu(model, "this model", torch.int8, packed_weight=False)
     if on_cpu and "native VNNI kernel" not in kernels and native.unavailable():
         logger.info("[{}] int8: no native kernel here: {}", plan.profile, native.unavailable())
     logger.info(

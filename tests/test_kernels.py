@@ -274,3 +274,30 @@ def test_load_state_dict_reaches_the_sampler(
     model.load_state_dict(state)
     _, after = model.sampler(embedding=model.embedder.weight, **args)
     torch.testing.assert_close(after.float(), -before.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("weights", ["none", "int8"])
+def test_moving_a_packed_model_is_one_clear_error(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[[str], str],
+    write_profile: Callable[..., Path],
+    weights: str,
+    int8_kernel: str,
+) -> None:
+    from gemma_profiles.errors import GemmaProfileError
+
+    with gemma_profiles.use(cpu_profile(write_profile, "bfloat16", f"quantization: {{weights: {weights}}}\n")):
+        model = load(gemma, tokenizer_path, "2b", "bfloat16", checkpoint("2b"))
+        expected = model.generate(PROMPTS, "cpu", output_len=2, temperature=None)
+    layer = model.model.layers[0].mlp.up_proj
+    if weights == "none" or int8_kernel == "native":
+        assert layer.weight.is_mkldnn or layer.weight.dim() == 4
+        model.to("cpu").eval()  # nothing changes: fine
+        layer.to(torch.bfloat16)
+        if weights == "none":
+            with pytest.raises(GemmaProfileError, match="packed for the CPU kernels; they cannot move to float16"):
+                model.half()
+        with pytest.raises(GemmaProfileError, match="cannot move to meta"):
+            model.to("meta")
+        assert model.generate(PROMPTS, "cpu", output_len=2, temperature=None) == expected, "left as it was"
