@@ -99,10 +99,14 @@ def _install_native(module: nn.Module) -> native.Int8Weight:
     weight = module._parameters["weight"]
     scaler = module._parameters["weight_scaler"]
     assert weight is not None and scaler is not None
-    packed = native.Int8Weight.pack(weight, scaler)
+    packed = native.Int8Weight.pack(weight, scaler, in_place=True)  # the parameter is dropped next
     del module._parameters["weight"]
     module.register_buffer("weight", packed.data)
-    release_pages(weight)  # an int8 checkpoint's mapped tensor: its pages are not needed any more
+    if packed.data.data_ptr() != weight.data_ptr():
+        # Packed into a copy: an int8 checkpoint's mapped source pages are not needed any more.
+        # (Packed in place, the pages hold the packed weight: on a private file mapping the
+        # writes made them our own copies, and dropping them would bring the file back.)
+        release_pages(weight)
     object.__setattr__(module, _NATIVE, packed)
     module._save_to_state_dict = types.MethodType(_save_native, module)  # type: ignore[method-assign]
     module._load_from_state_dict = types.MethodType(_load_native, module)  # type: ignore[method-assign]

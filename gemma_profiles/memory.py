@@ -35,7 +35,8 @@ buffer the size of the largest linear, and the tied embedder dequantized once
 into the compute dtype), and tensors go straight to the execution device (no
 full CPU copy before a GPU).  Packing weights for the CPU kernels (``kernels``
 builtin) replaces each mapped tensor by a packed copy one tensor (or one
-16384-row chunk of the embedder) at a time: one more transient.
+16384-row chunk of the embedder) at a time: one more transient; the native int8
+kernel's layout is made in place (8 MiB at a time), so it adds none.
 """
 
 from __future__ import annotations
@@ -278,10 +279,12 @@ def estimate_memory(
         # embedder counted above is made from that copy after loading.
         largest = shape.embedding_weights * DTYPE_BYTES[checkpoint_dtype]
         if int8:
-            # Quantized 8192 rows at a time, each chunk's source pages released once read.
-            h = shape.hidden_size
-            chunk = max(min(shape.vocab_size, 8192) * h, shape.intermediate_size * h) * DTYPE_BYTES[checkpoint_dtype]
-            largest = min(largest, chunk)
+            # Quantized 8192 rows at a time: a chunk's source pages (released once read) and its
+            # float32 copy.  The largest chunk: the embedder's, gate/up's, or all of down_proj.
+            h, inter = shape.hidden_size, shape.intermediate_size
+            rows = 8192
+            chunk = max(min(shape.vocab_size, rows) * h, min(inter, rows) * h, min(h, rows) * inter)
+            largest = chunk * (DTYPE_BYTES[checkpoint_dtype] + 4)
             if not embedder_int8:  # the compute-dtype embedder counted above is made after loading
                 largest = max(0, largest + shape.embedding_weights - shape.embedding_weights * size)
         items.append(
@@ -303,15 +306,6 @@ def estimate_memory(
         largest = max(shape.intermediate_size * h, shape.qkv_out * h, min(shape.vocab_size, 16384) * h)
         items.append(
             MemoryItem("one weight while packing", host, largest * size, "CPU kernels; then released", reclaimable=True)
-        )
-
-    if embedder_kept_int8 and int8 and cpu_int8_kernel:
-        # The native int8 kernel repacks each int8 weight (after loading) into its layout: the
-        # embedder is the largest copy alive next to its source.
-        items.append(
-            MemoryItem(
-                "one int8 weight while packing", host, shape.embedding_weights, "int8 kernel; then released", True
-            )
         )
 
     def total(on: str, *, with_reclaimable: bool) -> int:

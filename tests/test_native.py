@@ -37,6 +37,12 @@ def test_layout_round_trip_and_row_lookup(n: int, k: int) -> None:
     ids = torch.tensor([[0, n - 1, n // 2], [n - 1, 0, 0]])
     assert torch.equal(packed.rows(ids), weight[ids])
     assert torch.equal(packed.sums, weight.sum(dim=1, dtype=torch.int32))
+    # In place (what loading does with the parameter it drops): same layout, no second copy
+    # when no padding is needed.
+    scratch = weight.clone()
+    in_place = native.Int8Weight.pack(scratch, scaler, in_place=True)
+    assert torch.equal(in_place.data, packed.data) and torch.equal(in_place.unpack(), weight)
+    assert (in_place.data.data_ptr() == scratch.data_ptr()) is (n % 4 == 0 and k % 64 == 0)
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 7, 63), (2, 37, 100), (3, 64, 2048), (5, 256, 4096), (1, 4, 32768)])

@@ -139,6 +139,18 @@ static void block4(const uint8_t *planes, const double *xscale, int64_t m_rows, 
     }
 }
 
+/* out[r] = sum of row r of w (n x k int8, row-major, plain layout): the kernel's correction
+ * terms, without the int32 copy of w that torch's sum(dtype=int32) makes on a CPU. */
+void gp_int8_row_sums(const int8_t *w, int64_t n, int64_t k, int32_t *out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        const int8_t *row = w + r * k;
+        int32_t total = 0;
+        for (int64_t i = 0; i < k; ++i) total += row[i];
+        out[r] = total;
+    }
+}
+
 /*
  * x: m_rows x k (float32, or bfloat16 when x_bf16), row-major, contiguous.
  * w: n x k int8 packed as above.  scale: n float32.  wsum: n int32 (each row of w summed).
