@@ -21,6 +21,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -83,6 +84,8 @@ def _library() -> ctypes.CDLL | str:
     """The loaded kernel, or why not (cached for the process)."""
     if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return f"turned off ({ENV}=0)"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"an x86-64 AVX-512 kernel; this CPU is {platform.machine() or 'unknown'}"
     try:
         library = ctypes.CDLL(str(build()))
     except Unavailable as exc:

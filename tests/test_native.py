@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,13 @@ import torch
 
 import gemma_profiles
 from gemma_profiles import native
+
+
+@pytest.fixture(autouse=True)
+def forget_the_library() -> Iterator[None]:
+    """Tests here switch CC, GEMMA_PROFILE_NATIVE and the architecture: later tests start afresh."""
+    yield
+    native.reset()
 
 
 @pytest.fixture
@@ -182,3 +189,11 @@ def test_the_planner_knows_when_the_embedder_stays_int8(monkeypatch: pytest.Monk
     assert embedder(dtype="float32", cpu_int8_kernel=True) == int8_bytes
     assert embedder(dtype="float32", cpu_int8_kernel=False) == shape.embedding_weights * 4
     assert embedder(dtype="bfloat16") == shape.embedding_weights + shape.vocab_size * 2
+
+
+def test_not_tried_on_other_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    native.reset()
+    assert native.unavailable() == "an x86-64 AVX-512 kernel; this CPU is aarch64"
