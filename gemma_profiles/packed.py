@@ -5,11 +5,11 @@ Used by the ``kernels`` builtin (``hooks/kernels.py``).
 A decode step on a CPU is one matrix-vector product per weight: its speed is the
 rate at which the weight streams from memory.  ``F.linear`` on a plain row-major
 weight reads it at 23 GB/s (float32) / 30 GB/s (bfloat16) on the 2-core AVX-512
-box of ``benchmarks/cpu_decode.py``, where a plain ``sum()`` reads 48 GB/s; the
-same product against the weight reordered once by
-``torch.ops.mkldnn._reorder_linear_weight`` (what ``torch.compile`` does with
-frozen CPU weights) runs at 45-50 GB/s in both dtypes, and prompt-sized batches
-get faster too.  So after loading, each full-precision gemma ``Linear`` on the
+box of ``benchmarks/cpu_decode.py``, where a plain ``sum()`` reads 43-80 GB/s
+(the host's bandwidth drifts); the same product against the weight reordered
+once by ``torch.ops.mkldnn._reorder_linear_weight`` (what ``torch.compile`` does
+with frozen CPU weights) runs at 45-73 GB/s in both dtypes, and prompt-sized
+batches get faster too.  So after loading, each full-precision gemma ``Linear`` on the
 CPU swaps its weight for the packed one - one tensor at a time, the memory-mapped
 source pages released as it goes, so the peak stays one tensor above the model -
 and computes with ``torch.ops.mkldnn._linear_pointwise``.
@@ -17,8 +17,8 @@ and computes with ``torch.ops.mkldnn._linear_pointwise``.
 The packed weight is an opaque ``_mkldnn`` tensor kept as the module's ``weight``
 buffer; ``state_dict()`` gives the plain tensor back and ``load_state_dict``
 repacks, so saving and reloading work.  Moving the model off the CPU or changing
-its dtype is not supported afterwards (the profile pins the device), and int8
-layers keep their own kernel (`gemma_profiles.int8`).
+its dtype afterwards is a `GemmaProfileError` raised before anything converts
+(`pin_to_cpu`), and int8 layers keep their own kernel (`gemma_profiles.int8`).
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def pin_to_cpu(module: nn.Module, what: str, dtype: torch.dtype, *, packed_weigh
     raised before anything is converted, not an oneDNN/ctypes failure later; moves and casts
     that change nothing still pass.
 
-    :param dtype: the compute dtype a cast must keep (None-like int8 weights: ``torch.int8``,
-        where only a device move is refused, as ``.to(dtype)`` leaves integer tensors alone).
+    :param dtype: the compute dtype a cast must keep; ``torch.int8`` for int8 weights, where
+        only a device move is refused (``.to(dtype)`` leaves integer tensors alone).
     :param packed_weight: the module's own ``weight`` buffer is packed: the cast skips it.
     """
     original: Callable[..., nn.Module] = module._apply
