@@ -181,11 +181,17 @@ def quantize_rows(
     ``weight`` is left as it was; when it is ``mapped`` (a memory-mapped checkpoint tensor),
     each chunk's pages are released once read, so a source tensor is never resident whole.
     """
+    from . import native
+
     rows = weight.shape[0]
     q = torch.empty(weight.shape, dtype=torch.int8)
     scaler = torch.empty(rows, dtype=torch.float32)
     for start in range(0, rows, CHUNK_ROWS):
         source = weight[start : start + CHUNK_ROWS]
+        if native.quantize_rows_into(source, q[start : start + CHUNK_ROWS], scaler[start : start + CHUNK_ROWS]):
+            if mapped:  # the same numbers, without float32 copies (the native kernel, when built)
+                release_pages(source)
+            continue
         block = source.to(torch.float32, copy=True)
         if mapped:
             release_pages(source)

@@ -95,6 +95,15 @@ def _library() -> ctypes.CDLL | str:
     library.gp_int8_supported.restype = ctypes.c_int
     if not library.gp_int8_supported():
         return "this CPU lacks AVX-512 VNNI"
+    library.gp_int8_quantize_rows.restype = None
+    library.gp_int8_quantize_rows.argtypes = (
+        ctypes.c_void_p,  # x
+        ctypes.c_int,  # x is bfloat16
+        ctypes.c_int64,  # rows
+        ctypes.c_int64,  # k
+        ctypes.c_void_p,  # q (int8 out)
+        ctypes.c_void_p,  # scale (float32 out)
+    )
     library.gp_int8_row_sums.restype = None
     library.gp_int8_row_sums.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
     library.gp_int8_matmul.restype = ctypes.c_int
@@ -156,6 +165,21 @@ def row_sums(weight: torch.Tensor) -> torch.Tensor:
     sums = torch.empty(plain.shape[0], dtype=torch.int32)
     library.gp_int8_row_sums(plain.data_ptr(), plain.shape[0], plain.shape[1], sums.data_ptr())
     return sums
+
+
+def quantize_rows_into(block: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Quantize ``block`` (rows x k, float32/bfloat16, CPU) into ``q`` (int8) and ``scale``
+    (float32) as the loader's torch code does, bit for bit; False when the kernel cannot here."""
+    library = _library()
+    if isinstance(library, str) or block.dtype not in (torch.float32, torch.bfloat16) or block.dim() != 2:
+        return False
+    if not (block.is_contiguous() and q.is_contiguous() and scale.is_contiguous()) or block.device.type != "cpu":
+        return False
+    bf16 = int(block.dtype == torch.bfloat16)
+    library.gp_int8_quantize_rows(
+        block.data_ptr(), bf16, block.shape[0], block.shape[1], q.data_ptr(), scale.data_ptr()
+    )
+    return True
 
 
 class Int8Weight:

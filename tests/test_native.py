@@ -197,3 +197,23 @@ def test_not_tried_on_other_architectures(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     native.reset()
     assert native.unavailable() == "an x86-64 AVX-512 kernel; this CPU is aarch64"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_while_loading_gives_the_torch_result_bit_for_bit(
+    kernel: None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gemma_profiles.loader import quantize_rows
+
+    generator = torch.Generator().manual_seed(4)
+    for n, k in [(7, 63), (300, 2048), (9000, 100), (5, 16384)]:
+        weight = (torch.randn(n, k, generator=generator) * torch.rand(n, 1, generator=generator) * 3).to(dtype)
+        weight[0, 0] = 0.0
+        weight[-1] = 0.0  # an all-zero row: the 1e-12 floor
+        fast = quantize_rows(weight, torch.float32)
+        monkeypatch.setenv(native.ENV, "0")
+        native.reset()
+        reference = quantize_rows(weight, torch.float32)  # torch, chunk by chunk
+        monkeypatch.delenv(native.ENV)
+        native.reset()
+        assert torch.equal(fast[0], reference[0]) and torch.equal(fast[1], reference[1]), (n, k)

@@ -139,6 +139,32 @@ static void block4(const uint8_t *planes, const double *xscale, int64_t m_rows, 
     }
 }
 
+/* Symmetric per-row int8, as gemma's int8 format: scale[r] = max(|x[r]|, 1e-12) / 127,
+ * q[r][i] = round_half_even(x[r][i] / scale[r]) clamped to [-127, 127] - the same float32
+ * operations, in the same order, as the loader's torch version, so the results are equal.
+ * x: n x k float32, or bfloat16 when x_bf16, row-major.  Needs gp_int8_supported(). */
+AVX512
+void gp_int8_quantize_rows(const void *x, int x_bf16, int64_t n, int64_t k, int8_t *q, float *scale) {
+    size_t row_bytes = (size_t)(x_bf16 ? 2 : 4) * (size_t)k;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        const void *row = (const char *)x + r * row_bytes;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t i = 0; i < k; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(row, x_bf16, i, MASK16(k, i))));
+        float top = _mm512_reduce_max_ps(amax);
+        float s = (top > 1e-12f ? top : 1e-12f) / 127.0f;
+        __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+        for (int64_t i = 0; i < k; i += 16) {
+            __mmask16 mask = MASK16(k, i);
+            __m512 t = _mm512_div_ps(load16(row, x_bf16, i, mask), vs);
+            t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+            _mm_mask_storeu_epi8(q + r * k + i, mask, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+        }
+        scale[r] = s;
+    }
+}
+
 /* out[r] = sum of row r of w (n x k int8, row-major, plain layout): the kernel's correction
  * terms, without the int32 copy of w that torch's sum(dtype=int32) makes on a CPU. */
 void gp_int8_row_sums(const int8_t *w, int64_t n, int64_t k, int32_t *out) {
