@@ -252,7 +252,7 @@ def estimate_memory(
                 "gemma rebuilds weight*scaler",
             )
         )
-    elif int8 and not (kind == "cpu" and dtype == "bfloat16"):
+    elif int8 and not (kind == "cpu" and cpu_kernel and not offloaded_layers):
         h = shape.hidden_size
         largest = max(shape.qkv_out * h, h * shape.num_attention_heads * shape.head_dim, shape.intermediate_size * h)
         items.append(MemoryItem("int8 scratch buffer", device, largest * size, "one, reused by every layer"))
@@ -279,12 +279,13 @@ def estimate_memory(
         # embedder counted above is made from that copy after loading.
         largest = shape.embedding_weights * DTYPE_BYTES[checkpoint_dtype]
         if int8:
-            # Quantized 8192 rows at a time: a chunk's source pages (released once read) and its
-            # float32 copy.  The largest chunk: the embedder's, gate/up's, or all of down_proj.
+            # Quantized 8192 rows at a time: a chunk's source pages (released once read) and,
+            # with torch's ops, its float32 copy.  The largest chunk: the embedder's, gate/up's, or all of down_proj.
             h, inter = shape.hidden_size, shape.intermediate_size
             rows = 8192
             chunk = max(min(shape.vocab_size, rows) * h, min(inter, rows) * h, min(h, rows) * inter)
-            largest = chunk * (DTYPE_BYTES[checkpoint_dtype] + 4)
+            # The native library quantizes straight from the source; torch's ops need a copy.
+            largest = chunk * (DTYPE_BYTES[checkpoint_dtype] + (0 if cpu_int8_kernel and kind == "cpu" else 4))
             if not embedder_int8:  # the compute-dtype embedder counted above is made after loading
                 largest = max(0, largest + shape.embedding_weights - shape.embedding_weights * size)
         items.append(
