@@ -119,21 +119,3 @@ def run(spec: dict[str, Any], profile: str, env: dict[str, str] | None = None) -
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - started
     return result
-
-
-def memory_bandwidth(threads: int, gib: float = 1.0, repeats: int = 15) -> float:
-    """Read bandwidth in bytes/s: the best of ``repeats`` sums of a ``gib`` GiB float32 tensor.
-
-    The best, as STREAM reports, so the bound is what this memory can do; on a shared box
-    the median swings by a third between runs.
-    """
-    import torch
-
-    torch.set_num_threads(threads)
-    data = torch.ones(int(gib * 2**30) // 4)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    return data.numel() * 4 / min(times)

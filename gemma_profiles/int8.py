@@ -39,7 +39,7 @@ from torch import nn
 from . import native
 from .lazy import remove_parameter
 from .loader import release_pages
-from .packed import pin_to_cpu
+from .packed import pin_to_cpu, state_weight
 
 _NATIVE = "_gemma_profile_int8"
 
@@ -131,20 +131,12 @@ def _load_native(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    keys = (prefix + "weight", prefix + "weight_scaler")
-    absent = [key for key in keys if key not in state_dict]
-    if absent:
-        if strict:
-            missing_keys.extend(absent)
-        return
-    weight, scaler = state_dict[keys[0]], state_dict[keys[1]]
     packed: native.Int8Weight = self.__dict__[_NATIVE]
-    if tuple(weight.shape) != packed.shape or weight.dtype != torch.int8:
-        error_msgs.append(
-            f"size mismatch for {keys[0]}: copying a param with shape {tuple(weight.shape)} ({weight.dtype}), "
-            f"the shape in current model is {packed.shape} (torch.int8)."
-        )
+    names = ("weight", "weight_scaler")
+    found = state_weight(state_dict, prefix, names, packed.shape, torch.int8, strict, missing_keys, error_msgs)
+    if found is None:
         return
+    weight, scaler = found
     own = self._parameters["weight_scaler"]
     assert own is not None
     with torch.no_grad():

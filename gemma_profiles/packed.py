@@ -56,7 +56,12 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` against the packed weight."""
+    """``F.linear(x, weight)`` against the packed weight, in ``x``'s dtype.
+
+    gemma computes in the parameters' dtype; an input in another one is cast both ways.
+    """
+    if x.dtype != packed.dtype:
+        return packed_linear(x.to(packed.dtype), packed).to(x.dtype)
     out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return out
 
@@ -66,14 +71,43 @@ def is_packed(module: nn.Module) -> bool:
 
 
 def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    weight: torch.Tensor = self.weight  # type: ignore[assignment]
-    if x.dtype != weight.dtype:  # gemma computes in the parameters' dtype; anything else keeps working
-        return packed_linear(x.to(weight.dtype), weight).to(x.dtype)
-    return packed_linear(x, weight)
+    return packed_linear(x, self.weight)  # type: ignore[arg-type]
 
 
 def _save_to_state_dict(self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
     destination[prefix + "weight"] = self.weight.to_dense()  # type: ignore[operator]
+
+
+def state_weight(
+    state_dict: dict[str, Any],
+    prefix: str,
+    names: tuple[str, ...],
+    shape: tuple[int, ...],
+    dtype: torch.dtype | None,
+    strict: bool,
+    missing_keys: list[str],
+    error_msgs: list[str],
+) -> list[torch.Tensor] | None:
+    """The tensors ``names`` from a state dict for a module whose ``weight`` is stored packed,
+    with ``nn.Module``'s own bookkeeping: absent keys are missing (when strict), a ``weight`` of
+    another shape (or of another dtype, when ``dtype`` is given) is a size mismatch; None then."""
+    keys = [prefix + name for name in names]
+    absent = [key for key in keys if key not in state_dict]
+    if absent:
+        if strict:
+            missing_keys.extend(absent)
+        return None
+    values = [state_dict[key] for key in keys]
+    weight = values[names.index("weight")]
+    if tuple(weight.shape) != tuple(shape) or (dtype is not None and weight.dtype != dtype):
+        kind = "" if dtype is None else f" ({weight.dtype})"
+        wanted = "" if dtype is None else f" ({dtype})"
+        error_msgs.append(
+            f"size mismatch for {prefix}weight: copying a param with shape {tuple(weight.shape)}{kind}, "
+            f"the shape in current model is {tuple(shape)}{wanted}."
+        )
+        return None
+    return values
 
 
 def _load_from_state_dict(
@@ -86,20 +120,10 @@ def _load_from_state_dict(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    key = prefix + "weight"
-    if key not in state_dict:
-        if strict:
-            missing_keys.append(key)
-        return
-    value = state_dict[key]
     current: torch.Tensor = self.weight  # type: ignore[assignment]
-    if tuple(value.shape) != tuple(current.shape):
-        error_msgs.append(
-            f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-            f"the shape in current model is {tuple(current.shape)}."
-        )
-        return
-    self._buffers["weight"] = pack(value.to(device="cpu", dtype=current.dtype))
+    found = state_weight(state_dict, prefix, ("weight",), current.shape, None, strict, missing_keys, error_msgs)
+    if found is not None:
+        self._buffers["weight"] = pack(found[0].to(device="cpu", dtype=current.dtype))
 
 
 def pin_to_cpu(module: nn.Module, what: str, dtype: torch.dtype, *, packed_weight: bool = True) -> None:

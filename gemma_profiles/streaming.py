@@ -31,7 +31,7 @@ from loguru import logger
 from torch import nn
 
 from .errors import GemmaProfileError
-from .plan import compress_layers
+from .plan import EMBEDDER_KEYS, compress_layers
 from .units import format_bytes
 
 #: Where a model's offload state lives (a plain attribute, outside nn.Module's registries).
@@ -75,7 +75,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def embedder_of(model: nn.Module) -> tuple[str, nn.Module] | None:
-    for name in ("embedder", "text_token_embedder"):
+    """The tied embedder (``Gemma3ForMultimodalLM`` calls it ``text_token_embedder``) and its name."""
+    for name in EMBEDDER_KEYS:
         module = getattr(model, name, None)
         if isinstance(module, nn.Module):
             return name, module

@@ -131,20 +131,13 @@ def install(model: nn.Module, embedder: nn.Module, weight: SamplerWeight) -> boo
     return True
 
 
-def tied_embedder(model: nn.Module) -> tuple[str, nn.Module] | None:
-    for name in ("embedder", "text_token_embedder"):
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module) and getattr(module, "weight", None) is not None:
-            return name, module
-    return None
-
-
 def install_packed(model: nn.Module, profile: str) -> bool:
     """Full-precision tied embedder: the sampler's product on a packed copy (mapped weights only)."""
     from . import packed
     from .loader import _file_backed
+    from .streaming import embedder_of
 
-    found = tied_embedder(model)
+    found = embedder_of(model)
     if found is None:
         return False
     name, embedder = found
@@ -197,6 +190,4 @@ def _weight_of(module: nn.Module) -> torch.Tensor:
 def _project(hidden: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
     from .packed import packed_linear
 
-    x = hidden if hidden.dtype == chunks[0].dtype else hidden.to(chunks[0].dtype)
-    logits = torch.cat([packed_linear(x, chunk) for chunk in chunks], dim=-1)
-    return logits if logits.dtype == hidden.dtype else logits.to(hidden.dtype)
+    return torch.cat([packed_linear(hidden, chunk) for chunk in chunks], dim=-1)

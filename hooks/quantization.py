@@ -7,7 +7,7 @@ from typing import Any
 from loguru import logger
 
 from gemma_profiles import hookimpl
-from gemma_profiles.plan import Plan
+from gemma_profiles.plan import EMBEDDER_KEYS, Plan
 
 
 @hookimpl
@@ -36,7 +36,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     for name, module in list(model.named_modules()):
         if not getattr(module, "quant", False) or getattr(module, "weight", None) is None:
             continue
-        if name in ("embedder", "text_token_embedder"):
+        if name in EMBEDDER_KEYS:
             if not (on_cpu and keep_int8_embedder(model, name, dtype)):
                 dequantize_embedder(model, name, dtype)
                 embedder = f"{str(dtype).removeprefix('torch.')} (computed once)"
@@ -53,8 +53,9 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         from gemma_profiles.packed import pin_to_cpu
 
         pin_to_cpu(model, "this model", torch.int8, packed_weight=False)
-    if on_cpu and "native VNNI kernel" not in kernels and native.unavailable():
-        logger.info("[{}] int8: no native kernel here: {}", plan.profile, native.unavailable())
+    why_not = native.unavailable() if on_cpu and "native VNNI kernel" not in kernels else None
+    if why_not:
+        logger.info("[{}] int8: no native kernel here: {}", plan.profile, why_not)
     logger.info(
         "[{}] int8: linear layers read int8 weights directly ({}); the tied embedder is {}",
         plan.profile,

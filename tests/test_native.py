@@ -103,6 +103,29 @@ def test_build_is_cached(kernel: None, tmp_path: Path) -> None:
     assert native.build(folder=tmp_path) == first and os.stat(first).st_mtime_ns == mtime
 
 
+def int8_cpu_model(
+    gemma: Any, tokenizer: str, write_profile: Callable[..., Path], folder: Path, dtype: str, seed: int
+) -> tuple[Any, Any]:
+    """A tiny 2b loaded from a random float32 checkpoint under a CPU int8 profile computing in ``dtype``."""
+    from gemma_testing import tiny_config, write_random_checkpoint
+
+    config = tiny_config(gemma.config, "2b", tokenizer, dtype=dtype)
+    ckpt = folder / "m.ckpt"
+    write_random_checkpoint(gemma.model.GemmaForCausalLM(config), str(ckpt), torch.float32, seed=seed)
+    path = write_profile(
+        "int8-cpu",
+        f"description: t\nplacement: {{device: cpu}}\nconfig: {{dtype: {dtype}}}\nquantization: {{weights: int8}}\n",
+    )
+    with gemma_profiles.use(str(path)):
+        torch.set_default_dtype(config.get_dtype())
+        try:
+            model = gemma.model.GemmaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        model.load_weights(str(ckpt))
+    return model, config
+
+
 def test_a_model_without_the_kernel_says_why(
     gemma: Any,
     tokenizer_path: str,
@@ -111,25 +134,10 @@ def test_a_model_without_the_kernel_says_why(
     monkeypatch: pytest.MonkeyPatch,
     log_messages: list[str],
 ) -> None:
-    from gemma_testing import tiny_config, write_random_checkpoint
-
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built there yet
     native.reset()
-    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="bfloat16")
-    ckpt = tmp_path / "m.ckpt"
-    write_random_checkpoint(gemma.model.GemmaForCausalLM(config), str(ckpt), torch.float32, seed=1)
-    path = write_profile(
-        "int8-cpu",
-        "description: t\nplacement: {device: cpu}\nconfig: {dtype: bfloat16}\nquantization: {weights: int8}\n",
-    )
-    with gemma_profiles.use(str(path)):
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            model = gemma.model.GemmaForCausalLM(config)
-        finally:
-            torch.set_default_dtype(torch.float32)
-        model.load_weights(str(ckpt))
+    int8_cpu_model(gemma, tokenizer_path, write_profile, tmp_path, "bfloat16", seed=1)
     assert any("no native kernel here: no C compiler ('no-such-cc' not found; set CC)" in m for m in log_messages)
     assert any("on the _weight_int8pack_mm" in m for m in log_messages)
 
@@ -137,18 +145,7 @@ def test_a_model_without_the_kernel_says_why(
 def test_int8_model_state_dict_round_trip(
     kernel: None, gemma: Any, tokenizer_path: str, write_profile: Callable[..., Path], tmp_path: Path
 ) -> None:
-    from gemma_testing import tiny_config, write_random_checkpoint
-
-    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
-    ckpt = tmp_path / "m.ckpt"
-    write_random_checkpoint(gemma.model.GemmaForCausalLM(config), str(ckpt), torch.float32, seed=2)
-    path = write_profile(
-        "int8-cpu",
-        "description: t\nplacement: {device: cpu}\nconfig: {dtype: float32}\nquantization: {weights: int8}\n",
-    )
-    with gemma_profiles.use(str(path)):
-        model = gemma.model.GemmaForCausalLM(config)
-        model.load_weights(str(ckpt))
+    model, config = int8_cpu_model(gemma, tokenizer_path, write_profile, tmp_path, "float32", seed=2)
     layer = model.model.layers[0].mlp.down_proj
     assert layer.weight.dim() == 4, "the kernel's layout"
     state = model.state_dict()
