@@ -1,13 +1,15 @@
-"""The native int8 kernel (``csrc/int8_matmul.c``): built on first use, loaded with ctypes.
+"""The native CPU kernels (``csrc/``): built on first use, loaded with ctypes.
 
-Torch-touching; used by `gemma_profiles.int8` on a CPU with AVX-512 VNNI.
+Torch-touching.  Two parts in one library: the int8 matmul (``csrc/int8_matmul.c``,
+used by `gemma_profiles.int8` on a CPU with AVX-512 VNNI) and the decoder-layer
+kernels (``csrc/decode.c``, used by `gemma_profiles.fused` on a CPU with AVX-512).
 
-The C file is compiled once per source version with the system C compiler
+The C files are compiled once per source version with the system C compiler
 (``$CC``, else ``cc``; ``-O3 -fopenmp``) into the user cache
 (``~/.cache/gemma-profiles/native/``) and reused by every later process; a
-missing compiler, a failed build or a CPU without AVX-512 VNNI leaves the
-int8 layers on torch's ``_weight_int8pack_mm``, with one log line saying why.
-``GEMMA_PROFILE_NATIVE=0`` turns it off.
+missing compiler, a failed build or a CPU without the instructions leaves the
+int8 layers on torch's ``_weight_int8pack_mm`` and the layers on gemma's own
+forward, with one log line saying why.  ``GEMMA_PROFILE_NATIVE=0`` turns both off.
 
 `Int8Weight` holds one int8 weight in the kernel's layout - blocks of four rows
 interleaved 64 bytes at a time, ``[n/4][k/64][4][64]``, zero-padded - with its
@@ -26,12 +28,15 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .hardware import NATIVE_ENV
 
-SOURCE = Path(__file__).with_name("csrc") / "int8_matmul.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "int8_matmul.c", CSRC / "decode.c")
+HEADERS = (CSRC / "common.h",)
 ENV = NATIVE_ENV
 #: The kernel's int32 partial sums stay exact up to this reduction length.
 MAX_K = 32768
@@ -54,10 +59,10 @@ def build(compiler: str | None = None, folder: Path | None = None) -> Path:
     path = shutil.which(cc)
     if path is None:
         raise Unavailable(f"no C compiler ('{cc}' not found; set CC)")
-    source = SOURCE.read_bytes()
+    source = b"".join(file.read_bytes() for file in (*SOURCES, *HEADERS))
     digest = hashlib.sha256(source + path.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
     folder = folder or _cache_dir()
-    library = folder / f"int8_matmul-{digest}.so"
+    library = folder / f"cpu_kernels-{digest}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,14 +70,14 @@ def build(compiler: str | None = None, folder: Path | None = None) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [path, *_FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True, timeout=300, check=False
+            [path, *_FLAGS, "-o", partial, *map(str, SOURCES)], capture_output=True, text=True, timeout=300, check=False
         )
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-            raise Unavailable(f"building {SOURCE.name} with {cc} failed: {first.strip()}")
+            raise Unavailable(f"building the CPU kernels with {cc} failed: {first.strip()}")
         os.replace(partial, library)  # atomic: concurrent builders each install a complete file
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise Unavailable(f"building {SOURCE.name} with {cc} failed: {exc}") from exc
+        raise Unavailable(f"building the CPU kernels with {cc} failed: {exc}") from exc
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
@@ -80,45 +85,67 @@ def build(compiler: str | None = None, folder: Path | None = None) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | str:
-    """The loaded kernel, or why not (cached for the process)."""
+def _load() -> ctypes.CDLL | str:
+    """The loaded library, or why not (cached for the process)."""
     if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return f"turned off ({ENV}=0)"
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"an x86-64 AVX-512 kernel; this CPU is {platform.machine() or 'unknown'}"
+        return f"x86-64 AVX-512 kernels; this CPU is {platform.machine() or 'unknown'}"
     try:
         library = ctypes.CDLL(str(build()))
     except Unavailable as exc:
         return str(exc)
     except OSError as exc:
-        return f"loading the built kernel failed: {exc}"
-    library.gp_int8_supported.restype = ctypes.c_int
+        return f"loading the built kernels failed: {exc}"
+    _declare(library)
+    return library
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    """Argument and result types of every entry point (ctypes would guess ``int``)."""
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    signatures: dict[str, tuple[Any, tuple[Any, ...]]] = {
+        "gp_int8_supported": (i32, ()),
+        "gp_decode_supported": (i32, ()),
+        # x, x is bfloat16, rows, k, q (int8 out), scale (float32 out)
+        "gp_int8_quantize_rows": (None, (p, i32, i64, i64, p, p)),
+        "gp_int8_row_sums": (None, (p, i64, i64, p)),
+        # x, x is bfloat16, rows of x, k, packed w, n, scale, row sums, y, y is bfloat16
+        "gp_int8_matmul": (i32, (p, i32, i64, i64, p, i64, p, p, p, i32)),
+        # x, x is bfloat16, rows, d, w, w is bfloat16, offset, eps, y
+        "gp_rms_norm": (None, (p, i32, i64, i64, p, i32, f32, f32, p)),
+        # gate, up, bfloat16, n, y
+        "gp_gelu_mul": (None, (p, p, i32, i64, p)),
+        # q/k/v with batch and token strides, batch, len, heads, kv heads, head dim, freqs,
+        # positions, k cache, v cache, max seq, mask with strides, scaling, softcap, bfloat16, out
+        "gp_attend": (i32, (p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, i64)
+                      + (p, i64, i64, f32, f32, i32, p)),
+        "gp_argmax": (None, (p, i32, i64, i64, p)),
+    }
+    for name, (result, arguments) in signatures.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = result, arguments
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | str:
+    """The library for the int8 kernel, or why not."""
+    library = _load()
+    if isinstance(library, str):
+        return library
     if not library.gp_int8_supported():
         return "this CPU lacks AVX-512 VNNI"
-    library.gp_int8_quantize_rows.restype = None
-    library.gp_int8_quantize_rows.argtypes = (
-        ctypes.c_void_p,  # x
-        ctypes.c_int,  # x is bfloat16
-        ctypes.c_int64,  # rows
-        ctypes.c_int64,  # k
-        ctypes.c_void_p,  # q (int8 out)
-        ctypes.c_void_p,  # scale (float32 out)
-    )
-    library.gp_int8_row_sums.restype = None
-    library.gp_int8_row_sums.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
-    library.gp_int8_matmul.restype = ctypes.c_int
-    library.gp_int8_matmul.argtypes = (
-        ctypes.c_void_p,  # x
-        ctypes.c_int,  # x is bfloat16
-        ctypes.c_int64,  # rows of x
-        ctypes.c_int64,  # k
-        ctypes.c_void_p,  # packed w
-        ctypes.c_int64,  # n
-        ctypes.c_void_p,  # scale (float32)
-        ctypes.c_void_p,  # row sums (int32)
-        ctypes.c_void_p,  # y
-        ctypes.c_int,  # y is bfloat16
-    )
+    return library
+
+
+@functools.lru_cache(maxsize=1)
+def decode_library() -> ctypes.CDLL | str:
+    """The library for the decoder-layer kernels (`gemma_profiles.fused`), or why not."""
+    library = _load()
+    if isinstance(library, str):
+        return library
+    if not library.gp_decode_supported():
+        return "this CPU lacks AVX-512 (F, BW, VL)"
     return library
 
 
@@ -130,7 +157,8 @@ def unavailable() -> str | None:
 
 def reset() -> None:
     """Forget the cached library (tests switch ``GEMMA_PROFILE_NATIVE``/``CC``)."""
-    _library.cache_clear()
+    for cached in (_load, _library, decode_library):
+        cached.cache_clear()
 
 
 def supports(weight: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -42,6 +42,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("oom", "gemma_profiles.hooks.oom"),
     ("quantization", "gemma_profiles.hooks.quantization"),
     ("kernels", "gemma_profiles.hooks.kernels"),
+    ("fused", "gemma_profiles.hooks.fused"),
     ("offload", "gemma_profiles.hooks.offload"),
 )
 

@@ -120,10 +120,10 @@ def offloaded(
 
     ``FOLDER`` in the placement becomes a temporary offload folder; ``stream_cpu`` streams
     ``cpu`` layers through slots (the GPU's code path) although the execution device is the CPU.
-    Packed CPU matmuls (``kernels``, tested in test_kernels.py) are off: placements are compared
-    bit for bit with gemma's plain ``F.linear``.
+    Packed CPU matmuls and fused layers (``kernels``, ``fused``, tested in test_kernels.py and
+    test_fused.py) are off: placements are compared bit for bit with gemma's plain forwards.
     """
-    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "kernels")
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "kernels,fused")
     profiles = iter(range(100))
 
     def make(variant: str, placement: str, stream_cpu: bool = False) -> Run:

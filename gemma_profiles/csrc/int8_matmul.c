@@ -26,39 +26,19 @@
  * Bounds: each int32 lane adds k/16 products of at most 255 * 128, and a row's sum adds 16
  * lanes, so k <= 32768 keeps every partial sum below 2^31 (checked).
  */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "common.h"
 
 #define ROWS 4
 #define PREFETCH_BYTES 8192
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                            /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
 
 int gp_int8_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
-
-AVX512
-static __m512 load16(const void *x, int bf16, int64_t i, __mmask16 mask) {
-    if (bf16) {
-        __m256i v = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)x + i);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-    }
-    return _mm512_maskz_loadu_ps(mask, (const float *)x + i);
-}
-
-#define MASK16(k, i) ((k) - (i) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ((k) - (i))) - 1))
 
 /* One row of x -> three byte planes of kp bytes (weights past k are loaded as 0); returns its scale. */
 AVX512

@@ -1,0 +1,42 @@
+"""gemma's norms, MLP middle, attention core and greedy argmax in native calls: see `gemma_profiles.fused`.
+
+Applies when the model runs on the CPU as a whole (as the ``kernels`` builtin) and the
+native library builds and runs here (x86-64 with AVX-512 and a C compiler).  Block it with
+``GEMMA_PROFILE_DISABLE_PLUGINS=fused`` to run gemma's own layer forwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loguru import logger
+
+from gemma_profiles import hookimpl
+from gemma_profiles.plan import Plan
+
+
+@hookimpl(trylast=True)
+def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
+    from gemma_profiles.hooks.placement import runs_on_cpu
+
+    if not runs_on_cpu(plan):
+        return
+    import torch
+
+    from gemma_profiles import fused
+
+    reason = fused.unavailable()
+    if reason:
+        logger.info("[{}] gemma's own layer forwards: {}", plan.profile, reason)
+        return
+    config = getattr(model, "config", None)
+    dtype = config.get_dtype() if config is not None and hasattr(config, "get_dtype") else None
+    hidden_size = getattr(config, "hidden_size", None)
+    if not isinstance(dtype, torch.dtype) or not isinstance(hidden_size, int):
+        logger.info("[{}] gemma's own layer forwards: the model has no gemma config", plan.profile)
+        return
+    installed = fused.install(model, dtype, hidden_size)
+    if installed:
+        logger.info(
+            "[{}] fused CPU layers: {}", plan.profile, ", ".join(f"{n} {kind}" for kind, n in installed.items())
+        )
