@@ -128,4 +128,4 @@ def test_gemma3_multimodal_text_only(tokenizer_path: str, tmp_path: Path) -> Non
         top_ks=torch.tensor([1]),
         local_mask=mask,
     )
-    assert tokens.shape == (1,) and logits.shape == (1, config.vocab_size)
+    assert tokens.shape == () and logits.shape == (1, config.vocab_size)  # squeezed, as gemma's sampler

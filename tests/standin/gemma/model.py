@@ -370,7 +370,8 @@ class Sampler(nn.Module):
             logits = torch.tanh(logits / cap) * cap
 
         if temperatures is None:
-            return torch.argmax(logits, dim=-1), logits
+            # As gemma: squeezed, so a batch of one gives a 0-d tensor.
+            return torch.argmax(logits, dim=-1).squeeze(dim=-1), logits
 
         probs = torch.softmax(
             logits.float() / temperatures.float().unsqueeze(dim=1), dim=-1

@@ -1,0 +1,256 @@
+"""Fused CPU layers (the ``fused`` builtin, csrc/decode.c), against real gemma or the stand-in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_kernels import build, checkpoint, cpu_profile, load  # noqa: F401 (checkpoint: a fixture)
+
+import gemma_profiles
+from gemma_profiles import fused, native, plugins
+
+PROMPTS = ["the cat sees a dog", "two red birds"]
+KINDS = ("norms", "MLPs", "attention layers", "sampler")
+
+
+@pytest.fixture(autouse=True)
+def kernels_here() -> Iterator[None]:
+    native.reset()
+    if fused.unavailable():
+        pytest.skip(f"fused CPU layers: {fused.unavailable()}")
+    yield
+    native.reset()
+
+
+def fused_kinds(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if fused.is_fused(module):
+            kind = next(k for k, (name, _, _) in fused.KINDS.items() if name == type(module).__name__)
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def logits(model: Any, tokens: list[int]) -> torch.Tensor:
+    """Last-position logits of one forward over ``tokens`` (a fresh KV cache)."""
+    config = model.config
+    length = len(tokens)
+    size = (1, length, config.num_key_value_heads, config.head_dim)
+    caches = [(torch.zeros(size, dtype=config.get_dtype()), torch.zeros(size, dtype=config.get_dtype())) for _ in model.model.layers]  # fmt: skip
+    mask = torch.triu(torch.full((1, 1, length, length), -2.3819763e38), diagonal=1)
+    positions = torch.arange(length)
+    with torch.no_grad():
+        _, out = model(
+            input_token_ids=torch.tensor([tokens]), input_positions=positions, kv_write_indices=positions,
+            kv_caches=caches, mask=mask, output_positions=torch.tensor([length - 1]), temperatures=None,
+            top_ps=torch.tensor([1.0]), top_ks=torch.tensor([1]), local_mask=mask,
+        )  # fmt: skip
+    return out[0].float()
+
+
+VARIANTS = ["2b", "7b", "2b-v2", "27b", "1b"]  # MQA, MHA, GQA + softcapping + sliding, query scalar, qk norms
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_model_generates_what_gemma_does(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],  # noqa: F811
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    variant: str,
+    dtype: str,
+) -> None:
+    ckpt = checkpoint(variant, dtype)
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "fused")
+    with gemma_profiles.use(cpu_profile(write_profile, dtype)):
+        reference = load(gemma, tokenizer_path, variant, dtype, ckpt)
+    monkeypatch.delenv("GEMMA_PROFILE_DISABLE_PLUGINS")
+    plugins.reset_plugin_manager()
+    with gemma_profiles.use(cpu_profile(write_profile, dtype)):
+        model = load(gemma, tokenizer_path, variant, dtype, ckpt)
+        layers = model.config.num_hidden_layers
+        counts = fused_kinds(model)
+        assert counts["MLPs"] == counts["attention layers"] == layers and counts["sampler"] == 1
+        assert counts["norms"] == sum(type(m).__name__ == "RMSNorm" for m in model.modules())
+        assert not fused_kinds(reference)
+        tokens = [2, 17, 33, 5, 60, 12, 40, 9]
+        cosine = F.cosine_similarity(logits(model, tokens), logits(reference, tokens), dim=0).item()
+        assert cosine > (0.99999 if dtype == "float32" else 0.999)
+        if dtype == "float32":  # bfloat16 roundings in another order may flip a near tie
+            for prompts in (PROMPTS[0], PROMPTS):  # one prompt, and a batch of two
+                expected = reference.generate(prompts, "cpu", output_len=6, temperature=None)
+                assert model.generate(prompts, "cpu", output_len=6, temperature=None) == expected
+
+
+def test_int8_model_is_fused_too(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],  # noqa: F811
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ckpt = checkpoint("2b")
+    profile = cpu_profile(write_profile, "bfloat16", "quantization: {weights: int8}\n")
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "fused")
+    with gemma_profiles.use(profile):
+        reference = load(gemma, tokenizer_path, "2b", "bfloat16", ckpt)
+    monkeypatch.delenv("GEMMA_PROFILE_DISABLE_PLUGINS")
+    plugins.reset_plugin_manager()
+    with gemma_profiles.use(profile):
+        model = load(gemma, tokenizer_path, "2b", "bfloat16", ckpt)
+        assert set(fused_kinds(model)) == set(KINDS)
+        tokens = [2, 17, 33, 5, 60]
+        cosine = F.cosine_similarity(logits(model, tokens), logits(reference, tokens), dim=0).item()
+        assert cosine > 0.999
+
+
+def test_sampling_with_a_temperature_is_gemmas(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],  # noqa: F811
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ckpt = checkpoint("2b")
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "fused")
+    with gemma_profiles.use(cpu_profile(write_profile, "float32")):
+        reference = load(gemma, tokenizer_path, "2b", "float32", ckpt)
+    monkeypatch.delenv("GEMMA_PROFILE_DISABLE_PLUGINS")
+    plugins.reset_plugin_manager()
+    with gemma_profiles.use(cpu_profile(write_profile, "float32")):
+        model = load(gemma, tokenizer_path, "2b", "float32", ckpt)
+        results = []
+        for each in (reference, model):
+            torch.manual_seed(3)
+            results.append(each.generate(PROMPTS, "cpu", output_len=6, temperature=0.9))
+        assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [64, 2048, 37])  # 37: not a multiple of the 16 lanes
+def test_norm_and_gelu_kernels_against_torch(dtype: torch.dtype, width: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, width, generator=generator) * 3).to(dtype)
+    weight = (torch.randn(width, generator=generator) * 0.1).to(dtype)
+    norm = type("RMSNorm", (torch.nn.Module,), {})()
+    norm.weight, norm.eps, norm.add_unit_offset = torch.nn.Parameter(weight, requires_grad=False), 1e-6, True
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + weight.float())).to(dtype)
+    got = fused.rms_norm(norm, x)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
+    norm.add_unit_offset = False
+    torch.testing.assert_close(
+        fused.rms_norm(norm, x),
+        (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.float()).to(dtype),
+        rtol=1e-5 if dtype == torch.float32 else 8e-3,
+        atol=1e-5,
+    )
+
+    gate, up = (torch.randn(3, width, generator=generator) * 4).to(dtype), torch.randn(3, width).to(dtype)
+    library = native.decode_library()
+    out = torch.empty_like(gate)
+    library.gp_gelu_mul(gate.data_ptr(), up.data_ptr(), int(dtype == torch.bfloat16), gate.numel(), out.data_ptr())
+    torch.testing.assert_close(
+        out, F.gelu(gate, approximate="tanh") * up, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_kernel_is_torchs(dtype: torch.dtype) -> None:
+    library = native.decode_library()
+
+    def argmax(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype).contiguous()
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        library.gp_argmax(x.data_ptr(), int(dtype == torch.bfloat16), x.shape[0], x.shape[1], out.data_ptr())
+        return out
+
+    x = torch.randn(3, 256000, generator=torch.Generator().manual_seed(1))
+    x[1, 7], x[1, 9000] = 50.0, 50.0  # a tie: the first wins
+    x[2, :] = -float("inf")
+    x[2, 12345] = -1e30
+    assert torch.equal(argmax(x), torch.argmax(x.to(dtype), dim=-1))
+    assert argmax(x)[1] == 7 and argmax(x)[2] == 12345
+    x[0, 100], x[0, 50] = float("nan"), float("nan")  # NaN counts as largest: the first NaN
+    assert argmax(x)[0] == 50 == torch.argmax(x.to(dtype), dim=-1)[0]
+    odd = torch.randn(2, 37)
+    assert torch.equal(argmax(odd), torch.argmax(odd.to(dtype), dim=-1))
+
+
+def test_a_forward_that_disagrees_with_gemma_is_not_installed(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],  # noqa: F811
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    log_messages: list[str],
+) -> None:
+    def wrong(self: Any, x: torch.Tensor) -> torch.Tensor:  # a gemma whose RMSNorm changed, as it were
+        return fused.rms_norm(self, x) * 1.01
+
+    name, attributes, _ = fused.KINDS["norms"]
+    monkeypatch.setitem(fused.KINDS, "norms", (name, attributes, wrong))
+    ckpt = checkpoint("2b")
+    state = torch.get_rng_state()
+    with gemma_profiles.use(cpu_profile(write_profile, "float32")):
+        model = load(gemma, tokenizer_path, "2b", "float32", ckpt)
+    assert torch.equal(torch.get_rng_state(), state), "the checks leave the user's RNG alone"
+    counts = fused_kinds(model)
+    assert "norms" not in counts and counts["MLPs"] == 2
+    assert not any("forward" in m.__dict__ for m in model.modules() if type(m).__name__ == "RMSNorm")
+    assert any("gemma's own norms forward kept: differs from gemma's by" in m for m in log_messages)
+
+
+def test_inputs_the_kernels_do_not_take_go_to_gemma(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],  # noqa: F811
+    write_profile: Callable[..., Path],
+) -> None:
+    ckpt = checkpoint("2b")
+    with gemma_profiles.use(cpu_profile(write_profile, "float32")):
+        model = load(gemma, tokenizer_path, "2b", "float32", ckpt)
+    norm = model.model.norm
+    half = torch.randn(2, model.config.hidden_size).half()
+    assert torch.equal(norm(half), type(norm).forward(norm, half))  # float16: gemma's forward
+    attention = model.model.layers[0].self_attn
+    size = (1, 4, model.config.num_key_value_heads, model.config.head_dim)
+    cache = (torch.zeros(size), torch.zeros(size))
+    mask = torch.zeros(1, 1, 1, 4)
+    freqs = model.freqs_cis[:1]
+    hidden = torch.randn(1, 1, model.config.hidden_size)
+    with pytest.raises((IndexError, RuntimeError)):  # a position past the cache: gemma's own error
+        attention(hidden, freqs, torch.tensor([9]), cache, mask)
+    assert not cache[0].any(), "nothing written"
+
+
+def test_not_installed_when_turned_off(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],  # noqa: F811
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    log_messages: list[str],
+) -> None:
+    ckpt = checkpoint("2b")
+    monkeypatch.setenv(native.ENV, "0")
+    native.reset()
+    with gemma_profiles.use(cpu_profile(write_profile, "float32")):
+        model = load(gemma, tokenizer_path, "2b", "float32", ckpt)
+    assert not fused_kinds(model)
+    assert any("gemma's own layer forwards: turned off (GEMMA_PROFILE_NATIVE=0)" in m for m in log_messages)
+    monkeypatch.delenv(native.ENV)
+    native.reset()
+    text = "description: t\nplacement: {device: cpu, offload: disk}\nconfig: {dtype: float32}\n"
+    offloaded = str(write_profile("offloaded", text))
+    with gemma_profiles.use(offloaded):
+        model = load(gemma, tokenizer_path, "2b", "float32", ckpt)
+    assert not fused_kinds(model), "only for a model that runs on the CPU as a whole"
