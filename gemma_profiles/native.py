@@ -40,6 +40,10 @@ HEADERS = (CSRC / "common.h",)
 ENV = NATIVE_ENV
 #: The kernel's int32 partial sums stay exact up to this reduction length.
 MAX_K = 32768
+#: Rows of activations from which `Int8Weight.matmul` dequantizes and uses a float GEMM
+#: (benchmarks/int8_rows.py on the 2-core AVX-512 box: the kernel is 0.83x the GEMM's time at
+#: 128 rows, 1.4x at 256, 4.8x at 1024).
+DEQUANTIZE_ROWS = 160
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 
 
@@ -112,6 +116,8 @@ def _declare(library: ctypes.CDLL) -> None:
         "gp_int8_row_sums": (None, (p, i64, i64, p)),
         # x, x is bfloat16, rows of x, k, packed w, n, scale, row sums, y, y is bfloat16
         "gp_int8_matmul": (i32, (p, i32, i64, i64, p, i64, p, p, p, i32)),
+        # packed w, n, k, scale, y, y is bfloat16
+        "gp_int8_dequantize": (None, (p, i64, i64, p, p, i32)),
         # x, x is bfloat16, rows, d, w, w is bfloat16, offset, eps, y
         "gp_rms_norm": (None, (p, i32, i64, i64, p, i32, f32, f32, p)),
         # gate, up, bfloat16, n, y
@@ -266,11 +272,27 @@ class Int8Weight:
         gathered = self.data[ids // 4, :, ids % 4, :]  # ids.shape + (kp/64, 64)
         return gathered.reshape(*ids.shape, -1)[..., : self.k]
 
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """``weight * scale[:, None]`` as a plain ``(n, k)`` tensor of ``dtype`` (float32 or bfloat16)."""
+        library = _library()
+        assert not isinstance(library, str), library
+        out = torch.empty(self.n, self.k, dtype=dtype)
+        weight, scale, _ = self._pointers
+        library.gp_int8_dequantize(weight, self.n, self.k, scale, out.data_ptr(), int(dtype == torch.bfloat16))
+        return out
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ (weight * scale[:, None]).T`` in ``x``'s dtype (float32 or bfloat16)."""
+        """``x @ (weight * scale[:, None]).T`` in ``x``'s dtype (float32 or bfloat16).
+
+        From `DEQUANTIZE_ROWS` rows of ``x`` on (a prompt), the weight is dequantized into a
+        temporary and multiplied by torch's float GEMM instead: the kernel's cost grows with
+        the rows, and there it is ~3x the GEMM's.
+        """
         library = _library()
         assert not isinstance(library, str), library
         flat = x.reshape(-1, self.k)
+        if flat.shape[0] >= DEQUANTIZE_ROWS:
+            return torch.nn.functional.linear(x, self.dequantize(x.dtype))
         if not flat.is_contiguous():
             flat = flat.contiguous()
         out = torch.empty(flat.shape[0], self.n, dtype=x.dtype)

@@ -66,6 +66,24 @@ def test_matmul_matches_the_dequantized_product(kernel: None, m: int, n: int, k:
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < tolerance
 
 
+@pytest.mark.parametrize(("n", "k"), [(7, 63), (37, 100), (64, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_go_through_the_dequantized_weight(
+    kernel: None, monkeypatch: pytest.MonkeyPatch, n: int, k: int, dtype: torch.dtype
+) -> None:
+    weight, scaler = quantized(n, k)
+    scaler = scaler.to(dtype)  # a parameter of the model's dtype, as in gemma
+    packed = native.Int8Weight.pack(weight, scaler)
+    # Rounded as gemma's own int8 Linear rounds ``weight * weight_scaler`` in the model dtype.
+    assert torch.equal(packed.dequantize(dtype), weight * scaler.unsqueeze(-1))
+    x = torch.randn(2, 5, k, generator=torch.Generator().manual_seed(2)).to(dtype)
+    by_kernel = packed.matmul(x)
+    monkeypatch.setattr(native, "DEQUANTIZE_ROWS", 10)
+    by_gemm = packed.matmul(x)
+    assert by_gemm.shape == by_kernel.shape == (2, 5, n) and by_gemm.dtype == dtype
+    torch.testing.assert_close(by_gemm, by_kernel, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5)
+
+
 def test_matmul_shapes(kernel: None) -> None:
     weight, scaler = quantized(8, 128)
     packed = native.Int8Weight.pack(weight, scaler)

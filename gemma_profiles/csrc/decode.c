@@ -38,28 +38,6 @@ static inline void store1(void *y, int bf16, int64_t i, float v) {
         ((float *)y)[i] = v;
 }
 
-/* Round-to-nearest-even to bfloat16 and back, 16 lanes (NaN inputs stay NaN). */
-AVX512_BASE
-static inline __m512 round16(__m512 v, int bf16) {
-    if (!bf16) return v;
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    return _mm512_mask_blend_ps(nan, _mm512_castsi512_ps(r), v);
-}
-
-AVX512_BASE
-static inline void store16(void *y, int bf16, int64_t i, __m512 v, __mmask16 mask) {
-    if (bf16) {
-        __m512i u = _mm512_castps_si512(round16(v, 1));
-        _mm256_mask_storeu_epi16((uint16_t *)y + i, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-    } else {
-        _mm512_mask_storeu_ps((float *)y + i, mask, v);
-    }
-}
-
 /* e^x, 16 lanes: Cody-Waite reduction, degree-6 polynomial, exact scaling (~2e-7 relative).
  * Underflows to 0, overflows to inf, NaN stays NaN. */
 AVX512_BASE

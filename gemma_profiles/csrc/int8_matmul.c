@@ -31,12 +31,7 @@
 #include "common.h"
 
 #define ROWS 4
-#ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 8192
-#endif
-#ifndef PREFETCH_HINT
-#define PREFETCH_HINT _MM_HINT_T0
-#endif
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 int gp_int8_supported(void) {
@@ -84,10 +79,6 @@ static inline void finish(int64_t sl, int64_t sm, int64_t sh, int32_t wsum, doub
     a##m = _mm512_dpbusd_epi32(a##m, xm, v);    \
     a##h = _mm512_dpbusd_epi32(a##h, xh, v)
 #define ZERO3(a) __m512i a##l = _mm512_setzero_si512(), a##m = _mm512_setzero_si512(), a##h = _mm512_setzero_si512()
-#define FINISH3(a, r)                                                                                     \
-    finish(_mm512_reduce_add_epi32(a##l), _mm512_reduce_add_epi32(a##m), _mm512_reduce_add_epi32(a##h), \
-           wsum[n0 + (r)], xscale[m], scale[n0 + (r)], y, y_bf16, m * n + n0 + (r))
-
 /* The totals of four accumulators (one per row of a block), in one pass: two 128-bit-lane
  * transposing adds, then two in-lane ones - a third of the work of four separate reductions. */
 AVX512
@@ -116,10 +107,10 @@ static void block4(const uint8_t *planes, const double *xscale, int64_t m_rows, 
         for (int64_t i = 0; i < kp; i += 64) {
             const int8_t *at = block + i * ROWS;
             if (m == 0) { /* the stream PREFETCH_BYTES ahead; past the end these are hints, which never fault */
-                _mm_prefetch((const char *)at + PREFETCH_BYTES, PREFETCH_HINT);
-                _mm_prefetch((const char *)at + PREFETCH_BYTES + 64, PREFETCH_HINT);
-                _mm_prefetch((const char *)at + PREFETCH_BYTES + 128, PREFETCH_HINT);
-                _mm_prefetch((const char *)at + PREFETCH_BYTES + 192, PREFETCH_HINT);
+                _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char *)at + PREFETCH_BYTES + 64, _MM_HINT_T0);
+                _mm_prefetch((const char *)at + PREFETCH_BYTES + 128, _MM_HINT_T0);
+                _mm_prefetch((const char *)at + PREFETCH_BYTES + 192, _MM_HINT_T0);
             }
             __m512i xl = _mm512_load_si512(pl + i), xm = _mm512_load_si512(pm + i), xh = _mm512_load_si512(ph + i);
             __m512i v0 = _mm512_loadu_si512(at), v1 = _mm512_loadu_si512(at + 64);
@@ -129,19 +120,12 @@ static void block4(const uint8_t *planes, const double *xscale, int64_t m_rows, 
             DOT3(c, v2);
             DOT3(d, v3);
         }
-#ifdef SCALAR_FINISH
-        FINISH3(a, 0);
-        if (n0 + 1 < n) FINISH3(b, 1);
-        if (n0 + 2 < n) FINISH3(c, 2);
-        if (n0 + 3 < n) FINISH3(d, 3);
-#else
         int32_t sl[4], sm[4], sh[4];
         _mm_storeu_si128((__m128i *)sl, sum4(al, bl, cl, dl));
         _mm_storeu_si128((__m128i *)sm, sum4(am, bm, cm, dm));
         _mm_storeu_si128((__m128i *)sh, sum4(ah, bh, ch, dh));
         for (int r = 0; r < ROWS && n0 + r < n; ++r)
             finish(sl[r], sm[r], sh[r], wsum[n0 + r], xscale[m], scale[n0 + r], y, y_bf16, m * n + n0 + r);
-#endif
     }
 }
 
@@ -180,6 +164,31 @@ void gp_int8_row_sums(const int8_t *w, int64_t n, int64_t k, int32_t *out) {
         int32_t total = 0;
         for (int64_t i = 0; i < k; ++i) total += row[i];
         out[r] = total;
+    }
+}
+
+/*
+ * y = w * scale[:, None], w (n x k) packed as above, y plain row-major (bfloat16 when y_bf16,
+ * else float32), rounded as torch's int8 * scaler: for products with many rows of x (a
+ * prompt), where a float GEMM on the dequantized weight does a third of the kernel's work
+ * (three VNNI planes per weight byte).
+ */
+AVX512
+void gp_int8_dequantize(const int8_t *w, int64_t n, int64_t k, const float *scale, void *y, int y_bf16) {
+    int64_t kp = (k + 63) / 64 * 64, chunks = kp / 64;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        const int8_t *block = w + (r / ROWS) * ROWS * kp + (r % ROWS) * 64;
+        __m512 s = _mm512_set1_ps(scale[r]);
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int8_t *src = block + c * ROWS * 64;
+            for (int64_t part = 0; part < 4; ++part) {
+                int64_t i = c * 64 + part * 16;
+                if (i >= k) break;
+                __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + part * 16))));
+                store16((char *)y + r * k * (y_bf16 ? 2 : 4), y_bf16, i, _mm512_mul_ps(v, s), MASK16(k, i));
+            }
+        }
     }
 }
 
