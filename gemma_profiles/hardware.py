@@ -16,6 +16,9 @@ from typing import Any
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
 #: ``0`` turns the native int8 CPU kernel off (`gemma_profiles.native`).
 NATIVE_ENV = "GEMMA_PROFILE_NATIVE"
+#: Rows of activations (batch x prompt tokens) from which the native int8 kernel hands a
+#: product to a float GEMM on a dequantized copy of the weight (gemma_profiles/native.py).
+DEQUANTIZE_ROWS = 160
 
 
 def native_int8_expected(isa: tuple[str, ...]) -> bool:

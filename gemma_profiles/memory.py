@@ -29,10 +29,11 @@ Every figure follows what gemma_pytorch allocates (DESIGN.md):
 ``engine="profiles"`` - what runs while a profile is active - differs in three
 ways: the lean loader assigns memory-mapped tensors (no second copy when the
 checkpoint's dtype is the compute dtype; otherwise one source tensor's pages at
-a time), the int8 path never rebuilds a full-precision weight (int8 kernels on
-a bf16 CPU, where the tied embedder stays int8; elsewhere one reused scratch
-buffer the size of the largest linear, and the tied embedder dequantized once
-into the compute dtype), and tensors go straight to the execution device (no
+a time), the int8 path never rebuilds a full-precision weight for a decode step
+(int8 kernels on a bf16 CPU, where the tied embedder stays int8 - with the native
+kernel a prompt of ``DEQUANTIZE_ROWS`` tokens or more multiplies a dequantized
+copy of one weight at a time; elsewhere one reused scratch buffer the size of the
+largest linear, and the tied embedder dequantized once into the compute dtype), and tensors go straight to the execution device (no
 full CPU copy before a GPU).  Packing weights for the CPU kernels (``kernels``
 builtin) replaces each mapped tensor by a packed copy one tensor (or one
 16384-row chunk of the embedder) at a time: one more transient; the native int8
@@ -44,6 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .hardware import DEQUANTIZE_ROWS
 from .variants import VARIANTS, family_of_architecture
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "bfloat16": 2}
@@ -256,6 +258,11 @@ def estimate_memory(
         h = shape.hidden_size
         largest = max(shape.qkv_out * h, h * shape.num_attention_heads * shape.head_dim, shape.intermediate_size * h)
         items.append(MemoryItem("int8 scratch buffer", device, largest * size, "one, reused by every layer"))
+    elif int8 and cpu_int8_kernel and dtype in ("float32", "float", "bfloat16") and batch * prefill >= DEQUANTIZE_ROWS:
+        # The native kernel hands a long prompt's products to a float GEMM on a dequantized copy.
+        h = shape.hidden_size
+        largest = max(shape.qkv_out * h, h * shape.num_attention_heads * shape.head_dim, shape.intermediate_size * h)
+        items.append(MemoryItem("int8 prompt workspace", device, largest * size, "one weight, dequantized per product"))
     heads = shape.num_attention_heads
     mlp = 3 * batch * prefill * shape.intermediate_size * size + 2 * batch * prefill * shape.hidden_size * size
     attention = batch * heads * prefill * seq_len * (2 * size + 4) + 2 * batch * seq_len * heads * shape.head_dim * size

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from . import hardware
 from .hardware import NATIVE_ENV
 
 CSRC = Path(__file__).with_name("csrc")
@@ -42,8 +43,8 @@ ENV = NATIVE_ENV
 MAX_K = 32768
 #: Rows of activations from which `Int8Weight.matmul` dequantizes and uses a float GEMM
 #: (benchmarks/int8_rows.py on the 2-core AVX-512 box: the kernel is 0.83x the GEMM's time at
-#: 128 rows, 1.4x at 256, 4.8x at 1024).
-DEQUANTIZE_ROWS = 160
+#: 128 rows, 1.4x at 256, 4.8x at 1024).  In `hardware` because the planner counts the copy.
+DEQUANTIZE_ROWS = hardware.DEQUANTIZE_ROWS
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 
 

@@ -137,6 +137,22 @@ def test_profiles_int8_keeps_the_embedder_and_drops_the_workspace() -> None:
     assert ours.required["cpu"] < gemma_int8.required["cpu"] - 1.4 * 2**30
 
 
+def test_a_long_prompt_on_the_native_int8_kernel_counts_one_dequantized_weight() -> None:
+    from gemma_profiles.hardware import DEQUANTIZE_ROWS
+
+    shape = ModelShape.of_variant("2b")
+
+    def workspace(prompt: int, native: bool) -> int:
+        estimate = estimate_memory(
+            shape, dtype="bfloat16", int8=True, seq_len=2048, prefill_tokens=prompt, cpu_int8_kernel=native
+        )
+        return sum(i.bytes for i in estimate.items if i.component == "int8 prompt workspace")
+
+    assert workspace(DEQUANTIZE_ROWS - 1, True) == 0
+    assert workspace(DEQUANTIZE_ROWS, True) == shape.intermediate_size * shape.hidden_size * 2  # gate/up, bf16
+    assert workspace(1000, False) == 0, "torch's int8 kernel never dequantizes"
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
