@@ -13,8 +13,11 @@ of almost two within minutes, so each step is set against the bandwidth of its
 own moment and the column is the median over steps of (bytes / bandwidth) /
 step time.  The peak RSS column includes that probe's 256 MiB.
 
-"cpu-8gb, torch int8 kernel" is cpu-8gb with ``GEMMA_PROFILE_NATIVE=0``: torch's
-``_weight_int8pack_mm`` instead of our native kernel, to show what the kernel adds.
+"cpu-8gb, gemma's layer forwards" is cpu-8gb with ``GEMMA_PROFILE_DISABLE_PLUGINS=fused``
+(the native int8 kernel, but gemma's own norms, attention, MLP middle and argmax), to show
+what the fused layers add; "cpu-8gb, no native library" is cpu-8gb with
+``GEMMA_PROFILE_NATIVE=0`` - what a machine without a C compiler gets: torch's
+``_weight_int8pack_mm`` and gemma's own layer forwards.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ CONFIGS: tuple[tuple[str, str, str, bool, dict[str, str]], ...] = (
     ("gemma as-is (float32)", "off", "float32", False, {}),
     ("cpu-32gb (bfloat16)", "cpu-32gb", "bfloat16", False, {}),
     ("cpu-8gb (int8, bfloat16)", "cpu-8gb", "bfloat16", True, {}),
-    ("cpu-8gb, torch int8 kernel", "cpu-8gb", "bfloat16", True, {"GEMMA_PROFILE_NATIVE": "0"}),
+    ("cpu-8gb, gemma's layer forwards", "cpu-8gb", "bfloat16", True, {"GEMMA_PROFILE_DISABLE_PLUGINS": "fused"}),
+    ("cpu-8gb, no native library", "cpu-8gb", "bfloat16", True, {"GEMMA_PROFILE_NATIVE": "0"}),
 )
 
 
@@ -48,7 +52,7 @@ def bytes_per_token(variant: str, dtype: str, int8: bool, seq_len: int) -> int:
 
 def show(label: str, row: dict[str, float], gemma_seconds: float, format_bytes: Any) -> None:
     print(
-        f"{label:<28} {row['load_s']:>7.1f} {format_bytes(int(row['peak'])):>10} {row['seconds']:>8.3f} "
+        f"{label:<32} {row['load_s']:>7.1f} {format_bytes(int(row['peak'])):>10} {row['seconds']:>8.3f} "
         f"{gemma_seconds / row['seconds']:>8.2f}x {row['needed'] / 1e9:>9.2f} {row['bandwidth'] / 1e9:>5.1f} GB/s "
         f"{row['fraction']:>8.0%}",
         flush=True,
@@ -80,7 +84,7 @@ def main() -> int:
         "bandwidth": True,
     }
     header = (
-        f"{'configuration':<28} {'load s':>7} {'peak RSS':>10} {'s/token':>8} {'vs gemma':>9} "
+        f"{'configuration':<32} {'load s':>7} {'peak RSS':>10} {'s/token':>8} {'vs gemma':>9} "
         f"{'GB/token':>9} {'bandwidth':>10} {'of bound':>9}"
     )
     rows: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in CONFIGS}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +61,10 @@ def _bf16(tensor: torch.Tensor) -> int:
 # -- the forwards ------------------------------------------------------------
 
 
-def rms_norm(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def rms_norm(self: Any, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     if not _cpu(x, weight) or weight.dim() != 1 or x.shape[-1] != weight.shape[0] or x.numel() == 0:
-        return type(self).forward(self, x)
+        return cast(torch.Tensor, type(self).forward(self, x))
     flat, weight = x.contiguous(), weight.detach().contiguous()
     out = torch.empty_like(flat)
     width = weight.shape[0]
@@ -76,20 +76,20 @@ def rms_norm(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def mlp(self: Any, x: torch.Tensor) -> torch.Tensor:
     if not _cpu(x):
-        return type(self).forward(self, x)
+        return cast(torch.Tensor, type(self).forward(self, x))
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not _cpu(gate) or gate.dtype != up.dtype or gate.shape != up.shape:
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return cast(torch.Tensor, self.down_proj(F.gelu(gate, approximate="tanh") * up))
     gate, up = gate.contiguous(), up.contiguous()
     fused = torch.empty_like(gate)
     _library().gp_gelu_mul(gate.data_ptr(), up.data_ptr(), _bf16(gate), gate.numel(), fused.data_ptr())
-    return self.down_proj(fused)
+    return cast(torch.Tensor, self.down_proj(fused))
 
 
 def attention(
-    self: nn.Module,
+    self: Any,
     hidden_states: torch.Tensor,
     freqs_cis: torch.Tensor,
     kv_write_indices: torch.Tensor,
@@ -98,7 +98,10 @@ def attention(
     local_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     def gemma() -> torch.Tensor:
-        return type(self).forward(self, hidden_states, freqs_cis, kv_write_indices, kv_cache, mask, local_mask)
+        return cast(
+            torch.Tensor,
+            type(self).forward(self, hidden_states, freqs_cis, kv_write_indices, kv_cache, mask, local_mask),
+        )
 
     if (
         getattr(self.attn_type, "name", None) == "LOCAL_SLIDING"
@@ -137,7 +140,7 @@ def attention(
         return gemma()  # a position outside the cache: nothing was written; gemma raises its own error
     if status != 0:
         raise MemoryError(f"gemma-profiles attention kernel: out of memory ({tuple(hidden_states.shape)})")
-    return self.o_proj(out)
+    return cast(torch.Tensor, self.o_proj(out))
 
 
 def _usable(
@@ -180,7 +183,7 @@ def _usable(
 
 
 def sampler(
-    self: nn.Module,
+    self: Any,
     embedding: Any,
     hidden_states: torch.Tensor,
     output_positions: torch.Tensor,
@@ -214,8 +217,8 @@ def sampler(
 
 # -- recognising gemma's modules, checking, installing --------------------------
 
-_ATTENTION = ("qkv_proj", "o_proj", "num_heads", "num_kv_heads", "head_dim", "q_size", "kv_size", "scaling")
-_ATTENTION += ("attn_type", "sliding_window_size", "attn_logit_softcapping", "query_norm", "key_norm")
+_ATTENTION: tuple[str, ...] = ("qkv_proj", "o_proj", "num_heads", "num_kv_heads", "head_dim", "q_size", "kv_size")
+_ATTENTION += ("scaling", "attn_type", "sliding_window_size", "attn_logit_softcapping", "query_norm", "key_norm")
 #: kind -> (gemma's class name, attributes the forward reads, our forward)
 KINDS: dict[str, tuple[str, tuple[str, ...], Callable[..., Any]]] = {
     "norms": ("RMSNorm", ("weight", "eps", "add_unit_offset"), rms_norm),
@@ -275,9 +278,7 @@ def _close(expected: Any, got: Any, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _check(
-    kind: str, module: nn.Module, forward: Callable[..., Any], dtype: torch.dtype, hidden_size: int
-) -> str | None:
+def _check(kind: str, module: Any, forward: Callable[..., Any], dtype: torch.dtype, hidden_size: int) -> str | None:
     """Run gemma's forward and ours on the same random inputs; None when they agree."""
     generator = torch.Generator().manual_seed(1234)
 
@@ -307,7 +308,7 @@ def _check(
 
 
 def _check_attention(
-    module: nn.Module,
+    module: Any,
     forward: Callable[..., Any],
     randn: Callable[..., torch.Tensor],
     dtype: torch.dtype,
@@ -319,7 +320,8 @@ def _check_attention(
     causal = torch.triu(torch.full((1, 1, max_seq, max_seq), -2.3819763e38), diagonal=1)
     angles = torch.rand(max_seq, head_dim // 2, generator=torch.Generator().manual_seed(7)) * 6.28
     freqs = torch.polar(torch.ones_like(angles), angles)
-    caches = [(torch.zeros(1, max_seq, kv_heads, head_dim, dtype=dtype), torch.zeros(1, max_seq, kv_heads, head_dim, dtype=dtype)) for _ in range(2)]  # fmt: skip
+    size = (1, max_seq, kv_heads, head_dim)
+    caches = [(torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype)) for _ in range(2)]
     prefill = randn(1, 3, width)
     step = randn(1, 1, width)
     results = []

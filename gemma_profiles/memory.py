@@ -33,11 +33,12 @@ a time), the int8 path never rebuilds a full-precision weight for a decode step
 (int8 kernels on a bf16 CPU, where the tied embedder stays int8 - with the native
 kernel a prompt of ``DEQUANTIZE_ROWS`` tokens or more multiplies a dequantized
 copy of one weight at a time; elsewhere one reused scratch buffer the size of the
-largest linear, and the tied embedder dequantized once into the compute dtype), and tensors go straight to the execution device (no
-full CPU copy before a GPU).  Packing weights for the CPU kernels (``kernels``
-builtin) replaces each mapped tensor by a packed copy one tensor (or one
-16384-row chunk of the embedder) at a time: one more transient; the native int8
-kernel's layout is made in place (8 MiB at a time), so it adds none.
+largest linear, and the tied embedder dequantized once into the compute dtype), and
+tensors go straight to the execution device (no full CPU copy before a GPU).
+Packing weights for the CPU kernels (``kernels`` builtin) replaces each mapped
+tensor by a packed copy one tensor (or one 16384-row chunk of the embedder) at a
+time: one more transient; the native int8 kernel's layout is made in place (8 MiB
+at a time), so it adds none.
 """
 
 from __future__ import annotations

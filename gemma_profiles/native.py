@@ -125,8 +125,7 @@ def _declare(library: ctypes.CDLL) -> None:
         "gp_gelu_mul": (None, (p, p, i32, i64, p)),
         # q/k/v with batch and token strides, batch, len, heads, kv heads, head dim, freqs,
         # positions, k cache, v cache, max seq, mask with strides, scaling, softcap, bfloat16, out
-        "gp_attend": (i32, (p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, i64)
-                      + (p, i64, i64, f32, f32, i32, p)),
+        "gp_attend": (i32, (*(p, i64, i64) * 3, *(i64,) * 5, p, p, p, p, i64, p, i64, i64, f32, f32, i32, p)),
         "gp_argmax": (None, (p, i32, i64, i64, p)),
     }
     for name, (result, arguments) in signatures.items():

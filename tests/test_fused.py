@@ -41,7 +41,8 @@ def logits(model: Any, tokens: list[int]) -> torch.Tensor:
     config = model.config
     length = len(tokens)
     size = (1, length, config.num_key_value_heads, config.head_dim)
-    caches = [(torch.zeros(size, dtype=config.get_dtype()), torch.zeros(size, dtype=config.get_dtype())) for _ in model.model.layers]  # fmt: skip
+    dtype = config.get_dtype()
+    caches = [(torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype)) for _ in model.model.layers]
     mask = torch.triu(torch.full((1, 1, length, length), -2.3819763e38), diagonal=1)
     positions = torch.arange(length)
     with torch.no_grad():
