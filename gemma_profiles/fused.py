@@ -103,14 +103,10 @@ def attention(
             type(self).forward(self, hidden_states, freqs_cis, kv_write_indices, kv_cache, mask, local_mask),
         )
 
-    if (
-        getattr(self.attn_type, "name", None) == "LOCAL_SLIDING"
-        and self.sliding_window_size is not None
-        and local_mask is not None
-    ):
-        mask = local_mask
+    local = getattr(self.attn_type, "name", None) == "LOCAL_SLIDING" and self.sliding_window_size is not None
+    chosen = local_mask if local and local_mask is not None else mask
     k_cache, v_cache = kv_cache
-    if not _usable(hidden_states, freqs_cis, kv_write_indices, k_cache, v_cache, mask, self.head_dim):
+    if not _usable(hidden_states, freqs_cis, kv_write_indices, k_cache, v_cache, chosen, self.head_dim):
         return gemma()
     batch, length, _ = hidden_states.shape
     heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -127,13 +123,13 @@ def attention(
     freqs = torch.view_as_real(freqs_cis).contiguous()
     positions = kv_write_indices.contiguous()
     out = torch.empty(batch, length, heads * head_dim, dtype=qkv.dtype)
-    mask_batch = mask.stride(0) if mask.shape[0] == batch and batch > 1 else 0
+    mask_batch = chosen.stride(0) if chosen.shape[0] == batch and batch > 1 else 0
     softcap = self.attn_logit_softcapping
     status = _library().gp_attend(
         xq.data_ptr(), xq.stride(0), xq.stride(1), xk.data_ptr(), xk.stride(0), xk.stride(1),
         xv.data_ptr(), xv.stride(0), xv.stride(1), batch, length, heads, kv_heads, head_dim,
         freqs.data_ptr(), positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
-        mask.data_ptr(), mask_batch, mask.stride(2), float(self.scaling), float(softcap or 0.0), _bf16(qkv),
+        chosen.data_ptr(), mask_batch, chosen.stride(2), float(self.scaling), float(softcap or 0.0), _bf16(qkv),
         out.data_ptr(),
     )  # fmt: skip
     if status == -1:

@@ -255,3 +255,47 @@ def test_not_installed_when_turned_off(
     with gemma_profiles.use(offloaded):
         model = load(gemma, tokenizer_path, "2b", "float32", ckpt)
     assert not fused_kinds(model), "only for a model that runs on the CPU as a whole"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_a_sliding_window_and_a_batch(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],  # noqa: F811
+    write_profile: Callable[..., Path],
+    dtype: torch.dtype,
+) -> None:
+    name = str(dtype).removeprefix("torch.")
+    ckpt = checkpoint("2b-v2", name)
+    with gemma_profiles.use(cpu_profile(write_profile, name)):
+        model = load(gemma, tokenizer_path, "2b-v2", name, ckpt)
+    layers = [layer.self_attn for layer in model.model.layers]
+    local = next(a for a in layers if getattr(a.attn_type, "name", "") == "LOCAL_SLIDING")
+    full = next(a for a in layers if getattr(a.attn_type, "name", "") == "GLOBAL")
+    config = model.config
+    batch, length, max_seq, window = 2, 9, 12, 3
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(batch, length, config.hidden_size, generator=generator).to(dtype)
+    causal = torch.triu(torch.full((1, 1, max_seq, max_seq), -2.3819763e38), diagonal=1)
+    sliding = causal + torch.tril(torch.full((1, 1, max_seq, max_seq), -2.3819763e38), diagonal=-window)
+    positions = torch.arange(length)
+    freqs = model.freqs_cis.index_select(0, positions)
+    mask, local_mask = causal.index_select(2, positions), sliding.index_select(2, positions)
+    for attention in (local, full):
+        assert fused.is_fused(attention)
+        results = []
+        for run in (type(attention).forward, fused.attention):
+            size = (batch, max_seq, config.num_key_value_heads, config.head_dim)
+            cache = (torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype))
+            out = run(attention, hidden, freqs, positions, cache, mask, local_mask)
+            results.append((out, *cache))
+        for expected, got in zip(*results, strict=True):
+            distance = ((expected.double() - got.double()).norm() / expected.double().norm()).item()
+            assert distance < (1e-5 if dtype == torch.float32 else 1e-2)
+    # The window matters: the local layer's output under the global mask is different.
+    size = (batch, max_seq, config.num_key_value_heads, config.head_dim)
+    cache = (torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype))
+    windowed = fused.attention(local, hidden, freqs, positions, cache, mask, local_mask)
+    cache = (torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype))
+    unwindowed = fused.attention(local, hidden, freqs, positions, cache, mask, mask)
+    assert not torch.allclose(windowed, unwindowed)
