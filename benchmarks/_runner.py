@@ -74,7 +74,8 @@ if spec["output_len"]:
     except IndexError:
         pass  # random weights pick ids the tiny tokenizer cannot decode; timing is done
     decode = steps[1:]  # steps[0] is the prefill
-    result.update(s_per_token=statistics.median(decode), steps=len(decode), peak=hwm() - baseline)
+    result.update(s_per_token=statistics.median(decode), steps=len(decode), peak=hwm() - baseline, prefill_s=steps[0])
+    result["prompt_tokens"] = len(model.tokenizer.encode(spec["prompt"]))
     result["dtypes"] = sorted({{str(p.dtype) for p in model.parameters()}})
     if bandwidths:
         result["bandwidths"] = bandwidths[1:]

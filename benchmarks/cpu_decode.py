@@ -1,9 +1,10 @@
 """Decode speed on the CPU: gemma_pytorch as-is against the CPU profiles, in one run.
 
-    python benchmarks/cpu_decode.py [--variant 2b] [--tokens 16] [--rounds 3] [--dir ~/.cache/gemma-bench]
+    python benchmarks/cpu_decode.py [--variant 2b] [--tokens 16] [--rounds 3] [--prompt-repeat 1]
+                                    [--dir ~/.cache/gemma-bench]
 
 For each configuration (fresh process, same random checkpoint, written once):
-load time, peak RSS, median seconds per decoded token, the ratio to gemma
+load time, peak RSS, the prompt's prefill time, median seconds per decoded token, the ratio to gemma
 as-is (run.py's float32), and the fraction of the memory-bandwidth bound: the
 bytes a decode step must read (weights as stored, plus the KV cache) divided by
 the read bandwidth, over the measured step time.  The bandwidth (best of 3
@@ -52,7 +53,8 @@ def bytes_per_token(variant: str, dtype: str, int8: bool, seq_len: int) -> int:
 
 def show(label: str, row: dict[str, float], gemma_seconds: float, format_bytes: Any) -> None:
     print(
-        f"{label:<32} {row['load_s']:>7.1f} {format_bytes(int(row['peak'])):>10} {row['seconds']:>8.3f} "
+        f"{label:<32} {row['load_s']:>7.1f} {format_bytes(int(row['peak'])):>10} {row['prefill_s']:>9.2f} "
+        f"{row['seconds']:>8.3f} "
         f"{gemma_seconds / row['seconds']:>8.2f}x {row['needed'] / 1e9:>9.2f} {row['bandwidth'] / 1e9:>5.1f} GB/s "
         f"{row['fraction']:>8.0%}",
         flush=True,
@@ -65,6 +67,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=3, help="run every configuration this many times, round-robin")
+    parser.add_argument("--prompt-repeat", type=int, default=1, help="repeat the 8-token prompt: a long context")
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "gemma-profiles-bench")
     args = parser.parse_args()
 
@@ -74,17 +77,22 @@ def main() -> int:
     ckpt, tokenizer = ensure_checkpoint(args.dir, args.variant)
     print(f"gemma: {gemma_status().describe()}")
     print(f"checkpoint: {ckpt} ({format_bytes(ckpt.stat().st_size)}); threads {args.threads}")
+    import sentencepiece
+
+    prompt = " ".join([PROMPT] * args.prompt_repeat)
+    tokens = len(sentencepiece.SentencePieceProcessor(model_file=tokenizer).encode(prompt))
+    print(f"prompt: {tokens} tokens; {args.tokens} generated")
     spec = {
         "variant": args.variant,
         "ckpt": str(ckpt),
         "tokenizer": tokenizer,
-        "prompt": PROMPT,
+        "prompt": prompt,
         "output_len": args.tokens,
         "threads": args.threads,
         "bandwidth": True,
     }
     header = (
-        f"{'configuration':<32} {'load s':>7} {'peak RSS':>10} {'s/token':>8} {'vs gemma':>9} "
+        f"{'configuration':<32} {'load s':>7} {'peak RSS':>10} {'prefill s':>9} {'s/token':>8} {'vs gemma':>9} "
         f"{'GB/token':>9} {'bandwidth':>10} {'of bound':>9}"
     )
     rows: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in CONFIGS}
@@ -94,11 +102,12 @@ def main() -> int:
         print(header)
         for label, profile, dtype, int8, env in CONFIGS:
             result = run(spec, profile, env)
-            needed = bytes_per_token(args.variant, dtype, int8, 16 + args.tokens)
+            needed = bytes_per_token(args.variant, dtype, int8, result["prompt_tokens"] + args.tokens)
             pairs = zip(result["decode_steps"], result["bandwidths"], strict=True)
             rows[label].append(
                 {
                     "load_s": result["load_s"],
+                    "prefill_s": result["prefill_s"],
                     "peak": result["peak"],
                     "seconds": result["s_per_token"],
                     "needed": needed,
