@@ -35,6 +35,13 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     if not isinstance(dtype, torch.dtype) or not isinstance(hidden_size, int):
         logger.info("[{}] gemma's own layer forwards: the model has no gemma config", plan.profile)
         return
+    if dtype not in (torch.float32, torch.bfloat16):
+        logger.info(
+            "[{}] gemma's own layer forwards: the fused kernels compute in float32 or bfloat16, not {}",
+            plan.profile,
+            str(dtype).removeprefix("torch."),
+        )
+        return
     installed = fused.install(model, dtype, hidden_size)
     if installed:
         logger.info(

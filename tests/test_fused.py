@@ -299,3 +299,18 @@ def test_attention_with_a_sliding_window_and_a_batch(
     cache = (torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype))
     unwindowed = fused.attention(local, hidden, freqs, positions, cache, mask, mask)
     assert not torch.allclose(windowed, unwindowed)
+
+
+def test_a_float16_cpu_model_keeps_gemmas_forwards_quietly(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],  # noqa: F811
+    write_profile: Callable[..., Path],
+    log_messages: list[str],
+) -> None:
+    ckpt = checkpoint("2b")
+    with gemma_profiles.use(cpu_profile(write_profile, "float16")):
+        model = load(gemma, tokenizer_path, "2b", "float16", ckpt)
+    assert not fused_kinds(model)
+    assert any("the fused kernels compute in float32 or bfloat16, not float16" in m for m in log_messages)
+    assert not any("forward kept" in m for m in log_messages)
