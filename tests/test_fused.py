@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_kernels import build, checkpoint, cpu_profile, load  # noqa: F401 (checkpoint: a fixture)
 
 import gemma_profiles
@@ -314,3 +317,93 @@ def test_a_float16_cpu_model_keeps_gemmas_forwards_quietly(
     assert not fused_kinds(model)
     assert any("the fused kernels compute in float32 or bfloat16, not float16" in m for m in log_messages)
     assert not any("forward kept" in m for m in log_messages)
+
+
+@st.composite
+def attention_cases(draw: st.DrawFn) -> dict[str, Any]:
+    kv_heads = draw(st.sampled_from([1, 2, 4]))
+    return {
+        "kv_heads": kv_heads,
+        "heads": kv_heads * draw(st.sampled_from([1, 2, 3])),
+        "head_dim": draw(st.sampled_from([2, 16, 24, 40, 64])),  # 24, 40: not a multiple of the 16 lanes
+        "batch": draw(st.integers(1, 3)),
+        "prompt": draw(st.integers(1, 9)),
+        "steps": draw(st.integers(0, 3)),
+        "softcap": draw(st.sampled_from([None, 5.0, 50.0])),
+        "scalar": draw(st.sampled_from([None, 7])),
+        "window": draw(st.sampled_from([None, 2, 4])),
+        "dtype": draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+@settings(max_examples=int(os.environ.get("GEMMA_PROFILE_FUZZ_EXAMPLES", "40")), deadline=None)
+@given(case=attention_cases())
+def test_attention_matches_gemma_on_random_shapes(gemma: Any, case: dict[str, Any]) -> None:
+    """A prefill and a few decode steps through a randomly shaped gemma attention, both ways."""
+    import dataclasses
+
+    from gemma_testing import tiny_config
+
+    dtype = case["dtype"]
+    sliding = case["window"] is not None
+    config = dataclasses.replace(
+        tiny_config(gemma.config, "2b-v2" if sliding else "2b"),
+        num_attention_heads=case["heads"],
+        num_key_value_heads=case["kv_heads"],
+        head_dim=case["head_dim"],
+        hidden_size=32,
+        attn_logit_softcapping=case["softcap"],
+        query_pre_attn_scalar=case["scalar"],
+        sliding_window_size=case["window"],
+        quant=False,
+    )
+    kind = gemma.config.AttentionType.LOCAL_SLIDING if sliding else gemma.config.AttentionType.GLOBAL
+    generator = torch.Generator().manual_seed(case["seed"])
+    attention = gemma.model.GemmaAttention(config, kind).to(dtype)
+    with torch.no_grad():
+        for parameter in attention.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    batch, prompt, steps = case["batch"], case["prompt"], case["steps"]
+    max_seq = prompt + steps
+    causal = torch.triu(torch.full((1, 1, max_seq, max_seq), -2.3819763e38), diagonal=1)
+    local = causal
+    if sliding:
+        local = causal + torch.tril(torch.full((1, 1, max_seq, max_seq), -2.3819763e38), diagonal=-case["window"])
+    angles = torch.rand(max_seq, case["head_dim"] // 2, generator=generator) * 6.28
+    freqs = torch.polar(torch.ones_like(angles), angles)
+    inputs = [torch.randn(batch, prompt, 32, generator=generator).to(dtype)]
+    inputs += [torch.randn(batch, 1, 32, generator=generator).to(dtype) for _ in range(steps)]
+    library, calls = native.decode_library(), []
+
+    class Counting:  # the kernel must really run, not hand every case back to gemma
+        def __getattr__(self, name: str) -> Any:
+            return getattr(library, name)
+
+        def gp_attend(self, *args: Any) -> int:
+            calls.append(args)
+            return int(library.gp_attend(*args))
+
+    results = []
+    for run in (type(attention).forward, fused.attention):
+        size = (batch, max_seq, case["kv_heads"], case["head_dim"])
+        cache = (torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype))
+        outs = []
+        start = 0
+        for hidden in inputs:
+            positions = torch.arange(start, start + hidden.shape[1])
+            original, fused._library = fused._library, Counting  # type: ignore[assignment]
+            try:
+                step_freqs, step_mask = freqs.index_select(0, positions), causal.index_select(2, positions)
+                step_local = local.index_select(2, positions)
+                outs.append(run(attention, hidden, step_freqs, positions, cache, step_mask, step_local))
+            finally:
+                fused._library = original  # type: ignore[assignment]
+            start += hidden.shape[1]
+        results.append((*outs, *cache))
+    assert len(calls) == len(inputs)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for expected, got in zip(*results, strict=True):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        distance = ((expected.double() - got.double()).norm() / (expected.double().norm() + 1e-30)).item()
+        assert distance < tolerance, (case, distance)
