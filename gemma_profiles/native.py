@@ -133,26 +133,24 @@ def _declare(library: ctypes.CDLL) -> None:
         function.restype, function.argtypes = result, arguments
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | str:
-    """The library for the int8 kernel, or why not."""
+def _where(supported: str, lacking: str) -> ctypes.CDLL | str:
+    """The library when its ``supported()`` entry point says this CPU runs that part; else why not."""
     library = _load()
     if isinstance(library, str):
         return library
-    if not library.gp_int8_supported():
-        return "this CPU lacks AVX-512 VNNI"
-    return library
+    return library if getattr(library, supported)() else f"this CPU lacks {lacking}"
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | str:
+    """The library for the int8 kernel, or why not."""
+    return _where("gp_int8_supported", "AVX-512 VNNI")
 
 
 @functools.lru_cache(maxsize=1)
 def decode_library() -> ctypes.CDLL | str:
     """The library for the decoder-layer kernels (`gemma_profiles.fused`), or why not."""
-    library = _load()
-    if isinstance(library, str):
-        return library
-    if not library.gp_decode_supported():
-        return "this CPU lacks AVX-512 (F, BW, VL)"
-    return library
+    return _where("gp_decode_supported", "AVX-512 (F, BW, VL)")
 
 
 def unavailable() -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,6 +58,20 @@ def logits(model: Any, tokens: list[int]) -> torch.Tensor:
     return out[0].float()
 
 
+@contextlib.contextmanager
+def gemma_and_fused(
+    gemma: Any, tokenizer: str, ckpt: str, profile: str, variant: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Any, Any]]:
+    """The same checkpoint under the same profile: with gemma's own layer forwards, and fused (active)."""
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "fused")
+    with gemma_profiles.use(profile):
+        reference = load(gemma, tokenizer, variant, dtype, ckpt)
+    monkeypatch.delenv("GEMMA_PROFILE_DISABLE_PLUGINS")
+    plugins.reset_plugin_manager()
+    with gemma_profiles.use(profile):
+        yield reference, load(gemma, tokenizer, variant, dtype, ckpt)
+
+
 VARIANTS = ["2b", "7b", "2b-v2", "27b", "1b"]  # MQA, MHA, GQA + softcapping + sliding, query scalar, qk norms
 
 
@@ -71,14 +86,8 @@ def test_fused_model_generates_what_gemma_does(
     variant: str,
     dtype: str,
 ) -> None:
-    ckpt = checkpoint(variant, dtype)
-    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "fused")
-    with gemma_profiles.use(cpu_profile(write_profile, dtype)):
-        reference = load(gemma, tokenizer_path, variant, dtype, ckpt)
-    monkeypatch.delenv("GEMMA_PROFILE_DISABLE_PLUGINS")
-    plugins.reset_plugin_manager()
-    with gemma_profiles.use(cpu_profile(write_profile, dtype)):
-        model = load(gemma, tokenizer_path, variant, dtype, ckpt)
+    ckpt, profile = checkpoint(variant, dtype), cpu_profile(write_profile, dtype)
+    with gemma_and_fused(gemma, tokenizer_path, ckpt, profile, variant, dtype, monkeypatch) as (reference, model):
         layers = model.config.num_hidden_layers
         counts = fused_kinds(model)
         assert counts["MLPs"] == counts["attention layers"] == layers and counts["sampler"] == 1
@@ -102,13 +111,7 @@ def test_int8_model_is_fused_too(
 ) -> None:
     ckpt = checkpoint("2b")
     profile = cpu_profile(write_profile, "bfloat16", "quantization: {weights: int8}\n")
-    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "fused")
-    with gemma_profiles.use(profile):
-        reference = load(gemma, tokenizer_path, "2b", "bfloat16", ckpt)
-    monkeypatch.delenv("GEMMA_PROFILE_DISABLE_PLUGINS")
-    plugins.reset_plugin_manager()
-    with gemma_profiles.use(profile):
-        model = load(gemma, tokenizer_path, "2b", "bfloat16", ckpt)
+    with gemma_and_fused(gemma, tokenizer_path, ckpt, profile, "2b", "bfloat16", monkeypatch) as (reference, model):
         assert set(fused_kinds(model)) == set(KINDS)
         tokens = [2, 17, 33, 5, 60]
         cosine = F.cosine_similarity(logits(model, tokens), logits(reference, tokens), dim=0).item()
@@ -122,14 +125,8 @@ def test_sampling_with_a_temperature_is_gemmas(
     write_profile: Callable[..., Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ckpt = checkpoint("2b")
-    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "fused")
-    with gemma_profiles.use(cpu_profile(write_profile, "float32")):
-        reference = load(gemma, tokenizer_path, "2b", "float32", ckpt)
-    monkeypatch.delenv("GEMMA_PROFILE_DISABLE_PLUGINS")
-    plugins.reset_plugin_manager()
-    with gemma_profiles.use(cpu_profile(write_profile, "float32")):
-        model = load(gemma, tokenizer_path, "2b", "float32", ckpt)
+    ckpt, profile = checkpoint("2b"), cpu_profile(write_profile, "float32")
+    with gemma_and_fused(gemma, tokenizer_path, ckpt, profile, "2b", "float32", monkeypatch) as (reference, model):
         results = []
         for each in (reference, model):
             torch.manual_seed(3)
