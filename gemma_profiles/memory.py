@@ -102,6 +102,12 @@ class ModelShape:
         return h * self.qkv_out + self.num_attention_heads * self.head_dim * h + 3 * h * i
 
     @property
+    def largest_linear_weights(self) -> int:
+        """The biggest single linear weight of a layer (qkv, o, or gate/up/down)."""
+        h = self.hidden_size
+        return max(self.qkv_out * h, h * self.num_attention_heads * self.head_dim, self.intermediate_size * h)
+
+    @property
     def scalers_per_layer(self) -> int:
         """Output rows of the quantized linears (one ``weight_scaler`` each)."""
         return self.qkv_out + self.hidden_size + 2 * self.intermediate_size + self.hidden_size
@@ -256,14 +262,12 @@ def estimate_memory(
             )
         )
     elif int8 and not (kind == "cpu" and cpu_kernel and not offloaded_layers):
-        h = shape.hidden_size
-        largest = max(shape.qkv_out * h, h * shape.num_attention_heads * shape.head_dim, shape.intermediate_size * h)
-        items.append(MemoryItem("int8 scratch buffer", device, largest * size, "one, reused by every layer"))
+        largest = shape.largest_linear_weights * size
+        items.append(MemoryItem("int8 scratch buffer", device, largest, "one, reused by every layer"))
     elif int8 and cpu_int8_kernel and dtype in ("float32", "float", "bfloat16") and batch * prefill >= DEQUANTIZE_ROWS:
         # The native kernel hands a long prompt's products to a float GEMM on a dequantized copy.
-        h = shape.hidden_size
-        largest = max(shape.qkv_out * h, h * shape.num_attention_heads * shape.head_dim, shape.intermediate_size * h)
-        items.append(MemoryItem("int8 prompt workspace", device, largest * size, "one weight, dequantized per product"))
+        largest = shape.largest_linear_weights * size
+        items.append(MemoryItem("int8 prompt workspace", device, largest, "one weight, dequantized per product"))
     heads = shape.num_attention_heads
     mlp = 3 * batch * prefill * shape.intermediate_size * size + 2 * batch * prefill * shape.hidden_size * size
     attention = batch * heads * prefill * seq_len * (2 * size + 4) + 2 * batch * seq_len * heads * shape.head_dim * size

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_kernels import build, checkpoint, cpu_profile, load  # noqa: F401 (checkpoint: a fixture)
+from test_kernels import checkpoint, cpu_profile, load  # noqa: F401 (checkpoint: a fixture)
 
 import gemma_profiles
 from gemma_profiles import fused, native, plugins
