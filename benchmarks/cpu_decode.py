@@ -8,17 +8,20 @@ load time, peak RSS, the prompt's prefill time, median seconds per decoded token
 as-is (run.py's float32), and the fraction of the memory-bandwidth bound: the
 bytes a decode step must read (weights as stored, plus the KV cache) divided by
 the read bandwidth, over the measured step time.  The bandwidth (best of 3
-``sum()`` of a 256 MiB float32 tensor, 8x the L3 cache) is measured right after
+``sum()`` of a 256 MiB float32 tensor, 8x the L3 cache, on 4 KiB pages and again on
+2 MiB pages: the faster) is measured right after
 every decode step, in the same process: on a shared host it drifts by a factor
 of almost two within minutes, so each step is set against the bandwidth of its
 own moment and the column is the median over steps of (bytes / bandwidth) /
-step time.  The peak RSS column includes that probe's 256 MiB.
+step time.  The peak RSS column includes those probes' 512 MiB.
 
 "cpu-8gb, gemma's layer forwards" is cpu-8gb with ``GEMMA_PROFILE_DISABLE_PLUGINS=fused``
 (the native int8 kernel, but gemma's own norms, attention, MLP middle and argmax), to show
 what the fused layers add; "cpu-8gb, no native library" is cpu-8gb with
 ``GEMMA_PROFILE_NATIVE=0`` - what a machine without a C compiler gets: torch's
-``_weight_int8pack_mm`` and gemma's own layer forwards.
+``_weight_int8pack_mm`` and gemma's own layer forwards; "cpu-8gb, 4 KiB pages" is cpu-8gb
+with ``GEMMA_PROFILE_HUGEPAGES=0`` (the int8 weights on ordinary pages: what a system with
+transparent huge pages off gets).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ CONFIGS: tuple[tuple[str, str, str, bool, dict[str, str]], ...] = (
     ("cpu-8gb (int8, bfloat16)", "cpu-8gb", "bfloat16", True, {}),
     ("cpu-8gb, gemma's layer forwards", "cpu-8gb", "bfloat16", True, {"GEMMA_PROFILE_DISABLE_PLUGINS": "fused"}),
     ("cpu-8gb, no native library", "cpu-8gb", "bfloat16", True, {"GEMMA_PROFILE_NATIVE": "0"}),
+    ("cpu-8gb, 4 KiB pages", "cpu-8gb", "bfloat16", True, {"GEMMA_PROFILE_HUGEPAGES": "0"}),
 )
 
 

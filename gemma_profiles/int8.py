@@ -38,7 +38,7 @@ from torch import nn
 
 from . import native
 from .lazy import remove_parameter
-from .loader import release_pages
+from .loader import memory_mapped
 from .packed import pin_to_cpu, state_weight
 
 _NATIVE = "_gemma_profile_int8"
@@ -99,19 +99,23 @@ def _install_native(module: nn.Module) -> native.Int8Weight:
     weight = module._parameters["weight"]
     scaler = module._parameters["weight_scaler"]
     assert weight is not None and scaler is not None
-    packed = native.Int8Weight.pack(weight, scaler, in_place=True)  # the parameter is dropped next
+    # The parameter is dropped next: pack in its memory, unless that is a mapped checkpoint's
+    # (an int8 checkpoint), whose pages are copied onto huge pages and dropped as they go.
+    mapped = memory_mapped(weight)
+    packed = native.Int8Weight.pack(weight, scaler, in_place=not mapped, release=mapped)
     del module._parameters["weight"]
     module.register_buffer("weight", packed.data)
-    if packed.data.data_ptr() != weight.data_ptr():
-        # Packed into a copy: an int8 checkpoint's mapped source pages are not needed any more.
-        # (Packed in place, the pages hold the packed weight: on a private file mapping the
-        # writes made them our own copies, and dropping them would bring the file back.)
-        release_pages(weight)
     object.__setattr__(module, _NATIVE, packed)
     module._save_to_state_dict = types.MethodType(_save_native, module)  # type: ignore[method-assign]
     module._load_from_state_dict = types.MethodType(_load_native, module)  # type: ignore[method-assign]
     pin_to_cpu(module, "this int8 layer", torch.int8)
     return packed
+
+
+def native_weights(model: nn.Module) -> list[native.Int8Weight]:
+    """The int8 weights of ``model`` on the native kernel (each once)."""
+    found = (module.__dict__.get(_NATIVE) for module in model.modules())
+    return list({id(packed): packed for packed in found if packed is not None}.values())
 
 
 def _save_native(self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:

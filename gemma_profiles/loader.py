@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from . import hugepages
 from .errors import GemmaProfileError
 from .lazy import assign, meta_tensors, set_lazy
 from .plan import Plan
@@ -139,6 +140,16 @@ def iter_checkpoint(path: str) -> Iterator[Item]:
 # -- converting ---------------------------------------------------------------------
 
 
+def _pages(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """The whole pages inside a CPU tensor's bytes, ``[first, last)``; None if there are none."""
+    if _LIBC is None or tensor.device.type != "cpu" or tensor.is_mkldnn or tensor.is_meta:
+        return None
+    start, length = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    first = -(-start // _PAGE) * _PAGE
+    last = (start + length) // _PAGE * _PAGE
+    return (first, last) if last > first else None
+
+
 def release_pages(tensor: torch.Tensor) -> None:
     """Drop the resident pages of a memory-mapped source tensor we are done with (Linux).
 
@@ -146,13 +157,15 @@ def release_pages(tensor: torch.Tensor) -> None:
     the pages are touched again; without this, every converted tensor's source
     pages stay in RSS until the whole checkpoint mapping goes away.
     """
-    if _LIBC is None or tensor.device.type != "cpu" or tensor.is_mkldnn or tensor.is_meta:
-        return
-    start, length = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-    first = -(-start // _PAGE) * _PAGE  # whole pages inside the tensor only
-    last = (start + length) // _PAGE * _PAGE
-    if last > first and _file_backed(first, last):
-        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    pages = _pages(tensor)
+    if pages is not None and _LIBC is not None and _file_backed(*pages):
+        _LIBC.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]), _MADV_DONTNEED)
+
+
+def memory_mapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (contiguous) lies in a private file mapping: a mapped checkpoint's."""
+    pages = _pages(tensor)
+    return pages is not None and _file_backed(*pages)
 
 
 def _file_backed(first: int, last: int) -> bool:
@@ -184,7 +197,7 @@ def quantize_rows(
     from . import native
 
     rows = weight.shape[0]
-    q = torch.empty(weight.shape, dtype=torch.int8)
+    q = hugepages.empty(tuple(weight.shape), torch.int8)  # read every token: see hugepages.py
     scaler = torch.empty(rows, dtype=torch.float32)
     for start in range(0, rows, CHUNK_ROWS):
         source = weight[start : start + CHUNK_ROWS]

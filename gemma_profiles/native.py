@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from . import hardware
+from . import hardware, hugepages
 from .hardware import NATIVE_ENV
 
 CSRC = Path(__file__).with_name("csrc")
@@ -226,13 +226,18 @@ class Int8Weight:
         self._pointers = (data.data_ptr(), scale.data_ptr(), sums.data_ptr())
 
     @classmethod
-    def pack(cls, weight: torch.Tensor, scaler: torch.Tensor, *, in_place: bool = False) -> Int8Weight:
+    def pack(
+        cls, weight: torch.Tensor, scaler: torch.Tensor, *, in_place: bool = False, release: bool = False
+    ) -> Int8Weight:
         """``weight`` (n x k int8) in the kernel's layout.
 
         :param in_place: reuse ``weight``'s memory (it is scrambled): each block of four rows is
             a permutation of its own bytes, so blocks are rearranged a chunk at a time and no
             second weight-sized tensor exists (a 2b embedder: 0.5 GiB less at the peak).  Only
             when no padding is needed and ``weight`` is contiguous; otherwise a copy.
+        :param release: ``weight`` is a memory-mapped checkpoint tensor: the copy is made a
+            chunk at a time, each chunk's source pages dropped once copied, so the source is
+            never resident whole.
         """
         n, k = weight.shape
         n4, kp = -(-n // 4) * 4, -(-k // 64) * 64
@@ -249,10 +254,21 @@ class Int8Weight:
                 staged.copy_(chunk.permute(0, 2, 1, 3))
                 chunk.view(staged.shape).copy_(staged)
             return cls(blocks.view(n // 4, k // 64, 4, 64), n, k, scale, sums)
-        if (n4, kp) != (n, k):
-            plain = torch.zeros(n4, kp, dtype=torch.int8)
-            plain[:n, :k] = weight
-        data = plain.view(n4 // 4, 4, kp // 64, 64).permute(0, 2, 1, 3).contiguous()
+        from .loader import release_pages
+
+        # Every token reads the whole weight: on huge pages where the OS gives them (hugepages.py).
+        data = hugepages.empty((n4 // 4, kp // 64, 4, 64), torch.int8)
+        step = max(1, _STAGING_BYTES // (4 * kp))
+        for first in range(0, n4 // 4, step):
+            last = min(first + step, n4 // 4)
+            rows = plain[4 * first : 4 * last]
+            if rows.shape != (4 * (last - first), kp):  # zero padding to 4 rows, 64 columns
+                padded = torch.zeros(4 * (last - first), kp, dtype=torch.int8)
+                padded[: rows.shape[0], :k] = rows
+                rows = padded
+            data[first:last].copy_(rows.reshape(last - first, 4, kp // 64, 64).permute(0, 2, 1, 3))
+            if release and plain.is_contiguous():
+                release_pages(plain[4 * first : 4 * last])
         return cls(data, n, k, scale, sums)
 
     @property

@@ -49,16 +49,28 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
                 kernel = "_weight_int8pack_mm" if on_cpu and dtype == torch.bfloat16 else "scratch-buffer kernel"
             kernels[kernel] = kernels.get(kernel, 0) + 1
     config.quant = False  # gemma's forward hands embedder.weight to the sampler as it is
+    pages = ""
     if "native VNNI kernel" in kernels:
+        from gemma_profiles import hugepages
+        from gemma_profiles.int8 import native_weights
         from gemma_profiles.packed import pin_to_cpu
 
         pin_to_cpu(model, "this model", torch.int8, packed_weight=False)
+        weights = [packed.data for packed in native_weights(model)]
+        total = sum(weight.numel() for weight in weights)
+        eligible = sum(weight.numel() // hugepages.HUGE_PAGE * hugepages.HUGE_PAGE for weight in weights)
+        if eligible:  # what hugepages.empty asks huge pages for
+            huge = min(eligible, hugepages.huge_bytes(weights))
+            pages = f"; {huge / 2**30:.2f} GiB of their {total / 2**30:.2f} GiB on 2 MiB pages"
+            if huge < eligible // 2:
+                pages += f" ({hugepages.why_not()})"
     why_not = native.unavailable() if on_cpu and "native VNNI kernel" not in kernels else None
     if why_not:
         logger.info("[{}] int8: no native kernel here: {}", plan.profile, why_not)
     logger.info(
-        "[{}] int8: linear layers read int8 weights directly ({}); the tied embedder is {}",
+        "[{}] int8: linear layers read int8 weights directly ({}); the tied embedder is {}{}",
         plan.profile,
         ", ".join(f"{count} on the {kernel}" for kernel, count in kernels.items()) or "none",
         embedder,
+        pages,
     )

@@ -1,0 +1,94 @@
+"""CPU tensors on transparent huge pages, for weights read from memory on every token.
+
+A decode step streams every weight once.  On 4 KiB pages that is a TLB miss every 4 KiB
+whose page walk itself misses the caches (the page tables of a 2.5 GB model are 5 MB and
+the weights stream through the caches over them), and the L2 prefetcher stops at each
+page boundary.  On 2 MiB pages neither happens: the int8 kernel's 2b decode step took
+38 ms instead of 42 with memory at 81 GB/s, 54 instead of 55.5 at 55 GB/s
+(``benchmarks/cpu_decode.py``, row "4 KiB pages").
+
+Linux gives huge pages to ordinary memory only where asked: with THP in its usual
+``madvise`` mode, memory marked ``MADV_HUGEPAGE`` before it is first touched is faulted
+in 2 MiB at a time (no copying; ``MADV_COLLAPSE`` of memory already in use costs ~2 s per
+GB).  torch's allocator does not ask (unless ``THP_MEM_ALLOC_ENABLE=1`` is set, and then
+for every allocation of the process).  `empty` maps the memory itself, 2 MiB-aligned, and
+asks for the whole 2 MiB stretches only, so the tail costs no more than it would have.
+Where THP is off, not Linux, or ``GEMMA_PROFILE_HUGEPAGES=0``, it is ``torch.empty``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Iterable
+
+import torch
+
+ENV = "GEMMA_PROFILE_HUGEPAGES"
+HUGE_PAGE = 2 << 20
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def enabled() -> bool:
+    """Whether `empty` asks for huge pages (``GEMMA_PROFILE_HUGEPAGES=0`` turns it off)."""
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
+
+
+def why_not() -> str:
+    """Why weights may sit on ordinary pages here: a setting, or what the kernel reports."""
+    if not enabled():
+        return f"turned off ({ENV}=0)" if hasattr(mmap, "MADV_HUGEPAGE") else "no transparent huge pages on this OS"
+    try:
+        with open(THP_SETTING, encoding="ascii") as setting:
+            mode = setting.read()
+    except OSError:
+        return "this kernel has no transparent huge pages"
+    if "[never]" in mode:
+        return f"transparent huge pages are off: {THP_SETTING} is 'never' (set it to 'madvise')"
+    return "the kernel had no free 2 MiB pages when the weights were written (memory fragmented)"
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor; its whole 2 MiB stretches on huge pages where the OS gives them.
+
+    The memory is an anonymous private mapping owned by the tensor's storage: it is unmapped
+    when the last tensor viewing it goes.  Below one huge page, ``torch.empty``.
+    """
+    count = 1
+    for size in shape:
+        count *= size
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if nbytes < HUGE_PAGE or not enabled():
+        return torch.empty(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping for as long as it lives
+    offset = -raw.data_ptr() % HUGE_PAGE
+    with contextlib.suppress(OSError):  # a kernel without THP: ordinary pages, as torch.empty gives
+        mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    return raw[offset : offset + nbytes].view(dtype).view(shape)
+
+
+def huge_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes on huge pages now in the mappings holding ``tensors`` (``/proc/self/smaps``; 0 elsewhere).
+
+    Counted once per mapping: the kernel merges neighbouring mappings alike, so two tensors
+    may share one.
+    """
+    starts = sorted({tensor.data_ptr() for tensor in tensors})
+    total, counted = 0, False
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
+            for line in smaps:
+                head = line.split(maxsplit=1)[0] if line.strip() else ""
+                if "-" in head and not head.endswith(":"):
+                    low, _, high = head.partition("-")
+                    first, last = int(low, 16), int(high, 16)
+                    counted = any(first <= start < last for start in starts)
+                elif counted and head == "AnonHugePages:":
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
