@@ -116,9 +116,9 @@ def _declare(library: ctypes.CDLL) -> None:
         "gp_int8_quantize_rows": (None, (p, i32, i64, i64, p, p)),
         "gp_int8_row_sums": (None, (p, i64, i64, p)),
         # x, x is bfloat16, rows of x, k, packed w, n, scale, row sums, y, y is bfloat16
-        "gp_int8_matmul": (i32, (p, i32, i64, i64, p, i64, p, p, p, i32)),
-        # packed w, n, k, scale, y, y is bfloat16
-        "gp_int8_dequantize": (None, (p, i64, i64, p, p, i32)),
+        "gp_int8_matmul": (i32, (p, i32, i64, i64, p, i64, i64, p, p, p, i32)),
+        # packed w, n, k, chunk columns, scale, y, y is bfloat16
+        "gp_int8_dequantize": (None, (p, i64, i64, i64, p, p, i32)),
         # x, x is bfloat16, rows, d, w, w is bfloat16, offset, eps, y
         "gp_rms_norm": (None, (p, i32, i64, i64, p, i32, f32, f32, p)),
         # gate, up, bfloat16, n, y
@@ -214,14 +214,29 @@ def quantize_rows_into(block: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
     return True
 
 
+#: Widest column chunk of the packed layout: a chunk's activation planes (3 bytes a column)
+#: stay in L1 (csrc/int8_matmul.c).
+CHUNK_COLUMNS = 4096
+
+
+def chunk_columns(k: int) -> int:
+    """Columns per chunk of the packed layout for a weight ``k`` wide: k padded to 64 when it
+    fits one chunk, else ``k / chunks`` rounded up to 64 (16384 -> 4096, 9216 -> 3072)."""
+    chunks = -(-k // CHUNK_COLUMNS)
+    return -(-k // (chunks * 64)) * 64
+
+
 class Int8Weight:
     """One int8 weight in the kernel's layout, with its scale and row sums.
 
-    :param data: ``[n4/4, kp/64, 4, 64]`` int8 (``n4``, ``kp``: ``n``, ``k`` padded to 4, 64).
+    :param data: ``[chunks, n4/4, kc/64, 4, 64]`` int8: column chunks of ``kc`` =
+        `chunk_columns` (k) one after another, each in blocks of four rows interleaved 64
+        bytes at a time (``n4``: ``n`` padded to 4; columns past ``k`` zero).
     """
 
     def __init__(self, data: torch.Tensor, n: int, k: int, scale: torch.Tensor, sums: torch.Tensor) -> None:
         self.data, self.n, self.k, self.scale, self.sums = data, n, k, scale, sums
+        self.kc = data.shape[2] * 64
         # Addresses taken once: the tensors are owned here and never resized.
         self._pointers = (data.data_ptr(), scale.data_ptr(), sums.data_ptr())
 
@@ -231,20 +246,28 @@ class Int8Weight:
     ) -> Int8Weight:
         """``weight`` (n x k int8) in the kernel's layout.
 
-        :param in_place: reuse ``weight``'s memory (it is scrambled): each block of four rows is
-            a permutation of its own bytes, so blocks are rearranged a chunk at a time and no
-            second weight-sized tensor exists (a 2b embedder: 0.5 GiB less at the peak).  Only
-            when no padding is needed and ``weight`` is contiguous; otherwise a copy.
+        :param in_place: reuse ``weight``'s memory (it is scrambled) when no padding is needed
+            and ``weight`` is contiguous; otherwise a copy.  With one column chunk each block
+            of four rows is a permutation of its own bytes, so blocks are rearranged a chunk at
+            a time and no second weight-sized tensor exists (a 2b embedder: 0.5 GiB less at the
+            peak); a wide weight goes through one weight-sized temporary (a 2b down_proj: 32 MiB).
         :param release: ``weight`` is a memory-mapped checkpoint tensor: the copy is made a
             chunk at a time, each chunk's source pages dropped once copied, so the source is
             never resident whole.
         """
         n, k = weight.shape
-        n4, kp = -(-n // 4) * 4, -(-k // 64) * 64
+        kc = chunk_columns(k)
+        chunks = -(-k // kc)
+        n4, kp = -(-n // 4) * 4, chunks * kc
         sums = row_sums(weight)
         scale = scaler.detach().to(torch.float32).contiguous()
         plain = weight.detach()
         if in_place and (n4, kp) == (n, k) and plain.is_contiguous():
+            if chunks > 1:
+                source = plain.clone()
+                data = plain.view(chunks, n // 4, kc // 64, 4, 64)
+                data.copy_(source.view(n // 4, 4, chunks, kc // 64, 64).permute(2, 0, 3, 1, 4))
+                return cls(data, n, k, scale, sums)
             blocks = plain.view(n // 4, 4, k // 64, 64)
             step = max(1, _STAGING_BYTES // (4 * k))  # ~8 MiB of blocks at a time
             scratch = _staging(step * 4 * k).view(step, k // 64, 4, 64)
@@ -253,20 +276,20 @@ class Int8Weight:
                 staged = scratch[: chunk.shape[0]]
                 staged.copy_(chunk.permute(0, 2, 1, 3))
                 chunk.view(staged.shape).copy_(staged)
-            return cls(blocks.view(n // 4, k // 64, 4, 64), n, k, scale, sums)
+            return cls(blocks.view(1, n // 4, k // 64, 4, 64), n, k, scale, sums)
         from .loader import release_pages
 
         # Every token reads the whole weight: on huge pages where the OS gives them (hugepages.py).
-        data = hugepages.empty((n4 // 4, kp // 64, 4, 64), torch.int8)
+        data = hugepages.empty((chunks, n4 // 4, kc // 64, 4, 64), torch.int8)
         step = max(1, _STAGING_BYTES // (4 * kp))
         for first in range(0, n4 // 4, step):
             last = min(first + step, n4 // 4)
             rows = plain[4 * first : 4 * last]
-            if rows.shape != (4 * (last - first), kp):  # zero padding to 4 rows, 64 columns
+            if rows.shape != (4 * (last - first), kp):  # zero padding to 4 rows, whole chunks
                 padded = torch.zeros(4 * (last - first), kp, dtype=torch.int8)
                 padded[: rows.shape[0], :k] = rows
                 rows = padded
-            data[first:last].copy_(rows.reshape(last - first, 4, kp // 64, 64).permute(0, 2, 1, 3))
+            data[:, first:last].copy_(rows.reshape(last - first, 4, chunks, kc // 64, 64).permute(2, 0, 3, 1, 4))
             if release and plain.is_contiguous():
                 release_pages(plain[4 * first : 4 * last])
         return cls(data, n, k, scale, sums)
@@ -277,13 +300,13 @@ class Int8Weight:
 
     def unpack(self) -> torch.Tensor:
         """The plain ``(n, k)`` int8 weight."""
-        blocks, chunks = self.data.shape[:2]
-        plain = self.data.permute(0, 2, 1, 3).reshape(blocks * 4, chunks * 64)
+        chunks, blocks, columns = self.data.shape[:3]
+        plain = self.data.permute(1, 3, 0, 2, 4).reshape(blocks * 4, chunks * columns * 64)
         return plain[: self.n, : self.k].contiguous()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """``unpack()[ids]`` without unpacking: an embedding lookup."""
-        gathered = self.data[ids // 4, :, ids % 4, :]  # ids.shape + (kp/64, 64)
+        gathered = self.data[:, ids // 4, :, ids % 4, :]  # ids.shape + (chunks, kc/64, 64)
         return gathered.reshape(*ids.shape, -1)[..., : self.k]
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -292,7 +315,7 @@ class Int8Weight:
         assert not isinstance(library, str), library
         out = torch.empty(self.n, self.k, dtype=dtype)
         weight, scale, _ = self._pointers
-        library.gp_int8_dequantize(weight, self.n, self.k, scale, out.data_ptr(), int(dtype == torch.bfloat16))
+        library.gp_int8_dequantize(weight, self.n, self.k, self.kc, scale, out.data_ptr(), int(dtype == torch.bfloat16))
         return out
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -315,7 +338,7 @@ class Int8Weight:
         bf16 = int(x.dtype == torch.bfloat16)
         weight, scale, sums = self._pointers
         status = library.gp_int8_matmul(
-            flat.data_ptr(), bf16, flat.shape[0], self.k, weight, self.n, scale, sums, out.data_ptr(), bf16
+            flat.data_ptr(), bf16, flat.shape[0], self.k, weight, self.n, self.kc, scale, sums, out.data_ptr(), bf16
         )
         if status != 0:
             raise RuntimeError(f"gemma-profiles int8 kernel failed ({status}) for {tuple(x.shape)} x {self.shape}")

@@ -292,7 +292,7 @@ def test_moving_a_packed_model_is_one_clear_error(
         expected = model.generate(PROMPTS, "cpu", output_len=2, temperature=None)
     layer = model.model.layers[0].mlp.up_proj
     if weights == "none" or int8_kernel == "native":
-        assert layer.weight.is_mkldnn or layer.weight.dim() == 4
+        assert layer.weight.is_mkldnn or layer.weight.dim() == 5
         model.to("cpu").eval()  # nothing changes: fine
         layer.to(torch.bfloat16)
         if weights == "none":

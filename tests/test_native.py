@@ -35,11 +35,20 @@ def quantized(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
     return weight, torch.rand(n, generator=generator) * 0.01 + 1e-4
 
 
-@pytest.mark.parametrize(("n", "k"), [(7, 63), (37, 100), (64, 2048), (12, 4096), (1, 64)])
+@pytest.mark.parametrize(
+    ("k", "columns"), [(63, 64), (2048, 2048), (4096, 4096), (4097, 2112), (9216, 3072), (16384, 4096), (32768, 4096)]
+)
+def test_column_chunks(k: int, columns: int) -> None:
+    assert native.chunk_columns(k) == columns
+
+
+# (8, 5000): two chunks, the second padded; (12, 16384): four chunks (gemma 2b's down_proj width)
+@pytest.mark.parametrize(("n", "k"), [(7, 63), (37, 100), (64, 2048), (12, 4096), (1, 64), (8, 5000), (12, 16384)])
 def test_layout_round_trip_and_row_lookup(kernel: None, n: int, k: int) -> None:
     weight, scaler = quantized(n, k)
     packed = native.Int8Weight.pack(weight, scaler)
-    assert packed.data.shape == (-(-n // 4), -(-k // 64), 4, 64)
+    columns = native.chunk_columns(k)
+    assert packed.data.shape == (-(-k // columns), -(-n // 4), columns // 64, 4, 64)
     assert torch.equal(packed.unpack(), weight)
     ids = torch.tensor([[0, n - 1, n // 2], [n - 1, 0, 0]])
     assert torch.equal(packed.rows(ids), weight[ids])
@@ -49,10 +58,13 @@ def test_layout_round_trip_and_row_lookup(kernel: None, n: int, k: int) -> None:
     scratch = weight.clone()
     in_place = native.Int8Weight.pack(scratch, scaler, in_place=True)
     assert torch.equal(in_place.data, packed.data) and torch.equal(in_place.unpack(), weight)
-    assert (in_place.data.data_ptr() == scratch.data_ptr()) is (n % 4 == 0 and k % 64 == 0)
+    assert (in_place.data.data_ptr() == scratch.data_ptr()) is (n % 4 == 0 and k % columns == 0)
 
 
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 7, 63), (2, 37, 100), (3, 64, 2048), (5, 256, 4096), (1, 4, 32768)])
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [(1, 7, 63), (2, 37, 100), (3, 64, 2048), (5, 256, 4096), (1, 4, 32768), (3, 9, 5000), (2, 64, 16384)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matmul_matches_the_dequantized_product(kernel: None, m: int, n: int, k: int, dtype: torch.dtype) -> None:
     weight, scaler = quantized(n, k, seed=m)
@@ -66,7 +78,7 @@ def test_matmul_matches_the_dequantized_product(kernel: None, m: int, n: int, k:
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < tolerance
 
 
-@pytest.mark.parametrize(("n", "k"), [(7, 63), (37, 100), (64, 2048)])
+@pytest.mark.parametrize(("n", "k"), [(7, 63), (37, 100), (64, 2048), (9, 5000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_rows_go_through_the_dequantized_weight(
     kernel: None, monkeypatch: pytest.MonkeyPatch, n: int, k: int, dtype: torch.dtype
@@ -168,7 +180,7 @@ def test_int8_model_state_dict_round_trip(
 ) -> None:
     model, config = int8_cpu_model(gemma, tokenizer_path, write_profile, tmp_path, "float32", seed=2)
     layer = model.model.layers[0].mlp.down_proj
-    assert layer.weight.dim() == 4, "the kernel's layout"
+    assert layer.weight.dim() == 5, "the kernel's layout"
     state = model.state_dict()
     weight, scaler = state["model.layers.0.mlp.down_proj.weight"], state["model.layers.0.mlp.down_proj.weight_scaler"]
     assert weight.dtype == torch.int8 and weight.shape == (config.hidden_size, config.intermediate_size)
