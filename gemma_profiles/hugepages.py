@@ -4,8 +4,9 @@ A decode step streams every weight once.  On 4 KiB pages that is a TLB miss ever
 whose page walk itself misses the caches (the page tables of a 2.5 GB model are 5 MB and
 the weights stream through the caches over them), and the L2 prefetcher stops at each
 page boundary.  On 2 MiB pages neither happens: the int8 kernel's 2b decode step took
-38 ms instead of 42 with memory at 81 GB/s, 54 instead of 55.5 at 55 GB/s
-(``benchmarks/cpu_decode.py``, row "4 KiB pages").
+38-40 ms instead of 42-45 with memory at 80 GB/s, 54 instead of 55.5 at 55 GB/s (the same
+weights on either kind of page, alternating in one process; ``benchmarks/cpu_decode.py``
+shows the switch as its row "cpu-8gb, 4 KiB pages").
 
 Linux gives huge pages to ordinary memory only where asked: with THP in its usual
 ``madvise`` mode, memory marked ``MADV_HUGEPAGE`` before it is first touched is faulted
