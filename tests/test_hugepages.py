@@ -5,11 +5,14 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+import gemma_profiles
 from gemma_profiles import hugepages, native
 from gemma_profiles.loader import memory_mapped, quantize_rows
 
@@ -90,23 +93,57 @@ def test_a_mapped_int8_checkpoint_is_copied_onto_huge_pages_and_its_pages_droppe
     path.write_bytes(weight.numpy().tobytes())
     source = torch.from_file(str(path), shared=False, size=n * k, dtype=torch.int8).view(n, k)
     assert memory_mapped(source) and not memory_mapped(weight)
-    assert torch.equal(source, weight)  # every page of the mapping now resident
+    assert torch.equal(source, weight)
+    assert hugepages.smaps_bytes([source], "Rss") == n * k  # every page of the mapping read in
     scaler = torch.rand(n)
     packed = native.Int8Weight.pack(source, scaler, release=True)
     assert torch.equal(packed.unpack(), weight)
     assert hugepages.huge_bytes([packed.data]) == 4 * MIB
-    assert resident(source) == 0  # dropped a chunk at a time; the file brings them back if read
+    # Dropped a chunk at a time; the file brings them back if read.
+    assert hugepages.smaps_bytes([source], "Rss") == 0
     assert torch.equal(source, weight)
 
 
-def resident(tensor: torch.Tensor) -> int:
-    start, inside = tensor.data_ptr(), False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split()[0] if line.strip() else ""
-            if "-" in head and not head.endswith(":"):
-                low, high = (int(part, 16) for part in head.split("-"))
-                inside = low <= start < high
-            elif inside and head == "Rss:":
-                return int(line.split()[1]) * 1024
-    raise AssertionError("mapping not found")
+@linux_thp
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_an_int8_model_loads_onto_huge_pages_and_says_so(
+    gemma: Any,
+    tokenizer_path: str,
+    write_profile: Callable[..., Path],
+    tmp_path: Path,
+    log_messages: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    switch: str,
+) -> None:
+    """Through the loader: quantized while loading, packed in place, on huge pages (4 MiB MLP weights)."""
+    if native.unavailable():
+        pytest.skip(f"native int8 kernel: {native.unavailable()}")
+    from gemma_testing import tiny_config, write_random_checkpoint
+
+    from gemma_profiles.int8 import native_weights
+
+    if switch == "off":
+        monkeypatch.setenv(hugepages.ENV, "0")
+    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 1024, 4096, 2
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 1, 128
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in gemma.model.GemmaForCausalLM(config).named_parameters()}
+    ckpt = tmp_path / "m.ckpt"
+    write_random_checkpoint(shapes, ckpt, torch.float32)
+    text = "description: t\nplacement: {device: cpu}\nconfig: {dtype: float32}\nquantization: {weights: int8}\n"
+    profile = write_profile("int8-cpu", text)
+    with gemma_profiles.use(str(profile)):
+        model = gemma.model.GemmaForCausalLM(config)
+        model.load_weights(str(ckpt))
+    weights = [packed.data for packed in native_weights(model)]
+    assert len(weights) == 2 * 5 + 1  # qkv, o, gate, up, down per layer, and the tied embedder
+    line = next(message for message in log_messages if "int8: linear layers" in message)
+    if switch == "on":
+        # 2 x 3 MLP weights of 4 MiB each on huge pages at least; the rest are under 2 MiB or partly
+        assert hugepages.huge_bytes(weights) >= 24 * MIB, line
+        assert "GiB on 2 MiB pages" in line and "(" not in line.split("2 MiB pages")[1], line
+    else:
+        assert hugepages.huge_bytes(weights) == 0
+        assert "(turned off (GEMMA_PROFILE_HUGEPAGES=0))" in line, line
+    assert isinstance(model.generate("the cat", "cpu", output_len=3, temperature=None), str)
