@@ -182,8 +182,12 @@ def test_argmax_kernel_is_torchs(dtype: torch.dtype) -> None:
     assert argmax(x)[1] == 7 and argmax(x)[2] == 12345
     x[0, 100], x[0, 50] = float("nan"), float("nan")  # NaN counts as largest: the first NaN
     assert argmax(x)[0] == 50 == torch.argmax(x.to(dtype), dim=-1)[0]
-    odd = torch.randn(2, 37)
+    odd = torch.randn(4, 37, generator=torch.Generator().manual_seed(2))
+    odd[1, 36] = 99.0  # in the masked tail of the last 16 lanes
+    odd[2, 20], odd[2, 22] = 99.0, 99.0  # a tie within one group of 16 lanes
+    odd[3, :] = -float("inf")  # all equal: the first
     assert torch.equal(argmax(odd), torch.argmax(odd.to(dtype), dim=-1))
+    assert argmax(odd)[1:].tolist() == [36, 20, 0]
 
 
 def test_a_forward_that_disagrees_with_gemma_is_not_installed(
