@@ -62,10 +62,9 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     The memory is an anonymous private mapping owned by the tensor's storage: it is unmapped
     when the last tensor viewing it goes.  Below one huge page, ``torch.empty``.
     """
-    count = 1
+    nbytes = dtype.itemsize
     for size in shape:
-        count *= size
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes *= size
     if nbytes < HUGE_PAGE or not enabled():
         return torch.empty(shape, dtype=dtype)
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
