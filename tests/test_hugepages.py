@@ -26,6 +26,12 @@ linux_thp = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests here set ``GEMMA_PROFILE_HUGEPAGES`` themselves; one from the caller's shell does not count."""
+    monkeypatch.delenv(hugepages.ENV, raising=False)
+
+
 def mapped_at(address: int) -> bool:
     with open("/proc/self/maps") as maps:
         spans = (line.split()[0].split("-") for line in maps)
