@@ -341,6 +341,7 @@ def detect(as_json: bool) -> None:
     click.echo(
         f"cpu: {cpu.name or '?'}; {cpu.cores} cores; ISA {cpu.isa_level} ({', '.join(cpu.isa) or 'none'}); "
         f"RAM {format_bytes(cpu.total_memory)} ({format_bytes(cpu.available_memory)} available)"
+        + (f"; transparent huge pages: {cpu.huge_pages}" if cpu.huge_pages else "")
     )
     for gpu in hardware.gpus:
         bf16 = "native bf16" if gpu.native_bf16 else "no native bf16"

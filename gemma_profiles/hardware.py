@@ -19,6 +19,23 @@ NATIVE_ENV = "GEMMA_PROFILE_NATIVE"
 #: Rows of activations (batch x prompt tokens) from which the native int8 kernel hands a
 #: product to a float GEMM on a dequantized copy of the weight (gemma_profiles/native.py).
 DEQUANTIZE_ROWS = 160
+#: Linux's transparent huge page mode: ``always [madvise] never``, the bracketed one in force.
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_page_mode(setting: str = THP_SETTING) -> str:
+    """Linux's transparent huge page mode (``always``, ``madvise``, ``never``); "" where unknown.
+
+    The int8 weights go on 2 MiB pages under ``always`` and ``madvise``
+    (`gemma_profiles.hugepages`).
+    """
+    try:
+        with open(setting, encoding="ascii") as handle:
+            text = handle.read()
+    except OSError:
+        return ""
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else ""
 
 
 def native_int8_expected(isa: tuple[str, ...]) -> bool:
@@ -57,6 +74,8 @@ class CpuInfo:
     available_memory: int
     isa: tuple[str, ...] = ()
     name: str = ""
+    #: `huge_page_mode` of the running kernel ("" where unknown)
+    huge_pages: str = ""
 
     @property
     def isa_level(self) -> str:

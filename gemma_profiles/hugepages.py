@@ -30,9 +30,10 @@ from collections.abc import Iterable
 
 import torch
 
+from .hardware import THP_SETTING, huge_page_mode
+
 ENV = "GEMMA_PROFILE_HUGEPAGES"
 HUGE_PAGE = 2 << 20
-THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def enabled() -> bool:
@@ -46,12 +47,10 @@ def why_not() -> str:
     """Why weights may sit on ordinary pages here: a setting, or what the kernel reports."""
     if not enabled():
         return f"turned off ({ENV}=0)" if hasattr(mmap, "MADV_HUGEPAGE") else "no transparent huge pages on this OS"
-    try:
-        with open(THP_SETTING, encoding="ascii") as setting:
-            mode = setting.read()
-    except OSError:
+    mode = huge_page_mode()
+    if not mode:
         return "this kernel has no transparent huge pages"
-    if "[never]" in mode:
+    if mode == "never":
         return f"transparent huge pages are off: {THP_SETTING} is 'never' (set it to 'madvise')"
     return "the kernel had no free 2 MiB pages when the weights were written (memory fragmented)"
 

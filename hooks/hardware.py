@@ -1,4 +1,5 @@
-"""Hardware detection: torch for CUDA/MPS, psutil for memory, /proc/cpuinfo for ISA flags.
+"""Hardware detection: torch for CUDA/MPS, psutil for memory, /proc/cpuinfo for ISA flags,
+/sys for the transparent huge page mode.
 
 Every CUDA device reports its compute capability read directly — not
 ``torch.cuda.is_bf16_supported()``, which also counts emulation (DESIGN.md).
@@ -12,7 +13,7 @@ import platform
 import psutil
 
 from gemma_profiles import hookimpl
-from gemma_profiles.hardware import ISA_FLAGS, CpuInfo, GpuInfo, Hardware
+from gemma_profiles.hardware import ISA_FLAGS, CpuInfo, GpuInfo, Hardware, huge_page_mode
 
 
 def cpu_flags() -> tuple[str, ...]:
@@ -44,7 +45,7 @@ def gemma_profile_detect_hardware() -> Hardware:
 
     memory = psutil.virtual_memory()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cpu = CpuInfo(cores, memory.total, memory.available, cpu_flags(), cpu_name())
+    cpu = CpuInfo(cores, memory.total, memory.available, cpu_flags(), cpu_name(), huge_page_mode())
     gpus = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

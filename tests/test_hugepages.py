@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,14 +13,13 @@ import torch
 
 import gemma_profiles
 from gemma_profiles import hugepages, native
+from gemma_profiles.hardware import huge_page_mode
 from gemma_profiles.loader import memory_mapped, quantize_rows
 
 MIB = 1 << 20
 
 linux_thp = pytest.mark.skipif(
-    not sys.platform.startswith("linux")
-    or not os.path.exists(hugepages.THP_SETTING)
-    or "[never]" in Path(hugepages.THP_SETTING).read_text(),
+    not sys.platform.startswith("linux") or huge_page_mode() not in ("always", "madvise"),
     reason="needs Linux transparent huge pages in 'always' or 'madvise' mode",
 )
 
@@ -64,6 +62,27 @@ def test_large_tensors_get_huge_pages_and_give_the_memory_back() -> None:
     del view
     gc.collect()
     assert not mapped_at(address)
+
+
+@pytest.mark.parametrize(
+    ("text", "mode"),
+    [
+        ("always [madvise] never\n", "madvise"),
+        ("[always] madvise never\n", "always"),
+        ("always madvise [never]", "never"),
+        ("", ""),
+        ("madvise\n", ""),
+        (None, ""),
+    ],
+)
+def test_the_kernels_mode_is_read(tmp_path: Path, text: str | None, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    setting = tmp_path / "enabled"
+    if text is not None:
+        setting.write_text(text)
+    assert huge_page_mode(str(setting)) == mode
+    monkeypatch.setattr(hugepages, "huge_page_mode", lambda: mode)
+    expected = {"never": "is 'never' (set it to 'madvise')", "": "no transparent huge pages"}.get(mode, "fragmented")
+    assert expected in hugepages.why_not()
 
 
 @linux_thp

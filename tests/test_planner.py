@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -186,6 +187,11 @@ def test_detect_and_plan_cli(fake_hardware: Any) -> None:
     assert "does not fit" in too_big.stdout and "short by" in too_big.stdout
     auto = runner.invoke(cli, ["plan", "auto", "--variant", "9b", "--json"])
     assert json.loads(auto.stdout)["dtype"] == "float32", "T4: no bf16, and Gemma 2 overflows in float16"
+    assert "transparent huge pages" not in runner.invoke(cli, ["detect"]).stdout  # unknown: not shown
+    cpu = dataclasses.replace(MACHINES["cpu8"].cpu, huge_pages="never")
+    fake_hardware(dataclasses.replace(MACHINES["cpu8"], cpu=cpu))
+    assert "; transparent huge pages: never" in runner.invoke(cli, ["detect"]).stdout
+    assert json.loads(runner.invoke(cli, ["detect", "--json"]).stdout)["hardware"]["cpu"]["huge_pages"] == "never"
 
 
 def test_preflight_stops_construction_before_weights(
