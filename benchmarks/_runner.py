@@ -58,13 +58,9 @@ if spec["output_len"]:
         # 256 MiB of float32 (8x the L3 here) twice: on ordinary pages, as torch allocates, and
         # on 2 MiB pages, as the int8 weights are (gemma_profiles/hugepages.py); the faster
         # read sets the bound, so weights on huge pages are not set against a slower probe.
-        import mmap
+        from gemma_profiles import hugepages
         probes.append(torch.ones(2**26))
-        mapping = mmap.mmap(-1, 2**28 + 2**21, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        raw = torch.frombuffer(mapping, dtype=torch.uint8)
-        offset = -raw.data_ptr() % 2**21
-        mapping.madvise(mmap.MADV_HUGEPAGE, offset, 2**28)
-        probes.append(raw[offset : offset + 2**28].view(torch.float32).fill_(1.0))
+        probes.append(hugepages.empty((2**26,), torch.float32, switchable=False).fill_(1.0))
     def pre(module, args, kwargs):
         steps.append(time.perf_counter())
     def post(module, args, kwargs, output):

@@ -40,13 +40,17 @@ def enabled() -> bool:
     """Whether `empty` asks for huge pages (``GEMMA_PROFILE_HUGEPAGES=0`` turns it off)."""
     if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return False
+    return _supported()
+
+
+def _supported() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
 
 
 def why_not() -> str:
     """Why weights may sit on ordinary pages here: a setting, or what the kernel reports."""
     if not enabled():
-        return f"turned off ({ENV}=0)" if hasattr(mmap, "MADV_HUGEPAGE") else "no transparent huge pages on this OS"
+        return f"turned off ({ENV}=0)" if _supported() else "no transparent huge pages on this OS"
     mode = huge_page_mode()
     if not mode:
         return "this kernel has no transparent huge pages"
@@ -55,22 +59,31 @@ def why_not() -> str:
     return "the kernel had no free 2 MiB pages when the weights were written (memory fragmented)"
 
 
-def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def stretches(nbytes: int) -> int:
+    """The bytes of an ``nbytes`` tensor that `empty` asks huge pages for: its whole 2 MiB stretches."""
+    return nbytes // HUGE_PAGE * HUGE_PAGE
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, *, switchable: bool = True) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor; its whole 2 MiB stretches on huge pages where the OS gives them.
 
     The memory is an anonymous private mapping owned by the tensor's storage: it is unmapped
     when the last tensor viewing it goes.  Below one huge page, ``torch.empty``.
+
+    :param switchable: False ignores ``GEMMA_PROFILE_HUGEPAGES`` (the benchmarks' bandwidth
+        probe, which must not change with the configuration it measures).
     """
     nbytes = dtype.itemsize
     for size in shape:
         nbytes *= size
-    if nbytes < HUGE_PAGE or not enabled():
+    wanted = enabled() if switchable else _supported()
+    if nbytes < HUGE_PAGE or not wanted:
         return torch.empty(shape, dtype=dtype)
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping for as long as it lives
     offset = -raw.data_ptr() % HUGE_PAGE
     with contextlib.suppress(OSError):  # a kernel without THP: ordinary pages, as torch.empty gives
-        mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+        mapping.madvise(mmap.MADV_HUGEPAGE, offset, stretches(nbytes))
     return raw[offset : offset + nbytes].view(dtype).view(shape)
 
 

@@ -58,8 +58,8 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         pin_to_cpu(model, "this model", torch.int8, packed_weight=False)
         weights = [packed.data for packed in native_weights(model)]
         total = sum(weight.numel() for weight in weights)
-        eligible = sum(weight.numel() // hugepages.HUGE_PAGE * hugepages.HUGE_PAGE for weight in weights)
-        if eligible:  # what hugepages.empty asks huge pages for
+        eligible = sum(hugepages.stretches(weight.numel()) for weight in weights)
+        if eligible:
             huge = min(eligible, hugepages.huge_bytes(weights))
             pages = f"; {huge / 2**30:.2f} GiB of their {total / 2**30:.2f} GiB on 2 MiB pages"
             if huge < eligible // 2:

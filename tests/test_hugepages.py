@@ -92,6 +92,9 @@ def test_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     tensor = hugepages.empty((8 * MIB,), torch.int8)
     tensor.fill_(1)
     assert hugepages.huge_bytes([tensor]) == 0
+    probe = hugepages.empty((8 * MIB,), torch.int8, switchable=False)  # the benchmarks' probe
+    probe.fill_(1)
+    assert hugepages.huge_bytes([probe]) == 8 * MIB
 
 
 @linux_thp
