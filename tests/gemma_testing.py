@@ -161,3 +161,16 @@ def write_random_checkpoint(
     }
     torch.save({"model_state_dict": state_dict}, os.fspath(path))
     return state_dict
+
+
+def write_medium_checkpoint(gemma: Any, tokenizer_path: str, path: str | os.PathLike[str], layers: int) -> Any:
+    """gemma's 2b with 1024-wide layers (MLP weights of 4 Mi elements: past a 2 MiB huge page
+    even in int8), ``layers`` of them; writes a random float32 checkpoint of it to ``path`` and
+    returns its config (float32 compute)."""
+    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 1024, 4096, layers
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 1, 128
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in gemma.model.GemmaForCausalLM(config).named_parameters()}
+    write_random_checkpoint(shapes, path, torch.float32)
+    return config

@@ -146,19 +146,14 @@ def test_an_int8_model_loads_onto_huge_pages_and_says_so(
     """Through the loader: quantized while loading, packed in place, on huge pages (4 MiB MLP weights)."""
     if native.unavailable():
         pytest.skip(f"native int8 kernel: {native.unavailable()}")
-    from gemma_testing import tiny_config, write_random_checkpoint
+    from gemma_testing import write_medium_checkpoint
 
     from gemma_profiles.int8 import native_weights
 
     if switch == "off":
         monkeypatch.setenv(hugepages.ENV, "0")
-    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
-    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 1024, 4096, 2
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 1, 128
-    with torch.device("meta"):
-        shapes = {n: p.shape for n, p in gemma.model.GemmaForCausalLM(config).named_parameters()}
     ckpt = tmp_path / "m.ckpt"
-    write_random_checkpoint(shapes, ckpt, torch.float32)
+    config = write_medium_checkpoint(gemma, tokenizer_path, ckpt, layers=2)
     text = "description: t\nplacement: {device: cpu}\nconfig: {dtype: float32}\nquantization: {weights: int8}\n"
     profile = write_profile("int8-cpu", text)
     with gemma_profiles.use(str(profile)):

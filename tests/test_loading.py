@@ -235,15 +235,10 @@ MEASURE = textwrap.dedent(
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
 def test_lean_load_peak_rss_is_about_the_checkpoint(gemma: Any, tokenizer_path: str, tmp_path: Path) -> None:
     """Peak RSS while loading: <= 1.10x the checkpoint under a profile (gemma's loader: ~2x)."""
-    from gemma_testing import tiny_config, write_random_checkpoint
+    from gemma_testing import write_medium_checkpoint
 
-    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
-    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 1024, 4096, 8
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 1, 128
-    with torch.device("meta"):
-        shapes = {n: p.shape for n, p in gemma.model.GemmaForCausalLM(config).named_parameters()}
     ckpt = tmp_path / "medium.ckpt"
-    write_random_checkpoint(shapes, ckpt, torch.float32)
+    write_medium_checkpoint(gemma, tokenizer_path, ckpt, layers=8)
     size = os.path.getsize(ckpt)
     profile = tmp_path / "f32.yaml"
     profile.write_text("description: t\nplacement: {device: cpu}\nconfig: {dtype: float32}\n")
