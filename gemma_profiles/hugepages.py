@@ -87,6 +87,18 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, *, switchable: bool = True
     return raw[offset : offset + nbytes].view(dtype).view(shape)
 
 
+def describe(weights: list[torch.Tensor]) -> str:
+    """For a log line: ``"; X GiB of their Y GiB on 2 MiB pages"``, with `why_not` when under
+    half of what could be is; empty when none of ``weights`` is large enough to ask."""
+    total = sum(weight.numel() * weight.element_size() for weight in weights)
+    eligible = sum(stretches(weight.numel() * weight.element_size()) for weight in weights)
+    if not eligible:
+        return ""
+    huge = min(eligible, huge_bytes(weights))
+    text = f"; {huge / 2**30:.2f} GiB of their {total / 2**30:.2f} GiB on 2 MiB pages"
+    return text + (f" ({why_not()})" if huge < eligible // 2 else "")
+
+
 def huge_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes on huge pages now in the mappings holding ``tensors`` (0 where there is no smaps)."""
     return smaps_bytes(tensors, "AnonHugePages")

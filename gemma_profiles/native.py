@@ -36,7 +36,7 @@ from . import hardware, hugepages
 from .hardware import NATIVE_ENV
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "int8_matmul.c", CSRC / "decode.c")
+SOURCES = (CSRC / "int8_matmul.c", CSRC / "bf16_matmul.c", CSRC / "decode.c")
 HEADERS = (CSRC / "common.h",)
 ENV = NATIVE_ENV
 #: The kernel's int32 partial sums stay exact up to this reduction length.
@@ -112,6 +112,9 @@ def _declare(library: ctypes.CDLL) -> None:
     signatures: dict[str, tuple[Any, tuple[Any, ...]]] = {
         "gp_int8_supported": (i32, ()),
         "gp_decode_supported": (i32, ()),
+        "gp_bf16_supported": (i32, ()),
+        # x (bfloat16), rows, k, w (bfloat16, n x k), n, y (bfloat16)
+        "gp_bf16_matmul": (i32, (p, i64, i64, p, i64, p)),
         # x, x is bfloat16, rows, k, q (int8 out), scale (float32 out)
         "gp_int8_quantize_rows": (None, (p, i32, i64, i64, p, p)),
         "gp_int8_row_sums": (None, (p, i64, i64, p)),
@@ -153,6 +156,12 @@ def decode_library() -> ctypes.CDLL | str:
     return _where("gp_decode_supported", "AVX-512 (F, BW, VL)")
 
 
+@functools.lru_cache(maxsize=1)
+def bf16_library() -> ctypes.CDLL | str:
+    """The library for the bfloat16 matmul (`gemma_profiles.packed`), or why not."""
+    return _where("gp_bf16_supported", "AVX-512 BF16")
+
+
 def unavailable() -> str | None:
     """None when the kernel runs here; else why not."""
     library = _library()
@@ -161,7 +170,7 @@ def unavailable() -> str | None:
 
 def reset() -> None:
     """Forget the cached library (tests switch ``GEMMA_PROFILE_NATIVE``/``CC``)."""
-    for cached in (_load, _library, decode_library):
+    for cached in (_load, _library, decode_library, bf16_library):
         cached.cache_clear()
 
 

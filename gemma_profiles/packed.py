@@ -1,24 +1,35 @@
-"""Linear weights repacked into oneDNN's blocked layout for CPU matmuls (torch-touching).
+"""Full-precision linear weights stored for fast CPU matmuls after loading (torch-touching).
 
 Used by the ``kernels`` builtin (``hooks/kernels.py``).
 
 A decode step on a CPU is one matrix-vector product per weight: its speed is the
 rate at which the weight streams from memory.  ``F.linear`` on a plain row-major
 weight reads it at 23 GB/s (float32) / 30 GB/s (bfloat16) on the 2-core AVX-512
-box of ``benchmarks/cpu_decode.py``, where a plain ``sum()`` reads 43-80 GB/s
-(the host's bandwidth drifts); the same product against the weight reordered
-once by ``torch.ops.mkldnn._reorder_linear_weight`` (what ``torch.compile`` does
-with frozen CPU weights) runs at 45-73 GB/s in both dtypes, and prompt-sized
-batches get faster too.  So after loading, each full-precision gemma ``Linear`` on the
-CPU swaps its weight for the packed one - one tensor at a time, the memory-mapped
-source pages released as it goes, so the peak stays one tensor above the model -
-and computes with ``torch.ops.mkldnn._linear_pointwise``.
+box of ``benchmarks/cpu_decode.py``, where a plain ``sum()`` reads 43-88 GB/s
+(the host's bandwidth drifts).  So after loading, each full-precision gemma ``Linear`` on
+the CPU swaps its weight for a copy made for a faster kernel - one tensor at a time, the
+memory-mapped source pages released as it goes, so the peak stays one tensor above the
+model:
 
-The packed weight is an opaque ``_mkldnn`` tensor kept as the module's ``weight``
-buffer; ``state_dict()`` gives the plain tensor back and ``load_state_dict``
-repacks, so saving and reloading work.  Moving the model off the CPU or changing
-its dtype afterwards is a `GemmaProfileError` raised before anything converts
-(`pin_to_cpu`), and int8 layers keep their own kernel (`gemma_profiles.int8`).
+- **bfloat16 on a CPU with AVX-512 BF16** (and the native library, `gemma_profiles.native`):
+  the weight stays plain row-major, copied onto 2 MiB pages (`gemma_profiles.hugepages`),
+  and up to `NATIVE_ROWS` rows of activations go through ``csrc/bf16_matmul.c``.  On the
+  2-core Zen 4 box, interleaved in one process with memory at 84-89 GB/s, the 2b decoder's
+  products streamed at 0.92-0.94 of ``sum()``'s rate this way, 0.85-0.89 with the same
+  kernel on 4 KiB pages, and 0.86-0.87 on oneDNN's packed copy - which oneDNN allocates
+  itself, on 4 KiB pages.  Longer inputs (a prompt) take ``F.linear`` on the plain weight:
+  oneDNN reorders it on each call, 1.12-1.15x the packed product's time at 640 rows,
+  1.3-1.4x at 64, 1.6-1.9x at 8-16 (where this kernel is used instead);
+- **otherwise** (float32, or no AVX-512 BF16): the weight reordered once by
+  ``torch.ops.mkldnn._reorder_linear_weight`` (what ``torch.compile`` does with frozen CPU
+  weights), an opaque ``_mkldnn`` tensor that ``torch.ops.mkldnn._linear_pointwise`` reads
+  at 45-73 GB/s in both dtypes; prompt-sized batches get faster too.
+
+The stored weight is kept as the module's ``weight`` buffer; ``state_dict()`` gives the
+plain tensor back and ``load_state_dict`` stores it again, so saving and reloading work.
+Moving the model off the CPU or changing its dtype afterwards is a `GemmaProfileError`
+raised before anything converts (`pin_to_cpu`), and int8 layers keep their own kernel
+(`gemma_profiles.int8`).
 """
 
 from __future__ import annotations
@@ -30,17 +41,34 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hugepages, native
 from .errors import GemmaProfileError
 from .loader import release_pages
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 _MARK = "_gemma_profile_packed"
+#: Rows of activations up to which a bfloat16 product runs on the native kernel: at 16 rows it
+#: takes as long as ``F.linear`` on the plain weight (benchmarks/cpu_decode.py's box; at 8 rows
+#: 0.85-0.9x oneDNN's packed product, at 32 1.3x), beyond that it is compute-bound.
+NATIVE_ROWS = 16
+
+
+def native_bf16() -> bool:
+    """Whether bfloat16 weights go to the native kernel here (AVX-512 BF16 and the library)."""
+    return not isinstance(native.bf16_library(), str)
+
+
+def kernel_name(dtype: torch.dtype) -> str:
+    """What computes with stored weights of ``dtype``, for the log."""
+    return "the native bfloat16 kernel" if dtype == torch.bfloat16 and native_bf16() else "oneDNN-packed weights"
 
 
 def available(dtype: torch.dtype) -> str | None:
-    """None when weights of ``dtype`` can be packed here; else why not."""
+    """None when weights of ``dtype`` can be stored for a fast kernel here; else why not."""
     if dtype not in PACKED_DTYPES:
         return f"no packed kernel for {str(dtype).removeprefix('torch.')}"
+    if dtype == torch.bfloat16 and native_bf16():
+        return None
     mkldnn = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
     if not mkldnn or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return "this torch build has no oneDNN (mkldnn) CPU kernels"
@@ -50,20 +78,45 @@ def available(dtype: torch.dtype) -> str | None:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` (out x in, on the CPU) reordered for ``_linear_pointwise``; decode-sized batches."""
+    """``weight`` (out x in, on the CPU) stored for `packed_linear`: a plain bfloat16 copy on
+    huge pages for the native kernel, else reordered for oneDNN's ``_linear_pointwise``."""
+    if weight.dtype == torch.bfloat16 and native_bf16():
+        stored = hugepages.empty(tuple(weight.shape), torch.bfloat16)
+        stored.copy_(weight.detach())
+        return stored
     packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
     return packed
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` against the packed weight, in ``x``'s dtype.
+    """``F.linear(x, weight)`` against the stored weight, in ``x``'s dtype.
 
     gemma computes in the parameters' dtype; an input in another one is cast both ways.
     """
     if x.dtype != packed.dtype:
         return packed_linear(x.to(packed.dtype), packed).to(x.dtype)
-    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    return out
+    if packed.is_mkldnn:
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return out
+    n, k = packed.shape
+    flat = x.reshape(-1, k)
+    if not 0 < flat.shape[0] <= NATIVE_ROWS:
+        return torch.nn.functional.linear(x, packed)
+    library = native.bf16_library()
+    assert not isinstance(library, str), library
+    flat = flat.contiguous()
+    y = torch.empty(flat.shape[0], n, dtype=torch.bfloat16)
+    status = library.gp_bf16_matmul(flat.data_ptr(), flat.shape[0], k, packed.data_ptr(), n, y.data_ptr())
+    if status != 0:
+        raise RuntimeError(f"gemma-profiles bfloat16 kernel failed ({status}) for {tuple(x.shape)} x {(n, k)}")
+    return y.reshape(*x.shape[:-1], n)
+
+
+def stored_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The plain weights of ``model``'s packed layers (the native bfloat16 kernel's), each once."""
+    found = (module._buffers.get("weight") for module in model.modules() if is_packed(module))
+    weights = {id(w): w for w in found if isinstance(w, torch.Tensor) and not w.is_mkldnn}
+    return list(weights.values())
 
 
 def is_packed(module: nn.Module) -> bool:

@@ -8,8 +8,8 @@ sampler swaps that argument for a `SamplerWeight`: an object gemma's code uses l
 the tensor (``.t()``, ``.to(dtype)``, ``torch.matmul``, ``@``) whose product runs
 on the kernel the loader set up:
 
-- a full-precision model: a oneDNN-packed copy of the weight (`gemma_profiles.packed`,
-  45 GB/s), in chunks of rows (each chunk's mapped source pages released before the
+- a full-precision model: a copy of the weight stored for the fast kernel
+  (`gemma_profiles.packed`: plain bfloat16 on huge pages, or oneDNN-packed), in chunks of rows (each chunk's mapped source pages released before the
   next, so loading peaks one chunk above the model), made only when the plain weight is
   a memory-mapped checkpoint tensor: lookups read their rows from the file's pages and
   the memory stays one copy;
@@ -131,19 +131,22 @@ def install(model: nn.Module, embedder: nn.Module, weight: SamplerWeight) -> boo
     return True
 
 
-def install_packed(model: nn.Module, profile: str) -> bool:
-    """Full-precision tied embedder: the sampler's product on a packed copy (mapped weights only)."""
+def install_packed(model: nn.Module, profile: str) -> list[torch.Tensor] | None:
+    """Full-precision tied embedder: the sampler's product on a packed copy (mapped weights only).
+
+    Returns the copy's chunks (the list is refilled when a state dict is loaded), or None
+    when the sampler keeps the plain weight."""
     from . import packed
     from .loader import _file_backed
     from .streaming import embedder_of
 
     found = embedder_of(model)
     if found is None:
-        return False
+        return None
     name, embedder = found
     weight = embedder._parameters.get("weight")
     if weight is None or weight.dim() != 2 or weight.device.type != "cpu" or packed.available(weight.dtype):
-        return False
+        return None
     start = weight.data_ptr()
     if not _file_backed(start, start + weight.numel() * weight.element_size()):
         logger.debug(
@@ -151,7 +154,7 @@ def install_packed(model: nn.Module, profile: str) -> bool:
             profile,
             name,
         )
-        return False
+        return None
     chunks = _pack_rows(weight)
     original_load = embedder._load_from_state_dict
 
@@ -161,11 +164,8 @@ def install_packed(model: nn.Module, profile: str) -> bool:
 
     embedder._load_from_state_dict = load_and_repack  # type: ignore[method-assign]
     shape = (weight.shape[0], weight.shape[1])
-    return install(
-        model,
-        embedder,
-        SamplerWeight(lambda: _weight_of(embedder), lambda h: _project(h, chunks), shape, weight.dtype),
-    )
+    project = SamplerWeight(lambda: _weight_of(embedder), lambda h: _project(h, chunks), shape, weight.dtype)
+    return chunks if install(model, embedder, project) else None
 
 
 def _pack_rows(weight: torch.Tensor) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
 
     if not runs_on_cpu(plan):
         return
-    from gemma_profiles import packed
+    from gemma_profiles import hugepages, packed
 
     dtypes = {m.weight.dtype for m in model.modules() if packed.packable(m)}
     if not dtypes:
@@ -44,9 +44,12 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     packed.pin_to_cpu(model, "this model", next(iter(dtypes)), packed_weight=False)
 
     sampler = install_packed(model, plan.profile)
+    stored = [*packed.stored_weights(model), *(w for w in sampler or () if not w.is_mkldnn)]
     logger.info(
-        "[{}] CPU kernels: {} linear layers{} use oneDNN-packed weights",
+        "[{}] CPU kernels: {} linear layers{} use {}{}",
         plan.profile,
         count,
-        " and the sampler's tied embedder" if sampler else "",
+        " and the sampler's tied embedder" if sampler is not None else "",
+        " and ".join(sorted({packed.kernel_name(dtype) for dtype, reason in reasons.items() if reason is None})),
+        hugepages.describe(stored),
     )

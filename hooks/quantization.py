@@ -56,14 +56,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         from gemma_profiles.packed import pin_to_cpu
 
         pin_to_cpu(model, "this model", torch.int8, packed_weight=False)
-        weights = [packed.data for packed in native_weights(model)]
-        total = sum(weight.numel() for weight in weights)
-        eligible = sum(hugepages.stretches(weight.numel()) for weight in weights)
-        if eligible:
-            huge = min(eligible, hugepages.huge_bytes(weights))
-            pages = f"; {huge / 2**30:.2f} GiB of their {total / 2**30:.2f} GiB on 2 MiB pages"
-            if huge < eligible // 2:
-                pages += f" ({hugepages.why_not()})"
+        pages = hugepages.describe([packed.data for packed in native_weights(model)])
     why_not = native.unavailable() if on_cpu and "native VNNI kernel" not in kernels else None
     if why_not:
         logger.info("[{}] int8: no native kernel here: {}", plan.profile, why_not)

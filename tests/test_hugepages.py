@@ -170,3 +170,48 @@ def test_an_int8_model_loads_onto_huge_pages_and_says_so(
         assert hugepages.huge_bytes(weights) == 0
         assert "(turned off (GEMMA_PROFILE_HUGEPAGES=0))" in line, line
     assert isinstance(model.generate("the cat", "cpu", output_len=3, temperature=None), str)
+
+
+@linux_thp
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_a_bfloat16_model_loads_onto_huge_pages_and_says_so(
+    gemma: Any,
+    tokenizer_path: str,
+    write_profile: Callable[..., Path],
+    tmp_path: Path,
+    log_messages: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    switch: str,
+) -> None:
+    """The native bfloat16 kernel's plain weights are copied onto huge pages (8 MiB MLP weights)."""
+    from gemma_profiles import packed
+
+    native.reset()
+    if not packed.native_bf16():
+        pytest.skip(f"native bfloat16 kernel: {native.bf16_library()}")
+    from gemma_testing import write_medium_checkpoint
+
+    if switch == "off":
+        monkeypatch.setenv(hugepages.ENV, "0")
+    ckpt = tmp_path / "m.ckpt"
+    config = write_medium_checkpoint(gemma, tokenizer_path, ckpt, layers=2)
+    config.dtype = "bfloat16"
+    profile = write_profile("bf16-cpu", "description: t\nplacement: {device: cpu}\nconfig: {dtype: bfloat16}\n")
+    with gemma_profiles.use(str(profile)):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = gemma.model.GemmaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        model.load_weights(str(ckpt))
+    weights = packed.stored_weights(model)
+    assert len(weights) == 2 * 5  # qkv, o, gate, up, down per layer
+    line = next(message for message in log_messages if "CPU kernels:" in message)
+    assert "use the native bfloat16 kernel" in line, line
+    if switch == "on":
+        assert hugepages.huge_bytes(weights) >= 2 * 3 * 8 * MIB, line  # the MLP weights at least
+        assert "GiB on 2 MiB pages" in line and "(" not in line.split("2 MiB pages")[1], line
+    else:
+        assert hugepages.huge_bytes(weights) == 0
+        assert "(turned off (GEMMA_PROFILE_HUGEPAGES=0))" in line, line
+    assert isinstance(model.generate("the cat", "cpu", output_len=3, temperature=None), str)

@@ -77,7 +77,11 @@ def test_packed_model_generates_what_the_plain_one_does(
         names = packed_names(model)
         linears = [n for n, m in model.named_modules() if type(m).__name__ == "Linear"]
         assert names and names == linears, "every gemma Linear is packed"
-        assert all(model.get_submodule(n).weight.is_mkldnn for n in names)
+        weights = [model.get_submodule(n).weight for n in names]
+        if dtype == "bfloat16" and packed.native_bf16():  # plain, for the native kernel
+            assert all(w.dtype == torch.bfloat16 and w.is_contiguous() and not w.is_mkldnn for w in weights)
+        else:
+            assert all(w.is_mkldnn for w in weights)
         assert sampler_swapped(model), "the sampler's product runs on a packed copy of the mapped embedder"
         # A batch of prompts of different lengths: prefill (many rows) and decode (one row each).
         out = model.generate(PROMPTS, "cpu", output_len=4, temperature=None)
@@ -90,6 +94,52 @@ def test_packed_model_generates_what_the_plain_one_does(
         want = plain.get_submodule(name)(x).float()
         tolerance = 1e-5 if dtype == "float32" else 2e-2
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.fixture
+def bf16_kernel() -> None:
+    from gemma_profiles import native
+
+    native.reset()
+    if not packed.native_bf16():
+        pytest.skip(f"native bfloat16 kernel: {native.bf16_library()}")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17])
+@pytest.mark.parametrize(("n", "k"), [(8, 64), (7, 100), (33, 2080), (5, 16384)])
+def test_native_bfloat16_product(bf16_kernel: None, rows: int, n: int, k: int) -> None:
+    """Up to NATIVE_ROWS rows on the kernel (any n, k: masked tails, short row groups), more on
+    F.linear; each output is the float32 sum of bfloat16 products, rounded once to bfloat16."""
+    generator = torch.Generator().manual_seed(rows * n + k)
+    weight = torch.randn(n, k, generator=generator).to(torch.bfloat16)
+    x = torch.randn(2, rows, k, generator=generator).to(torch.bfloat16)[:, :, :]
+    stored = packed.pack(weight)
+    assert not stored.is_mkldnn and torch.equal(stored, weight)
+    got = packed.packed_linear(x, stored)
+    exact = (x.double() @ weight.double().t()).float()
+    assert got.dtype == torch.bfloat16 and got.shape == (2, rows, n)
+    # float32 accumulation (k products: ~sqrt(k) * 2^-24 relative), then one bfloat16 rounding (2^-9)
+    torch.testing.assert_close(got.float(), exact, rtol=2**-8, atol=1e-4 * k**0.5)
+    strided = x.transpose(0, 1)  # not contiguous: copied first
+    torch.testing.assert_close(packed.packed_linear(strided, stored), got.transpose(0, 1))
+    torch.testing.assert_close(packed.packed_linear(x.float(), stored), got.float())  # cast both ways
+    assert packed.packed_linear(x[:, :0], stored).shape == (2, 0, n)
+
+
+def test_without_the_native_library_bfloat16_goes_to_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gemma_profiles import native
+
+    monkeypatch.setenv("GEMMA_PROFILE_NATIVE", "0")
+    native.reset()
+    try:
+        assert not packed.native_bf16()
+        if packed.available(torch.bfloat16):
+            pytest.skip(str(packed.available(torch.bfloat16)))
+        assert packed.pack(torch.randn(8, 64).to(torch.bfloat16)).is_mkldnn
+        assert packed.kernel_name(torch.bfloat16) == "oneDNN-packed weights"
+    finally:
+        monkeypatch.delenv("GEMMA_PROFILE_NATIVE")
+        native.reset()
 
 
 def sampler_swapped(model: Any) -> bool:
@@ -292,7 +342,7 @@ def test_moving_a_packed_model_is_one_clear_error(
         expected = model.generate(PROMPTS, "cpu", output_len=2, temperature=None)
     layer = model.model.layers[0].mlp.up_proj
     if weights == "none" or int8_kernel == "native":
-        assert layer.weight.is_mkldnn or layer.weight.dim() == 5
+        assert packed.is_packed(layer) or layer.weight.dim() == 5
         model.to("cpu").eval()  # nothing changes: fine
         layer.to(torch.bfloat16)
         if weights == "none":
