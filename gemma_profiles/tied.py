@@ -9,10 +9,10 @@ the tensor (``.t()``, ``.to(dtype)``, ``torch.matmul``, ``@``) whose product run
 on the kernel the loader set up:
 
 - a full-precision model: a copy of the weight stored for the fast kernel
-  (`gemma_profiles.packed`: plain bfloat16 on huge pages, or oneDNN-packed), in chunks of rows (each chunk's mapped source pages released before the
-  next, so loading peaks one chunk above the model), made only when the plain weight is
-  a memory-mapped checkpoint tensor: lookups read their rows from the file's pages and
-  the memory stays one copy;
+  (`gemma_profiles.packed`: plain bfloat16 on huge pages, or oneDNN-packed), in chunks of
+  rows (each chunk's mapped source pages released before the next, so loading peaks one
+  chunk above the model), made only when the plain weight is a memory-mapped checkpoint
+  tensor: lookups read their rows from the file's pages and the memory stays one copy;
 - an int8 model: ``_weight_int8pack_mm`` on the int8 weight and its scaler - the
   embedder stays int8 (half the bytes, half the memory of a dequantized copy) and its
   lookup dequantizes just the rows it gathers.
