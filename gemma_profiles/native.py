@@ -1,15 +1,17 @@
 """The native CPU kernels (``csrc/``): built on first use, loaded with ctypes.
 
-Torch-touching.  Two parts in one library: the int8 matmul (``csrc/int8_matmul.c``,
-used by `gemma_profiles.int8` on a CPU with AVX-512 VNNI) and the decoder-layer
-kernels (``csrc/decode.c``, used by `gemma_profiles.fused` on a CPU with AVX-512).
+Torch-touching.  Three parts in one library: the int8 matmul (``csrc/int8_matmul.c``,
+used by `gemma_profiles.int8` on a CPU with AVX-512 VNNI), the bfloat16 matmul
+(``csrc/bf16_matmul.c``, used by `gemma_profiles.packed` on a CPU with AVX-512 BF16) and
+the decoder-layer kernels (``csrc/decode.c``, used by `gemma_profiles.fused` on a CPU with
+AVX-512).
 
 The C files are compiled once per source version with the system C compiler
 (``$CC``, else ``cc``; ``-O3 -fopenmp``) into the user cache
 (``~/.cache/gemma-profiles/native/``) and reused by every later process; a
 missing compiler, a failed build or a CPU without the instructions leaves the
-int8 layers on torch's ``_weight_int8pack_mm`` and the layers on gemma's own
-forward, with one log line saying why.  ``GEMMA_PROFILE_NATIVE=0`` turns both off.
+int8 layers on torch's ``_weight_int8pack_mm``, bfloat16 weights on oneDNN and the layers
+on gemma's own forward, with one log line saying why.  ``GEMMA_PROFILE_NATIVE=0`` turns all three off.
 
 `Int8Weight` holds one int8 weight in the kernel's layout - blocks of four rows
 interleaved 64 bytes at a time, ``[n/4][k/64][4][64]``, zero-padded - with its

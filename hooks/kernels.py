@@ -23,6 +23,8 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
 
     if not runs_on_cpu(plan):
         return
+    import torch
+
     from gemma_profiles import hugepages, packed
 
     dtypes = {m.weight.dtype for m in model.modules() if packed.packable(m)}
@@ -32,6 +34,12 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     for dtype, reason in reasons.items():
         if reason:
             logger.info("[{}] plain CPU matmuls for {} weights: {}", plan.profile, dtype, reason)
+    if reasons.get(torch.bfloat16, "") is None and not packed.native_bf16():
+        from gemma_profiles import native
+
+        logger.info(
+            "[{}] bfloat16 weights on oneDNN: no native bfloat16 kernel ({})", plan.profile, native.bf16_library()
+        )
     if all(reasons.values()):
         return
     count = 0

@@ -142,6 +142,34 @@ def test_without_the_native_library_bfloat16_goes_to_onednn(monkeypatch: pytest.
         native.reset()
 
 
+def test_without_the_native_library_a_bfloat16_model_says_why(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[[str], str],
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    log_messages: list[str],
+) -> None:
+    from gemma_profiles import native
+
+    monkeypatch.setenv("GEMMA_PROFILE_NATIVE", "0")
+    native.reset()
+    try:
+        if packed.available(torch.bfloat16):
+            pytest.skip(str(packed.available(torch.bfloat16)))
+        with gemma_profiles.use(cpu_profile(write_profile, "bfloat16")):
+            model = load(gemma, tokenizer_path, "2b", "bfloat16", checkpoint("2b", "bfloat16"))
+    finally:
+        monkeypatch.delenv("GEMMA_PROFILE_NATIVE")
+        native.reset()
+    assert all(model.get_submodule(name).weight.is_mkldnn for name in packed_names(model))
+    assert any(
+        "bfloat16 weights on oneDNN: no native bfloat16 kernel (turned off (GEMMA_PROFILE_NATIVE=0))" in m
+        for m in log_messages
+    ), log_messages
+    assert any("use oneDNN-packed weights" in m for m in log_messages), log_messages
+
+
 def sampler_swapped(model: Any) -> bool:
     from gemma_profiles.tied import _HOOK
 

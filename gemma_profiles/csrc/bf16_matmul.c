@@ -10,8 +10,9 @@
  * sum()'s rate on the 2-core Zen 4 box of benchmarks/cpu_decode.py.  This kernel reads the
  * weight as it is stored - plain row-major (n x k), each thread a contiguous range of rows,
  * so one sequential stream per core - with VDPBF16PS (pairs of bfloat16 products summed
- * into float32 lanes), and streams at 0.89 of that rate from ordinary 4 KiB pages and 0.92-0.94
- * from 2 MiB pages, where oneDNN's own copy cannot be put (gemma_profiles/packed.py).
+ * into float32 lanes), and streams at 0.85-0.89 of that rate from ordinary 4 KiB pages and
+ * 0.92-0.94 from 2 MiB pages, where oneDNN's own copy cannot be put (gemma_profiles/packed.py;
+ * 2b's decoder products interleaved in one process, memory at 84-89 GB/s).
  *
  * One row of w at a time against every row of x (up to four at once, so each 64-byte load
  * of w feeds four products); a single row of x gets four accumulators over k instead, so the
