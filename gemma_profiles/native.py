@@ -170,6 +170,12 @@ def unavailable() -> str | None:
     return library if isinstance(library, str) else None
 
 
+def bf16_unavailable() -> str | None:
+    """None when the bfloat16 matmul runs here; else why not."""
+    library = bf16_library()
+    return library if isinstance(library, str) else None
+
+
 def reset() -> None:
     """Forget the cached library (tests switch ``GEMMA_PROFILE_NATIVE``/``CC``)."""
     for cached in (_load, _library, decode_library, bf16_library):

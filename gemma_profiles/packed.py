@@ -55,7 +55,7 @@ NATIVE_ROWS = 16
 
 def native_bf16() -> bool:
     """Whether bfloat16 weights go to the native kernel here (AVX-512 BF16 and the library)."""
-    return not isinstance(native.bf16_library(), str)
+    return native.bf16_unavailable() is None
 
 
 def kernel_name(dtype: torch.dtype) -> str:

@@ -37,9 +37,8 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     if reasons.get(torch.bfloat16, "") is None and not packed.native_bf16():
         from gemma_profiles import native
 
-        logger.info(
-            "[{}] bfloat16 weights on oneDNN: no native bfloat16 kernel ({})", plan.profile, native.bf16_library()
-        )
+        why = native.bf16_unavailable()
+        logger.info("[{}] bfloat16 weights on oneDNN: no native bfloat16 kernel ({})", plan.profile, why)
     if all(reasons.values()):
         return
     count = 0

@@ -188,7 +188,7 @@ def test_a_bfloat16_model_loads_onto_huge_pages_and_says_so(
 
     native.reset()
     if not packed.native_bf16():
-        pytest.skip(f"native bfloat16 kernel: {native.bf16_library()}")
+        pytest.skip(f"native bfloat16 kernel: {native.bf16_unavailable()}")
     from gemma_testing import write_medium_checkpoint
 
     if switch == "off":

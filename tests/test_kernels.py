@@ -102,7 +102,7 @@ def bf16_kernel() -> None:
 
     native.reset()
     if not packed.native_bf16():
-        pytest.skip(f"native bfloat16 kernel: {native.bf16_library()}")
+        pytest.skip(f"native bfloat16 kernel: {native.bf16_unavailable()}")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17])
