@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,7 @@ def test_native_bfloat16_product(bf16_kernel: None, rows: int, n: int, k: int) -
     F.linear; each output is the float32 sum of bfloat16 products, rounded once to bfloat16."""
     generator = torch.Generator().manual_seed(rows * n + k)
     weight = torch.randn(n, k, generator=generator).to(torch.bfloat16)
-    x = torch.randn(2, rows, k, generator=generator).to(torch.bfloat16)[:, :, :]
+    x = torch.randn(2, rows, k, generator=generator).to(torch.bfloat16)
     stored = packed.pack(weight)
     assert not stored.is_mkldnn and torch.equal(stored, weight)
     got = packed.packed_linear(x, stored)
@@ -126,20 +126,27 @@ def test_native_bfloat16_product(bf16_kernel: None, rows: int, n: int, k: int) -
     assert packed.packed_linear(x[:, :0], stored).shape == (2, 0, n)
 
 
-def test_without_the_native_library_bfloat16_goes_to_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def without_native(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``GEMMA_PROFILE_NATIVE=0``, the library's cached state forgotten before and after; skips
+    where oneDNN has no bfloat16 kernels either."""
     from gemma_profiles import native
 
     monkeypatch.setenv("GEMMA_PROFILE_NATIVE", "0")
     native.reset()
     try:
-        assert not packed.native_bf16()
         if packed.available(torch.bfloat16):
             pytest.skip(str(packed.available(torch.bfloat16)))
-        assert packed.pack(torch.randn(8, 64).to(torch.bfloat16)).is_mkldnn
-        assert packed.kernel_name(torch.bfloat16) == "oneDNN-packed weights"
+        yield
     finally:
         monkeypatch.delenv("GEMMA_PROFILE_NATIVE")
         native.reset()
+
+
+def test_without_the_native_library_bfloat16_goes_to_onednn(without_native: None) -> None:
+    assert not packed.native_bf16()
+    assert packed.pack(torch.randn(8, 64).to(torch.bfloat16)).is_mkldnn
+    assert packed.kernel_name(torch.bfloat16) == "oneDNN-packed weights"
 
 
 def test_without_the_native_library_a_bfloat16_model_says_why(
@@ -147,21 +154,11 @@ def test_without_the_native_library_a_bfloat16_model_says_why(
     tokenizer_path: str,
     checkpoint: Callable[[str], str],
     write_profile: Callable[..., Path],
-    monkeypatch: pytest.MonkeyPatch,
     log_messages: list[str],
+    without_native: None,
 ) -> None:
-    from gemma_profiles import native
-
-    monkeypatch.setenv("GEMMA_PROFILE_NATIVE", "0")
-    native.reset()
-    try:
-        if packed.available(torch.bfloat16):
-            pytest.skip(str(packed.available(torch.bfloat16)))
-        with gemma_profiles.use(cpu_profile(write_profile, "bfloat16")):
-            model = load(gemma, tokenizer_path, "2b", "bfloat16", checkpoint("2b", "bfloat16"))
-    finally:
-        monkeypatch.delenv("GEMMA_PROFILE_NATIVE")
-        native.reset()
+    with gemma_profiles.use(cpu_profile(write_profile, "bfloat16")):
+        model = load(gemma, tokenizer_path, "2b", "bfloat16", checkpoint("2b", "bfloat16"))
     assert all(model.get_submodule(name).weight.is_mkldnn for name in packed_names(model))
     assert any(
         "bfloat16 weights on oneDNN: no native bfloat16 kernel (turned off (GEMMA_PROFILE_NATIVE=0))" in m
