@@ -76,18 +76,12 @@ static inline void dot44(const uint16_t *const xs[4], const uint16_t *const ws[4
         for (int j = 0; j < 4; ++j) out[m][j] = _mm512_reduce_add_ps(a[m][j]);
 }
 
-/*
- * x: m_rows x k bfloat16, row-major, contiguous.  w: n x k bfloat16, row-major, contiguous.
- * y: m_rows x n bfloat16 (float32 sums rounded to nearest even).
- * Returns 0; -1 on a CPU without AVX-512 BF16 or sizes out of range.
- */
 AVX512_BF16
-int gp_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const uint16_t *w, int64_t n, uint16_t *y) {
-    if (!gp_bf16_supported() || k <= 0 || n <= 0 || m_rows <= 0) return -1;
+static void matmul(const uint16_t *x, int64_t m_rows, int64_t k, const uint16_t *w, int64_t n, uint16_t *y) {
     if (m_rows == 1) {
 #pragma omp parallel for schedule(static)
         for (int64_t r = 0; r < n; ++r) y[r] = f32_to_bf16(dot1(x, w + r * k, k));
-        return 0;
+        return;
     }
     int64_t blocks = (n + 3) / 4;
 #pragma omp parallel for schedule(static)
@@ -103,5 +97,16 @@ int gp_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const uint16_t 
                 for (int j = 0; j < 4 && 4 * b + j < n; ++j) y[(m + i) * n + 4 * b + j] = f32_to_bf16(out[i][j]);
         }
     }
+}
+
+/*
+ * x: m_rows x k bfloat16, row-major, contiguous.  w: n x k bfloat16, row-major, contiguous.
+ * y: m_rows x n bfloat16 (float32 sums rounded to nearest even).
+ * Returns 0; -1 on a CPU without AVX-512 BF16 or sizes out of range.  The entry point itself
+ * is not compiled for AVX-512, so the check runs before any such instruction.
+ */
+int gp_bf16_matmul(const uint16_t *x, int64_t m_rows, int64_t k, const uint16_t *w, int64_t n, uint16_t *y) {
+    if (!gp_bf16_supported() || k <= 0 || n <= 0 || m_rows <= 0) return -1;
+    matmul(x, m_rows, k, w, n, y);
     return 0;
 }
