@@ -137,7 +137,7 @@ def install_packed(model: nn.Module, profile: str) -> list[torch.Tensor] | None:
     Returns the copy's chunks (the list is refilled when a state dict is loaded), or None
     when the sampler keeps the plain weight."""
     from . import packed
-    from .loader import _file_backed
+    from .loader import memory_mapped
     from .streaming import embedder_of
 
     found = embedder_of(model)
@@ -147,8 +147,7 @@ def install_packed(model: nn.Module, profile: str) -> list[torch.Tensor] | None:
     weight = embedder._parameters.get("weight")
     if weight is None or weight.dim() != 2 or weight.device.type != "cpu" or packed.available(weight.dtype):
         return None
-    start = weight.data_ptr()
-    if not _file_backed(start, start + weight.numel() * weight.element_size()):
+    if not memory_mapped(weight):
         logger.debug(
             "[{}] the sampler reads the plain {}.weight (not memory-mapped: a packed copy would double it)",
             profile,
