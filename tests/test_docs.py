@@ -51,3 +51,31 @@ def test_each_example_registers_against_the_hookspecs(name: str) -> None:
     manager.add_hookspecs(hookspecs)
     manager.register(module)  # pluggy checks the argument names against the spec
     manager.check_pending()
+
+
+def doc_samples() -> list[object]:
+    from doc_samples import documents, samples
+
+    found = [sample for path in documents() for sample in samples(path)]
+    return [pytest.param(sample, id=f"{sample.path.name}:{sample.line}") for sample in found]
+
+
+@pytest.mark.parametrize("sample", doc_samples())
+def test_command_samples_are_what_the_cli_prints(sample: object, tmp_path: Path) -> None:
+    """A sample in README/docs that the CLI no longer prints fails here; refresh with
+    ``python tests/doc_samples.py --update``."""
+    from doc_samples import matches, run
+
+    actual = run(sample.command, tmp_path)  # type: ignore[attr-defined]
+    assert matches(sample.expected, actual), "\n".join(  # type: ignore[attr-defined]
+        [f"{sample.path.name}:{sample.line}: $ {sample.command}", "--- now prints:", *actual]  # type: ignore[attr-defined]
+    )
+
+
+def test_the_sample_checker_fails_on_stale_output(tmp_path: Path) -> None:
+    from doc_samples import matches, run
+
+    actual = run("gemma-profile show pascal-5gb", tmp_path)
+    assert matches(actual, actual)
+    assert matches([actual[0], "...", actual[-1]], actual)
+    assert not matches([*actual[:-1], actual[-1] + " (stale)"], actual)
