@@ -62,6 +62,14 @@ class StateError(GemmaProfileError):
     """The applied-profile state could not be read or written."""
 
 
+class CheckpointError(GemmaProfileError):
+    """A checkpoint cannot be read, or does not fit the model it is loaded into."""
+
+
+class CheckpointChangedError(CheckpointError):
+    """A checkpoint file changed on disk while the model still reads weights from it."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` when a close match exists, else ``""``."""
     options = list(choices)

@@ -107,6 +107,7 @@ class Plan:
     :param budgets: memory each device may use, when the hardware is known.
     :param verdict: fits or not, when both are known.
     :param layers: decoder layer index ranges -> device (offloaded ones on ``cpu``/``disk``).
+    :param loading: the profile's loading section (``mmap``).
     """
 
     profile: str
@@ -126,6 +127,7 @@ class Plan:
     budgets: tuple[Budget, ...] = ()
     verdict: Verdict | None = None
     layers: dict[str, str] = field(default_factory=dict)
+    loading: schema.Loading = field(default_factory=schema.Loading)
 
     @property
     def offloads(self) -> bool:
@@ -328,6 +330,7 @@ def make_plan(
         target=target,
         batch=batch or generation.batch,
         seq_len=min(seq_len or generation.seq_len, shape.max_position_embeddings if shape else 10**9),
+        loading=model.loading,
     )
     if shape is None or plan.dtype not in DTYPE_BYTES or target is None:
         return plan

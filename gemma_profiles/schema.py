@@ -146,6 +146,17 @@ class Generation(_Strict):
     seq_len: PositiveInt = 1024
 
 
+class Loading(_Strict):
+    """How the checkpoint is read (docs/loading.md).
+
+    ``mmap: false`` copies every weight the loader would leave memory-mapped into
+    the process's own memory: a checkpoint changed on disk after loading cannot
+    reach the model (the cost: those weights are read at load, not on first use).
+    """
+
+    mmap: StrictBool = True
+
+
 class ProfileBody(_Strict):
     """The part of a profile that variant overrides may change."""
 
@@ -153,6 +164,7 @@ class ProfileBody(_Strict):
     placement: Placement = Field(default_factory=Placement)
     quantization: Quantization = Field(default_factory=Quantization)
     generation: Generation = Field(default_factory=Generation)
+    loading: Loading = Field(default_factory=Loading)
 
 
 class ProfileModel(ProfileBody):
