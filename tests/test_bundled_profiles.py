@@ -29,7 +29,7 @@ def _declared_abstract(path: Path) -> bool:
 
 CONCRETE_NAMES = [p.stem for p in BUNDLED_FILES if not _declared_abstract(p)]
 NATIVE_BF16 = (8, 0)
-# DESIGN.md: Gemma 2/3 activations overflow float16; Gemma 1 7b gave NaN (gemma_pytorch #10).
+# docs/design.md: Gemma 2/3 activations overflow float16; Gemma 1 7b gave NaN (gemma_pytorch #10).
 FLOAT16_UNSAFE_FAMILIES = {"gemma2", "gemma3"}
 FLOAT16_UNSAFE_VARIANTS = {"7b"}
 
