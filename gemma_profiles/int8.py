@@ -15,9 +15,11 @@ int8 weight directly:
 - other CPUs with bfloat16 activations: ``torch.ops.aten._weight_int8pack_mm``
   (int8 weight, per-row scale; 2.6x faster than a bf16 matvec on 16384x2048 here);
 - elsewhere (CUDA, float32/float16 activations): the int8 weight is converted
-  into one scratch buffer per device and dtype, reused by every layer, and the
-  per-row scale is applied to the output (``x @ (q*s).T == (x @ q.T) * s``), so no
-  weight-sized tensor is allocated per call.
+  into one scratch buffer per device and dtype, reused by every layer, so no
+  weight-sized tensor is allocated per call.  In float32 and bfloat16 the per-row
+  scale is applied to the output (``x @ (q*s).T == (x @ q.T) * s``); in float16 the
+  buffer holds ``q * s`` (gemma's order), since ``x @ q.T`` overflows float16's
+  65504 where the true product does not.
 
 gemma's forward otherwise rebuilds the whole (vocab x hidden) tied embedder for the
 lookup and again for the sampler, every step.  On a CPU where one of the first two
@@ -63,8 +65,24 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scaler: torch.Tensor) -> 
         out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, weight, scaler.to(x.dtype))
         return out.reshape(*x.shape[:-1], weight.shape[0])
     dense = _scratch_for(weight, x.dtype)
-    dense.copy_(weight)
-    return F.linear(x, dense) * scaler.to(x.dtype)
+    if x.dtype != torch.float16:
+        dense.copy_(weight)
+        return F.linear(x, dense) * scaler.to(x.dtype)
+    # float16 tops out at 65504: ``x @ q.T`` with int8 values up to 127 overflows long before
+    # the true product does (activations of std 16 over 2048 columns: sums near 10^5 for
+    # outputs near 60).  Dequantize first, as gemma does, into the same scratch buffer.
+    dequantize_into(dense, weight, scaler)
+    return F.linear(x, dense)
+
+
+def dequantize_into(dense: torch.Tensor, weight: torch.Tensor, scaler: torch.Tensor) -> None:
+    """``dense[:] = weight * scaler[:, None]`` in ``dense``'s dtype, with no weight-sized temporary."""
+    scale = scaler.to(dense.dtype).unsqueeze(1)
+    if dense.device.type == "cpu":
+        # (a CPU product of int8 by float casts the int8 operand into a weight-sized temporary)
+        dense.copy_(weight).mul_(scale)
+    else:
+        torch.mul(weight, scale, out=dense)  # one pass: CUDA casts inside the kernel
 
 
 def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
