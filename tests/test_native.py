@@ -175,6 +175,32 @@ def test_a_model_without_the_kernel_says_why(
     assert any("on the _weight_int8pack_mm" in m for m in log_messages)
 
 
+def test_a_hanging_compiler_gives_torchs_kernels_and_one_line(
+    gemma: Any,
+    tokenizer_path: str,
+    write_profile: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    log_messages: list[str],
+) -> None:
+    """A compiler that never finishes: the model loads on torch's int8 path after the time limit (no stall)."""
+    import time
+
+    hanging = tmp_path / "hanging-cc"
+    hanging.write_text("#!/bin/sh\nsleep 600\n")
+    hanging.chmod(hanging.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CC", str(hanging))
+    monkeypatch.setenv(native.BUILD_TIMEOUT_ENV, "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native.reset()
+    started = time.monotonic()
+    int8_cpu_model(gemma, tokenizer_path, write_profile, tmp_path, "bfloat16", seed=1)
+    assert time.monotonic() - started < 60
+    why = [m for m in log_messages if "int8: no native kernel here" in m]
+    assert len(why) == 1 and "hanging-cc took over 1 s: stopped it" in why[0], why
+    assert any("on the _weight_int8pack_mm" in m for m in log_messages)
+
+
 def test_int8_model_state_dict_round_trip(
     kernel: None, gemma: Any, tokenizer_path: str, write_profile: Callable[..., Path], tmp_path: Path
 ) -> None:
