@@ -1,9 +1,11 @@
 """Checkpoint loading while a profile is active: the lean loader in `gemma_profiles.loader`.
 
-Memory-mapped, tensor by tensor, assigned instead of copied, int8 on the fly;
-a model that was materialised before loading (``.to()`` or ``load_state_dict``
-first) goes through gemma's own ``load_weights``.  Runs last, so a plugin's
-``gemma_profile_load_weights`` can replace it.
+The checkpoint is checked against the model first (every name, shape and dtype;
+docs/loading.md), then loaded memory-mapped, tensor by tensor, assigned instead
+of copied, int8 on the fly, with NaN/Inf weights refused.  A model that was
+materialised before loading (``.to()`` or ``load_state_dict`` first) goes
+through gemma's own ``load_weights`` after the same checks.  Runs last, so a
+plugin's ``gemma_profile_load_weights`` can replace it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from gemma_profiles.plan import Plan
 @hookimpl(trylast=True)
 def gemma_profile_load_weights(model: Any, path: str, plan: Plan, gemma_loader: Callable[[str], Any]) -> bool:
     from gemma_profiles.lazy import is_lazy, materialize
-    from gemma_profiles.loader import check_checkpoint, lean_load
+    from gemma_profiles.loader import check_checkpoint, check_finite, check_for_gemma, lean_load
 
     check_checkpoint(path)
     if is_lazy(model):
@@ -26,5 +28,7 @@ def gemma_profile_load_weights(model: Any, path: str, plan: Plan, gemma_loader: 
     else:
         # Built eagerly (materialised by an earlier .to() or load_state_dict): gemma's own loader.
         materialize(model)
+        check_for_gemma(model, path, plan)
         gemma_loader(path)
+        check_finite(model, path)
     return True
