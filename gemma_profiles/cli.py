@@ -10,15 +10,17 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
 from . import log
-from .errors import GemmaProfileError
+from .errors import GemmaProfileError, did_you_mean, printable
 from .profile import Profile, problems_in
-from .registry import Registry, default_registry, looks_like_path
+from .registry import PROFILE_SUFFIXES, Registry, default_registry, looks_like_path
+from .variants import VARIANTS
 
 
 class _Group(click.Group):
@@ -32,22 +34,72 @@ class _Group(click.Group):
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"gemma-profile: error: {message}", err=True)
+    _echo(f"gemma-profile: error: {message}", err=True)
     sys.exit(code)
 
 
+def _echo(text: str, *, err: bool = False) -> None:
+    """``click.echo`` for one line that may hold profile data, a path or an environment value:
+    control characters (terminal escapes, line breaks) and bidi overrides are shown escaped."""
+    click.echo(printable(text), err=err)
+
+
+def _warn(line: str) -> None:
+    _echo(f"gemma-profile: warning: {line}", err=True)
+
+
 def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    click.echo(json.dumps(data, indent=2, default=str))  # ensure_ascii: control characters come out escaped
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+#: Commands that only read: a broken plugin is skipped with one warning line instead of stopping them.
+#: Building a model (bench, and the user's script that run starts) still refuses it.
+READ_COMMANDS = frozenset({"list", "show", "validate", "current", "plugins", "detect", "plan"})
+
+
+def _examples(*lines: str) -> str:
+    """A command's help epilog: its examples, kept as written (click's ``\\b``)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _variant_option(required: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--variant``/``-v``: one list of gemma variants for show, plan and bench."""
+    return click.option("--variant", "-v", required=required, help=f"gemma variant: {', '.join(VARIANTS)}.")
+
+
+def _check_variant(variant: str | None) -> None:
+    if variant is not None and variant not in VARIANTS:
+        raise GemmaProfileError(
+            f"unknown variant '{variant}'{did_you_mean(variant, VARIANTS)}", hint=f"use one of {', '.join(VARIANTS)}"
+        )
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=_examples(
+        "gemma-profile detect                   # this machine, and the profile that fits it",
+        "gemma-profile plan cpu-8gb --variant 2b",
+        "gemma-profile run cpu-8gb -- python my_script.py",
+        "gemma-profile COMMAND --help           # each command, with examples",
+    ),
+)
 @click.version_option(package_name="gemma-profiles")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Hardware profiles for gemma_pytorch: dtype, quantization and placement, applied at runtime."""
     log.enable()
+    if ctx.invoked_subcommand in READ_COMMANDS:
+        from . import plugins
+
+        plugins.tolerate_broken_plugins(_warn)
+        ctx.call_on_close(lambda: plugins.tolerate_broken_plugins(None))
 
 
-@cli.command("list")
+@cli.command(
+    "list",
+    epilog=_examples("gemma-profile list", "gemma-profile list --all --json    # with the abstract base-* profiles"),
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--all", "show_all", is_flag=True, help="Include abstract base profiles.")
 def list_profiles(as_json: bool, show_all: bool) -> None:
@@ -78,24 +130,24 @@ def list_profiles(as_json: bool, show_all: bool) -> None:
         return
     width = max((len(r["name"]) for r in rows), default=4)
     for row in rows:
-        click.echo(f"{row['name']:<{width}}  {row['source']:<8} {row['description']}")
+        _echo(f"{row['name']:<{width}}  {row['source']:<8} {row['description']}")
 
 
-@cli.command()
+@cli.command(
+    epilog=_examples(
+        "gemma-profile show pascal-5gb",
+        "gemma-profile show pascal-5gb --variant 7b   # with the 7b overrides folded in",
+        "gemma-profile show ./my-profile.yaml --json",
+    )
+)
 @click.argument("name")
-@click.option("--variant", "-v", help="Fold in this variant's overrides (2b, 7b, 2b-v2, 9b, ...).")
+@_variant_option(required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(name: str, variant: str | None, as_json: bool) -> None:
-    """Show a profile fully resolved, and where each value came from."""
+    """Show a profile fully resolved, and where each value came from (--variant folds in its overrides)."""
     from .plan import make_plan
-    from .variants import VARIANTS
 
-    if variant is not None and variant not in VARIANTS:
-        from .errors import did_you_mean
-
-        raise GemmaProfileError(
-            f"unknown variant '{variant}'{did_you_mean(variant, VARIANTS)}", hint=f"use one of {', '.join(VARIANTS)}"
-        )
+    _check_variant(variant)
     profile = default_registry().load(name)
     shown = profile.resolve(variant) if variant else profile
     plan = make_plan(profile, variant)
@@ -125,25 +177,46 @@ def show(name: str, variant: str | None, as_json: bool) -> None:
     if as_json:
         _emit_json(data)
         return
-    click.echo(f"{profile.name}: {profile.description}")
-    click.echo(f"  file: {profile.path}")
+    _echo(f"{profile.name}: {profile.description}")
+    _echo(f"  file: {profile.path}")
     for parent in data["extends"]:
-        click.echo(f"  extends: {parent}")
+        _echo(f"  extends: {parent}")
     if variant:
-        click.echo(f"  variant: {variant} (overrides applied: {', '.join(shown.applied_overrides) or 'none'})")
-    click.echo(
+        _echo(f"  variant: {variant} (overrides applied: {', '.join(shown.applied_overrides) or 'none'})")
+    _echo(
         f"  compute dtype: {plan.dtype or 'gemma default'}   weights: {plan.quantization}"
         f"   device: {data['device'] or 'script'}"
     )
-    width = max((len(v["key"]) for v in values), default=10)
+    width = max(
+        [len(v["key"]) for v in values] + [len(i["key"]) + 2 for items in data["variants"].values() for i in items],
+        default=10,
+    )
+    shown_values = [_text(v["value"]) for v in values] + [
+        _text(item["value"]) for items in data["variants"].values() for item in items
+    ]
+    # The "from" column starts where the longest value ends (up to _VALUE_COLUMN); a longer
+    # value puts its "from" on the next line, in that column.
+    column = max((n for n in map(len, map(printable, shown_values)) if n <= _VALUE_COLUMN), default=8)
     for item in values:
-        click.echo(f"  {item['key']:<{width}}  {_text(item['value']):<24} {item['from'] or ''}")
+        _show_row("  ", item["key"], width, _text(item["value"]), column, item["from"] or "")
     for key, items in data["variants"].items():
-        click.echo(f"  variants.{key}:")
+        _echo(f"  variants.{key}:")
         for item in items:
-            click.echo(f"    {item['key']:<{width}}  {_text(item['value']):<22} {item['from']}")
+            _show_row("    ", item["key"], width - 2, _text(item["value"]), column, item["from"])
     for warning in plan.warnings:
-        click.echo(f"  warning: {warning}")
+        _echo(f"  warning: {warning}")
+
+
+_VALUE_COLUMN = 40
+
+
+def _show_row(indent: str, key: str, width: int, value: str, column: int, origin: str) -> None:
+    value = printable(value)
+    if len(value) <= column:
+        _echo(f"{indent}{key:<{width}}  {value:<{column}}  {origin}".rstrip())
+    else:
+        _echo(f"{indent}{key:<{width}}  {value}")
+        _echo(f"{indent}{'':<{width}}  {'':<{column}}  {origin}".rstrip())
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -160,26 +233,43 @@ def _text(value: Any) -> str:
     return json.dumps(value) if isinstance(value, dict | list) else str(value)
 
 
-@cli.command()
+@cli.command(
+    epilog=_examples(
+        "gemma-profile validate my-profile.yaml",
+        "gemma-profile validate ~/.config/gemma-profiles/profiles   # every profile in a folder",
+    )
+)
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def validate(paths: tuple[str, ...], as_json: bool) -> None:
     """Check profile files (or folders of them); exit 1 on any problem."""
+    from .profile import Problem
+
     registry = default_registry()
     files: list[Path] = []
+    unusable: dict[Path, str] = {}
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")))
-        else:
-            files.append(path)
+        try:
+            if path.is_dir():
+                files.extend(sorted(p for p in path.iterdir() if p.suffix in PROFILE_SUFFIXES))
+                continue
+            exists = path.exists()
+        except OSError as exc:  # a name longer than the file system allows, a folder we may not list
+            unusable[path] = f"cannot look this up: {exc.strerror}"
+            exists = True
+        files.append(path)
+        if path not in unusable and not exists:
+            unusable[path] = "file not found"
+        elif path not in unusable and path.suffix not in PROFILE_SUFFIXES:
+            # Never parsed: what a YAML parser makes of another file would be quoted in the problems.
+            unusable[path] = "not a profile file (profile files are named *.yaml or *.yml); not read"
     results: list[dict[str, Any]] = []
     for file in files:
-        problems = problems_in(file, registry.resolve_extends) if file.exists() else []
-        if not file.exists():
-            from .profile import Problem
-
-            problems = [Problem(str(file), "file not found")]
+        if file in unusable:
+            problems = [Problem(str(file), unusable[file])]
+        else:
+            problems = problems_in(file, registry.resolve_extends)
         results.append(
             {
                 "path": str(file),
@@ -192,9 +282,9 @@ def validate(paths: tuple[str, ...], as_json: bool) -> None:
     else:
         for result in results:
             if result["ok"]:
-                click.echo(f"{result['path']}: ok")
+                _echo(f"{result['path']}: ok")
             for problem in result["problems"]:
-                click.echo(f"{problem['where']}: {problem['message']}", err=True)
+                _echo(f"{problem['where']}: {problem['message']}", err=True)
     if not all(r["ok"] for r in results):
         sys.exit(1)
 
@@ -210,7 +300,7 @@ def _reference_for(registry: Registry, name: str) -> tuple[str, Profile]:
     return (str(Path(name).expanduser().resolve()) if looks_like_path(name) else name), profile
 
 
-@cli.command()
+@cli.command(epilog=_examples("gemma-profile apply cpu-8gb", "gemma-profile apply ./my-profile.yaml"))
 @click.argument("name")
 def apply(name: str) -> None:
     """Use profile NAME for every gemma model built in this Python environment."""
@@ -219,17 +309,17 @@ def apply(name: str) -> None:
 
     reference, profile = _reference_for(default_registry(), name)
     path = write_applied(reference)
-    click.echo(f"applied '{profile.name}' to the environment {sys.prefix}")
-    click.echo(f"  state: {path}")
-    click.echo("  gemma models built by Python in this environment now use it; 'gemma-profile reset' undoes it")
+    _echo(f"applied '{profile.name}' to the environment {sys.prefix}")
+    _echo(f"  state: {path}")
+    _echo("  gemma models built by Python in this environment now use it; 'gemma-profile reset' undoes it")
     if os.environ.get("GEMMA_PROFILE", "").strip():
-        click.echo(f"  note: GEMMA_PROFILE={os.environ['GEMMA_PROFILE']} is set here and takes precedence", err=True)
+        _echo(f"  note: GEMMA_PROFILE={os.environ['GEMMA_PROFILE']} is set here and takes precedence", err=True)
     status = gemma_status()
     if status.kind not in ("gemma_pytorch", "standin"):
-        click.echo(f"  note: gemma is {status.describe()}", err=True)
+        _echo(f"  note: gemma is {status.describe()}", err=True)
 
 
-@cli.command()
+@cli.command(epilog=_examples("gemma-profile current", "GEMMA_PROFILE=t4 gemma-profile current --json"))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def current(as_json: bool) -> None:
     """Show the active profile and why (GEMMA_PROFILE, apply, or none)."""
@@ -254,21 +344,28 @@ def current(as_json: bool) -> None:
     if as_json:
         _emit_json(data)
     else:
-        click.echo(f"{data['profile'] or active.reference or 'none'} ({active.detail})")
-        click.echo(f"gemma: {status.describe()}")
+        _echo(f"{data['profile'] or active.reference or 'none'} ({active.detail})")
+        _echo(f"gemma: {status.describe()}")
     if problem:
         _fail(problem)
 
 
-@cli.command()
+@cli.command(epilog=_examples("gemma-profile reset"))
 def reset() -> None:
     """Forget the profile applied to this environment."""
     from .state import clear_applied
 
-    click.echo("applied profile removed" if clear_applied() else "no profile was applied")
+    _echo("applied profile removed" if clear_applied() else "no profile was applied")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+    epilog=_examples(
+        "gemma-profile run t4 -- python my_script.py",
+        "gemma-profile run ./my-profile.yaml -- python -m my_package",
+        "(exit status: the command's; 127 when it is not found, 126 when it cannot be run)",
+    ),
+)
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(name: str, command: tuple[str, ...]) -> None:
@@ -284,29 +381,51 @@ def run(name: str, command: tuple[str, ...]) -> None:
     env = dict(os.environ, GEMMA_PROFILE=reference)
     try:
         completed = subprocess.run(list(command), env=env, check=False)
-    except FileNotFoundError:
-        raise GemmaProfileError(f"command not found: {command[0]}") from None
-    except PermissionError:
-        raise GemmaProfileError(f"command is not executable: {command[0]}") from None
+    except FileNotFoundError:  # exit statuses as a shell's: 127 not found, 126 found but not runnable
+        _fail(f"command not found: {command[0]}", 127)
+    except OSError as exc:  # not executable, not a program (no #! line), a directory
+        _fail(f"cannot run {command[0]}: {exc.strerror}", 126)
     sys.exit(completed.returncode)
 
 
-@cli.command()
+@cli.command(
+    epilog=_examples(
+        "gemma-profile plugins",
+        "GEMMA_PROFILE_DISABLE_PLUGINS=my_plugin gemma-profile plugins   # without one",
+    )
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
-    """List loaded plugins: name, package, version, hooks."""
+    """List plugins: name, package and version, hooks; broken ones are listed as skipped."""
     from .plugins import BLOCK_ENV, get_plugin_manager
 
     manager = get_plugin_manager()
     infos = manager.plugins()
     if as_json:
-        _emit_json([{**info.__dict__, "hooks": list(info.hooks)} for info in infos])
+        rows = [{**info.__dict__, "hooks": list(info.hooks), "skipped": None} for info in infos]
+        rows += [{"name": s.name, "package": s.package, "hooks": [], "skipped": s.reason} for s in manager.skipped]
+        _emit_json(rows)
         return
-    for info in infos:
-        kind = "builtin" if info.builtin else f"{info.package} {info.version}"
-        click.echo(f"{info.name:<14} {kind:<24} {', '.join(info.hooks)}")
+    table = [("plugin", "package", "hooks")]
+    table += [
+        (info.name, "builtin" if info.builtin else f"{info.package} {info.version}", ", ".join(info.hooks))
+        for info in infos
+    ]
+    table += [(s.name, s.package, "skipped: broken (see the warning above)") for s in manager.skipped]
+    widths = [max(len(printable(row[i])) for row in table) for i in range(2)]
+    for name, package, hooks in table:
+        _echo(f"{printable(name):<{widths[0]}}  {printable(package):<{widths[1]}}  {hooks}")
     if manager.blocked:
-        click.echo(f"blocked by {BLOCK_ENV}: {', '.join(sorted(manager.blocked))}")
+        _echo(f"blocked by {BLOCK_ENV}: {', '.join(sorted(manager.blocked))}")
+
+
+def _target_source(source: str) -> str:
+    """Where a plan's target machine came from, as a phrase: the profile's ``hardware:`` section or detection."""
+    if source == "detected":
+        return "detected on this machine"
+    if source.startswith("profile ") and source.endswith(" hardware:"):
+        return f"described by {source[len('profile ') : -len(' hardware:')]}'s hardware: section"
+    return source
 
 
 def _load_any(reference: str) -> Profile:
@@ -319,7 +438,7 @@ def _load_any(reference: str) -> Profile:
     return default_registry().load(reference)
 
 
-@cli.command()
+@cli.command(epilog=_examples("gemma-profile detect", "gemma-profile detect --json"))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def detect(as_json: bool) -> None:
     """Describe this machine and the profile that fits it best."""
@@ -337,8 +456,8 @@ def detect(as_json: bool) -> None:
         _emit_json(data)
         return
     cpu = hardware.cpu
-    click.echo(f"torch {hardware.torch_version} (CUDA {hardware.cuda_version or 'none'})")
-    click.echo(
+    _echo(f"torch {hardware.torch_version} (CUDA {hardware.cuda_version or 'none'})")
+    _echo(
         f"cpu: {cpu.name or '?'}; {cpu.cores} cores; ISA {cpu.isa_level} ({', '.join(cpu.isa) or 'none'}); "
         f"RAM {format_bytes(cpu.total_memory)} ({format_bytes(cpu.available_memory)} available)"
         + (f"; transparent huge pages: {cpu.huge_pages}" if cpu.huge_pages else "")
@@ -346,37 +465,39 @@ def detect(as_json: bool) -> None:
     for gpu in hardware.gpus:
         bf16 = "native bf16" if gpu.native_bf16 else "no native bf16"
         free = f", {format_bytes(gpu.free_memory)} free" if gpu.free_memory is not None else ""
-        click.echo(
+        _echo(
             f"cuda:{gpu.index}: {gpu.name}; compute capability {gpu.compute_capability[0]}.{gpu.compute_capability[1]} "
             f"({bf16}); {format_bytes(gpu.total_memory)}{free}"
         )
     if hardware.mps:
-        click.echo("mps: available (gemma's complex RoPE does not run on MPS; profiles use the CPU)")
+        _echo("mps: available (gemma's complex RoPE does not run on MPS; profiles use the CPU)")
     if match:
-        click.echo(f"best profile: {match.name} - {match.reason}")
+        _echo(f"best profile: {match.name} - {match.reason}")
     else:
-        click.echo("best profile: none matches; GEMMA_PROFILE=auto builds one from these facts")
+        _echo("best profile: none matches; GEMMA_PROFILE=auto builds one from these facts")
 
 
-@cli.command("plan")
+@cli.command(
+    "plan",
+    epilog=_examples(
+        "gemma-profile plan pascal-5gb --variant 7b",
+        "gemma-profile plan cpu-8gb -v 2b --here          # against this machine",
+        "gemma-profile plan auto -v 1b --seq-len 4096 --json",
+    ),
+)
 @click.argument("name")
-@click.option("--variant", "-v", required=True, help="gemma variant: 2b, 7b, 2b-v2, 9b, 27b, 1b, 4b, 12b, 27b_v3.")
+@_variant_option(required=True)
 @click.option("--batch", type=click.IntRange(min=1), help="Prompts per generate call (default: the profile's).")
 @click.option("--seq-len", type=click.IntRange(min=1), help="Prompt + output tokens (default: the profile's, 1024).")
 @click.option("--here", is_flag=True, help="Size against this machine instead of the profile's hardware facts.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None, here: bool, as_json: bool) -> None:
     """Memory table and placement for a variant under a profile; exit 1 when it does not fit."""
-    from .errors import did_you_mean
     from .hardware import detect_hardware
     from .plan import Target, make_plan, normalize_device
     from .units import format_bytes
-    from .variants import VARIANTS
 
-    if variant not in VARIANTS:
-        raise GemmaProfileError(
-            f"unknown variant '{variant}'{did_you_mean(variant, VARIANTS)}", hint=f"use one of {', '.join(VARIANTS)}"
-        )
+    _check_variant(variant)
     profile = _load_any(name)
     target = None
     if here or name == "auto" or profile.model.hardware is None:
@@ -391,13 +512,14 @@ def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None
     else:
         assert plan.memory is not None and plan.target is not None
         dtype, quant = plan.config.get("dtype"), plan.config.get("quant")
-        click.echo(
-            f"{plan.profile} / {variant}: batch {plan.batch}, {plan.seq_len} tokens; target {plan.target.device}"
-            f" {plan.target.name} ({plan.target.source})"
+        machine = " ".join(part for part in (plan.target.device, plan.target.name) if part)
+        _echo(
+            f"{plan.profile} / {variant}: batch {plan.batch}, {plan.seq_len} tokens; target {machine}"
+            f" ({_target_source(plan.target.source)})"
         )
-        click.echo(f"  compute dtype: {plan.dtype}  ({dtype.origin if dtype else ''})")
-        click.echo(f"  weights: {plan.quantization}  ({quant.origin if quant else 'profile default'})")
-        click.echo(f"  layers: {', '.join(f'{k} -> {v}' for k, v in plan.layers.items())}")
+        _echo(f"  compute dtype: {plan.dtype}  ({dtype.origin if dtype else ''})")
+        _echo(f"  weights: {plan.quantization}  ({quant.origin if quant else 'profile default'})")
+        _echo(f"  layers: {', '.join(f'{k} -> {v}' for k, v in plan.layers.items())}")
         rows = [(i.component, i.device, format_bytes(i.bytes), i.note) for i in plan.memory.items]
         budgets = {b.device: b for b in plan.budgets}
         for device, need in plan.memory.required.items():
@@ -406,21 +528,26 @@ def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None
             rows.append(("= must fit", device, format_bytes(need), limit))
             rows.append(("= peak resident", device, format_bytes(plan.memory.peak[device]), "incl. checkpoint pages"))
         widths = [max(len(r[i]) for r in [*rows, ("component", "device", "size", "")]) for i in range(3)]
-        click.echo(f"  {'component':<{widths[0]}}  {'device':<{widths[1]}}  {'size':>{widths[2]}}  note")
+        _echo(f"  {'component':<{widths[0]}}  {'device':<{widths[1]}}  {'size':>{widths[2]}}  note")
         for component, device, size, note in rows:
-            click.echo(f"  {component:<{widths[0]}}  {device:<{widths[1]}}  {size:>{widths[2]}}  {note}")
-        click.echo(f"verdict: {plan.verdict.message}")
+            _echo(f"  {component:<{widths[0]}}  {device:<{widths[1]}}  {size:>{widths[2]}}  {note}")
+        _echo(f"verdict: {plan.verdict.message}")
         if plan.verdict.suggestion:
-            click.echo(f"cheapest change that fits: {plan.verdict.suggestion}")
+            _echo(f"cheapest change that fits: {plan.verdict.suggestion}")
         for warning in plan.warnings:
-            click.echo(f"warning: {warning}")
+            _echo(f"warning: {warning}")
     if not plan.verdict.fits:
         sys.exit(1)
 
 
-@cli.command()
+@cli.command(
+    epilog=_examples(
+        "gemma-profile bench cpu-8gb --variant 2b --ckpt gemma-2b.ckpt --tokenizer tokenizer.model",
+        "gemma-profile bench auto -v 1b --ckpt ./gemma-3-1b --tokens 64 --json",
+    )
+)
 @click.argument("name")
-@click.option("--variant", "-v", required=True, help="gemma variant: 2b, 7b, 2b-v2, 9b, 1b, ...")
+@_variant_option(required=True)
 @click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint file or sharded folder.")
 @click.option("--tokenizer", type=click.Path(), help="tokenizer.model (default: the config's path).")
 @click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens to generate.")
@@ -429,14 +556,9 @@ def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None
 def bench(name: str, variant: str, ckpt: str, tokenizer: str | None, tokens: int, prompt: str, as_json: bool) -> None:
     """Load a checkpoint under profile NAME and time generation: tokens/s and peak memory."""
     from .bench import run_bench
-    from .errors import did_you_mean
     from .gemma_info import require_gemma_pytorch
-    from .variants import VARIANTS
 
-    if variant not in VARIANTS:
-        raise GemmaProfileError(
-            f"unknown variant '{variant}'{did_you_mean(variant, VARIANTS)}", hint=f"use one of {', '.join(VARIANTS)}"
-        )
+    _check_variant(variant)
     require_gemma_pytorch()
     profile = _load_any(name)
     with click.progressbar(length=tokens, label=f"{profile.name} / {variant}", file=sys.stderr) as bar:
@@ -446,14 +568,14 @@ def bench(name: str, variant: str, ckpt: str, tokenizer: str | None, tokens: int
     if as_json:
         _emit_json(result)
         return
-    click.echo(f"{profile.name} / {variant} on {result['device']}: {result['dtypes']}")
-    click.echo(f"  load (construct + load_weights): {result['load_s']:.2f} s")
-    click.echo(f"  prefill ({result['prompt_tokens']} tokens): {result['prefill_s']:.3f} s")
-    click.echo(
+    _echo(f"{profile.name} / {variant} on {result['device']}: {result['dtypes']}")
+    _echo(f"  load (construct + load_weights): {result['load_s']:.2f} s")
+    _echo(f"  prefill ({result['prompt_tokens']} tokens): {result['prefill_s']:.3f} s")
+    _echo(
         f"  decode: {result['tokens_per_s']:.2f} tokens/s (median {result['s_per_token'] * 1e3:.1f} ms/token "
         f"over {result['decode_steps']} steps)"
     )
-    click.echo(f"  peak memory: {result['peak_memory_human']} ({result['peak_memory_kind']})")
+    _echo(f"  peak memory: {result['peak_memory_human']} ({result['peak_memory_kind']})")
 
 
 @cli.command(

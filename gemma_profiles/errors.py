@@ -10,8 +10,28 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-#: Everything ``str.splitlines`` breaks on, written as its escape.
-_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+#: Everything ``str.splitlines`` breaks on, every other control character (a terminal escape
+#: sequence starts with one) and the bidirectional overrides, written as its escape.
+_UNPRINTABLE = (
+    [chr(c) for c in range(0x20) if chr(c) != "\t"]
+    + [chr(c) for c in range(0x7F, 0xA0)]
+    + list("\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+)
+_LINE_BREAKS = str.maketrans({c: c.encode("unicode_escape").decode("ascii") for c in _UNPRINTABLE})
+
+
+def printable(text: object) -> str:
+    """``text`` with line breaks, terminal control characters and bidi overrides escaped (``\\x1b``).
+
+    Everything shown to a user from a profile, a path or an environment value goes through
+    this, so a value can neither break a one-line message nor drive the terminal.
+    """
+    shown = str(text).translate(_LINE_BREAKS)
+    try:
+        shown.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: undecodable bytes of a file name or environment value
+        shown = shown.encode("utf-8", "backslashreplace").decode("utf-8")
+    return shown
 
 
 class GemmaProfileError(Exception):
@@ -34,8 +54,8 @@ class GemmaProfileError(Exception):
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.hint:
             text = f"{text} ({self.hint})"
-        # A value quoted from a file may hold a line break; the error stays one line.
-        return text.translate(_LINE_BREAKS)
+        # A value quoted from a file may hold a line break or a terminal escape; the error stays one plain line.
+        return printable(text)
 
 
 class ProfileError(GemmaProfileError):

@@ -3,6 +3,20 @@
 Callers never touch ``pm.hook``; they call `GemmaPluginManager` methods, which
 flatten and check results and turn a failing plugin into a `PluginError` that
 names it.  Builtins (``hooks/``) load through the same path as entry points.
+
+Every implementation's result is checked against what its hook promises, in one
+place (`_RESULT_CHECKS`), as it returns: a plugin that answers ``"no"`` from
+``gemma_profile_load_weights`` or ``42`` from ``gemma_profile_sources`` is
+named, with its package, instead of stopping the loading silently or failing
+somewhere else with a traceback.
+
+A broken plugin (it fails to import, implements a hook that does not exist,
+clashes with another's name, or answers a discovery hook wrongly) stops model
+construction with a `PluginError`: a model built without one of the plugins the
+environment installed could be silently wrong.  The CLI's read commands
+(``list``, ``show``, ``plan``...) instead skip it with one warning line each
+(`tolerate_broken_plugins`), so a bad third-party package cannot hide the
+profiles or the ``plugins`` listing that helps find it.
 """
 
 from __future__ import annotations
@@ -11,15 +25,16 @@ import importlib
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import GemmaProfileError, PluginError
+from .errors import GemmaProfileError, PluginError, did_you_mean, printable
 from .types import ProfileSource
 
 if TYPE_CHECKING:
@@ -30,6 +45,9 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "gemma_profiles"
 #: Comma-separated plugin names not to load (builtins included), like pytest's ``-p no:NAME``.
 BLOCK_ENV = "GEMMA_PROFILE_DISABLE_PLUGINS"
+HOOK_PREFIX = "gemma_profile_"
+#: Every hook name gemma-profiles calls.
+HOOK_NAMES: tuple[str, ...] = tuple(sorted(n for n in vars(hookspecs) if n.startswith(HOOK_PREFIX)))
 
 #: Builtin plugins, imported exactly like an entry point's ``module`` value.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
@@ -58,16 +76,139 @@ class PluginInfo:
     builtin: bool
 
 
-class GemmaPluginManager:
-    """Loads plugins and calls hooks on behalf of the rest of the library."""
+@dataclass(frozen=True)
+class SkippedPlugin:
+    """A broken plugin a read command went on without: who, and the one line said about it."""
 
-    def __init__(self, *, load_entry_points: bool = True, blocked: set[str] | None = None):
+    name: str
+    package: str
+    reason: str
+
+
+# -- what each hook may return -------------------------------------------------------
+
+
+class _BadResult(Exception):
+    """A hook result that is not what the hook promises; the text names what was expected."""
+
+
+def _shown(value: Any) -> str:
+    """A short, printable picture of a returned value: ``str 'no'``, ``int 42``."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return printable(f"{type(value).__name__} {text}")
+
+
+def _none_only(result: Any) -> None:
+    if result is not None:
+        raise _BadResult("None (the return value of this hook is not used; raise GemmaProfileError to stop)")
+
+
+def _profile_sources(result: Any) -> list[ProfileSource]:
+    expected = "a list of gemma_profiles.types.ProfileSource"
+    if result is None:
+        return []
+    if isinstance(result, str | bytes | Mapping | ProfileSource) or not isinstance(result, Iterable):
+        raise _BadResult(expected)
+    items = []
+    for item in result:
+        if not isinstance(item, ProfileSource):
+            raise _BadResult(f"{expected}, got an item {_shown(item)}")
+        if isinstance(item.path, str) and item.path:
+            item = ProfileSource(Path(item.path), item.label, item.precedence)
+        if not isinstance(item.path, Path):
+            raise _BadResult(f"{expected} whose path is a pathlib.Path, got path {_shown(item.path)}")
+        if not isinstance(item.label, str):
+            raise _BadResult(f"{expected} whose label is a str, got label {_shown(item.label)}")
+        if isinstance(item.precedence, bool) or not isinstance(item.precedence, int):
+            raise _BadResult(f"{expected} whose precedence is an int, got precedence {_shown(item.precedence)}")
+        items.append(item)
+    return items
+
+
+def _hardware(result: Any) -> Hardware | None:
+    from .hardware import CpuInfo, GpuInfo, Hardware
+
+    if result is None:
+        return None
+    if not isinstance(result, Hardware):
+        raise _BadResult("gemma_profiles.hardware.Hardware or None")
+    if not isinstance(result.cpu, CpuInfo):
+        raise _BadResult(f"a Hardware whose cpu is a CpuInfo, got cpu {_shown(result.cpu)}")
+    if not isinstance(result.gpus, tuple) or not all(isinstance(gpu, GpuInfo) for gpu in result.gpus):
+        raise _BadResult(f"a Hardware whose gpus are a tuple of GpuInfo, got gpus {_shown(result.gpus)}")
+    return result
+
+
+def _loaded(result: Any) -> bool | None:
+    if result is not None and result is not True:
+        raise _BadResult("True (the weights are loaded) or None (let the next plugin load them)")
+    return None if result is None else True
+
+
+def _device(result: Any) -> str | None:
+    expected = "a device string such as 'cpu' or 'cuda:0', or None (keep the requested device)"
+    if result is None:
+        return None
+    if type(result).__module__ == "torch" and type(result).__name__ == "device":
+        result = str(result)
+    if not isinstance(result, str) or not result:
+        raise _BadResult(expected)
+    device: str = result
+    torch = sys.modules.get("torch")  # loaded: the model this device is for exists
+    if torch is not None:
+        try:
+            device = str(torch.device(device))
+        except (RuntimeError, ValueError, TypeError):
+            raise _BadResult(f"{expected}; torch does not know the device {printable(repr(device))}") from None
+        from .hooks.placement import device_problem
+
+        problem = device_problem(device)
+        if problem:
+            raise _BadResult(f"a device this machine has; {printable(repr(device))} is not usable: {problem}")
+    return device
+
+
+#: hook -> the check every implementation's result passes through (it returns the result to use).
+_RESULT_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "gemma_profile_sources": _profile_sources,
+    "gemma_profile_detect_hardware": _hardware,
+    "gemma_profile_preflight": _none_only,
+    "gemma_profile_rewrite_config": _none_only,
+    "gemma_profile_model_built": _none_only,
+    "gemma_profile_load_weights": _loaded,
+    "gemma_profile_weights_loaded": _none_only,
+    "gemma_profile_resolve_device": _device,
+}
+
+
+class GemmaPluginManager:
+    """Loads plugins and calls hooks on behalf of the rest of the library.
+
+    :param tolerant: skip a broken plugin (after one `warn` line) instead of raising; the
+        CLI's read commands use this through `tolerate_broken_plugins`.
+    :param warn: where a tolerant manager's lines go (default: our log, as a warning).
+    """
+
+    def __init__(
+        self,
+        *,
+        load_entry_points: bool = True,
+        blocked: set[str] | None = None,
+        tolerant: bool = False,
+        warn: Callable[[str], None] | None = None,
+    ):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self._packages: dict[str, tuple[str, str, bool]] = {}
+        self.tolerant = tolerant
+        self.warn = warn
+        self.skipped: list[SkippedPlugin] = []
         self.blocked = blocked if blocked is not None else blocked_from_env()
         for name in self.blocked:
             self.pm.set_blocked(name)
+        known = [name for name, _ in DEFAULT_PLUGINS]
         for name, module in DEFAULT_PLUGINS:
             self._load(name, module, package="gemma-profiles", builtin=True)
         if load_entry_points:
@@ -75,8 +216,9 @@ class GemmaPluginManager:
                 dist = entry_point.dist
                 package = dist.metadata["Name"] if dist is not None else "?"
                 version = dist.version if dist is not None else "?"
+                known.append(entry_point.name)
                 self._load(entry_point.name, entry_point.value, package=package, version=version)
-        self._check_pending()
+            self._check_blocked(known)
 
     # -- loading -------------------------------------------------------------
 
@@ -86,29 +228,70 @@ class GemmaPluginManager:
         try:
             plugin = _import_target(target)
         except Exception as exc:  # a plugin may fail in any way; report which one
-            raise PluginError(
-                f"plugin '{name}' from package '{package}' failed to import: {type(exc).__name__}: {exc}",
-                hint=f"fix or uninstall {package}, or set {BLOCK_ENV}={name}",
-            ) from exc
+            self._broken(
+                PluginError(
+                    f"plugin '{name}' from package '{package}' failed to import: {type(exc).__name__}: {exc}",
+                    hint=f"fix or uninstall {package}, or set {BLOCK_ENV}={name}",
+                ),
+                name,
+                package,
+                exc,
+            )
+            return
         self.register(plugin, name, package=package, version=version, builtin=builtin)
 
     def register(
         self, plugin: object, name: str, *, package: str = "?", version: str | None = None, builtin: bool = False
     ) -> None:
-        """Register a plugin object (module or instance) under ``name``."""
+        """Register a plugin object (module or instance) under ``name``.
+
+        :raises PluginError: the name is taken, a hook's arguments are wrong, or the plugin
+            implements a hook that does not exist (unless this manager is tolerant: then the
+            plugin is skipped with one warning line).
+        """
         if self.pm.is_blocked(name):
             return
         if self.pm.get_plugin(name) is not None:
             other = self._packages.get(name, ("?", "", False))[0]
-            raise PluginError(
-                f"two plugins are named '{name}': from '{other}' and from '{package}'",
-                hint=f"uninstall one, or set {BLOCK_ENV}={name}",
+            self._broken(
+                PluginError(
+                    f"two plugins are named '{name}': from '{other}' and from '{package}'",
+                    hint=f"uninstall one, or set {BLOCK_ENV}={name}",
+                ),
+                name,
+                package,
             )
+            return
         try:
             self.pm.register(plugin, name=name)
         except (ValueError, pluggy.PluginValidationError) as exc:
-            raise PluginError(f"plugin '{name}' from package '{package}' is invalid: {exc}") from exc
+            self._broken(
+                PluginError(
+                    f"plugin '{name}' from package '{package}' is invalid: {exc}",
+                    hint=f"fix or uninstall {package}, or set {BLOCK_ENV}={name}",
+                ),
+                name,
+                package,
+                exc,
+            )
+            return
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            self.pm.unregister(plugin)
+            hook = unknown[0]
+            self._broken(
+                PluginError(
+                    f"plugin '{name}' from package '{package}' implements '{hook}', which is not a hook "
+                    f"gemma-profiles calls{_hook_did_you_mean(hook)}",
+                    hint=f"hooks are listed in gemma_profiles/hookspecs.py; fix or uninstall {package}, "
+                    f"or set {BLOCK_ENV}={name}",
+                ),
+                name,
+                package,
+            )
+            return
         self._packages[name] = (package, version or _version_of(package), builtin)
+        self._check_results_of(plugin)
 
     def unregister(self, name: str) -> None:
         plugin = self.pm.get_plugin(name)
@@ -116,15 +299,75 @@ class GemmaPluginManager:
             self.pm.unregister(plugin)
         self._packages.pop(name, None)
 
-    def _check_pending(self) -> None:
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            name = self.pm.get_name(exc.plugin) or "?"
-            raise PluginError(
-                f"plugin '{name}' implements a hook that does not exist: {exc}",
-                hint="hook names start with gemma_profile_; see gemma_profiles/hookspecs.py",
-            ) from exc
+    def _unknown_hooks(self, plugin: object) -> list[str]:
+        """Hooks ``plugin`` implements that have no specification (pluggy's ``check_pending``, for one plugin)."""
+        unknown = []
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            if caller.has_spec():
+                continue
+            if any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()):
+                unknown.append(caller.name)
+        return sorted(unknown)
+
+    def _check_results_of(self, plugin: object) -> None:
+        """Route each of ``plugin``'s implementations through its hook's result check.
+
+        ``HookImpl.function`` is what pluggy calls; replacing it with a checking shim keeps
+        pluggy's order, firstresult and wrapper semantics while naming the plugin that answered
+        wrongly (a wrapper sees the checked result, or the `PluginError`).
+        """
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            check = _RESULT_CHECKS.get(caller.name)
+            if check is None:
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    setattr(impl, "function", self._checking(impl.function, caller.name, impl.plugin_name, check))  # noqa: B010
+
+    def _checking(
+        self, function: Callable[..., Any], hook: str, name: str, check: Callable[[Any], Any]
+    ) -> Callable[..., Any]:
+        def checked(*args: Any) -> Any:
+            result = function(*args)
+            try:
+                return check(result)
+            except _BadResult as bad:
+                raise self._bad_result(name, hook, result, str(bad)) from None
+
+        checked.__wrapped__ = function  # type: ignore[attr-defined]
+        return checked
+
+    def _bad_result(self, name: str, hook: str, result: Any, expected: str) -> PluginError:
+        package = self._packages.get(name, ("?",))[0]
+        error = PluginError(
+            f"plugin '{name}' (package '{package}') returned {_shown(result)} from {hook}; expected {expected}",
+            hint=f"report it to the plugin's authors, or set {BLOCK_ENV}={name}",
+        )
+        error.plugin = name  # type: ignore[attr-defined]
+        return error
+
+    def _broken(self, error: PluginError, name: str, package: str, cause: BaseException | None = None) -> None:
+        """Raise ``error`` about a broken plugin, or, when tolerant, skip the plugin with one line."""
+        if not self.tolerant:
+            raise error from cause
+        self.skipped.append(SkippedPlugin(name, package, str(error)))
+        self._say(f"skipping a broken plugin: {error}")
+
+    def _say(self, line: str) -> None:
+        if self.warn is not None:
+            self.warn(line)
+        else:
+            from loguru import logger
+
+            logger.warning("{}", line)
+
+    def _check_blocked(self, known: list[str]) -> None:
+        """One line for each name in GEMMA_PROFILE_DISABLE_PLUGINS that names no plugin here."""
+        for name in sorted(self.blocked - set(known)):
+            self._say(
+                f"{BLOCK_ENV} names {printable(repr(name))}, which is no plugin here{did_you_mean(name, known)}; "
+                f"plugins: {', '.join(known)}"
+            )
 
     def plugins(self) -> list[PluginInfo]:
         """Registered plugins with their package, version and hooks."""
@@ -143,22 +386,36 @@ class GemmaPluginManager:
         """All profile sources, highest precedence last."""
         sources: list[ProfileSource] = []
         for impl in self.pm.hook.gemma_profile_sources.get_hookimpls():
-            result = self._call_one(impl, "gemma_profile_sources")
-            for item in result or ():
-                if not isinstance(item, ProfileSource):
-                    raise PluginError(
-                        f"plugin '{impl.plugin_name}' returned {type(item).__name__} from gemma_profile_sources, "
-                        "expected ProfileSource"
-                    )
-                sources.append(item)
+            if impl.wrapper or impl.hookwrapper:
+                continue
+            try:
+                result = self._call_one(impl, "gemma_profile_sources")
+            except PluginError as exc:
+                if not self._skippable(exc):
+                    raise
+                # A read command goes on without this plugin's profiles.
+                self._skip_registered(exc)
+                continue
+            sources.extend(_profile_sources(result))  # checked by the shim; a plain list here
         return sorted(sources, key=lambda s: s.precedence)
 
     def detect_hardware(self) -> Hardware:
         from .hardware import Hardware
 
-        result = self._call("gemma_profile_detect_hardware")
+        while True:
+            try:
+                result = self._call("gemma_profile_detect_hardware")
+                break
+            except PluginError as exc:
+                if not self._skippable(exc):
+                    raise
+                # A read command asks the next implementation, without this plugin.
+                self._skip_registered(exc)
         if not isinstance(result, Hardware):
-            raise PluginError(f"gemma_profile_detect_hardware returned {type(result).__name__}, expected Hardware")
+            raise PluginError(
+                f"no plugin described this machine: gemma_profile_detect_hardware returned {_shown(result)}",
+                hint=f"the builtin 'hardware' plugin answers last; is it in {BLOCK_ENV}?",
+            )
         return result
 
     def preflight(self, plan: Plan) -> None:
@@ -171,16 +428,24 @@ class GemmaPluginManager:
         self._call("gemma_profile_model_built", model=model, plan=plan)
 
     def load_weights(self, model: Any, path: str, plan: Plan, gemma_loader: Callable[[str], Any]) -> bool:
-        return bool(
-            self._call("gemma_profile_load_weights", model=model, path=path, plan=plan, gemma_loader=gemma_loader)
-        )
+        result = self._call("gemma_profile_load_weights", model=model, path=path, plan=plan, gemma_loader=gemma_loader)
+        return bool(self._wrapped_result("gemma_profile_load_weights", result))
 
     def weights_loaded(self, model: Any, plan: Plan) -> None:
         self._call("gemma_profile_weights_loaded", model=model, plan=plan)
 
     def resolve_device(self, requested: Any, plan: Plan, call: str) -> str | None:
         result = self._call("gemma_profile_resolve_device", requested=requested, plan=plan, call=call)
-        return None if result is None else str(result)
+        return self._wrapped_result("gemma_profile_resolve_device", result)  # type: ignore[no-any-return]
+
+    def _wrapped_result(self, hook_name: str, result: Any) -> Any:
+        """A firstresult hook's final answer, checked again: a wrapper may have replaced it."""
+        try:
+            return _RESULT_CHECKS[hook_name](result)
+        except _BadResult as bad:
+            caller = getattr(self.pm.hook, hook_name)
+            wrappers = [impl.plugin_name for impl in caller.get_hookimpls() if impl.wrapper or impl.hookwrapper]
+            raise self._bad_result(" or '".join(wrappers) or "?", hook_name, result, str(bad)) from None
 
     # -- error attribution -------------------------------------------------------
 
@@ -203,10 +468,22 @@ class GemmaPluginManager:
     def _blame(self, exc: BaseException, hook_name: str, name: str | None = None) -> PluginError:
         name = name or self._plugin_in_traceback(exc) or "?"
         package = self._packages.get(name, ("?",))[0]
-        return PluginError(
+        error = PluginError(
             f"plugin '{name}' (package '{package}') raised {type(exc).__name__} in {hook_name}: {exc}",
             hint=f"report it to the plugin's authors, or set {BLOCK_ENV}={name}",
         )
+        error.plugin = name  # type: ignore[attr-defined]
+        return error
+
+    def _skippable(self, error: PluginError) -> bool:
+        """Whether a tolerant manager may go on without the (third-party) plugin ``error`` blames."""
+        name = getattr(error, "plugin", None)
+        return self.tolerant and name in self._packages and not self._packages[name][2]
+
+    def _skip_registered(self, error: PluginError) -> None:
+        name = getattr(error, "plugin")  # noqa: B009
+        self._broken(error, name, self._packages[name][0])
+        self.unregister(name)  # said once; the rest of the command runs without it
 
     def _plugin_in_traceback(self, exc: BaseException) -> str | None:
         files: dict[str, str] = {}
@@ -222,6 +499,14 @@ class GemmaPluginManager:
             if found:
                 return found
         return None
+
+
+def _hook_did_you_mean(hook: str) -> str:
+    """`did_you_mean` for a hook name, trying it with the ``gemma_profile_`` prefix too."""
+    hint = did_you_mean(hook, HOOK_NAMES)
+    if not hint and not hook.startswith(HOOK_PREFIX):
+        hint = did_you_mean(HOOK_PREFIX + hook, HOOK_NAMES)
+    return hint
 
 
 def _import_target(target: str) -> object:
@@ -242,13 +527,15 @@ def blocked_from_env() -> set[str]:
 
 
 _manager: GemmaPluginManager | None = None
+_tolerant_warn: Callable[[str], None] | None = None
 
 
 def get_plugin_manager() -> GemmaPluginManager:
     """The process-wide plugin manager, created on first use."""
     global _manager
     if _manager is None:
-        _manager = GemmaPluginManager()
+        tolerant = _tolerant_warn is not None
+        _manager = GemmaPluginManager(tolerant=tolerant, warn=_tolerant_warn)
     return _manager
 
 
@@ -258,4 +545,28 @@ def reset_plugin_manager(manager: GemmaPluginManager | None = None) -> None:
     _manager = manager
 
 
-__all__ = ["GemmaPluginManager", "PluginInfo", "ProfileSource", "get_plugin_manager", "reset_plugin_manager"]
+def tolerate_broken_plugins(warn: Callable[[str], None] | None) -> None:
+    """Let the process-wide manager skip broken plugins, saying so through ``warn``; None: refuse them again.
+
+    The CLI's read commands turn this on; building a model never does.  A manager that
+    skipped a plugin is dropped when tolerance ends, so the next one refuses it.
+    """
+    global _tolerant_warn, _manager
+    _tolerant_warn = warn
+    if _manager is not None:
+        if warn is None and _manager.skipped:
+            _manager = None
+        else:
+            _manager.tolerant = warn is not None
+            _manager.warn = warn
+
+
+__all__ = [
+    "GemmaPluginManager",
+    "PluginInfo",
+    "ProfileSource",
+    "SkippedPlugin",
+    "get_plugin_manager",
+    "reset_plugin_manager",
+    "tolerate_broken_plugins",
+]

@@ -11,12 +11,13 @@ override is logged):
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
 
-from .errors import ProfileNotFoundError, did_you_mean
+from .errors import ProfileError, ProfileNotFoundError, did_you_mean, printable
 from .profile import Profile, load_profile
 from .types import ProfileSource
 
@@ -48,7 +49,7 @@ class Registry:
         if self._index is None:
             index: dict[str, Entry] = {}
             for source in self.sources:
-                for path in _profile_files(source.path):
+                for path in _profile_files(source):
                     name = path.stem
                     previous = index.get(name)
                     if previous is not None and previous.path.resolve() != path.resolve():
@@ -75,18 +76,33 @@ class Registry:
         :raises ProfileNotFoundError: with a did-you-mean and the available names.
         """
         if looks_like_path(reference):
-            path = _existing_file(reference, any_kind=True)
-            if path is not None:
-                return path
-            raise ProfileNotFoundError(f"profile file '{reference}' does not exist", hint="check the path")
+            return _profile_file(reference)
         entry = self.index().get(reference)
         if entry is None:
             names = self.names()
             raise ProfileNotFoundError(
                 f"no profile named '{reference}'{did_you_mean(reference, names)}",
-                hint=f"available: {', '.join(names) or 'none'}; see 'gemma-profile list'",
+                hint=f"available: {', '.join(self.concrete_names()) or 'none'}; see 'gemma-profile list'",
             )
         return entry.path
+
+    def concrete_names(self) -> list[str]:
+        """Names of the profiles meant for a machine: ``abstract: true`` bases (``base-*``) left out.
+
+        Reads each file's own top level only (abstractness is not inherited); a file that
+        cannot be read stays in the list, for loading it to say what is wrong.
+        """
+        from .yamlio import read_yaml_file
+
+        names = []
+        for name, entry in self.index().items():
+            try:
+                data = read_yaml_file(entry.path).data
+            except ProfileError:
+                data = None
+            if not (isinstance(data, dict) and data.get("abstract") is True):
+                names.append(name)
+        return names
 
     def load(self, reference: str) -> Profile:
         """Load a profile by name or path, resolving ``extends`` through this registry."""
@@ -96,9 +112,57 @@ class Registry:
         if looks_like_path(reference):
             candidate = _existing_file(reference, from_file.parent)
             if candidate is not None:
+                _require_profile_suffix(candidate, reference)
                 return candidate
             raise ProfileNotFoundError(f"profile file '{reference}' named in extends does not exist")
         return self.find(reference)
+
+
+def _profile_file(reference: str) -> Path:
+    """The file a path reference names, refused with one line when there is none or it is no profile.
+
+    A file whose name does not end in ``.yaml``/``.yml`` is never read: an error quoting
+    what a parser made of ``/etc/shadow`` would print a line of it.
+    """
+    shown = printable(reference)
+    try:
+        path = Path(reference).expanduser()
+        exists = path.exists()
+    except RuntimeError:  # pathlib: an unknown ~user, or no home directory
+        user = reference[1:].split("/", 1)[0]
+        why = f"there is no user '{printable(user)}' here" if user else "there is no home directory for '~'"
+        raise ProfileNotFoundError(
+            f"profile file '{shown}' cannot be found: {why}", hint="write the path out"
+        ) from None
+    except ValueError:  # a NUL byte
+        raise ProfileNotFoundError(f"profile file '{shown}' is not a usable file name", hint="check the path") from None
+    except OSError as exc:  # a name longer than the file system allows, a loop of links
+        raise ProfileNotFoundError(
+            f"profile file '{_short(shown)}' cannot be looked up: {exc.strerror}", hint=_os_hint(exc)
+        ) from None
+    if not exists:
+        raise ProfileNotFoundError(f"profile file '{shown}' does not exist", hint="check the path")
+    _require_profile_suffix(path, reference)
+    return path
+
+
+def _require_profile_suffix(path: Path, reference: str) -> None:
+    if path.suffix not in PROFILE_SUFFIXES:
+        raise ProfileError(
+            f"'{printable(reference)}' is not a profile file: profile files are named *.yaml or *.yml, "
+            "and nothing else is read",
+            hint="name a profile from 'gemma-profile list', or a .yaml file",
+        )
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 + 3 :]} ({len(text)} characters)"
+
+
+def _os_hint(exc: OSError) -> str:
+    if exc.errno == errno.ENAMETOOLONG:
+        return "a name in a path may have at most 255 bytes; check the value"
+    return "check the path"
 
 
 def _existing_file(reference: str, base: Path | None = None, *, any_kind: bool = False) -> Path | None:
@@ -115,12 +179,31 @@ def _existing_file(reference: str, base: Path | None = None, *, any_kind: bool =
         return None
 
 
-def _profile_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path] if path.suffix in PROFILE_SUFFIXES else []
-    if not path.is_dir():
+def _profile_files(source: ProfileSource) -> list[Path]:
+    """The profile files of one source; one warning (naming the source) and none when it cannot be read."""
+    path = source.path
+    try:
+        if path.is_file():
+            return [path] if path.suffix in PROFILE_SUFFIXES else []
+        if not path.is_dir():
+            return []
+        return sorted(p for p in path.iterdir() if p.suffix in PROFILE_SUFFIXES and p.is_file())
+    except (OSError, ValueError) as exc:
+        if (path, source.label) not in _unreadable:  # said once per process
+            _unreadable.add((path, source.label))
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            hint = _os_hint(exc) if isinstance(exc, OSError) else "check the path"
+            logger.warning(
+                "profiles in '{}' ({}) are skipped: {} ({})",
+                _short(printable(path)),
+                printable(source.label),
+                reason,
+                hint,
+            )
         return []
-    return sorted(p for p in path.iterdir() if p.suffix in PROFILE_SUFFIXES and p.is_file())
+
+
+_unreadable: set[tuple[Path, str]] = set()
 
 
 def default_registry() -> Registry:

@@ -352,10 +352,19 @@ def test_run_refuses_an_abstract_profile():
     assert "abstract" in result.stderr
 
 
-def test_run_unknown_command_is_one_line():
+def test_run_unknown_command_is_one_line_and_exits_127_as_a_shell_does():
     result = invoke("run", "t4", "surely-not-a-command-xyz")
-    assert result.exit_code == 2
+    assert result.exit_code == 127
     assert result.stderr.strip() == "gemma-profile: error: command not found: surely-not-a-command-xyz"
+
+
+def test_run_a_file_that_cannot_be_run_exits_126(tmp_path):
+    script = tmp_path / "not-executable.sh"
+    script.write_text("echo hi\n", encoding="utf-8")
+    script.chmod(0o644)
+    result = invoke("run", "t4", "--", str(script))
+    assert result.exit_code == 126
+    assert result.stderr.strip() == f"gemma-profile: error: cannot run {script}: Permission denied"
 
 
 # -- plugins ----------------------------------------------------------------------------------
