@@ -87,7 +87,9 @@ def check_checkpoint(path: str) -> None:
     except FileNotFoundError:
         raise CheckpointError("checkpoint not found", where=path, hint="check the --ckpt path") from None
     except OSError as exc:
-        raise CheckpointError(f"cannot read the checkpoint ({exc.strerror})", where=path) from None
+        raise CheckpointError(
+            f"cannot read the checkpoint ({exc.strerror})", where=path, hint="check the path and its permissions"
+        ) from None
     if stat.S_ISDIR(info.st_mode):
         if not any(os.path.isfile(os.path.join(path, index)) for index in (INDEX_FILE, SAFETENSORS_INDEX)):
             raise CheckpointError(
@@ -140,9 +142,13 @@ def _stamp(path: str) -> Stamp:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise CheckpointError("checkpoint file not found", where=path) from None
+        raise CheckpointError(
+            "checkpoint file not found", where=path, hint="a sharded checkpoint needs every shard its index names"
+        ) from None
     except OSError as exc:
-        raise CheckpointError(f"cannot open the checkpoint file ({exc.strerror})", where=path) from None
+        raise CheckpointError(
+            f"cannot open the checkpoint file ({exc.strerror})", where=path, hint="check its permissions"
+        ) from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         _close(fd)
@@ -292,7 +298,9 @@ def _open_file(path: str, stack: contextlib.ExitStack) -> Shard:
     except OSError:
         now = None
     if now is None or now.st_ino != stamp.inode:
-        raise CheckpointChangedError("the checkpoint file was replaced while it was being opened", where=path)
+        raise CheckpointChangedError(
+            "the checkpoint file was replaced while it was being opened", where=path, hint="load it again"
+        )
     return shard
 
 
