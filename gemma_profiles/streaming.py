@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import math
 import mmap
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -53,7 +56,7 @@ class Layout:
     :param offloaded: decoder layer index -> ``"cpu"`` or ``"disk"``: where its weights wait.
     :param embedder: ``"cpu"`` or ``"disk"`` when the embedder stays off the execution
         device, else None.
-    :param folder: where ``disk`` storage goes (a per-model subfolder is created).
+    :param folder: where ``disk`` storage goes (files with no name there: see `DiskFiles`).
     :param reason: where the layer split came from (logged).
     """
 
@@ -177,35 +180,131 @@ class _Unit:
             param.data = tensor
 
 
-def pack(
-    name: str,
-    index: int | None,
-    module: nn.Module,
-    kind: str,
-    folder: Path | None,
-    pin: bool,
-    file_ranges: list[tuple[int, int]],
-) -> _Unit:
-    """Copy ``module``'s parameters into one flat buffer (``cpu``) or file (``disk``) and point them there."""
+def _packed_layout(module: nn.Module) -> tuple[list[nn.Parameter], list[tuple[int, torch.dtype, torch.Size]], int]:
+    """``module``'s parameters, where each goes in its flat buffer, and the buffer's size."""
     params = list(dict.fromkeys(module.parameters()))
     layout: list[tuple[int, torch.dtype, torch.Size]] = []
     offset = 0
     for param in params:
         layout.append((offset, param.dtype, param.shape))
         offset += -(-param.numel() * param.element_size() // ALIGNMENT) * ALIGNMENT
-    nbytes = max(offset, ALIGNMENT)
+    return params, layout, max(offset, ALIGNMENT)
+
+
+#: A private subfolder of the offload folder, where files must have names (see `DiskFiles`).
+_PRIVATE = re.compile(r"\.gemma-offload-(?P<pid>\d+)-\w+")
+
+
+class DiskFiles:
+    """Where one model's ``disk`` units live: files that vanish with the process.
+
+    On Linux each unit is a file with no name (``O_TMPFILE``) in the offload folder: once
+    mapped, the mapping alone keeps it, so it is gone when the model is - or when the
+    process dies, ``kill -9`` included; nothing is ever left to clean up.  Where the
+    filesystem (or the OS) has no such files, each is created in a private subfolder
+    ``.gemma-offload-<pid>-<random>`` and unlinked as soon as it is mapped (the subfolder
+    is removed once the model is placed); subfolders of processes that are gone are removed
+    whenever offload starts.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.nameless = hasattr(os, "O_TMPFILE")
+        self.private: Path | None = None
+        self.left: list[Path] = []  # named files that could not be unlinked while mapped (not POSIX)
+
+    def write(self, name: str, nbytes: int, fill: Callable[[Any], None]) -> torch.Tensor:
+        """A file of ``nbytes`` written by ``fill(handle)``, mapped (``MAP_PRIVATE``) as a flat uint8 tensor."""
+        fd, path = self._create(name)
+        try:
+            with open(fd, "wb", closefd=False) as handle:
+                handle.truncate(nbytes)
+                fill(handle)
+            # Written with write(), so the page cache holds large folios, which the map below can
+            # use whole (a map written through page by page costs a fault per 4 KiB to read back).
+            return torch.from_file(path, shared=False, size=nbytes, dtype=torch.uint8)
+        finally:
+            os.close(fd)
+            if path != f"/proc/self/fd/{fd}":
+                try:
+                    os.unlink(path)  # the mapping keeps the file: it goes with the model or the process
+                except OSError:
+                    self.left.append(Path(path))
+
+    def _create(self, name: str) -> tuple[int, str]:
+        if self.nameless:
+            try:
+                fd = os.open(self.folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+                return fd, f"/proc/self/fd/{fd}"
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                    raise
+                self.nameless = False  # this filesystem has no nameless files
+        if self.private is None:
+            self.private = Path(tempfile.mkdtemp(prefix=f".gemma-offload-{os.getpid()}-", dir=self.folder))
+        path = self.private / f"{name}.bin"
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600), str(path)
+
+    def placed(self, model: nn.Module) -> None:
+        """Every unit is mapped: remove the private subfolder (or leave that to the model's end)."""
+        if self.private is None:
+            return
+        if self.left:
+            weakref.finalize(model, shutil.rmtree, str(self.private), True)
+        else:
+            shutil.rmtree(self.private, ignore_errors=True)
+
+    def failed(self) -> None:
+        if self.private is not None and not self.left:
+            shutil.rmtree(self.private, ignore_errors=True)
+
+
+def remove_stale_files(folder: Path) -> list[Path]:
+    """Remove the private subfolders (`DiskFiles`) of processes that are gone; returns them."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _PRIVATE.fullmatch(entry.name)
+        if match is not None and entry.is_dir(follow_symlinks=False) and not _alive(int(match["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def pack(
+    name: str,
+    index: int | None,
+    module: nn.Module,
+    kind: str,
+    files: DiskFiles | None,
+    pin: bool,
+    file_ranges: list[tuple[int, int]],
+) -> _Unit:
+    """Copy ``module``'s parameters into one flat buffer (``cpu``) or file (``disk``) and point them there."""
+    params, layout, nbytes = _packed_layout(module)
     if kind == "disk":
-        assert folder is not None
-        path = folder / f"{name}.bin"
-        with open(path, "wb") as handle:
-            handle.truncate(nbytes)
+        assert files is not None
+
+        def fill(handle: Any) -> None:
             for param, (start, _, _) in zip(params, layout, strict=True):
                 handle.seek(start)
                 _write_tensor(handle, param.data)
                 _release_if_mapped(param.data, file_ranges)
-        # Written with write(), so the page cache holds large folios, which the map below can
-        # use whole (a map written through page by page costs a fault per 4 KiB to read back).
-        storage = torch.from_file(str(path), shared=False, size=nbytes, dtype=torch.uint8)
+
+        storage = files.write(name, nbytes, fill)
         unit = _Unit(name, index, module, kind, params, layout, nbytes, storage)
     else:
         unit = _Unit(name, index, module, kind, params, layout, nbytes, host_buffer(nbytes, pin))
@@ -531,17 +630,47 @@ def _keep_placement(module: nn.Module, what: str) -> None:
     module.__dict__["_apply"] = _apply
 
 
-def _offload_folder(layout: Layout, label: str) -> Path:
+def _offload_folder(layout: Layout) -> Path:
+    """The offload folder (created), after removing what dead processes left there."""
     base = Path(layout.folder).expanduser() if layout.folder else Path(platformdirs.user_cache_dir("gemma-profiles"))
     if not layout.folder:
         base = base / "offload"
     try:
         base.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=base))
     except OSError as exc:
         raise GemmaProfileError(
-            f"cannot create the offload folder: {exc}", where=str(base), hint="set placement.offload_folder"
+            f"cannot create the offload folder: {exc.strerror or exc}",
+            where=str(base),
+            hint="set placement.offload_folder",
         ) from exc
+    for stale in remove_stale_files(base):
+        logger.info("offload: removed {}, left by a process that is gone", stale)
+    return base
+
+
+def _no_room(folder: Path, needed: int, layers: int, cause: str) -> GemmaProfileError:
+    try:
+        free = format_bytes(shutil.disk_usage(folder).free)
+    except OSError:
+        free = "an unknown amount"
+    return GemmaProfileError(
+        f"disk offload needs {format_bytes(needed)} ({needed} bytes) for {layers} module(s) in {folder}, "
+        f"but {free} is free there{cause}",
+        where="placement.offload_folder",
+        hint="free some space there, set placement.offload_folder to a disk with room, or offload fewer layers",
+    )
+
+
+def _undo(units: list[_Unit], modules: list[nn.Module]) -> None:
+    """Packing failed: every packed module gets its weights back in memory and drops its storage (files go now)."""
+    with torch.no_grad():
+        for unit in units:
+            unit.point_at([tensor.clone() for tensor in unit.stored])
+            unit.stored = []
+            unit.storage = torch.empty(0, dtype=torch.uint8)
+    units.clear()
+    for module in modules:
+        module.__dict__.pop("_apply", None)
 
 
 def apply_offload(model: nn.Module, layout: Layout, label: str = "offload", *, prefetch: bool = True) -> OffloadState:
@@ -549,40 +678,71 @@ def apply_offload(model: nn.Module, layout: Layout, label: str = "offload", *, p
 
     Called by the plugin after loading; tests and benchmarks may call it directly.
     Applying again first undoes the previous application (`remove_offload`).
+
+    :raises GemmaProfileError: the offload folder cannot hold the ``disk`` layers (it names
+        the folder, the bytes needed and the bytes free); the model is left as it was,
+        resident, and nothing stays on disk.
     """
     remove_offload(model)
     device = torch.device(layout.device)
     layers = decoder_layers(model)
     pin = device.type == "cuda"
-    needs_folder = "disk" in layout.offloaded.values() or layout.embedder == "disk"
-    folder = _offload_folder(layout, label) if needs_folder else None
+    found = embedder_of(model)
+    on_disk = [layers[i] for i, kind in layout.offloaded.items() if kind == "disk"]
+    if layout.embedder == "disk" and found is not None:
+        on_disk.append(found[1])
+    folder = _offload_folder(layout) if on_disk or layout.embedder == "disk" else None
+    files = DiskFiles(folder) if folder is not None else None
+    needed = sum(_packed_layout(module)[2] for module in on_disk)
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < needed:
+                raise _no_room(folder, needed, len(on_disk), "")
     file_ranges = _file_mappings()
     units: list[_Unit] = []
+    packed: list[_Unit] = []  # units and the disk embedder: what to undo on a failure
     state = OffloadState(layout, units, None, folder=folder)
-    if folder is not None:
-        weakref.finalize(model, shutil.rmtree, str(folder), True)
-    with torch.no_grad():
-        for index in sorted(layout.offloaded):
-            layer = layers[index]
-            for sub in layer.modules():  # buffers (none in gemma's layers) stay resident
-                for key, buffer in list(sub._buffers.items()):
-                    if buffer is not None:
-                        sub._buffers[key] = buffer.to(device)
-            units.append(pack(f"layer{index:03d}", index, layer, layout.offloaded[index], folder, pin, file_ranges))
-            _keep_placement(layer, f"decoder layer {index}")
-            state.pinned_modules.append(layer)
-        found = embedder_of(model)
-        if layout.embedder is not None and found is not None:
-            name, embedder = found
-            if layout.embedder == "disk":
-                pack(name, None, embedder, "disk", folder, False, file_ranges)
-            else:
-                embedder.to("cpu")
-            _keep_placement(embedder, name)
-            state.pinned_modules.append(embedder)
-            state.handles += _embedder_hooks(model, embedder, device)
-        # Everything else (resident layers, embedder, norm, rope tables) on the execution device.
-        nn.Module.to(model, device)
+    try:
+        with torch.no_grad():
+            for index in sorted(layout.offloaded):
+                layer = layers[index]
+                for sub in layer.modules():  # buffers (none in gemma's layers) stay resident
+                    for key, buffer in list(sub._buffers.items()):
+                        if buffer is not None:
+                            sub._buffers[key] = buffer.to(device)
+                unit = pack(f"layer{index:03d}", index, layer, layout.offloaded[index], files, pin, file_ranges)
+                units.append(unit)
+                packed.append(unit)
+                _keep_placement(layer, f"decoder layer {index}")
+                state.pinned_modules.append(layer)
+            if layout.embedder is not None and found is not None:
+                name, embedder = found
+                if layout.embedder == "disk":
+                    packed.append(pack(name, None, embedder, "disk", files, False, file_ranges))
+                else:
+                    embedder.to("cpu")
+                _keep_placement(embedder, name)
+                state.pinned_modules.append(embedder)
+                state.handles += _embedder_hooks(model, embedder, device)
+            # Everything else (resident layers, embedder, norm, rope tables) on the execution device.
+            nn.Module.to(model, device)
+    except BaseException as exc:
+        _undo(packed, state.pinned_modules)
+        for handle in state.handles:
+            handle.remove()
+        if files is not None:
+            files.failed()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and folder is not None:
+            raise _no_room(folder, needed, len(on_disk), f" ({exc.strerror or 'no space left on device'})") from None
+        if isinstance(exc, OSError) and folder is not None:
+            raise GemmaProfileError(
+                f"writing the offloaded layers failed: {exc.strerror or exc}",
+                where=str(folder),
+                hint="set placement.offload_folder to a writable local disk",
+            ) from None
+        raise
+    if files is not None:
+        files.placed(model)
     if units:
         state.streamer = WeightStreamer(units, device, prefetch=prefetch)
     positions = {unit.index: position for position, unit in enumerate(units)}
@@ -640,5 +800,5 @@ def _log(layout: Layout, units: list[_Unit], label: str, count: int, state: Offl
         format_bytes(sum(unit.nbytes for unit in units)),
         "; ".join(how),
         f"; embedder on {layout.embedder}" if layout.embedder else "",
-        f"; files in {state.folder}" if state.folder else "",
+        f"; files (unnamed, gone with the process) in {state.folder}" if state.folder else "",
     )

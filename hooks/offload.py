@@ -19,9 +19,14 @@ What a profile's ``placement`` asks for (``offload: cpu|disk``, ``offload_folder
   for tests and benchmarks).
 - **storage**: each offloaded layer is packed into one flat buffer - pinned CPU memory
   for ``cpu`` (plain memory without CUDA), or a file in ``offload_folder`` (default: the
-  user cache, ``~/.cache/gemma-profiles/offload``; removed with the model) mapped with
-  torch's ``from_file`` for ``disk`` - and its parameters become views into it, so
-  ``state_dict()`` still works and reads from there.
+  user cache, ``~/.cache/gemma-profiles/offload``) mapped with torch's ``from_file`` for
+  ``disk`` - and its parameters become views into it, so ``state_dict()`` still works and
+  reads from there.  The files have no name (``O_TMPFILE``; elsewhere they are unlinked
+  once mapped): they go with the model, or with the process however it ends, ``kill -9``
+  included (`gemma_profiles.streaming.DiskFiles`).  A folder without room for the ``disk``
+  layers is refused before anything is written - or, when the disk fills up meanwhile,
+  what was written is dropped at once - with an error naming the folder, the bytes needed
+  and the bytes free; the model then stays resident as it was.
 - **streaming**: right before an offloaded layer runs, its buffer is copied into one of
   two layer-sized slots on the execution device, and the copy of the next offloaded
   layer starts while it computes - one ``cudaMemcpyAsync`` per layer on a side CUDA

@@ -4,14 +4,25 @@ Every placement - all resident, CPU-offloaded and streamed through slots (the GP
 code path, forced on the CPU), disk-offloaded (memory-mapped) - must give exactly the
 plain single-device model's greedy tokens and logits; the caller's KV cache must be
 written in place; a cache on the wrong device must raise; disk offload must keep the
-resident set below the weights.
+resident set below the weights, and leave no file behind however the process ends.
+
+What a CPU machine cannot see: here ``cpu`` layers stream through the slots by a plain
+copy on the worker thread (``WeightStreamer._to_host_slot``).  The CUDA path - the
+``cudaMemcpyAsync`` on the side stream, the events ordering slot reuse, pinned staging
+for ``disk`` layers - never runs, so a corrupted or unordered CUDA slot copy passes every
+test in this file.  tests/test_offload_gpu.py compares every token's logits with the
+plain model's bit for bit on a GPU (and checks that a corrupted copy fails that
+comparison); ``benchmarks/gpu_check.sh`` runs it on a lent GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,6 +39,7 @@ from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.memory import ModelShape
 from gemma_profiles.plan import Target, compress_layers, expand_layers, make_plan, split_device_map
 from gemma_profiles.profile import load_profile
+from gemma_profiles.units import format_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -182,7 +194,11 @@ def test_every_placement_matches_the_plain_model_exactly(
         assert state.streamer is not None and state.streamer.copied >= OUTPUT_LEN, "layers were copied per token"
     if placement.startswith("disk"):
         assert "disk" in units.values()
-        assert state.folder is not None and sorted(p.name for p in state.folder.iterdir())
+        assert state.folder is not None and not list(state.folder.iterdir()), "the files have no name"
+        mapped = deleted_files_mapped(state.folder)
+        for unit in state.units:
+            if unit.kind == "disk":
+                assert any(a <= unit.storage.data_ptr() < b for a, b in mapped), f"{unit.name} is not file-backed"
     if placement == "cpu-offload-on-cpu":
         assert units == {}, "the weights are in CPU memory already"
 
@@ -216,6 +232,211 @@ def test_prefetch_off_gives_the_same_tokens(
     streaming.remove_offload(model)
     assert streaming.offload_state(model) is None
     assert same_logits(generate(model).logits, reference("2b").logits), "the storage still holds the weights"
+
+
+# -- files on disk: none left behind ---------------------------------------------------------
+
+
+def deleted_files_mapped(folder: Path, pid: int | str = "self", *, named_too: bool = False) -> list[tuple[int, int]]:
+    """Address ranges of process ``pid`` mapped from files in ``folder`` that have no name any more."""
+    ranges = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith(f"{folder}/") and (named_too or parts[5].endswith(" (deleted)")):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def held_in(folder: Path) -> list[str]:
+    """Files in ``folder`` this process still holds (mapped, or open), named or not."""
+    held = [f"mapped {a:x}" for a, _ in deleted_files_mapped(folder)]
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{folder}/"):
+                held.append(f"fd {fd}")
+    return held
+
+
+def every_file(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+KILLED = """
+import dataclasses, sys, time
+sys.path.insert(0, {tests!r})
+import torch
+import gemma_profiles
+from gemma_profiles import streaming
+from gemma_testing import tiny_config, write_random_checkpoint
+from gemma import config as gemma_config, model as gemma_model
+
+if not {nameless!r}:  # a filesystem without nameless files: named ones in a private subfolder
+    init = streaming.DiskFiles.__init__
+    def without(self, folder):
+        init(self, folder)
+        self.nameless = False
+    streaming.DiskFiles.__init__ = without
+if {stop_writing!r}:  # stop half-way through writing the layers
+    write, calls = streaming._write_tensor, []
+    def slow(handle, tensor):
+        calls.append(1)
+        if len(calls) == 12:
+            print("writing", flush=True)
+            time.sleep(120)
+        write(handle, tensor)
+    streaming._write_tensor = slow
+config = tiny_config(gemma_config, "2b", {tokenizer!r}, dtype="float32")
+config = dataclasses.replace(config, num_hidden_layers=5, quant=False)  # test_offload.build's
+with gemma_profiles.use({profile!r}):
+    model = gemma_model.GemmaForCausalLM(config)
+    model.load_weights({ckpt!r})
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def killed_while_offloading(
+    tokenizer: str,
+    checkpoint: str,
+    profile: Path,
+    env: dict[str, str],
+    *,
+    nameless: bool,
+    stop_writing: bool,
+) -> int:
+    """Run the gemma flow under ``profile`` in a child, ``kill -9`` it once loaded (or half-way): its pid."""
+    code = KILLED.format(
+        tests=str(HERE), nameless=nameless, stop_writing=stop_writing, tokenizer=tokenizer,
+        profile=str(profile), ckpt=checkpoint,
+    )  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        assert line == ("writing" if stop_writing else "ready"), child.stderr.read() if child.stderr else ""
+        folder = Path(env["OFFLOAD"])
+        if not stop_writing:
+            assert deleted_files_mapped(folder, child.pid, named_too=True), "the layers are mapped from the folder"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        return child.pid
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("default_folder", [False, True], ids=["offload_folder", "default-cache-folder"])
+def test_kill_9_leaves_no_layer_files(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],
+    write_profile: Callable[..., Path],
+    tmp_path: Path,
+    default_folder: bool,
+) -> None:
+    cache = tmp_path / "xdg"
+    folder = cache / "gemma-profiles" / "offload" if default_folder else tmp_path / "offload"
+    where = "" if default_folder else f"offload_folder: {folder}, "
+    profile = write_profile(
+        "killed", f"description: t\nconfig: {{dtype: float32}}\nplacement: {{device: cpu, offload: disk, {where}"
+        "device_map: {'0-4': disk}}\n",
+    )  # fmt: skip
+    env = {"XDG_CACHE_HOME": str(cache), "OFFLOAD": str(folder), "GEMMA_PROFILE_DISABLE_PLUGINS": "kernels,fused"}
+    ckpt = checkpoint("2b")
+    for stop_writing in (False, True):
+        killed_while_offloading(tokenizer_path, ckpt, profile, env, nameless=True, stop_writing=stop_writing)
+        assert folder.is_dir() and every_file(folder) == [], "nothing left by the killed process"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_named_files_of_a_killed_process_are_removed_by_the_next_start(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],
+    write_profile: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """Where the filesystem has no nameless files: a private subfolder, removed once its process is gone."""
+    folder = tmp_path / "offload"
+    profile = write_profile(
+        "killed", f"description: t\nconfig: {{dtype: float32}}\nplacement: {{device: cpu, offload: disk, "
+        f"offload_folder: {folder}, device_map: {{'0-4': disk}}}}\n",
+    )  # fmt: skip
+    env = {"OFFLOAD": str(folder), "GEMMA_PROFILE_DISABLE_PLUGINS": "kernels,fused"}
+    pid = killed_while_offloading(tokenizer_path, checkpoint("2b"), profile, env, nameless=False, stop_writing=True)
+    left = every_file(folder)
+    assert left and all(name.startswith(f".gemma-offload-{pid}-") for name in left), left
+    model = build(gemma, tokenizer_path, "2b")
+    model.load_weights(checkpoint("2b"))
+    streaming.apply_offload(model, streaming.Layout("cpu", {0: "disk"}, folder=str(folder)))
+    assert every_file(folder) == [], "the dead process's subfolder is gone; this one's files have no name"
+
+
+def disk_model(gemma: Any, tokenizer: str, ckpt: str) -> Any:
+    model = build(gemma, tokenizer, "2b")
+    model.load_weights(ckpt)
+    return model
+
+
+def test_a_full_disk_names_the_folder_and_what_was_needed_and_leaves_nothing(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],
+    reference: Callable[[str], Run],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = tmp_path / "offload"
+    model = disk_model(gemma, tokenizer_path, checkpoint("2b"))
+    layers = {i: "disk" for i in range(5)}
+    needed = sum(streaming._packed_layout(model.model.layers[i])[2] for i in layers)
+    write, calls = streaming._write_tensor, []
+
+    def fills_the_disk(handle: Any, tensor: torch.Tensor) -> None:
+        calls.append(1)
+        if len(calls) == 20:  # some layers written, one half-way
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(handle, tensor)
+
+    monkeypatch.setattr(streaming, "_write_tensor", fills_the_disk)
+    with pytest.raises(GemmaProfileError) as raised:
+        streaming.apply_offload(model, streaming.Layout("cpu", layers, folder=str(folder)))
+    message = str(raised.value)
+    assert f"disk offload needs {format_bytes(needed)} ({needed} bytes) for 5 module(s) in {folder}, but " in message
+    assert "free there (No space left on device)" in message and "offload fewer layers" in message
+    assert "\n" not in message
+    assert every_file(folder) == [] and held_in(folder) == [], "the partial files are gone now, not with the model"
+    assert streaming.offload_state(model) is None
+    # The model is as it was: resident, and right.
+    assert same_logits(generate(model.eval()).logits, reference("2b").logits)
+    assert not model.model.layers[0].__dict__.get("_apply"), "no offload placement left on the layers"
+
+
+def test_a_folder_without_room_is_refused_before_anything_is_written(
+    gemma: Any, tokenizer_path: str, checkpoint: Callable[..., str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    folder = tmp_path / "offload"
+    model = disk_model(gemma, tokenizer_path, checkpoint("2b"))
+    writes: list[int] = []
+    monkeypatch.setattr(streaming, "_write_tensor", lambda handle, tensor: writes.append(1))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=4096))
+    with pytest.raises(
+        GemmaProfileError, match=rf"needs .* for 2 module\(s\) in {folder}, but 4.00 KiB is free there \("
+    ):
+        streaming.apply_offload(model, streaming.Layout("cpu", {1: "disk", 3: "disk"}, folder=str(folder)))
+    assert writes == [] and every_file(folder) == []
 
 
 # -- the KV cache ------------------------------------------------------------------------
