@@ -159,3 +159,27 @@ def test_streaming_keeps_device_memory_at_the_slots(under: Callable[[str], Any])
     assert layer * 3 < weights
     resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cuda")
     assert resident < weights / 2, "offloaded layers hold no device memory between forwards"
+
+
+@pytest.mark.parametrize("placement", ["all-cpu", "disk"])
+def test_a_corrupted_slot_copy_is_caught(
+    placement: str,
+    reference: tuple[str, list[torch.Tensor]],
+    under: Callable[[str], Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exact comparison above sees a wrong CUDA slot copy - which no CPU test can (test_offload.py).
+
+    Half of each layer's bytes reach its slot (the rest is the slot's previous layer): the
+    logits must differ from the plain model's.
+    """
+    copy = streaming.WeightStreamer._to_device
+
+    def half(self: streaming.WeightStreamer, source: torch.Tensor, slot: int, nbytes: int) -> None:
+        copy(self, source, slot, nbytes // 2)
+
+    monkeypatch.setattr(streaming.WeightStreamer, "_to_device", half)
+    model, _, logits = under(PLACEMENTS[placement])
+    state = streaming.offload_state(model)
+    assert state is not None and state.streamer is not None and state.streamer.copied > 0
+    assert any(not torch.equal(got, want) for got, want in zip(logits, reference[1], strict=False))
