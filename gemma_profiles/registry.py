@@ -126,6 +126,8 @@ def _profile_file(reference: str) -> Path:
     """
     shown = printable(reference)
     try:
+        if "\x00" in reference:
+            raise ValueError("embedded null byte")
         path = Path(reference).expanduser()
         exists = path.exists()
     except RuntimeError:  # pathlib: an unknown ~user, or no home directory

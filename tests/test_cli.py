@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+import gemma_profiles
 from gemma_profiles.cli import cli
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handler")
@@ -417,3 +418,113 @@ def test_read_commands_never_import_torch(env_profile, write_profile):
     assert "t4" in completed.stdout  # the commands really ran
     assert f"{good}: ok" in lines
     assert lines[-1] == "False", completed.stdout
+
+
+# -- the small things (issue 14, section 3 item 7) ------------------------------------------------
+
+
+def origin_columns(lines: list[str]) -> set[int]:
+    """Where each row's "from" column (a file:line) starts."""
+    return {match.start() for line in lines if (match := re.search(r"/\S+\.ya?ml:\d+", line))}
+
+
+def test_show_keeps_the_from_column_aligned_past_long_values(write_profile):
+    # Before: a value longer than 24 characters pushed its row's file:line out of the column.
+    path = write_profile(
+        "wide",
+        "description: a description far longer than any column that is meant to hold a value\n"
+        "hardware: {device: cuda, gpu: [Quadro P2200, Quadro P2000, GeForce GTX 1060 6GB], memory: 5GiB}\n"
+        "placement: {device: cuda, max_memory: {'cuda:0': 4.5GiB, cpu: 12GiB}}\n"
+        "variants:\n  7b: {placement: {offload: cpu}}\n",
+    )
+    result = invoke("show", str(path))
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines()[3:] if line.strip() and not line.strip().endswith(":")]
+    assert len(origin_columns(rows)) == 1, result.stdout
+    # The long description keeps its value whole and puts its file:line on the next line, in the column.
+    described = result.stdout.splitlines().index(next(line for line in rows if "description" in line))
+    assert "a description far longer than any column" in result.stdout.splitlines()[described]
+    assert re.fullmatch(r" +/\S+wide\.yaml:1", result.stdout.splitlines()[described + 1])
+
+
+def test_plugins_columns_are_separated_and_aligned():
+    # Before: "name" was padded to 14 and the package to 24, so longer ones ran into the next column.
+    from gemma_profiles import plugins as plugin_module
+    from gemma_profiles.plugins import GemmaPluginManager
+
+    class LongNamed:
+        @gemma_profiles.hookimpl
+        def gemma_profile_model_built(self, model: object, plan: object) -> None:
+            return None
+
+    manager = GemmaPluginManager(load_entry_points=False)
+    manager.register(LongNamed(), "a-plugin-with-a-long-name", package="a-package-with-a-longer-name", version="10.2.3")
+    plugin_module.reset_plugin_manager(manager)
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["plugin", "package", "hooks"]
+    hooks_at = lines[0].index("hooks")
+    for line in lines[1:]:
+        assert line[hooks_at - 2 : hooks_at] == "  ", line  # two spaces before the hooks column, always
+        assert line[hooks_at:].startswith("gemma_profile_"), line
+    long_row = next(line for line in lines if line.startswith("a-plugin-with-a-long-name "))
+    assert "  a-package-with-a-longer-name 10.2.3  gemma_profile_model_built" in long_row
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["plan", "pascal-5gb", "-v", "2b"], "(described by pascal-5gb's hardware: section)"),
+        (["plan", "cpu-8gb", "-v", "2b", "--here"], "(detected on this machine)"),
+    ],
+)
+def test_plan_header_says_where_the_target_came_from(args, phrase):
+    # Before: "(profile pascal-5gb hardware:)".
+    result = invoke(*args)
+    header = result.stdout.splitlines()[0]
+    assert header.endswith(phrase), header
+    assert "hardware:)" not in header
+
+
+def test_no_profile_named_lists_only_concrete_profiles():
+    # Before: the abstract base-cpu and base-cuda were offered as available.
+    result = invoke("show", "nosuch")
+    (line,) = result.stderr.splitlines()
+    available = line.split("available: ", 1)[1].split(";", 1)[0].split(", ")
+    assert "t4" in available and "pascal-5gb" in available
+    assert not [name for name in available if name.startswith("base-")]
+
+
+COMMANDS = ["list", "show", "validate", "apply", "current", "reset", "run", "plugins", "detect", "plan", "bench"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_help_has_examples(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    examples = result.stdout.split("Examples:\n", 1)
+    assert len(examples) == 2, result.stdout
+    assert examples[1].lstrip().startswith("gemma-profile ") or "GEMMA_PROFILE" in examples[1].split("\n")[0]
+    assert f"gemma-profile {command}" in examples[1]
+
+
+def test_top_level_help_has_examples():
+    result = invoke("--help")
+    assert "Examples:\n" in result.stdout and "gemma-profile detect" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["show", "plan", "bench"])
+def test_show_plan_and_bench_offer_the_same_variant_list(command):
+    # Before: plan listed 9 variants in its help, bench "2b, 7b, 2b-v2, 9b, 1b, ...".
+    from gemma_profiles.variants import VARIANTS
+
+    result = invoke(command, "--help")
+    help_text = " ".join(result.stdout.split())
+    assert f"gemma variant: {', '.join(VARIANTS)}." in help_text
+    args = {"show": ["t4"], "plan": ["t4"], "bench": ["t4", "--ckpt", "x"]}[command]
+    refused = invoke(command, *args, "--variant", "9B")
+    assert refused.exit_code == 2
+    assert refused.stderr.strip() == (
+        f"gemma-profile: error: unknown variant '9B' (did you mean '9b'?) (use one of {', '.join(VARIANTS)})"
+    )

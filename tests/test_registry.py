@@ -193,3 +193,64 @@ def test_problems_in_reports_a_missing_extends_through_the_registry(write_profil
     path = write_profile("child", "description: x\nextends: base-cudaa\n")
     problems = problems_in(path, default_registry().resolve_extends)
     assert [p.where for p in problems] == [f"{path}:2"]
+
+
+# -- names and paths that are no profile (issue 13 item 11, issue 14 section 3 item 7) ----------------
+
+
+def test_concrete_names_leave_out_abstract_bases(tmp_path, write_profile):
+    write_profile("my-base", "description: b\nabstract: true\n", tmp_path)
+    write_profile("my-box", "description: c\nextends: my-base\n", tmp_path)
+    write_profile("broken", "description: [unclosed\n", tmp_path)  # unreadable: stays listed
+    registry = Registry([ProfileSource(tmp_path, "t")])
+    assert registry.names() == ["broken", "my-base", "my-box"]
+    assert registry.concrete_names() == ["broken", "my-box"]
+    with pytest.raises(ProfileNotFoundError) as caught:
+        registry.find("my-bx")
+    assert "(did you mean 'my-box'?)" in str(caught.value)
+    assert "available: broken, my-box;" in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "config", "data.json"])
+def test_a_path_that_is_no_profile_file_is_refused_unread(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("secret: do-not-print-me\n", encoding="utf-8")
+    with pytest.raises(GemmaProfileError) as caught:
+        default_registry().load(str(path))
+    message = str(caught.value)
+    assert "is not a profile file: profile files are named *.yaml or *.yml" in message
+    assert "do-not-print-me" not in message
+
+
+def test_a_yml_file_is_a_profile_file(tmp_path, write_profile):
+    path = tmp_path / "short.yml"
+    path.write_text("description: yml\n", encoding="utf-8")
+    assert default_registry().load(str(path)).description == "yml"
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [
+        ("~nosuchuser-gp/p.yaml", "cannot be found: there is no user 'nosuchuser-gp' here"),
+        ("/tmp/" + "n" * 300 + ".yaml", "cannot be looked up: File name too long"),
+        ("/tmp/nul\x00.yaml", "is not a usable file name"),
+    ],
+    ids=["unknown-user", "too-long", "nul"],
+)
+def test_a_path_that_cannot_be_looked_up_says_why(reference, expected):
+    with pytest.raises(ProfileNotFoundError) as caught:
+        default_registry().find(reference)
+    assert expected in str(caught.value)
+
+
+def test_a_source_that_cannot_be_listed_is_skipped_with_one_warning(log_messages):
+    from gemma_profiles import registry as registry_module
+
+    registry_module._unreadable.clear()
+    too_long = Path("/tmp") / ("n" * 300)
+    registry = Registry([ProfileSource(too_long, "GEMMA_PROFILE_PATH", 30), *default_registry().sources])
+    assert "t4" in registry.names()
+    Registry([ProfileSource(too_long, "GEMMA_PROFILE_PATH", 30)]).names()  # said once per process
+    warnings = [m for m in log_messages if m.startswith("WARNING")]
+    assert len(warnings) == 1, warnings
+    assert "(GEMMA_PROFILE_PATH) are skipped: File name too long" in warnings[0]
