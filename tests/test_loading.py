@@ -310,3 +310,112 @@ def test_to_before_load_weights_defers_to_the_loader(
         model.load_weights(path)
         assert not any(p.is_meta for p in model.parameters())
         assert torch.equal(model.state_dict()["embedder.weight"], state["embedder.weight"])
+
+
+# (checkpoint dtype, file format, profile dtype, quantization, loading.mmap)
+CONVERSIONS = {
+    "float32 mapped as it is": ("float32", "ckpt", "float32", "none", True),
+    "float32 copied (mmap: false)": ("float32", "ckpt", "float32", "none", False),
+    "float32 to bfloat16": ("float32", "ckpt", "bfloat16", "none", True),
+    "float32 to float16": ("float32", "ckpt", "float16", "none", True),
+    "bfloat16 to float32": ("bfloat16", "ckpt", "float32", "none", True),
+    "bfloat16 mapped as it is": ("bfloat16", "ckpt", "bfloat16", "none", True),
+    "safetensors float32": ("float32", "safetensors", "float32", "none", True),
+    "safetensors float32 to bfloat16": ("float32", "safetensors", "bfloat16", "none", True),
+    "sharded float32 to float16": ("float32", "sharded", "float16", "none", True),
+    "float32 quantized to int8": ("float32", "ckpt", "float32", "int8", True),
+    "bfloat16 quantized to int8": ("bfloat16", "ckpt", "bfloat16", "int8", True),
+    "int8 kept int8": ("int8", "ckpt", "float32", "int8", True),
+    "int8 dequantized to bfloat16": ("int8", "ckpt", "bfloat16", "none", True),
+}
+
+
+def _write(state: dict[str, torch.Tensor], kind: str, folder: Path) -> str:
+    from safetensors.torch import save_file
+
+    if kind == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+        return str(folder / "model.safetensors")
+    if kind == "sharded":
+        names = sorted(state)
+        shards = {"shard-1.bin": names[::2], "shard-2.bin": names[1::2]}
+        for shard, keys in shards.items():
+            torch.save({k: state[k] for k in keys}, folder / shard)
+        weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        return str(folder)
+    torch.save({"model_state_dict": state}, folder / "model.ckpt")
+    return str(folder / "model.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("conversion", "variant"),
+    # float16 compute is refused for Gemma 2 (it overflows): that conversion on Gemma 1 only
+    [(c, v) for c in CONVERSIONS for v in ("2b", "2b-v2") if not (v == "2b-v2" and CONVERSIONS[c][2] == "float16")],
+)
+def test_loaded_weights_equal_the_checkpoints(
+    gemma: Any,
+    tokenizer_path: str,
+    write_profile: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    conversion: str,
+    variant: str,
+) -> None:
+    """Every parameter the loader fills is the checkpoint's tensor after the same conversion.
+
+    A loader that negated, scaled or swapped what it converts passed every other test
+    (issue 13's mutation audit); this compares each parameter with its source, on each
+    conversion path.  The kernels, fused layers and int8 forwards are off: the parameters
+    are what the loader left."""
+    from gemma_testing import tiny_config, write_random_checkpoint
+
+    from gemma_profiles.loader import quantize_rows
+
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "kernels,fused,quantization")
+    source_dtype, kind, dtype, weights, mmap = CONVERSIONS[conversion]
+    config = tiny_config(gemma.config, variant, tokenizer_path, dtype="float32")
+    config.quant = source_dtype == "int8"
+    torch.set_default_dtype(torch.float32)
+    shapes = gemma.model.GemmaForCausalLM(config)
+    write_dtype = torch.float32 if source_dtype == "int8" else getattr(torch, source_dtype)
+    state = write_random_checkpoint(shapes, tmp_path / "random.ckpt", write_dtype, seed=11)
+    path = _write(state, kind, tmp_path)
+    profile = write_profile(
+        "values",
+        f"description: t\nplacement: {{device: cpu}}\nconfig: {{dtype: {dtype}}}\n"
+        f"quantization: {{weights: {weights}}}\nloading: {{mmap: {str(mmap).lower()}}}\n",
+    )
+    want = getattr(torch, dtype)
+    with gemma_profiles.use(str(profile)):
+        config = tiny_config(gemma.config, variant, tokenizer_path, dtype="float32")
+        model = gemma.model.GemmaForCausalLM(config)
+        model.load_weights(path)
+        loaded = dict(model.named_parameters())
+    int8 = {name for name, tensor in state.items() if tensor.dtype == torch.int8}
+    made = {name + "_scaler" for name in state if name in loaded and loaded[name].dtype == torch.int8} - set(state)
+    used = {name + "_scaler" for name in int8 if loaded[name].is_floating_point()}  # dequantized with
+    assert set(loaded) == (set(state) - used) | made, set(loaded) ^ ((set(state) - used) | made)
+    checked = 0
+    for name, got in loaded.items():
+        source = state.get(name, got)
+        if name in made:  # the scale of a weight quantized here
+            _, expected = quantize_rows(state[name.removesuffix("_scaler")], got.dtype)
+            assert torch.equal(got, expected), name
+        elif got.dtype == torch.int8 and source.dtype == torch.int8:
+            assert torch.equal(got, source), name  # an int8 checkpoint into an int8 model: as it is
+        elif got.dtype == torch.int8:  # quantized here: within half a step of each row's scale
+            scaler = loaded[name + "_scaler"].to(torch.float64)
+            error = (got.to(torch.float64) * scaler.unsqueeze(1) - source.to(torch.float64)).abs().amax(dim=1)
+            rounding = torch.finfo(loaded[name + "_scaler"].dtype).eps  # the scale is stored in the model's dtype
+            assert bool((error <= scaler * (0.5 + 127 * rounding) + 1e-12).all()), name
+            expected, _ = quantize_rows(source, loaded[name + "_scaler"].dtype)
+            assert torch.equal(got, expected), name
+        elif source.dtype == torch.int8:  # an int8 checkpoint dequantized into a float model
+            expected = (source.to(torch.float32) * state[name + "_scaler"].to(torch.float32).unsqueeze(1)).to(want)
+            assert torch.equal(got, expected), name
+        else:
+            assert got.dtype == want, name
+            assert torch.equal(got, source.to(want)), name
+        checked += 1
+    assert checked == len(state) - len(used) + len(made)
