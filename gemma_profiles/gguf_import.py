@@ -788,8 +788,6 @@ def import_gguf(
     if reused is not None:
         return ImportResult(target, reused, True, time.perf_counter() - start, 0)
     reader, meta = _open(source)
-    if progress is not None:
-        progress(f"read {source.name} ({time.perf_counter() - start:.1f} s)")
     arch = _architecture(meta)
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
@@ -798,6 +796,8 @@ def import_gguf(
     fields = gemma_config_fields(meta, arch, vocab)
     plan = _plan_tensors(reader, meta, arch, fields)
     tokenizer = _tokenizer_proto(meta, vocab)
+    if progress is not None:  # only once every check has passed: an error stays the one line on stderr
+        progress(f"read {source.name}: {arch}, {len(reader.tensors)} tensors ({time.perf_counter() - start:.1f} s)")
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
