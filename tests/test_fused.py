@@ -22,10 +22,16 @@ PROMPTS = ["the cat sees a dog", "two red birds"]
 KINDS = ("norms", "MLPs", "attention layers", "sampler")
 
 
+def torch_only(test: Callable[..., None]) -> Callable[..., None]:
+    """A test of this file's own yardsticks, on gemma's forwards: it runs without the kernels."""
+    test.torch_only = True  # type: ignore[attr-defined]
+    return test
+
+
 @pytest.fixture(autouse=True)
-def kernels_here() -> Iterator[None]:
+def kernels_here(request: pytest.FixtureRequest) -> Iterator[None]:
     native.reset()
-    if fused.unavailable():
+    if fused.unavailable() and not getattr(request.function, "torch_only", False):
         pytest.skip(f"fused CPU layers: {fused.unavailable()}")
     yield
     native.reset()
@@ -40,22 +46,41 @@ def fused_kinds(model: Any) -> dict[str, int]:
     return counts
 
 
-def logits(model: Any, tokens: list[int]) -> torch.Tensor:
-    """Last-position logits of one forward over ``tokens`` (a fresh KV cache)."""
+#: Longer than the tiny configs' sliding window (8, gemma_testing.tiny_config): the window matters.
+TOKENS = [2, 17, 33, 5, 60, 12, 40, 9, 21, 7, 44, 3, 18, 50]
+#: Cosine similarity to gemma's logits the fused model must reach, by compute dtype.
+SAME_AS_GEMMA = {"float32": 0.99999, "bfloat16": 0.999}
+NEG = -2.3819763e38  # gemma's mask value
+
+
+def logits(model: Any, tokens: list[int], *, window: bool = True) -> torch.Tensor:
+    """Last-position logits of one forward over ``tokens`` (a fresh KV cache).
+
+    Local (sliding-window) layers get gemma's ``local_mask`` - causal and at most
+    ``sliding_window_size`` back - as gemma's ``generate`` builds it; ``window=False``
+    passes the global mask instead.
+    """
     config = model.config
     length = len(tokens)
     size = (1, length, config.num_key_value_heads, config.head_dim)
     dtype = config.get_dtype()
     caches = [(torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype)) for _ in model.model.layers]
-    mask = torch.triu(torch.full((1, 1, length, length), -2.3819763e38), diagonal=1)
+    mask = torch.triu(torch.full((1, 1, length, length), NEG), diagonal=1)
+    local = mask
+    if window and config.sliding_window_size:
+        local = mask + torch.tril(torch.full((1, 1, length, length), NEG), diagonal=-config.sliding_window_size)
     positions = torch.arange(length)
     with torch.no_grad():
         _, out = model(
             input_token_ids=torch.tensor([tokens]), input_positions=positions, kv_write_indices=positions,
             kv_caches=caches, mask=mask, output_positions=torch.tensor([length - 1]), temperatures=None,
-            top_ps=torch.tensor([1.0]), top_ks=torch.tensor([1]), local_mask=mask,
+            top_ps=torch.tensor([1.0]), top_ks=torch.tensor([1]), local_mask=local,
         )  # fmt: skip
     return out[0].float()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a, b, dim=0).item()
 
 
 @contextlib.contextmanager
@@ -93,13 +118,63 @@ def test_fused_model_generates_what_gemma_does(
         assert counts["MLPs"] == counts["attention layers"] == layers and counts["sampler"] == 1
         assert counts["norms"] == sum(type(m).__name__ == "RMSNorm" for m in model.modules())
         assert not fused_kinds(reference)
-        tokens = [2, 17, 33, 5, 60, 12, 40, 9]
-        cosine = F.cosine_similarity(logits(model, tokens), logits(reference, tokens), dim=0).item()
-        assert cosine > (0.99999 if dtype == "float32" else 0.999)
+        expected = logits(reference, TOKENS)
+        assert cosine(logits(model, TOKENS), expected) > SAME_AS_GEMMA[dtype]
+        if model.config.sliding_window_size:  # the comparison sees the window: ignoring it would fail
+            assert len(TOKENS) > model.config.sliding_window_size
+            assert cosine(logits(reference, TOKENS, window=False), expected) < SAME_AS_GEMMA[dtype]
         if dtype == "float32":  # bfloat16 roundings in another order may flip a near tie
             for prompts in (PROMPTS[0], PROMPTS):  # one prompt, and a batch of two
                 expected = reference.generate(prompts, "cpu", output_len=6, temperature=None)
                 assert model.generate(prompts, "cpu", output_len=6, temperature=None) == expected
+
+
+def ignore_the_window(attention: Any) -> Any:
+    """What a fused attention ignoring the sliding window would do: the local layer gets the global mask."""
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        mask = kwargs["mask"] if "mask" in kwargs else args[4]
+        if len(args) > 5:
+            args = (*args[:5], mask, *args[6:])
+        else:
+            kwargs["local_mask"] = mask
+        return args, kwargs
+
+    return attention.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@torch_only
+@pytest.mark.parametrize("variant", ["2b-v2", "1b"])  # Gemma 2 (local, global), Gemma 3 (5 local, 1 global)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_logits_comparison_fails_a_model_that_ignores_the_window(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],  # noqa: F811
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    variant: str,
+    dtype: str,
+) -> None:
+    """The yardstick of test_fused_model_generates_what_gemma_does, on gemma's own forwards (runs anywhere).
+
+    A local layer attending past its window - a fused kernel ignoring ``local_mask`` - must
+    fall below the cosine that test demands; so must the logits without the window.
+    """
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "fused")
+    with gemma_profiles.use(cpu_profile(write_profile, dtype)):
+        model = load(gemma, tokenizer_path, variant, dtype, checkpoint(variant, dtype))
+    assert not fused_kinds(model) and len(TOKENS) > model.config.sliding_window_size
+    expected = logits(model, TOKENS)
+    assert cosine(logits(model, TOKENS), expected) > SAME_AS_GEMMA[dtype], "the yardstick is repeatable"
+    assert cosine(logits(model, TOKENS, window=False), expected) < SAME_AS_GEMMA[dtype]
+    local = [layer.self_attn for layer in model.model.layers if layer.self_attn.attn_type.name == "LOCAL_SLIDING"]
+    assert local
+    handles = [ignore_the_window(attention) for attention in local]
+    try:
+        assert cosine(logits(model, TOKENS), expected) < SAME_AS_GEMMA[dtype]
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_int8_model_is_fused_too(
@@ -113,9 +188,7 @@ def test_int8_model_is_fused_too(
     profile = cpu_profile(write_profile, "bfloat16", "quantization: {weights: int8}\n")
     with gemma_and_fused(gemma, tokenizer_path, ckpt, profile, "2b", "bfloat16", monkeypatch) as (reference, model):
         assert set(fused_kinds(model)) == set(KINDS)
-        tokens = [2, 17, 33, 5, 60]
-        cosine = F.cosine_similarity(logits(model, tokens), logits(reference, tokens), dim=0).item()
-        assert cosine > 0.999
+        assert cosine(logits(model, TOKENS), logits(reference, TOKENS)) > SAME_AS_GEMMA["bfloat16"]
 
 
 def test_sampling_with_a_temperature_is_gemmas(
