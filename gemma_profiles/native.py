@@ -220,7 +220,7 @@ def _remembered_failure(folder: Path, key: str, compiler: str) -> None:
         if time.time() - when > FAILURE_MEMORY or os.stat(compiler).st_mtime > when:
             return
         with open(memo, encoding="utf-8", errors="replace") as handle:
-            reason = handle.readline(300).strip()
+            reason = "".join(c if c.isprintable() else "?" for c in handle.readline(300).strip())
     except OSError:
         return
     since = time.strftime("%H:%M", time.localtime(when))

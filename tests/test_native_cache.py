@@ -221,6 +221,10 @@ def test_a_remembered_failure_is_retried_when_the_compiler_changes(tmp_path: Pat
         native.build(str(cc), cache(tmp_path))
     with pytest.raises(native.Unavailable, match=r"failed: error: broken \(remembered from .*\.failed to retry\)"):
         native.build(str(cc), cache(tmp_path))
+    (memo,) = cache(tmp_path).glob("*.failed")
+    memo.write_text("building failed: \x1b[31mred\x1b[0m\n")  # our file, yet no control codes reach a terminal
+    with pytest.raises(native.Unavailable, match=r"^building failed: \?\[31mred\?\[0m \(remembered"):
+        native.build(str(cc), cache(tmp_path))
     later = time.time() + 2
     os.utime(cc, (later, later))  # a newer compiler
     with pytest.raises(native.Unavailable, match=r"failed: error: broken$"):
