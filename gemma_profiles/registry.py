@@ -15,9 +15,8 @@ import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loguru import logger
-
 from .errors import ProfileError, ProfileNotFoundError, did_you_mean, printable
+from .log import logger
 from .profile import Profile, load_profile
 from .types import ProfileSource
 
@@ -186,23 +185,33 @@ def _profile_files(source: ProfileSource) -> list[Path]:
     path = source.path
     try:
         if path.is_file():
-            return [path] if path.suffix in PROFILE_SUFFIXES else []
-        if not path.is_dir():
+            if path.suffix in PROFILE_SUFFIXES:
+                return [path]
+            _skip(source, "a file not named *.yaml or *.yml", "name a folder of profiles, or a profile file")
             return []
+        if not path.is_dir():
+            if path.exists():  # a pipe, a device: never opened
+                _skip(source, "neither a folder nor a regular file", "name a folder of profiles, or a profile file")
+            return []  # a folder that does not exist (yet) is no profiles, as with PATH
         return sorted(p for p in path.iterdir() if p.suffix in PROFILE_SUFFIXES and p.is_file())
     except (OSError, ValueError) as exc:
-        if (path, source.label) not in _unreadable:  # said once per process
-            _unreadable.add((path, source.label))
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            hint = _os_hint(exc) if isinstance(exc, OSError) else "check the path"
-            logger.warning(
-                "profiles in '{}' ({}) are skipped: {} ({})",
-                _short(printable(path)),
-                printable(source.label),
-                reason,
-                hint,
-            )
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _skip(source, reason, _os_hint(exc) if isinstance(exc, OSError) else "check the path")
         return []
+
+
+def _skip(source: ProfileSource, reason: str, hint: str) -> None:
+    """One warning (once per process) that a source gives no profiles, naming it and where it came from."""
+    if (source.path, source.label) in _unreadable:
+        return
+    _unreadable.add((source.path, source.label))
+    logger.warning(
+        "profiles in '{}' ({}) are skipped: {} ({})",
+        _short(printable(source.path)),
+        printable(source.label),
+        reason,
+        hint,
+    )
 
 
 _unreadable: set[tuple[Path, str]] = set()

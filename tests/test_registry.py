@@ -254,3 +254,19 @@ def test_a_source_that_cannot_be_listed_is_skipped_with_one_warning(log_messages
     warnings = [m for m in log_messages if m.startswith("WARNING")]
     assert len(warnings) == 1, warnings
     assert "(GEMMA_PROFILE_PATH) are skipped: File name too long" in warnings[0]
+
+
+def test_a_source_that_is_neither_folder_nor_profile_file_is_skipped_with_one_warning(tmp_path, log_messages):
+    from gemma_profiles import registry as registry_module
+
+    registry_module._unreadable.clear()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a profile\n", encoding="utf-8")
+    sources = [ProfileSource(p, "GEMMA_PROFILE_PATH", 30) for p in (fifo, notes, tmp_path / "not-there")]
+    assert Registry(sources).names() == []  # the FIFO is never opened: this would block otherwise
+    warnings = sorted(m for m in log_messages if m.startswith("WARNING"))
+    assert len(warnings) == 2, warnings  # a folder that does not exist is no profiles, without a word
+    assert "fifo' (GEMMA_PROFILE_PATH) are skipped: neither a folder nor a regular file" in warnings[0]
+    assert "notes.txt' (GEMMA_PROFILE_PATH) are skipped: a file not named *.yaml or *.yml" in warnings[1]
