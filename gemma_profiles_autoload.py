@@ -1,42 +1,128 @@
 """Arms gemma-profiles at interpreter start; imported by ``gemma_profiles.pth``.
 
-With neither ``GEMMA_PROFILE`` set nor a profile applied in this environment it
-does one environment lookup and one ``stat`` and returns: no torch, no YAML, no
-import of the gemma_profiles package.  It never raises: a bad value is reported
-when a Gemma model is constructed, not here.
+This runs in every Python process of the environment, so it does almost nothing
+(standard library only, see docs/pth.md):
+
+- ``GEMMA_PROFILE`` set (and not ``off``): a profile is wanted;
+- else one ``stat`` of the applied-profile file: anything there (even a FIFO or a
+  file that is no state at all) means a profile may be wanted.
+
+Nothing is opened or read, nothing printed, nothing raised.  When a profile may be
+wanted, a small finder goes first on ``sys.meta_path``; when gemma's model module is
+imported it imports ``gemma_profiles.runtime``, which reads the choice and arms the
+patch then.  A wrong value or a broken state file is reported there, when a model is
+built, by a `GemmaProfileError` - never by a line at every interpreter start.
 """
 
 import os
 import sys
 
+TYPE_CHECKING = False  # not typing's: importing typing would cost every interpreter start milliseconds
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import ModuleType
+    from typing import Any
+
 ENV_VAR = "GEMMA_PROFILE"
 STATE_DIR_ENV = "GEMMA_PROFILE_STATE_DIR"
+STATE_FILE_NAME = "applied.json"
 OFF_VALUES = ("off", "none", "0", "false", "no")
+#: gemma_pytorch modules holding the classes the profile patches (the runtime's import hook list).
+PATCHED_MODULES = ("gemma.model", "gemma.gemma3_model")
+
+
+class StateDirError(ValueError):
+    """``GEMMA_PROFILE_STATE_DIR`` cannot name a folder every process agrees on; the text says why."""
+
+
+def state_dir() -> str:
+    """The folder holding this environment's applied profile, as an absolute path.
+
+    ``GEMMA_PROFILE_STATE_DIR`` moves it (``~`` and ``~user`` expand); a relative value is
+    refused, since processes started in other folders would each find another state.
+
+    :raises StateDirError: the variable is relative, names an unknown user, or holds a NUL.
+    """
+    value = os.environ.get(STATE_DIR_ENV, "")
+    if not value.strip():
+        return os.path.join(sys.prefix, "etc", "gemma-profiles")
+    shown = ascii(value) if not value.isprintable() else repr(value)
+    if "\0" in value:
+        raise StateDirError(f"{STATE_DIR_ENV}={shown} holds a NUL character")
+    expanded = os.path.expanduser(value)
+    if expanded.startswith("~"):
+        user = expanded[1:].split(os.sep, 1)[0]
+        raise StateDirError(f"{STATE_DIR_ENV}={shown}: cannot expand '~{user}' (no such user here)")
+    if not os.path.isabs(expanded):
+        raise StateDirError(
+            f"{STATE_DIR_ENV}={shown} is a relative path; processes started in other folders would not find it"
+        )
+    return os.path.normpath(expanded)
 
 
 def state_file() -> str:
-    """The applied-profile file of this Python environment."""
-    directory = os.environ.get(STATE_DIR_ENV) or os.path.join(sys.prefix, "etc", "gemma-profiles")
-    return os.path.join(directory, "applied.json")
+    """The applied-profile file of this Python environment (see `state_dir`)."""
+    return os.path.join(state_dir(), STATE_FILE_NAME)
 
 
 def wanted() -> bool:
-    """True when a profile should be armed in this interpreter."""
-    value = os.environ.get(ENV_VAR, "").strip()
-    if value:
-        return value.lower() not in OFF_VALUES
-    return os.path.exists(state_file())
+    """True when a profile may be wanted here: the cheap check run at every interpreter start.
 
-
-def _arm() -> None:
-    if not wanted():
-        return
+    Never raises and never opens the state file: a value or a state that is wrong counts
+    as wanted, so the runtime reports it when a model is built instead of gemma building
+    unpatched without a word.
+    """
     try:
+        value = os.environ.get(ENV_VAR, "").strip()
+        if value:
+            return value.lower() not in OFF_VALUES
+        os.stat(state_file())
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except Exception:  # a bad GEMMA_PROFILE_STATE_DIR, a folder we may not search, a name too long
+        return True
+    return True
+
+
+class ArmOnGemmaImport:
+    """First on ``sys.meta_path`` while a profile is wanted but not armed yet.
+
+    Answers only for gemma's model modules: imports ``gemma_profiles.runtime`` (which arms
+    the session and removes this finder) and hands the import to the runtime's own hook,
+    which patches the module once gemma's code has run.
+    """
+
+    def find_spec(
+        self, fullname: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None
+    ) -> "Any":
+        if fullname not in PATCHED_MODULES:
+            return None
         from gemma_profiles import runtime
 
-        runtime.arm_from_environment()
-    except Exception as exc:  # never break interpreter start-up
-        sys.stderr.write(f"gemma-profiles: autoload failed, gemma will fail to build a model: {exc}\n")
+        return runtime.spec_after_arming(fullname, path, target)
 
 
-_arm()
+def pending() -> bool:
+    """True while the finder waits for gemma (no session armed or chosen in this process yet)."""
+    return any(isinstance(finder, ArmOnGemmaImport) for finder in sys.meta_path)
+
+
+def disarm() -> None:
+    """Remove the finder: the runtime armed a session, or the program chose (or dropped) one itself."""
+    if pending():
+        sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, ArmOnGemmaImport)]
+
+
+def install() -> None:
+    """What the .pth runs: put the finder first when a profile may be wanted.  Never raises or prints."""
+    try:
+        if not wanted() or pending():
+            return
+        sys.meta_path.insert(0, ArmOnGemmaImport())
+        if any(name in sys.modules for name in PATCHED_MODULES):  # gemma came first (a sitecustomize)
+            from gemma_profiles import runtime  # noqa: F401  (arms on import)
+    except Exception:  # never break interpreter start-up; the runtime reports problems at model construction
+        pass
+
+
+install()

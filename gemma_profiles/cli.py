@@ -323,17 +323,22 @@ def apply(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def current(as_json: bool) -> None:
     """Show the active profile and why (GEMMA_PROFILE, apply, or none)."""
+    from .errors import StateError
     from .gemma_info import gemma_status
-    from .state import active_reference
+    from .state import ActiveReference, active_reference
 
-    active = active_reference()
+    problem = None
+    try:
+        active = active_reference()
+    except StateError as exc:  # a state file that is no state: models would fail to build, so say so
+        active = ActiveReference(None, "applied", "the applied-profile state cannot be read")
+        problem = str(exc)
     data: dict[str, Any] = {
         "profile": None,
         "reference": active.reference,
         "source": active.source,
         "detail": active.detail,
     }
-    problem = None
     if active.reference is not None:
         try:
             data["profile"] = default_registry().load(active.reference).name

@@ -28,10 +28,10 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from loguru import logger
 from torch import nn
 
 from . import native
+from .log import logger
 
 _DTYPES = (torch.float32, torch.bfloat16)
 #: Relative L2 distance allowed between gemma's forward and ours in the install-time check.

@@ -49,11 +49,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from loguru import logger
 
 from . import hugepages
 from .errors import CheckpointChangedError, CheckpointError
 from .lazy import assign, meta_tensors, set_lazy
+from .log import logger
 from .plan import Plan
 
 INDEX_FILE = "pytorch_model.bin.index.json"

@@ -59,10 +59,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from loguru import logger
 
 from . import hardware, hugepages
 from .hardware import NATIVE_ENV
+from .log import logger
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "int8_matmul.c", CSRC / "bf16_matmul.c", CSRC / "decode.c")

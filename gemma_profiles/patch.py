@@ -28,10 +28,10 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from loguru import logger
 
 from . import lazy, runtime
 from .errors import GemmaNotAvailableError
+from .log import logger
 from .plugins import get_plugin_manager
 
 #: module -> classes patched in it.

@@ -357,7 +357,7 @@ class GemmaPluginManager:
         if self.warn is not None:
             self.warn(line)
         else:
-            from loguru import logger
+            from .log import logger
 
             logger.warning("{}", line)
 

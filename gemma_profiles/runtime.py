@@ -3,6 +3,12 @@
 `activate` records a `Session` and installs an import hook, so gemma_pytorch
 is patched whether it is imported before or after activation.  The hook and
 the session are cheap: YAML is read on first use, torch only by gemma itself.
+
+A profile chosen by ``GEMMA_PROFILE`` or ``apply`` is armed when this module is
+first imported - by the .pth's finder when gemma's model module is, or by the
+program - never at interpreter start (see gemma_profiles_autoload).  The program's
+own ``sys.excepthook`` and loguru handlers are left alone: an error is raised as a
+`GemmaProfileError` whose type and one-line text are the interface.
 """
 
 from __future__ import annotations
@@ -18,17 +24,18 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from loguru import logger
+import gemma_profiles_autoload
 
 from . import log
 from .errors import GemmaProfileError, PatchError, ProfileError
+from .log import logger
 from .plan import Plan, make_plan
 from .profile import Profile
 from .types import ConfigRewrite
 from .variants import family_of_architecture, identify_variant
 
 #: gemma_pytorch modules holding classes we patch.
-PATCHED_MODULES = ("gemma.model", "gemma.gemma3_model")
+PATCHED_MODULES = gemma_profiles_autoload.PATCHED_MODULES
 
 
 @dataclass(frozen=True)
@@ -40,11 +47,16 @@ class Build:
 
 
 class Session:
-    """An active profile: a reference (name, path or `Profile`) and why it is active."""
+    """An active profile: a reference (name, path or `Profile`) and why it is active.
 
-    def __init__(self, reference: str | Profile, source: str = "api"):
+    :param problem: why the profile the user chose cannot be known (an unreadable state
+        file): raised again at every model construction, so gemma never builds unpatched.
+    """
+
+    def __init__(self, reference: str | Profile, source: str = "api", problem: GemmaProfileError | None = None):
         self.reference = reference
         self.source = source  # "api", "env", "applied"
+        self.problem = problem
         self._profile: Profile | None = reference if isinstance(reference, Profile) else None
 
     @property
@@ -53,6 +65,9 @@ class Session:
 
     def profile(self) -> Profile:
         """The loaded profile; errors name the env var or state that chose it."""
+        if self.problem is not None:
+            problem = self.problem
+            raise type(problem)(problem.message, where=problem.where, hint=problem.hint)
         if self._profile is None:
             from .registry import default_registry
 
@@ -177,31 +192,16 @@ def activate(profile: str | Profile, *, source: str = "api", lazy: bool = False)
 
 def _set_session(session: Session) -> None:
     global _session
+    gemma_profiles_autoload.disarm()  # this session replaces what the environment chose
     log.enable()
     _session = session
     _install_import_hook()
-    _install_excepthook()
-
-
-def _install_excepthook() -> None:
-    """An uncaught `GemmaProfileError` in a user's script prints one line, not a traceback."""
-    if getattr(sys.excepthook, "_gemma_profiles", False):
-        return
-    previous = sys.excepthook
-
-    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        if isinstance(value, GemmaProfileError):
-            sys.stderr.write(f"gemma-profiles: error: {value}\n")
-            return
-        previous(kind, value, tb)
-
-    excepthook._gemma_profiles = True  # type: ignore[attr-defined]
-    sys.excepthook = excepthook
 
 
 def deactivate() -> None:
     """Deactivate any profile and restore every attribute the patch replaced."""
     global _session
+    gemma_profiles_autoload.disarm()  # and the environment's choice is not armed later either
     _session = None
     _remove_import_hook()
     patch = sys.modules.get("gemma_profiles.patch")
@@ -225,13 +225,34 @@ def use(profile: str | Profile) -> Iterator[Session]:
 
 
 def arm_from_environment() -> Session | None:
-    """Activate what ``GEMMA_PROFILE`` or ``apply`` chose; used by the .pth autoload."""
+    """Activate what ``GEMMA_PROFILE`` or ``apply`` chose (lazily: YAML is read at the first model).
+
+    Never raises for a user's mistake: an unreadable state becomes a session whose every
+    model construction raises that `StateError`.
+    """
+    from .errors import StateError
     from .state import active_reference
 
-    active = active_reference()
+    try:
+        active = active_reference()
+    except StateError as exc:
+        _set_session(Session("the applied profile", "applied", problem=exc))
+        return _session
     if active.reference is None:
+        gemma_profiles_autoload.disarm()
         return None
     return activate(active.reference, source=active.source, lazy=True)
+
+
+def spec_after_arming(
+    fullname: str, path: Sequence[str] | None, target: ModuleType | None
+) -> importlib.machinery.ModuleSpec | None:
+    """The .pth finder's answer for a gemma model module: arm, then let our import hook find it."""
+    if gemma_profiles_autoload.pending():
+        arm_from_environment()
+    gemma_profiles_autoload.disarm()
+    hook = next((f for f in sys.meta_path if isinstance(f, GemmaImportHook)), None)
+    return hook.find_spec(fullname, path, target) if hook is not None else None
 
 
 # -- the import hook ------------------------------------------------------------
@@ -266,7 +287,9 @@ class GemmaImportHook(importlib.abc.MetaPathFinder):
         if fullname not in PATCHED_MODULES:
             return None
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+            if isinstance(finder, (GemmaImportHook, gemma_profiles_autoload.ArmOnGemmaImport)):
+                continue
+            if not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
@@ -289,3 +312,7 @@ def _install_import_hook() -> None:
 
 def _remove_import_hook() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, GemmaImportHook)]
+
+
+if gemma_profiles_autoload.pending():  # the .pth saw a profile chosen: arm it now that we are loaded
+    arm_from_environment()

@@ -1,25 +1,41 @@
 """The profile applied with ``gemma-profile apply``, one per Python environment.
 
 Stored as JSON in ``<sys.prefix>/etc/gemma-profiles/applied.json`` (the
-``GEMMA_PROFILE_STATE_DIR`` variable moves it), so each virtualenv has its own.
-Writes are atomic: a temporary file in the same directory is renamed over the
-old one, so a killed writer leaves the old state or the new, never half.
+``GEMMA_PROFILE_STATE_DIR`` variable moves it; ``~`` expands, a relative value is
+refused), so each virtualenv has its own.  Writes are atomic: a temporary file in
+the same directory is renamed over the old one, so a killed writer leaves the old
+state or the new, never half.
+
+Reads never block and are bounded: only a regular file of at most
+`MAX_STATE_BYTES` is read (a FIFO, a device or a huge file is refused from its
+``stat``).  A state that exists but cannot be used raises `StateError`: the user
+asked for a profile, so gemma must not quietly build without one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loguru import logger
-
-from gemma_profiles_autoload import ENV_VAR, OFF_VALUES, state_file
+from gemma_profiles_autoload import ENV_VAR, OFF_VALUES, StateDirError, state_file
 
 from .errors import StateError
+
+#: No state this tool writes comes near this; anything larger is not ours.
+MAX_STATE_BYTES = 64 * 1024
+_REPAIR = "run 'gemma-profile reset', or 'gemma-profile apply NAME' to write a new one"
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 @dataclass(frozen=True)
@@ -32,27 +48,104 @@ class ActiveReference:
 
 
 def state_path() -> Path:
-    return Path(state_file())
+    """The applied-profile file; a `StateError` when ``GEMMA_PROFILE_STATE_DIR`` cannot name one."""
+    try:
+        return Path(state_file())
+    except StateDirError as exc:
+        raise StateError(str(exc), hint="set it to an absolute path, or unset it") from None
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _read_bounded(path: Path) -> bytes | None:
+    """The bytes of ``path``, or None when there is no file; never blocks, never reads more than the cap."""
+    try:
+        before = os.stat(path)  # decide from stat alone: a FIFO or a device is never opened
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"cannot read the applied-profile state: {_why(exc)}", where=str(path), hint=_REPAIR) from None
+    _check_regular(path, before)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None  # removed since the stat: nothing applied
+    except OSError as exc:
+        raise StateError(f"cannot read the applied-profile state: {_why(exc)}", where=str(path), hint=_REPAIR) from None
+    try:
+        _check_regular(path, os.fstat(fd))  # what was opened, in case it was swapped after the stat
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_STATE_BYTES:
+            chunk = os.read(fd, MAX_STATE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise StateError(f"cannot read the applied-profile state: {_why(exc)}", where=str(path), hint=_REPAIR) from None
+    finally:
+        os.close(fd)
+    if size > MAX_STATE_BYTES:
+        _too_big(path, size)
+    return b"".join(chunks)
+
+
+def _check_regular(path: Path, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise StateError(
+            f"the applied-profile state is {_kind(info.st_mode)}, not a file this tool wrote",
+            where=str(path),
+            hint=_REPAIR,
+        )
+    if info.st_size > MAX_STATE_BYTES:
+        _too_big(path, info.st_size)
+
+
+def _too_big(path: Path, size: int) -> None:
+    raise StateError(
+        f"the applied-profile state is {size} bytes, more than any state this tool writes ({MAX_STATE_BYTES} at most)",
+        where=str(path),
+        hint=_REPAIR,
+    )
+
+
+def _why(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
 
 
 def read_applied() -> str | None:
-    """The applied profile reference, or None.  A corrupt file is reported and ignored."""
+    """The applied profile reference, or None when nothing is applied.
+
+    :raises StateError: the state file is there but is no state this tool wrote (not a
+        regular file, too large, not UTF-8, not our JSON), or ``GEMMA_PROFILE_STATE_DIR``
+        is wrong.  The message names the file and never quotes its content.
+    """
     path = state_path()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        logger.warning("ignoring unreadable applied-profile state {}: {}", path, exc.strerror)
+    data = _read_bounded(path)
+    if data is None:
         return None
     try:
-        data = json.loads(text)
-        reference = data["profile"]
-        if not isinstance(reference, str) or not reference:
-            raise ValueError("no profile")
-    except (ValueError, KeyError, TypeError):
-        logger.warning("ignoring corrupt applied-profile state {} (run 'gemma-profile reset')", path)
-        return None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StateError(
+            f"the applied-profile state is not UTF-8 text (byte {exc.start} of {len(data)})",
+            where=str(path),
+            hint=_REPAIR,
+        ) from None
+    try:
+        reference = json.loads(text)["profile"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        reference = None
+    if not isinstance(reference, str) or not reference.strip() or "\0" in reference:
+        raise StateError(
+            "the applied-profile state is not the JSON this tool writes (no 'profile' name in it)",
+            where=str(path),
+            hint=_REPAIR,
+        )
     return reference
 
 
@@ -85,7 +178,7 @@ def clear_applied() -> bool:
     """Forget the applied profile; True when there was one."""
     try:
         state_path().unlink()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as exc:
         raise StateError(f"cannot remove the applied profile: {exc.strerror}", where=str(state_path())) from None

@@ -30,10 +30,10 @@ from typing import Any
 
 import platformdirs
 import torch
-from loguru import logger
 from torch import nn
 
 from .errors import GemmaProfileError
+from .log import logger
 from .plan import EMBEDDER_KEYS, compress_layers
 from .units import format_bytes
 

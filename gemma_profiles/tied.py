@@ -27,8 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from loguru import logger
 from torch import nn
+
+from .log import logger
 
 _HOOK = "_gemma_profile_sampler_hook"
 #: Rows packed at a time: the packed copy is built while one chunk's source pages are resident.

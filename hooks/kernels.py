@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from loguru import logger
-
 from gemma_profiles import hookimpl
+from gemma_profiles.log import logger
 from gemma_profiles.plan import Plan
 
 

@@ -54,10 +54,9 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger
-
 from gemma_profiles import hookimpl
 from gemma_profiles.errors import GemmaProfileError
+from gemma_profiles.log import logger
 from gemma_profiles.plan import OFFLOAD_TARGETS, Plan, expand_layers, normalize_device, split_device_map
 from gemma_profiles.units import parse_memory
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from loguru import logger
-
 from gemma_profiles import hookimpl
 from gemma_profiles.errors import GemmaProfileError
+from gemma_profiles.log import logger
 from gemma_profiles.plan import Plan
 
 _announced: set[tuple[str, str, str, str]] = set()

@@ -37,7 +37,7 @@ def _say_once(variable: str, value: str, message: str) -> None:
     if (variable, value) in _said:
         return
     _said.add((variable, value))
-    from loguru import logger
+    from gemma_profiles.log import logger
 
     logger.warning("{}", message)
 

@@ -12,8 +12,6 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from loguru import logger
-
 from gemma_profiles import hookimpl, log, plugins, runtime
 from gemma_profiles.gemma_info import gemma_status
 from gemma_profiles.hardware import Hardware
@@ -68,15 +66,13 @@ def int8_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
 @pytest.fixture
 def log_messages() -> Iterator[list[str]]:
-    """Our loguru records as text (the library disables its logger at import)."""
+    """Our loguru records as text (they go to the library's own logger, `gemma_profiles.log.logger`)."""
     messages: list[str] = []
-    logger.enable("gemma_profiles")
-    sink = logger.add(messages.append, level="DEBUG", format="{level} | {message}")
+    sink = log.logger.add(messages.append, level="DEBUG", format="{level} | {message}")
     try:
         yield messages
     finally:
-        logger.remove(sink)
-        logger.disable("gemma_profiles")
+        log.logger.remove(sink)
 
 
 @pytest.fixture
@@ -87,9 +83,7 @@ def fresh_log_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         try:
             yield
         finally:
-            if log._handler_id is not None:
-                logger.remove(log._handler_id)
-            logger.disable("gemma_profiles")
+            log.disable()
 
 
 class FakeHardware:

@@ -51,6 +51,18 @@ def error_line(result: Result | subprocess.CompletedProcess[str], code: int = 2,
     return lines[0]
 
 
+def script_error(completed: subprocess.CompletedProcess[str]) -> str:
+    """An uncaught error in a user's script: Python's own report, ending in our type and one line of text.
+
+    (One-line errors without a traceback are the CLI's; inside a program the exception is the interface.)
+    """
+    assert completed.returncode == 1, (completed.returncode, completed.stdout, completed.stderr)
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last.startswith("gemma_profiles.errors."), completed.stderr
+    assert last.split(": ", 1)[0].rsplit(".", 1)[-1].endswith("Error"), last
+    return last
+
+
 def invoke(*args: str) -> Result:
     return CliRunner().invoke(cli, list(args), prog_name="gemma-profile")
 
@@ -235,7 +247,7 @@ def test_plan_that_does_not_fit_stops_a_script_with_one_line(gemma, write_profil
     path = write_profile("small", "description: x\nplacement:\n  device: cpu\n  max_memory: {cpu: 1GiB}\n")
     code = "from gemma import config, model\nmodel.GemmaForCausalLM(config.get_model_config('9b'))\n"
     completed = run_python(code, {**os.environ, "GEMMA_PROFILE": str(path)})
-    line = error_line(completed, code=1, prefix="gemma-profiles")
+    line = script_error(completed)
     assert f"{path}: 9b under profile 'small' does not fit: cpu needs" in line
     assert "but has 1.00 GiB (placement.max_memory)" in line
     assert "short by" in line and "gemma-profile plan small --variant 9b" in line
@@ -293,7 +305,7 @@ def test_jax_gemma_installed_instead(fake_jax_gemma):
 def test_jax_gemma_imported_with_a_profile_active(fake_jax_gemma):
     env = {**os.environ, "GEMMA_PROFILE": "cpu-32gb", "PYTHONPATH": str(fake_jax_gemma.parent)}
     completed = run_python("import gemma.model\n", env)
-    line = error_line(completed, code=1, prefix="gemma-profiles")
+    line = script_error(completed)
     assert f"the 'gemma' package at {fake_jax_gemma / 'model.py'} is not gemma_pytorch" in line
     assert "pip uninstall gemma" in line
 
@@ -335,7 +347,7 @@ def test_plugin_that_fails_to_import_in_a_script(tmp_path, gemma, tokenizer_path
         "from gemma import config, model\n"
         f"model.GemmaForCausalLM(tiny_config(config, '2b', {tokenizer_path!r}))\n"
     )
-    line = error_line(run_python(code, env), code=1, prefix="gemma-profiles")
+    line = script_error(run_python(code, env))
     assert "plugin 'broken' from package 'broken-plugin' failed to import" in line
 
 

@@ -294,12 +294,15 @@ def test_current_with_a_bad_env_profile_fails_cleanly(monkeypatch):
     assert result.stderr.startswith("gemma-profile: error:")
 
 
-def test_current_with_a_corrupt_state_file_is_not_fatal():
+def test_current_with_a_corrupt_state_file_says_so_in_one_line():
     state_file().parent.mkdir(parents=True)
     state_file().write_text("{not json")
     result = invoke("current", "--json")
-    assert result.exit_code == 0
-    assert json.loads(result.stdout)["source"] == "none"
+    assert result.exit_code == 2  # models would fail to build: not a quiet 'none'
+    data = json.loads(result.stdout)
+    assert (data["profile"], data["source"]) == (None, "applied")
+    assert data["error"].startswith(f"{state_file()}: the applied-profile state is not the JSON this tool writes")
+    assert result.stderr.splitlines() == [f"gemma-profile: error: {data['error']}"]
 
 
 def test_apply_then_current_in_real_processes():

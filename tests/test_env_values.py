@@ -21,7 +21,6 @@ from click.testing import CliRunner, Result
 from gemma_profiles.hooks import sources
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loguru import logger
 
 from gemma_profiles import log, plugins, registry
 from gemma_profiles.cli import cli
@@ -331,15 +330,11 @@ def fresh_process_state() -> Iterator[None]:
     plugins.reset_plugin_manager()
     sources._said.clear()
     registry._unreadable.clear()
-    if log._handler_id is not None:
-        logger.remove(log._handler_id)
-        log._handler_id = None
+    log.disable()
     try:
         yield
     finally:
-        if log._handler_id is not None:
-            logger.remove(log._handler_id)
-            log._handler_id = None
+        log.disable()
         plugins.reset_plugin_manager()
 
 

@@ -73,25 +73,34 @@ def test_blank_env_falls_through_to_applied(monkeypatch):
     ["not json at all", '{"applied_at": "yesterday"}', '{"profile": ""}', '{"profile": 42}', '["t4"]', "", "{"],
     ids=["not-json", "no-profile", "empty-profile", "number", "list", "empty-file", "truncated"],
 )
-def test_corrupt_state_is_ignored_with_a_warning(text, log_messages):
+def test_corrupt_state_is_a_state_error_naming_the_file(text):
+    """The user applied a profile: a broken state must not read as 'nothing applied' (gemma would build unpatched)."""
     path = state_path()
     path.parent.mkdir(parents=True)
     path.write_text(text, encoding="utf-8")
-    assert read_applied() is None
-    warnings = [m for m in log_messages if m.startswith("WARNING")]
-    assert len(warnings) == 1
-    assert str(path) in warnings[0]
-    assert "gemma-profile reset" in warnings[0]
-    assert active_reference().source == "none"
-    # and a new apply repairs it
-    write_applied("t4")
+    for read in (read_applied, active_reference):
+        with pytest.raises(StateError) as caught:
+            read()
+        message = str(caught.value)
+        assert message.startswith(f"{path}: the applied-profile state is not the JSON this tool writes")
+        assert "gemma-profile reset" in message and "\n" not in message
+    write_applied("t4")  # and a new apply repairs it
     assert read_applied() == "t4"
 
 
-def test_unreadable_state_is_ignored(log_messages):
-    state_path().mkdir(parents=True)  # a directory where the file should be
-    assert read_applied() is None
-    assert any(m.startswith("WARNING") for m in log_messages)
+def test_a_directory_at_the_state_path_is_a_state_error():
+    state_path().mkdir(parents=True)
+    with pytest.raises(StateError, match=r"the applied-profile state is a directory, not a file this tool wrote"):
+        read_applied()
+
+
+def test_gemma_profile_set_wins_over_a_broken_state(monkeypatch):
+    state_path().parent.mkdir(parents=True)
+    state_path().write_bytes(b"\xff\xfe")
+    monkeypatch.setenv("GEMMA_PROFILE", "cpu-32gb")
+    assert active_reference().reference == "cpu-32gb"
+    monkeypatch.setenv("GEMMA_PROFILE", "off")
+    assert active_reference().reference is None
 
 
 def test_failed_replace_keeps_the_old_state(monkeypatch):
