@@ -149,7 +149,7 @@ def _profile_file(reference: str) -> Path:
 
 def _require_profile_suffix(path: Path, reference: str) -> None:
     if path.suffix not in PROFILE_SUFFIXES:
-        raise ProfileError(
+        raise ProfileNotFoundError(
             f"'{printable(reference)}' is not a profile file: profile files are named *.yaml or *.yml, "
             "and nothing else is read",
             hint="name a profile from 'gemma-profile list', or a .yaml file",
