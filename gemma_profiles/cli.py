@@ -18,7 +18,7 @@ import click
 
 from . import log
 from .errors import GemmaProfileError, did_you_mean, printable
-from .profile import Profile, problems_in
+from .profile import Profile
 from .registry import PROFILE_SUFFIXES, Registry, default_registry, looks_like_path
 from .variants import VARIANTS
 
@@ -269,7 +269,9 @@ def validate(paths: tuple[str, ...], as_json: bool) -> None:
         if file in unusable:
             problems = [Problem(str(file), unusable[file])]
         else:
-            problems = problems_in(file, registry.resolve_extends)
+            from .plan import profile_problems  # what show and plan refuse too, for every variant
+
+            problems = profile_problems(file, registry.resolve_extends, cache=registry.resolved)
         results.append(
             {
                 "path": str(file),

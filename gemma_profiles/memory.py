@@ -43,6 +43,8 @@ at a time), so it adds none.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -53,6 +55,8 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "bfloat16": 2}
 CUDA_CONTEXT_BYTES = 500 * 2**20
 MIN_RESERVE_BYTES = 512 * 2**20
 RESERVE_FRACTION = 0.02
+#: What one process can address on x86-64 and arm64 Linux (47-bit user space): no plan needs more.
+ADDRESSABLE_BYTES = 2**47
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,19 @@ class ModelShape:
             config.max_position_embeddings,
             config.sliding_window_size,
         )
+
+    def with_overrides(self, config: Mapping[str, Any]) -> ModelShape:
+        """This shape with a profile's ``config:`` values (GemmaConfig field names) applied.
+
+        ``architecture`` (``"GEMMA_2"``) sets the family; fields that do not change the
+        shape (dtype, tokenizer...) are ignored.
+        """
+        names = {f.name for f in fields(self)} - {"family"}
+        changes: dict[str, Any] = {k: v for k, v in config.items() if k in names and v is not None}
+        family = family_of_architecture(config.get("architecture"))
+        if family is not None:
+            changes["family"] = family
+        return dataclasses.replace(self, **changes) if changes else self
 
     # -- parameter counts --------------------------------------------------------------
 

@@ -4,21 +4,31 @@ Explicit profile values always win; every automatic choice carries its reason.
 Planning never imports torch: hardware arrives as a `Target` built from the
 profile's ``hardware:`` facts (``gemma-profile plan``) or from detected
 `Hardware` (``GEMMA_PROFILE=auto`` and the preflight at construction).
+
+The plan sizes the model gemma will build: the variant's (or the caller's) shape
+with the profile's ``config:`` values applied.  A shape gemma would refuse (heads
+that do not divide) or that no machine can address is refused here, naming the
+profile's field and line; whether it fits this machine is the verdict.  Explicit
+dtypes are held to the same rules as automatic ones: bfloat16 needs compute
+capability 8.0 on a GPU, and float16 is refused for models whose activations
+overflow it unless ``compute: {allow_float16_overflow: true}`` says the profile
+means it.  `plan_problems` runs every one of these checks for ``validate``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from . import schema
 from .errors import GemmaProfileError
 from .hardware import Hardware, native_int8_expected
-from .memory import DTYPE_BYTES, MemoryEstimate, ModelShape, estimate_memory, reserve_for
-from .profile import Profile
+from .memory import ADDRESSABLE_BYTES, DTYPE_BYTES, MemoryEstimate, ModelShape, estimate_memory, reserve_for
+from .profile import ExtendsResolver, Problem, Profile, ResolveCache, load_profile, problems_in
 from .units import format_bytes, parse_memory
-from .variants import VARIANTS, float16_unsafe
+from .variants import FLOAT16_UNSAFE_FAMILIES, VARIANTS, family_of_architecture, float16_unsafe
 
 FAMILY_OF = {name: shape.family for name, shape in VARIANTS.items()}
 NATIVE_BF16 = (8, 0)
@@ -108,6 +118,9 @@ class Plan:
     :param verdict: fits or not, when both are known.
     :param layers: decoder layer index ranges -> device (offloaded ones on ``cpu``/``disk``).
     :param loading: the profile's loading section (``mmap``).
+    :param resized: the profile's ``config:`` values that change the model's size, with
+        where each is set (``num_hidden_layers: 40 (cpu.yaml:7)``); named in a verdict
+        that does not fit.
     """
 
     profile: str
@@ -128,6 +141,7 @@ class Plan:
     verdict: Verdict | None = None
     layers: dict[str, str] = field(default_factory=dict)
     loading: schema.Loading = field(default_factory=schema.Loading)
+    resized: tuple[str, ...] = ()
 
     @property
     def offloads(self) -> bool:
@@ -159,6 +173,7 @@ class Plan:
             "budgets": [b.__dict__ for b in self.budgets],
             "verdict": None if self.verdict is None else self.verdict.__dict__,
             "warnings": list(self.warnings),
+            "resized": list(self.resized),
         }
 
 
@@ -271,6 +286,113 @@ def check_dtype(dtype: Setting, target: Target | None, profile: str) -> None:
         )
 
 
+FAMILY_NAMES = {"gemma1": "Gemma 1", "gemma2": "Gemma 2", "gemma3": "Gemma 3"}
+
+
+def _overflowing(variant: str | None, family: str | None) -> str:
+    """The model float16 overflows for, as a user reads it: ``Gemma 2``, ``Gemma 1 7b``."""
+    if family in FLOAT16_UNSAFE_FAMILIES:
+        return FAMILY_NAMES[str(family)]
+    return f"{FAMILY_NAMES.get(family or '', 'Gemma')} {variant}" if variant else "this model"
+
+
+def check_float16(
+    dtype: Setting,
+    variant: str | None,
+    family: str | None,
+    target: Target | None,
+    profile: str,
+    allowed: bool,
+) -> None:
+    """An explicit float16 for a model whose activations overflow it fails here, unless the profile allows it.
+
+    The overflow is silent: no error, only inf/NaN logits, and text that is empty (a real
+    Gemma 3 in float16 returns '') or garbage.
+    """
+    if dtype.value != "float16" or allowed or not float16_unsafe(variant, family):
+        return
+    cc = target.compute_capability if target is not None and target.device.startswith("cuda") else None
+    if cc is not None and cc >= NATIVE_BF16:
+        use = "bfloat16 (native on this GPU) or float32"
+    elif cc is not None:
+        use = (
+            f"float32, or int8 weights with float32 compute (quantization: {{weights: int8}}); "
+            f"bfloat16 needs compute capability >= 8.0 (this GPU: {cc[0]}.{cc[1]})"
+        )
+    else:
+        use = "float32, or int8 weights with float32 compute (quantization: {weights: int8}), or bfloat16 "
+        use += "(on a GPU: compute capability >= 8.0)"
+    key = family if family in FLOAT16_UNSAFE_FAMILIES else variant
+    raise GemmaProfileError(
+        f"float16 compute overflows for {_overflowing(variant, family)} (activations reach ~1e5; the model "
+        f"returns empty or garbage text, without an error), but profile '{profile}' asks for float16",
+        where=dtype.origin,
+        hint=f"use {use}, e.g. variants: {{{key}: {{config: {{dtype: float32}}}}}}; "
+        "'compute: {allow_float16_overflow: true}' keeps float16 on purpose",
+    )
+
+
+#: gemma_pytorch's own checks on a config (``assert`` in its constructors), as (field, divides field).
+_DIVIDES = (("num_key_value_heads", "num_attention_heads"), ("num_attention_heads", "hidden_size"))
+
+
+def check_shape(
+    shape: ModelShape, overrides: dict[str, Setting], dtype: str | None, int8: bool, profile: str, model: str
+) -> None:
+    """A shape gemma would refuse, or one no machine can hold, fails here, naming the profile's field.
+
+    Only shapes the profile changed are checked: gemma's own variants are gemma's business.
+    """
+    for part, whole in _DIVIDES:
+        if part not in overrides and whole not in overrides:
+            continue
+        a, b = getattr(shape, part), getattr(shape, whole)
+        if b % a:
+            blamed = overrides.get(part) or overrides[whole]
+            raise GemmaProfileError(
+                f"config.{whole} {b} is not a multiple of config.{part} {a} for {FAMILY_NAMES.get(model, model)} "
+                f"(gemma_pytorch asserts it while building the model)",
+                where=blamed.origin,
+                hint=f"set {part} and {whole} so that {whole} / {part} is a whole number",
+            )
+    resized = {name: overrides[name] for name in _SIZE_FIELDS if name in overrides}
+    if not resized:
+        return
+    need = shape.weight_bytes(dtype if dtype in DTYPE_BYTES else "bfloat16", int8)
+    rope = (2 if shape.family == "gemma3" else 1) * 2 * shape.max_position_embeddings * (shape.head_dim // 2) * 8
+    if need + rope > ADDRESSABLE_BYTES:
+        largest = max(resized, key=lambda name: getattr(shape, name) / max(1, _variant_value(model, name)))
+        raise GemmaProfileError(
+            f"{model} with config.{largest}: {getattr(shape, largest):,} needs {format_bytes(need + rope)} for its "
+            f"weights alone, more than a process can address ({format_bytes(ADDRESSABLE_BYTES)})",
+            where=resized[largest].origin,
+            hint="check the profile's config sizes: " + ", ".join(_resized(shape, resized)),
+        )
+
+
+_SIZE_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "sliding_window_size",
+)
+
+
+def _variant_value(model: str, name: str) -> int:
+    shape = VARIANTS.get(model)
+    value = getattr(shape, name, None) if shape is not None else None
+    return value if isinstance(value, int) else 1
+
+
+def _resized(shape: ModelShape, overrides: dict[str, Setting]) -> list[str]:
+    return [f"{name}: {getattr(shape, name):,} ({overrides[name].origin})" for name in overrides]
+
+
 def make_plan(
     profile: Profile,
     variant: str | None = None,
@@ -298,20 +420,33 @@ def make_plan(
         found = resolved.origin(*key)
         return str(found) if found else f"profile {profile.name}"
 
-    config = {
-        name: Setting(value, origin("config", name))
-        for name, value in model.config.model_dump(exclude_unset=True).items()
-    }
+    overrides = model.config.model_dump(exclude_unset=True)
+    config = {name: Setting(value, origin("config", name)) for name, value in overrides.items()}
+    # The model gemma builds: the profile's config values rewrite the caller's.
+    family = family_of_architecture(overrides.get("architecture")) or family
+    if shape is not None:
+        shape = shape.with_overrides(overrides)
     explicit_quant = "weights" in model.quantization.model_fields_set
     quantization = model.quantization.weights
     if explicit_quant:
         config["quant"] = Setting(quantization == "int8", origin("quantization", "weights"))
     if "dtype" in config:
         check_dtype(config["dtype"], target, profile.name)
+        check_float16(config["dtype"], variant, family, target, profile.name, model.compute.allow_float16_overflow)
     else:
         chosen = choose_dtype(target, variant, family)
         if chosen is not None:
             config["dtype"] = chosen
+    if shape is not None:
+        dtype = config.get("dtype")
+        check_shape(
+            shape,
+            config,
+            None if dtype is None else str(dtype.value),
+            quantization == "int8",
+            profile.name,
+            variant or family or "the model",
+        )
     device = None
     if model.placement.device is not None:
         device = Setting(model.placement.device, origin("placement", "device"))
@@ -331,6 +466,7 @@ def make_plan(
         batch=batch or generation.batch,
         seq_len=min(seq_len or generation.seq_len, shape.max_position_embeddings if shape else 10**9),
         loading=model.loading,
+        resized=tuple(_resized(shape, {n: config[n] for n in _SIZE_FIELDS if n in config})) if shape else (),
     )
     if shape is None or plan.dtype not in DTYPE_BYTES or target is None:
         return plan
@@ -340,6 +476,47 @@ def make_plan(
         if int8.verdict is not None and int8.verdict.fits:
             plan = int8
     return plan
+
+
+def profile_problems(
+    path: str | Path, resolve_extends: ExtendsResolver | None = None, *, cache: ResolveCache | None = None
+) -> list[Problem]:
+    """Every problem ``validate`` reports for one file: loading it, then `plan_problems`."""
+    problems = problems_in(path, resolve_extends, cache=cache)
+    if problems:
+        return problems
+    return plan_problems(load_profile(path, resolve_extends, cache=cache))
+
+
+def plan_problems(profile: Profile) -> list[Problem]:
+    """What ``show`` and ``plan`` would refuse in ``profile``, for any variant; ``validate`` reports these.
+
+    Plans the profile for no variant and for each gemma variant against its own
+    ``hardware:`` facts (dtype rules, sizes from ``config:``, the device map).  An
+    abstract profile is a base for others and is checked through them.  One problem
+    found for several variants is reported once, naming them.
+    """
+    if profile.model.abstract:
+        return []
+    found: dict[tuple[str, str], tuple[str, list[str]]] = {}
+    for variant in (None, *VARIANTS):
+        try:
+            make_plan(profile, variant)
+        except GemmaProfileError as exc:
+            text = exc.message + (f" ({exc.hint})" if exc.hint else "")
+            where = exc.where or str(profile.path)
+            # One check failing for several variants differs only in their numbers and names.
+            key = (where, _NUMBERED.sub("#", text))
+            found.setdefault(key, (text, []))[1].append(variant or "no variant")
+    return [
+        Problem(
+            where, text if len(variants) in (1, len(VARIANTS) + 1) else f"{text} [also for {', '.join(variants[1:])}]"
+        )
+        for (where, _), (text, variants) in found.items()
+    ]
+
+
+_NUMBERED = re.compile(r"[\w.,:-]*\d[\w.,:-]*")
 
 
 def _with_quant(plan: Plan, reason: str) -> Plan:
@@ -352,8 +529,9 @@ def _warnings(config: dict[str, Setting], variant: str | None, family: str | Non
     dtype = config.get("dtype")
     if dtype is not None and dtype.value == "float16" and float16_unsafe(variant, family):
         return [
-            f"float16 compute overflows for {variant or family} (activations reach ~1e5); "
-            f"use float32 or bfloat16 via variants.{family or variant} (set at {dtype.origin})"
+            f"float16 compute overflows for {_overflowing(variant, family)} (activations reach ~1e5), kept because "
+            "the profile sets compute.allow_float16_overflow; expect empty or garbage text "
+            f"(dtype set at {dtype.origin})"
         ]
     return []
 
@@ -450,10 +628,12 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
         verdict = Verdict(True, f"fits ({how}; {used})")
     else:
         worst = max(short, key=lambda d: short[d])
+        resized = f"; the profile sets {', '.join(plan.resized)}" if plan.resized else ""
         verdict = Verdict(
             False,
             f"does not fit: {worst} needs {format_bytes(estimate.required[worst])} but has "
-            f"{format_bytes(budgets[worst].available)} ({budgets[worst].note}); short by {format_bytes(short[worst])}",
+            f"{format_bytes(budgets[worst].available)} ({budgets[worst].note}); short by {format_bytes(short[worst])}"
+            + resized,
             short[worst],
             _cheapest_fix(plan, shape, target, budgets),
         )

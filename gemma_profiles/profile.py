@@ -4,6 +4,13 @@ A profile file is read with `yamlio` (plain data plus line numbers), merged with
 the profiles it ``extends`` (parents first, the child wins), validated against
 `schema.ProfileModel`, and every validation problem is reported as
 ``file:line: message`` with a suggestion for a misspelt key.
+
+Resolving ``extends`` takes bounded time: each file is read and merged once per
+load (or once per `ResolveCache`, which a registry shares between its loads), a
+chain may be `MAX_EXTENDS_DEPTH` profiles deep, and one profile may bring in at
+most `MAX_EXTENDS_FILES` files in all.  A profile's ``name:`` must be its file's
+name (without ``.yaml``): names are how ``list``, ``apply`` and ``extends`` find
+profiles, so a profile cannot be listed under one name and report another.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from .variants import FAMILIES, VARIANTS
 from .yamlio import Path_, SourcedDoc, read_yaml_file
 
 MAX_EXTENDS_DEPTH = 16
+#: The most profile files one profile may bring in through ``extends`` (itself included).
+MAX_EXTENDS_FILES = 64
 
 #: Resolve an ``extends:`` reference (name or relative path) seen in ``from_file``.
 ExtendsResolver = Callable[[str, Path], Path]
@@ -40,6 +49,14 @@ class Origin:
         return f"{place} ({self.via})" if self.via else place
 
 
+#: A file merged with its parents: data, origins, the files it brings in, and the most
+#: files on one extends path from it (1 when it extends nothing).
+_Merged = tuple[dict[str, Any], dict[Path_, Origin], tuple[Path, ...], int]
+#: Files already merged with their parents, by resolved path: pass one to several
+#: `load_profile` calls with the same resolver to read and merge each file once.
+ResolveCache = dict[Path, _Merged]
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong in a profile file."""
@@ -52,9 +69,16 @@ class Problem:
 
 
 class ProfileValidationError(ProfileError):
-    """One or more problems in a profile; ``problems`` lists them all."""
+    """One or more problems in a profile; ``problems`` lists them all.
 
-    def __init__(self, problems: list[Problem]):
+    Also takes the ``(message, where=, hint=)`` of every `GemmaProfileError` (one problem),
+    so code that re-raises an error with more context works for this class too.
+    """
+
+    def __init__(self, problems: list[Problem] | str, *, where: str | None = None, hint: str | None = None):
+        if isinstance(problems, str):
+            text = f"{problems} ({hint})" if hint else problems
+            problems = [Problem(where or "<profile>", text)]
         self.problems = problems
         first = problems[0]
         more = f" (and {len(problems) - 1} more problem(s); run 'gemma-profile validate')" if len(problems) > 1 else ""
@@ -123,20 +147,33 @@ class Profile:
             yield ".".join(map(str, key_path)), value, self.origin(*map(str, key_path))
 
 
-def load_profile(path: str | Path, resolve_extends: ExtendsResolver | None = None) -> Profile:
+def load_profile(
+    path: str | Path, resolve_extends: ExtendsResolver | None = None, *, cache: ResolveCache | None = None
+) -> Profile:
     """Load and validate one profile file, following ``extends``.
 
     :param path: the YAML file.
     :param resolve_extends: maps an ``extends`` name to a file; by default only
         paths relative to the extending file are understood.
+    :param cache: files merged by earlier loads with the same resolver (filled in here).
     :raises ProfileError: with ``file:line`` for anything wrong.
     """
     resolver = resolve_extends or _relative_only
     file = Path(path)
-    merged, origins, chain = _load_merged(file, resolver, ())
+    merged, origins, chain, _ = _load_merged(file, resolver, (), {} if cache is None else cache)
     merged.setdefault("name", file.stem)
     origins.setdefault(("name",), Origin(str(file)))
     problems = _precheck(merged, origins)
+    name = merged.get("name")
+    if isinstance(name, str) and name != file.stem and ("name",) in origins:
+        problems.append(
+            Problem(
+                _where(origins, ("name",), str(file)),
+                f"name '{name}' differs from the file name '{file.name}': profiles are found by file name "
+                f"('list', 'apply', 'extends' would call it '{file.stem}'); rename the file to '{name}{file.suffix}' "
+                f"or drop the name: line",
+            )
+        )
     try:
         model = schema.ProfileModel.model_validate(merged)
     except ValidationError as exc:
@@ -170,9 +207,23 @@ def _relative_only(reference: str, from_file: Path) -> Path:
     )
 
 
-def _load_merged(
-    file: Path, resolver: ExtendsResolver, seen: tuple[Path, ...]
-) -> tuple[dict[str, Any], dict[Path_, Origin], tuple[Path, ...]]:
+def _load_merged(file: Path, resolver: ExtendsResolver, seen: tuple[Path, ...], cache: ResolveCache) -> _Merged:
+    """``file`` merged with what it extends; each file is merged once per ``cache``.
+
+    A cached file's ancestry was resolved completely without a cycle, so reusing it
+    cannot hide one: a cycle through it would have failed its own resolution.
+    """
+    try:
+        key = file.resolve()
+    except (OSError, RuntimeError):  # a loop of links: reading it says what is wrong
+        key = file
+    if key not in cache:
+        cache[key] = _merge_file(file, resolver, seen, cache)
+    data, origins, chain, height = cache[key]
+    return dict(data), dict(origins), chain, height  # callers pop top-level keys and add origins
+
+
+def _merge_file(file: Path, resolver: ExtendsResolver, seen: tuple[Path, ...], cache: ResolveCache) -> _Merged:
     doc = read_yaml_file(file)
     if doc.data is None:
         raise ProfileError("the file is empty", where=str(file), hint="a profile needs at least a description")
@@ -182,16 +233,21 @@ def _load_merged(
     data = dict(doc.data)
     parents = data.get("extends")
     if parents is None:
-        return data, here_origins, (file,)
+        return data, here_origins, (file,), 1
     if isinstance(parents, str):
         parents = [parents]
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
         raise ProfileError("extends must be a profile name or a list of names", where=doc.where(("extends",)))
     if len(seen) >= MAX_EXTENDS_DEPTH:
-        raise ProfileError(f"extends chain deeper than {MAX_EXTENDS_DEPTH} profiles", where=doc.where(("extends",)))
+        raise ProfileError(
+            f"extends chain deeper than {MAX_EXTENDS_DEPTH} profiles",
+            where=doc.where(("extends",)),
+            hint="a profile extends a few bases; flatten the hierarchy",
+        )
     merged: dict[str, Any] = {}
     origins: dict[Path_, Origin] = {}
     chain: list[Path] = [file]
+    height = 1
     resolved_here = file.resolve()
     for index, parent in enumerate(parents):
         where = doc.where(("extends", index) if ("extends", index) in doc.lines else ("extends",))
@@ -203,15 +259,30 @@ def _load_merged(
         if parent_file.resolve() in stack:
             names = " -> ".join(p.stem for p in (*stack, parent_file.resolve()))
             raise ProfileError(f"extends cycle: {names}", where=where, hint="remove one of the extends")
-        parent_data, parent_origins, parent_chain = _load_merged(parent_file, resolver, stack)
+        parent_data, parent_origins, parent_chain, parent_height = _load_merged(parent_file, resolver, stack, cache)
+        # As deep as the check above allows when the parent was merged at another depth (cached).
+        if len(stack) + parent_height - 2 >= MAX_EXTENDS_DEPTH:
+            raise ProfileError(
+                f"extends chain deeper than {MAX_EXTENDS_DEPTH} profiles",
+                where=where,
+                hint="a profile extends a few bases; flatten the hierarchy",
+            )
+        height = max(height, parent_height + 1)
         parent_data.pop("abstract", None)  # abstractness is not inherited
         parent_data.pop("name", None)
         parent_data.pop("extends", None)
         via = {k: Origin(o.path, o.line, o.via or f"extends {parent}") for k, o in parent_origins.items()}
         _merge_into(merged, origins, parent_data, via)
-        chain.extend(p for p in parent_chain if p not in chain)
+        known = set(chain)
+        chain.extend(p for p in parent_chain if p not in known)
+        if len(chain) > MAX_EXTENDS_FILES:
+            raise ProfileError(
+                f"extends brings in more than {MAX_EXTENDS_FILES} profile files (at least {len(chain)})",
+                where=where,
+                hint="a profile extends a few bases; flatten the hierarchy",
+            )
     _merge_into(merged, origins, data, here_origins)
-    return merged, origins, tuple(chain)
+    return merged, origins, tuple(chain), height
 
 
 def _merge_into(
@@ -269,6 +340,8 @@ def _model_for(key_path: Path_) -> type[BaseModel] | None:
         "quantization": schema.Quantization,
         "hardware": schema.Hardware,
         "generation": schema.Generation,
+        "loading": schema.Loading,
+        "compute": schema.Compute,
     }
     if not key_path:
         return schema.ProfileModel
@@ -326,10 +399,12 @@ def _problem(error: Any, origins: Mapping[Path_, Origin], file: str) -> Problem:
     return Problem(where, f"{dotted}: {message}")
 
 
-def problems_in(path: str | Path, resolve_extends: ExtendsResolver | None = None) -> list[Problem]:
-    """All problems in one file (empty when it is valid); used by ``validate``."""
+def problems_in(
+    path: str | Path, resolve_extends: ExtendsResolver | None = None, *, cache: ResolveCache | None = None
+) -> list[Problem]:
+    """All problems loading one file finds (empty when it loads); ``validate`` adds the planner's checks."""
     try:
-        load_profile(path, resolve_extends)
+        load_profile(path, resolve_extends, cache=cache)
     except ProfileValidationError as exc:
         return exc.problems
     except ProfileError as exc:
@@ -337,4 +412,13 @@ def problems_in(path: str | Path, resolve_extends: ExtendsResolver | None = None
     return []
 
 
-__all__ = ["Origin", "Problem", "Profile", "ProfileValidationError", "SourcedDoc", "load_profile", "problems_in"]
+__all__ = [
+    "Origin",
+    "Problem",
+    "Profile",
+    "ProfileValidationError",
+    "ResolveCache",
+    "SourcedDoc",
+    "load_profile",
+    "problems_in",
+]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import ProfileError, ProfileNotFoundError, did_you_mean, printable
 from .log import logger
-from .profile import Profile, load_profile
+from .profile import Profile, ResolveCache, load_profile
 from .types import ProfileSource
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
@@ -43,6 +43,7 @@ class Registry:
     def __init__(self, sources: list[ProfileSource]):
         self.sources = sorted(sources, key=lambda s: s.precedence)
         self._index: dict[str, Entry] | None = None
+        self.resolved: ResolveCache = {}  # each file merged with its extends once per registry
 
     def index(self) -> dict[str, Entry]:
         if self._index is None:
@@ -105,7 +106,7 @@ class Registry:
 
     def load(self, reference: str) -> Profile:
         """Load a profile by name or path, resolving ``extends`` through this registry."""
-        return load_profile(self.find(reference), self.resolve_extends)
+        return load_profile(self.find(reference), self.resolve_extends, cache=self.resolved)
 
     def resolve_extends(self, reference: str, from_file: Path) -> Path:
         if looks_like_path(reference):

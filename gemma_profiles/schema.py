@@ -3,6 +3,13 @@
 These pydantic models are the single definition of what a profile may say;
 `gemma_profiles.profile` turns YAML into them and their validation errors into
 ``file:line`` messages.  Nothing here imports torch.
+
+Sizes a profile may give a model (``config:``) are bounded by `SIZE_LIMITS`, far
+beyond any Gemma (a value past them is a typo or an attack, refused before anything
+is planned or allocated); whether a size that passes fits the machine is the
+planner's verdict.  ``compute: {allow_float16_overflow: true}`` is the one way to keep
+an explicit ``dtype: float16`` for a model whose activations overflow it (Gemma 2, 3
+and Gemma 1 7b): without it the planner refuses such a profile (see `Compute`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from .variants import FAMILIES, VARIANTS
 
 DType = Literal["float32", "float", "float16", "bfloat16"]
 AttentionTypeName = Literal["GLOBAL", "LOCAL_SLIDING"]
+#: gemma_pytorch's ``gemma.config.Architecture`` member names (checked against gemma's enum by the tests).
+ArchitectureName = Literal["GEMMA_1", "GEMMA_2", "GEMMA_3"]
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 _MEMORY_KEY = re.compile(r"^(cpu|mps|disk|cuda:\d+|\d+)$")
@@ -53,6 +62,58 @@ def _compute_capability(value: Any) -> Any:
 MemorySize = Annotated[str | int, AfterValidator(_memory)]
 Device = Annotated[str, AfterValidator(_device)]
 
+#: The most a profile may set each GemmaConfig size to, and the largest value among
+#: gemma_pytorch's own variants (`variants.VARIANTS`).  Each limit is at least 8x
+#: the largest Gemma's; past it the value alone is not a model (2 000 000 layers,
+#: 2 000 000 000 positions), and gemma would hang or fail allocating it.
+SIZE_LIMITS: dict[str, tuple[int, int]] = {
+    "num_hidden_layers": (1024, 62),
+    "hidden_size": (65_536, 5376),
+    "intermediate_size": (524_288, 36_864),
+    "num_attention_heads": (1024, 32),
+    "num_key_value_heads": (1024, 16),
+    "head_dim": (4096, 256),
+    "vocab_size": (4_194_304, 262_144),
+    "max_position_embeddings": (1_048_576, 131_072),
+    "sliding_window_size": (1_048_576, 4096),
+    "query_pre_attn_scalar": (1_048_576, 256),
+}
+MAX_TOKENIZER_PATH = 4096
+
+
+def _bounded(field: str) -> AfterValidator:
+    limit, largest = SIZE_LIMITS[field]
+
+    def check(value: int) -> int:
+        if value > limit:
+            raise ValueError(
+                f"{value:,} is beyond any sane model: the limit is {limit:,} (the largest Gemma has {largest:,}); "
+                "check the value"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _even(value: int) -> int:
+    if value % 2:
+        raise ValueError(f"{value} is odd: rotary embeddings turn pairs of dimensions, so head_dim must be even")
+    return value
+
+
+def _tokenizer(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty: give the path of a tokenizer.model file, or leave it out")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("holds a control character (a NUL, a line break): give a plain path")
+    if len(value) > MAX_TOKENIZER_PATH:
+        raise ValueError(f"is {len(value)} characters long (at most {MAX_TOKENIZER_PATH}): give a plain path")
+    if value.startswith("~"):
+        raise ValueError("starts with '~', which gemma does not expand: write the path out")
+    if value.endswith(("/", "\\")):
+        raise ValueError("ends with a separator: give the path of the tokenizer.model file, not a folder")
+    return value
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -65,24 +126,24 @@ class GemmaConfigOverrides(_Strict):
     fields take the member's name (``architecture: GEMMA_2``).
     """
 
-    architecture: Literal["GEMMA_1", "GEMMA_2", "GEMMA_3"] | None = None
-    vocab_size: PositiveInt | None = None
-    max_position_embeddings: PositiveInt | None = None
-    num_hidden_layers: PositiveInt | None = None
-    num_attention_heads: PositiveInt | None = None
-    num_key_value_heads: PositiveInt | None = None
-    hidden_size: PositiveInt | None = None
-    intermediate_size: PositiveInt | None = None
-    head_dim: PositiveInt | None = None
+    architecture: ArchitectureName | None = None
+    vocab_size: Annotated[PositiveInt, _bounded("vocab_size")] | None = None
+    max_position_embeddings: Annotated[PositiveInt, _bounded("max_position_embeddings")] | None = None
+    num_hidden_layers: Annotated[PositiveInt, _bounded("num_hidden_layers")] | None = None
+    num_attention_heads: Annotated[PositiveInt, _bounded("num_attention_heads")] | None = None
+    num_key_value_heads: Annotated[PositiveInt, _bounded("num_key_value_heads")] | None = None
+    hidden_size: Annotated[PositiveInt, _bounded("hidden_size")] | None = None
+    intermediate_size: Annotated[PositiveInt, _bounded("intermediate_size")] | None = None
+    head_dim: Annotated[PositiveInt, _bounded("head_dim"), AfterValidator(_even)] | None = None
     rms_norm_eps: PositiveFloat | None = None
     dtype: DType | None = None
     quant: StrictBool | None = None
-    tokenizer: str | None = None
-    attn_types: list[AttentionTypeName] | None = None
-    sliding_window_size: PositiveInt | None = None
+    tokenizer: Annotated[str, AfterValidator(_tokenizer)] | None = None
+    attn_types: Annotated[list[AttentionTypeName], Field(min_length=1, max_length=1024)] | None = None
+    sliding_window_size: Annotated[PositiveInt, _bounded("sliding_window_size")] | None = None
     final_logit_softcapping: PositiveFloat | None = None
     attn_logit_softcapping: PositiveFloat | None = None
-    query_pre_attn_scalar: PositiveInt | None = None
+    query_pre_attn_scalar: Annotated[PositiveInt, _bounded("query_pre_attn_scalar")] | None = None
     use_pre_ffw_norm: StrictBool | None = None
     use_post_ffw_norm: StrictBool | None = None
     rope_wave_length: dict[AttentionTypeName, PositiveInt] | None = None
@@ -157,6 +218,19 @@ class Loading(_Strict):
     mmap: StrictBool = True
 
 
+class Compute(_Strict):
+    """Deliberate exceptions to the compute-dtype rules.
+
+    ``allow_float16_overflow: true`` keeps an explicit ``config.dtype: float16`` for a
+    model whose activations overflow float16 (Gemma 2, Gemma 3, Gemma 1 7b): the
+    planner refuses that combination otherwise, because such a model returns empty or
+    garbage text rather than an error (a real Gemma 3 in float16 generates '').  Set
+    it only to study the overflow; the plan still carries a warning.
+    """
+
+    allow_float16_overflow: StrictBool = False
+
+
 class ProfileBody(_Strict):
     """The part of a profile that variant overrides may change."""
 
@@ -165,6 +239,7 @@ class ProfileBody(_Strict):
     quantization: Quantization = Field(default_factory=Quantization)
     generation: Generation = Field(default_factory=Generation)
     loading: Loading = Field(default_factory=Loading)
+    compute: Compute = Field(default_factory=Compute)
 
 
 class ProfileModel(ProfileBody):

@@ -213,3 +213,220 @@ def test_gemma_profile_auto_builds_from_detected_hardware(gemma: Any, tokenizer_
     with gemma_profiles.use("auto"):
         model = gemma.model.GemmaForCausalLM(tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32"))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+# -- dtype rules at their edges ----------------------------------------------------------------
+
+#: compute capability -> (auto dtype for Gemma 1 2b, auto dtype for Gemma 2/3 and 7b, explicit bfloat16 accepted)
+EDGES = {
+    (6, 1): ("float16", "float32", False),
+    (7, 0): ("float16", "float32", False),
+    (7, 5): ("float16", "float32", False),
+    (8, 0): ("bfloat16", "bfloat16", True),
+    (8, 6): ("bfloat16", "bfloat16", True),
+}
+EDGE_VARIANTS = ("2b", "7b", "9b", "2b-v2", "1b", "27b_v3")
+
+
+def gpu_machine(cc: tuple[int, int]) -> Hardware:
+    return machine((f"GPU cc {cc[0]}.{cc[1]}", cc, 80), 256)
+
+
+@pytest.mark.parametrize("cc", EDGES, ids=lambda cc: f"cc{cc[0]}.{cc[1]}")
+@pytest.mark.parametrize("variant", EDGE_VARIANTS)
+def test_auto_dtype_at_each_compute_capability(cc: tuple[int, int], variant: str) -> None:
+    hardware = gpu_machine(cc)
+    plan = make_plan(auto_profile(hardware), variant, target=Target.of_hardware(hardware))
+    safe16, unsafe16, _ = EDGES[cc]
+    assert plan.dtype == (safe16 if variant == "2b" else unsafe16), plan.config["dtype"]
+
+
+def cuda_profile(write_profile: Any, cc: tuple[int, int], dtype: str, extra: str = "") -> Any:
+    path = write_profile(
+        f"cc{cc[0]}{cc[1]}-{dtype}",
+        f"description: x\nhardware: {{device: cuda, gpu: [Test GPU], compute_capability: '{cc[0]}.{cc[1]}', "
+        f"memory: 80GiB, host_memory: 256GiB}}\nplacement: {{device: cuda}}\nconfig: {{dtype: {dtype}}}\n{extra}",
+    )
+    return path, gemma_profiles.load_profile(str(path))
+
+
+@pytest.mark.parametrize("cc", EDGES, ids=lambda cc: f"cc{cc[0]}.{cc[1]}")
+@pytest.mark.parametrize("variant", EDGE_VARIANTS)
+def test_explicit_bfloat16_at_each_compute_capability(write_profile: Any, cc: tuple[int, int], variant: str) -> None:
+    _, profile = cuda_profile(write_profile, cc, "bfloat16")
+    if EDGES[cc][2]:
+        assert make_plan(profile, variant).dtype == "bfloat16"
+        return
+    with pytest.raises(GemmaProfileError, match=rf"Test GPU \(compute capability {cc[0]}\.{cc[1]}\) has no native bf"):
+        make_plan(profile, variant)
+
+
+@pytest.mark.parametrize("cc", EDGES, ids=lambda cc: f"cc{cc[0]}.{cc[1]}")
+@pytest.mark.parametrize("variant", EDGE_VARIANTS)
+def test_explicit_float16_at_each_compute_capability(write_profile: Any, cc: tuple[int, int], variant: str) -> None:
+    path, profile = cuda_profile(write_profile, cc, "float16")
+    if variant == "2b":
+        assert make_plan(profile, variant).dtype == "float16"
+        return
+    with pytest.raises(GemmaProfileError, match="float16 compute overflows") as caught:
+        make_plan(profile, variant)
+    message = str(caught.value)
+    assert f"{path}:4:" in message
+    if EDGES[cc][2]:
+        assert "bfloat16 (native on this GPU) or float32" in message
+    else:
+        assert "float32, or int8 weights with float32 compute" in message
+        assert f"(this GPU: {cc[0]}.{cc[1]})" in message
+    _, allowed = cuda_profile(write_profile, cc, "float16", "compute: {allow_float16_overflow: true}\n")
+    plan = make_plan(allowed, variant)
+    assert plan.dtype == "float16" and plan.warnings
+
+
+@pytest.mark.parametrize("cc", EDGES, ids=lambda cc: f"cc{cc[0]}.{cc[1]}")
+@pytest.mark.parametrize("variant", EDGE_VARIANTS)
+def test_explicit_float32_is_accepted_everywhere(write_profile: Any, cc: tuple[int, int], variant: str) -> None:
+    _, profile = cuda_profile(write_profile, cc, "float32")
+    plan = make_plan(profile, variant)
+    assert plan.dtype == "float32" and plan.warnings == ()
+
+
+@pytest.mark.parametrize("name", ["pascal-5gb", "gtx1060-6gb", "t4", "v100-16gb"])
+@pytest.mark.parametrize("variant", ["2b-v2", "9b", "27b", "1b", "4b", "12b", "27b_v3", "7b"])
+def test_old_gpu_profiles_never_compute_gemma2_or_3_in_float16(name: str, variant: str) -> None:
+    plan = make_plan(default_registry().load(name), variant)
+    assert plan.dtype == "float32", plan.config["dtype"]
+    assert plan.quantization in ("none", "int8") and not plan.warnings
+
+
+def test_every_bundled_profile_passes_the_planner_checks() -> None:
+    from gemma_profiles.plan import plan_problems
+
+    registry = default_registry()
+    for name in registry.names():
+        assert plan_problems(registry.load(name)) == [], name
+
+
+# -- the model gemma will build: the profile's config overrides ------------------------------------
+
+
+def cpu_box(write_profile: Any, name: str, config: str, ram: str = "8GiB") -> Any:
+    path = write_profile(
+        name,
+        f"description: x\nhardware: {{device: cpu, host_memory: {ram}}}\nplacement: {{device: cpu}}\n"
+        f"config:\n  dtype: bfloat16\n{config}",
+    )
+    return path, gemma_profiles.load_profile(str(path))
+
+
+def test_plan_sizes_the_model_with_the_profiles_layer_count(write_profile: Any) -> None:
+    path, profile = cpu_box(write_profile, "deep", "  num_hidden_layers: 200\n")
+    plan = make_plan(profile, "2b")
+    assert plan.memory is not None and plan.verdict is not None
+    rows = {item.component: item for item in plan.memory.items}
+    assert "decoder layers x200" in rows
+    assert not plan.verdict.fits
+    assert f"num_hidden_layers: 200 ({path}:6)" in plan.verdict.message
+    _, plain = cpu_box(write_profile, "plain", "")
+    assert make_plan(plain, "2b").verdict.fits  # type: ignore[union-attr]
+
+
+def test_plan_sizes_rope_tables_and_context_with_the_profiles_positions(write_profile: Any) -> None:
+    _, profile = cpu_box(write_profile, "long", "  max_position_embeddings: 1048576\n", ram="64GiB")
+    plan = make_plan(profile, "2b", seq_len=200_000)
+    assert plan.memory is not None and plan.seq_len == 200_000  # past 2b's own 8192 positions
+    rope = next(item for item in plan.memory.items if item.component == "rope tables")
+    assert rope.bytes == 2 * 1048576 * 128 * 8
+    assert plan.verdict is not None and not plan.verdict.fits  # 200 000^2 float32 masks
+
+
+def test_plan_uses_the_family_of_an_architecture_override(write_profile: Any) -> None:
+    _, profile = cpu_box(write_profile, "arch3", "  architecture: GEMMA_3\n")
+    plan = make_plan(profile, "2b")
+    assert plan.family == "gemma3"
+    assert plan.memory is not None
+    rope = next(item for item in plan.memory.items if item.component == "rope tables")
+    assert rope.note.startswith("2 x complex64")  # Gemma 3 has a local and a global table
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        (
+            "  num_key_value_heads: 3\n",
+            "config.num_attention_heads 8 is not a multiple of config.num_key_value_heads 3",
+        ),
+        ("  hidden_size: 2050\n", "config.hidden_size 2050 is not a multiple of config.num_attention_heads 8"),
+    ],
+)
+def test_plan_refuses_a_shape_gemma_would_assert_on(write_profile: Any, config: str, needle: str) -> None:
+    path, profile = cpu_box(write_profile, "odd", config)
+    with pytest.raises(GemmaProfileError) as caught:
+        make_plan(profile, "2b")
+    assert str(caught.value).startswith(f"{path}:6: {needle} for 2b"), caught.value
+
+
+def test_plan_refuses_a_model_no_process_can_address(write_profile: Any) -> None:
+    sizes = "  num_hidden_layers: 1024\n  hidden_size: 65536\n  intermediate_size: 524288\n"
+    path, profile = cpu_box(write_profile, "huge", sizes)
+    with pytest.raises(GemmaProfileError, match=r"more than a process can address \(128\.00 TiB\)") as caught:
+        make_plan(profile, "2b")
+    message = str(caught.value)
+    # the field furthest past the variant's own value (1024 / 18 layers) is blamed; all are listed
+    assert message.startswith(f"{path}:6: 2b with config.num_hidden_layers: 1,024 needs 192.59 TiB "), message
+    assert f"intermediate_size: 524,288 ({path}:8)" in message
+
+
+def test_preflight_sees_the_profiles_config_before_gemma_allocates(
+    gemma: Any, tokenizer_path: str, write_profile: Any, fake_hardware: Any
+) -> None:
+    """Construction stops in the preflight, naming the field, before gemma builds a single layer."""
+    from gemma_testing import tiny_config
+
+    from gemma_profiles import runtime
+
+    fake_hardware(machine(None, 4))
+    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
+    path = write_profile(
+        "grown",
+        "description: x\nplacement: {device: cpu}\nconfig:\n  dtype: float32\n"
+        "  num_hidden_layers: 1000\n  intermediate_size: 300000\n",
+    )
+    plan = runtime.Session(str(path)).plan_for(config)
+    assert plan.memory is not None and plan.verdict is not None and not plan.verdict.fits
+    assert "decoder layers x1000" in {item.component for item in plan.memory.items}
+    with gemma_profiles.use(str(path)), pytest.raises(GemmaProfileError) as caught:
+        gemma.model.GemmaForCausalLM(config)
+    message = str(caught.value)
+    assert "does not fit" in message and f"num_hidden_layers: 1,000 ({path}:5)" in message
+    assert f"intermediate_size: 300,000 ({path}:6)" in message
+
+
+# -- validate runs the planner's checks -----------------------------------------------------------
+
+
+def test_validate_refuses_what_plan_refuses(write_profile: Any) -> None:
+    runner = CliRunner()
+    bf16, _ = cuda_profile(write_profile, (7, 5), "bfloat16")
+    result = runner.invoke(cli, ["validate", str(bf16)])
+    assert result.exit_code == 1
+    assert f"{bf16}:4: Test GPU (compute capability 7.5) has no native bfloat16" in result.stderr
+    f16, _ = cuda_profile(write_profile, (8, 0), "float16")
+    result = runner.invoke(cli, ["validate", str(f16), "--json"])
+    assert result.exit_code == 1
+    problems = json.loads(result.stdout)[0]["problems"]
+    assert [p["where"] for p in problems] == [f"{f16}:4", f"{f16}:4"], problems  # Gemma 1 7b, then Gemma 2/3
+    assert "overflows for Gemma 1 7b" in problems[0]["message"]
+    assert "overflows for Gemma 2" in problems[1]["message"] and "[also for 9b, 27b, 1b," in problems[1]["message"]
+    fixed = write_profile(
+        "fixed",
+        f16.read_text() + "variants:\n  gemma2: {config: {dtype: bfloat16}}\n  gemma3: {config: {dtype: bfloat16}}\n"
+        "  7b: {config: {dtype: float32}}\n",
+    )
+    assert runner.invoke(cli, ["validate", str(fixed)]).exit_code == 0
+
+
+def test_validate_passes_every_bundled_profile() -> None:
+    from gemma_profiles.hooks.sources import bundled_dir
+
+    result = CliRunner().invoke(cli, ["validate", str(bundled_dir())])
+    assert result.exit_code == 0, result.output

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gemma_profiles import profile as profile_module
 from gemma_profiles import schema, yamlio
-from gemma_profiles.errors import ProfileError
+from gemma_profiles.errors import GemmaProfileError, ProfileError
 from gemma_profiles.plan import make_plan
 from gemma_profiles.profile import ProfileValidationError, load_profile, problems_in
 from gemma_profiles.registry import Registry
@@ -193,6 +194,185 @@ def test_extends_of_a_missing_profile_names_the_line(write_profile):
     with pytest.raises(ProfileError, match=r"nowhere") as caught:
         load_profile(path)
     assert re.search(r"orphan\.yaml:2\b", str(caught.value))
+
+
+# -- extends in bounded time ------------------------------------------------------------
+
+
+def fan_out(folder: Path, levels: int, width: int = 10) -> list[str]:
+    """``levels`` x ``width`` profiles, each extending every profile of the next level by name."""
+    names = []
+    for level in range(levels):
+        for index in range(width):
+            parents = [f"f{level + 1}-{j}" for j in range(width)] if level < levels - 1 else []
+            text = f"description: level {level}\nconfig: {{head_dim: {2 * (level + 1)}}}\n"
+            text += f"extends: [{', '.join(parents)}]\n" if parents else ""
+            (folder / f"f{level}-{index}.yaml").write_text(text)
+            names.append(f"f{level}-{index}")
+    return names
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Counts profile file reads; stops a runaway resolution instead of letting it run for hours."""
+    reads: list[Path] = []
+    real = profile_module.read_yaml_file
+
+    def read(path, *args, **kwargs):
+        reads.append(Path(path))
+        if len(reads) > 5000:
+            raise AssertionError("extends resolution is not bounded: 5000 file reads")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(profile_module, "read_yaml_file", read)
+    return reads
+
+
+def test_extends_fan_out_reads_each_file_once(tmp_path, counted_reads):
+    """60 profiles, each extending the 10 of the next level: 10^5 paths, 51 files for the top one."""
+    folder = tmp_path / "fan"
+    folder.mkdir()
+    names = fan_out(folder, 6)
+    registry = Registry([ProfileSource(folder, "test", 0)])
+    top = registry.load("f0-0")
+    assert len(counted_reads) == 51 and len(set(counted_reads)) == 51
+    assert len(top.chain) == 51 and top.model.config.head_dim == 2
+    for name in names:  # list and validate load every name through one registry: no file read twice
+        registry.load(name)
+    assert len(counted_reads) == 60
+    assert len(set(map(str, counted_reads))) == 60
+    assert len(load_profile(folder / "f0-0.yaml", registry.resolve_extends).chain) == 51  # its own cache
+
+
+def test_extends_fan_out_of_160_files_is_refused_quickly(tmp_path, counted_reads):
+    """The red team's fan-out (16 levels of 10): the profiles that bring in too many files say so."""
+    folder = tmp_path / "fan"
+    folder.mkdir()
+    names = fan_out(folder, 16)
+    registry = Registry([ProfileSource(folder, "test", 0)])
+    outcomes = {}
+    for name in names:
+        try:
+            outcomes[name] = len(registry.load(name).chain)
+        except ProfileError as exc:
+            outcomes[name] = str(exc)
+    assert len(counted_reads) <= 5 * len(names), len(counted_reads)  # failures are not cached: a few re-reads
+    assert outcomes["f15-0"] == 1 and outcomes["f9-3"] == 61
+    refused = outcomes["f0-0"]
+    assert isinstance(refused, str)
+    assert f"extends brings in more than {profile_module.MAX_EXTENDS_FILES} profile files" in refused
+    assert re.search(r"f8-\d\.yaml:3\b", refused), refused  # the extends line that went past the bound
+    assert all(isinstance(outcomes[f"f{level}-{i}"], str) for level in range(9) for i in range(10))
+
+
+def test_extends_depth_is_the_same_whatever_was_loaded_before(tmp_path):
+    """A file merged (and cached) at a shallow depth still counts its full depth when reached deeper."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    for index in range(19):
+        (folder / f"d{index}.yaml").write_text(f"description: d\nextends: d{index + 1}\n" if index < 18 else "x: 1\n")
+    (folder / "d18.yaml").write_text("description: the root\n")
+    alone = Registry([ProfileSource(folder, "test", 0)])
+    with pytest.raises(ProfileError, match="deeper than 16") as first:
+        alone.load("d0")
+    warmed = Registry([ProfileSource(folder, "test", 0)])
+    warmed.load("d2")  # caches d2..d18 at depth 0
+    with pytest.raises(ProfileError, match="deeper than 16") as second:
+        warmed.load("d0")
+    assert "d" in str(first.value) and "d" in str(second.value)
+
+
+# -- name and file name ------------------------------------------------------------------
+
+
+def test_name_must_match_the_file_name(write_profile):
+    """list shows the file's name: a different name: would make list, show and apply disagree."""
+    path = write_profile("foo", "description: x\nname: bar\n")
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:2: "), problem
+    assert "name 'bar' differs from the file name 'foo.yaml'" in problem
+    assert "rename the file to 'bar.yaml'" in problem
+    assert load_profile(write_profile("same", "name: same\n")).name == "same"
+
+
+def test_validation_error_takes_the_common_error_arguments():
+    """Code that re-raises an error with context (runtime.Session) builds it as (message, where=, hint=)."""
+    error = ProfileValidationError("GEMMA_PROFILE='x': bad", where="x.yaml:3", hint="fix it")
+    assert str(error) == "x.yaml:3: GEMMA_PROFILE='x': bad (fix it)"
+    assert [str(p) for p in error.problems] == ["x.yaml:3: GEMMA_PROFILE='x': bad (fix it)"]
+
+
+# -- config values refused at validate time ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_hidden_layers", 2_000_000),
+        ("max_position_embeddings", 2_000_000_000),
+        ("hidden_size", 10_000_000),
+        ("intermediate_size", 4_000_000_000),
+        ("vocab_size", 3_000_000_000),
+        ("num_attention_heads", 100_000),
+        ("num_key_value_heads", 100_000),
+        ("head_dim", 1_000_000),
+        ("sliding_window_size", 10**12),
+        ("query_pre_attn_scalar", 10**9),
+    ],
+)
+def test_absurd_config_sizes_are_refused_with_field_line_and_limit(write_profile, field, value):
+    path = write_profile("big", f"description: x\nconfig:\n  dtype: float32\n  {field}: {value}\n")
+    problem = only_problem(path)
+    limit, largest = schema.SIZE_LIMITS[field]
+    assert problem.startswith(f"{path}:4: config.{field}: {value:,} is beyond any sane model"), problem
+    assert f"the limit is {limit:,}" in problem and f"the largest Gemma has {largest:,}" in problem
+    at_limit = write_profile("edge", f"config:\n  {field}: {limit}\n")
+    assert problems_in(at_limit) == [] or field == "head_dim"
+
+
+def test_size_limits_are_above_every_gemma_variant():
+    from gemma_profiles.variants import VARIANTS
+
+    for field, (limit, largest) in schema.SIZE_LIMITS.items():
+        values = [getattr(v, field) for v in VARIANTS.values() if isinstance(getattr(v, field, None), int)]
+        assert not values or max(values) <= largest <= limit / 8, field
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("head_dim: 255", "255 is odd"),
+        ("tokenizer: ''", "config.tokenizer: is empty"),
+        ('tokenizer: "a\\0b"', "control character"),
+        ("tokenizer: 42", "valid string"),
+        ("tokenizer: [a, b]", "valid string"),
+        ("tokenizer: ~/tokenizer.model", "does not expand"),
+        ("tokenizer: /models/", "not a folder"),
+        ("attn_types: []", "at least 1 item"),
+        ("attn_types: [GLOBAL, SLIDING]", "LOCAL_SLIDING"),
+        ("architecture: GEMMA_4", "'GEMMA_1', 'GEMMA_2' or 'GEMMA_3'"),
+        ("architecture: 2", "'GEMMA_1', 'GEMMA_2' or 'GEMMA_3'"),
+        ("architecture: gemma_2", "'GEMMA_1', 'GEMMA_2' or 'GEMMA_3'"),
+    ],
+)
+def test_tokenizer_architecture_and_shape_values_are_checked_at_their_line(write_profile, body, needle):
+    path = write_profile("p", f"description: x\nconfig:\n  {body}\n")
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:3: "), problem
+    assert needle in problem
+
+
+def test_a_plain_tokenizer_path_is_accepted(write_profile):
+    path = write_profile("p", "config: {tokenizer: tokenizer/tokenizer.model}\n")
+    assert load_profile(path).model.config.tokenizer == "tokenizer/tokenizer.model"
+
+
+def test_architecture_names_are_gemmas_own(gemma):
+    """The schema's architecture names are the members of this gemma's Architecture enum."""
+    import typing
+
+    names = set(typing.get_args(schema.ArchitectureName))
+    assert names == {member.name for member in gemma.config.Architecture}
 
 
 # -- problems: file:line and did-you-mean ----------------------------------------------
@@ -477,16 +657,51 @@ def test_plan_quant_from_a_variant(layered):
     assert make_plan(profile, "2b").config["quant"].value is False
 
 
-def test_plan_warns_for_float16_with_gemma2(write_profile):
-    profile = load_profile(write_profile("fp16", "config: {dtype: float16}\n"))
-    plan = make_plan(profile, "9b")
-    assert plan.family == "gemma2"
+@pytest.mark.parametrize(
+    ("variant", "model"),
+    [("9b", "Gemma 2"), ("2b-v2", "Gemma 2"), ("1b", "Gemma 3"), ("27b_v3", "Gemma 3"), ("7b", "Gemma 1 7b")],
+)
+def test_plan_refuses_float16_for_models_it_overflows(write_profile, variant, model):
+    """Explicit float16 for Gemma 2/3 (and 7b) returns empty text on a real model: refused, not warned about."""
+    path = write_profile("fp16", "description: x\nconfig: {dtype: float16}\n")
+    profile = load_profile(path)
+    assert make_plan(profile, "2b").dtype == "float16"  # Gemma 1 2b: float16 is fine
+    with pytest.raises(GemmaProfileError) as caught:
+        make_plan(profile, variant)
+    message = str(caught.value)
+    assert f"float16 compute overflows for {model} " in message
+    assert f"{path}:2:" in message and "'fp16'" in message
+    assert "float32" in message and "int8" in message and "bfloat16" in message
+    assert "allow_float16_overflow" in message
+
+
+def test_plan_float16_for_gemma3_by_architecture_override(write_profile):
+    """A config rewritten to Gemma 3 is held to Gemma 3's rules, whatever variant it started from."""
+    profile = load_profile(write_profile("arch", "config: {dtype: float16, architecture: GEMMA_3}\n"))
+    with pytest.raises(GemmaProfileError, match="overflows for Gemma 3"):
+        make_plan(profile, "2b")
+
+
+def test_plan_keeps_float16_when_the_profile_allows_the_overflow(write_profile):
+    path = write_profile(
+        "fp16-on-purpose",
+        "config: {dtype: float16}\nvariants:\n  gemma3: {compute: {allow_float16_overflow: true}}\n",
+    )
+    profile = load_profile(path)
+    plan = make_plan(profile, "1b")
     assert plan.dtype == "float16"
-    assert len(plan.warnings) == 1
-    assert "float16" in plan.warnings[0]
-    assert "9b" in plan.warnings[0]
+    assert len(plan.warnings) == 1 and "Gemma 3" in plan.warnings[0] and "allow_float16_overflow" in plan.warnings[0]
     assert make_plan(profile, "2b").warnings == ()
-    assert make_plan(profile, "7b").warnings  # Gemma 1 7b gave NaN in fp16 too
+    with pytest.raises(GemmaProfileError, match="overflows for Gemma 2"):  # allowed for Gemma 3 only
+        make_plan(profile, "9b")
+
+
+def test_allow_float16_overflow_must_be_a_boolean(write_profile):
+    path = write_profile("p", "compute:\n  allow_float16_overflow: yes please\n")
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:2: ") and "compute.allow_float16_overflow" in problem
+    path = write_profile("q", "compute:\n  allow_float16: true\n")
+    assert "did you mean 'allow_float16_overflow'" in only_problem(path)
 
 
 def test_plan_has_no_warning_when_the_family_override_fixes_dtype(layered):
