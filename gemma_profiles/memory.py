@@ -8,8 +8,9 @@ Every figure follows what gemma_pytorch allocates (DESIGN.md):
 - rope tables: ``2 * max_position_embeddings x head_dim/2`` complex64, one table
   (Gemma 1/2) or two (Gemma 3);
 - KV cache: ``layers x batch x seq x kv_heads x head_dim x 2`` in the compute dtype;
-- masks: float32 ``seq x seq``, plus a local one with sliding windows, plus one
-  temporary while building them;
+- masks: float32 ``seq x seq``, plus a local one with sliding windows; building
+  them takes one more for a moment, and each forward copies the rows of its
+  positions out of each (``prompt x seq`` in the prefill): the larger of the two;
 - dequantization workspace: gemma's int8 layers rebuild ``weight * weight_scaler``
   on every forward; the largest is the (vocab x hidden) embedder.  On the CPU
   torch first converts the int8 tensor to the scaler's dtype (TensorIterator
@@ -17,7 +18,8 @@ Every figure follows what gemma_pytorch allocates (DESIGN.md):
   once (measured: 3.9 GiB for a 256000 x 2048 float32 one); CUDA kernels cast
   on the fly, so one copy;
 - activation peak: the larger of the MLP (gate, up, product), attention (scores in
-  the compute dtype and float32 softmax, K/V repeated for GQA) and the logits;
+  the compute dtype, scores plus the float32 mask and their float32 softmax, the
+  softmax back in a 16-bit compute dtype; K/V repeated for GQA) and the logits;
 - checkpoint pages: gemma's ``load_weights`` memory-maps the file and copies into
   the parameters, so RSS holds both at the peak (2.0x for a bf16 2b, measured);
   those pages are file-backed and reclaimable, so they count towards the RSS peak
@@ -267,8 +269,10 @@ def estimate_memory(
         items.append(MemoryItem(f"streaming slots x{streamed}", device, streamed * layer, "offloaded layers run here"))
     kv = shape.num_hidden_layers * batch * seq_len * shape.num_key_value_heads * shape.head_dim * 2 * size
     items.append(MemoryItem("KV cache", device, kv, f"batch {batch} x {seq_len} tokens"))
-    masks = 3 if shape.sliding_window_size else 2
-    items.append(MemoryItem("attention masks", device, masks * seq_len * seq_len * 4, "float32"))
+    kept = 2 if shape.sliding_window_size else 1  # the causal mask, and the local one with sliding windows
+    # Building them holds one more full mask for a moment; the prefill holds each one's prompt rows too.
+    masks = max((kept + 1) * seq_len * seq_len, kept * (seq_len + prefill) * seq_len)
+    items.append(MemoryItem("attention masks", device, masks * 4, f"float32, {kept} kept"))
     if int8 and not ours:
         items.append(
             MemoryItem(
@@ -287,7 +291,10 @@ def estimate_memory(
         items.append(MemoryItem("int8 prompt workspace", device, largest, "one weight, dequantized per product"))
     heads = shape.num_attention_heads
     mlp = 3 * batch * prefill * shape.intermediate_size * size + 2 * batch * prefill * shape.hidden_size * size
-    attention = batch * heads * prefill * seq_len * (2 * size + 4) + 2 * batch * seq_len * heads * shape.head_dim * size
+    # Per score: the scores, their float32 sum with the mask, its float32 softmax, and (16-bit
+    # compute) the softmax cast back while the two float32 ones are alive.
+    per_score = 4 + 4 + (size if size < 4 else 0)
+    attention = batch * heads * prefill * seq_len * per_score + 2 * batch * seq_len * heads * shape.head_dim * size
     logits = batch * shape.vocab_size * (size + 4)
     items.append(MemoryItem("activation peak", device, max(mlp, attention, logits), f"{prefill} prompt tokens"))
     if kind == "cuda":
