@@ -641,7 +641,12 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
 
 
 def _cheapest_fix(plan: Plan, shape: ModelShape, target: Target, budgets: dict[str, Budget]) -> str | None:
-    """The first of: int8 weights, a shorter context, CPU offload, a smaller variant - that fits."""
+    """The first of: the variant's own sizes (when the profile grew them), int8 weights, a shorter
+    context, CPU offload, a smaller variant - that fits."""
+    if plan.resized and plan.variant in VARIANTS:
+        own = ModelShape.of_variant(str(plan.variant))
+        if own != shape and not _shortfall(_estimate(plan, own, target), budgets):
+            return f"{plan.variant}'s own sizes: drop the profile's {', '.join(plan.resized)}"
     if plan.quantization != "int8":
         trial = _with_quant(plan, "suggestion")
         if not _shortfall(_estimate(trial, shape, target), budgets):
@@ -660,12 +665,12 @@ def _cheapest_fix(plan: Plan, shape: ModelShape, target: Target, budgets: dict[s
             if not _shortfall(_estimate(plan, shape, target, offloaded, offload_device="disk"), budgets):
                 return f"offload {offloaded} of {shape.num_hidden_layers} layers to disk (placement.offload: disk)"
     family = plan.family
+    overrides = {name: setting.value for name, setting in plan.config.items()}  # the profile resizes them too
+    shapes = {name: ModelShape.of_variant(name).with_overrides(overrides) for name, v in VARIANTS.items()}
     smaller = [
-        name
-        for name, v in VARIANTS.items()
-        if v.family == family and ModelShape.of_variant(name).parameters < shape.parameters
+        name for name, v in VARIANTS.items() if v.family == family and shapes[name].parameters < shape.parameters
     ]
-    for name in sorted(smaller, key=lambda n: -ModelShape.of_variant(n).parameters):
-        if not _shortfall(_estimate(plan, ModelShape.of_variant(name), target), budgets):
+    for name in sorted(smaller, key=lambda n: -shapes[n].parameters):
+        if not _shortfall(_estimate(plan, shapes[name], target), budgets):
             return f"a smaller variant: {name}"
     return None

@@ -326,6 +326,7 @@ def test_plan_sizes_the_model_with_the_profiles_layer_count(write_profile: Any) 
     assert "decoder layers x200" in rows
     assert not plan.verdict.fits
     assert f"num_hidden_layers: 200 ({path}:6)" in plan.verdict.message
+    assert plan.verdict.suggestion == f"2b's own sizes: drop the profile's num_hidden_layers: 200 ({path}:6)"
     _, plain = cpu_box(write_profile, "plain", "")
     assert make_plan(plain, "2b").verdict.fits  # type: ignore[union-attr]
 
