@@ -304,13 +304,22 @@ def test_activation_leaves_loguru_handlers_and_levels_alone():
     assert log.logger is not logger
 
 
-def test_activation_leaves_sys_excepthook_alone():
-    hook = sys.excepthook
-    gemma_profiles.activate("cpu-32gb")
-    assert sys.excepthook is hook
-    gemma_profiles.deactivate()
-    runtime.arm_from_environment()
-    assert sys.excepthook is hook
+def test_activation_leaves_sys_excepthook_alone(child_env, gemma):
+    """In a fresh interpreter (an earlier activation in this process could hide a replaced hook)."""
+    child_env["GEMMA_PROFILE"] = "cpu-32gb"
+    code = (
+        "import json, sys\n"
+        "def mine(*args): pass\n"
+        "sys.excepthook = mine\n"
+        "import gemma.model\n"  # the .pth's finder arms GEMMA_PROFILE here
+        "armed = sys.excepthook is mine\n"
+        "import gemma_profiles\n"
+        "gemma_profiles.activate('t4')\n"
+        "print(json.dumps([armed, sys.excepthook is mine]))\n"
+    )
+    completed = python(code, child_env, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == [True, True]
 
 
 def test_no_module_logs_through_the_programs_loguru_logger():
