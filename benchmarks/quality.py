@@ -26,6 +26,7 @@ source: ``pip install llama-cpp-python``). All models stay loaded together (abou
 from __future__ import annotations
 
 import argparse
+import builtins
 import dataclasses
 import json
 import math
@@ -54,6 +55,7 @@ class Row:
     profile: Any = None  # a Profile, or None for gemma as it ships
     dtype: str | None = None  # gemma as it ships: config.dtype
     equal_to: str | None = None  # the row whose logits this one must equal
+    key: str = ""
     model: Any = None
     load_s: float = 0.0
     score: quality.Quality = dataclasses.field(default_factory=quality.Quality)
@@ -173,6 +175,11 @@ def main() -> None:
     parser.add_argument(
         "--rows", help="comma-separated subset of: bf16,cpu-32gb,cpu-16gb,cpu-8gb,auto,offload,llama.cpp"
     )
+    parser.add_argument(
+        "--greedy-rows",
+        help="comma-separated keys (bf16,cpu-32gb,cpu-16gb,cpu-8gb,auto,offload-cpu,offload-disk) that also run the "
+        "greedy prompts (default: all; the others show '-'; the reference always runs them)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -190,14 +197,20 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="quality-"))
     layers = fields["num_hidden_layers"]
-    rows = [Row("gemma as-is, float32 (reference)", dtype="float32")]
+    rows = [Row("gemma as-is, float32 (reference)", dtype="float32", key="reference")]
     if "bf16" in wanted:
-        rows.append(Row("gemma as-is, bfloat16", dtype="bfloat16"))
-    rows += [Row(name, _profile(name)) for name in ("cpu-32gb", "cpu-16gb", "cpu-8gb", "auto") if name in wanted]
+        rows.append(Row("gemma as-is, bfloat16", dtype="bfloat16", key="bf16"))
+    for name in ("cpu-32gb", "cpu-16gb", "cpu-8gb", "auto"):
+        if name in wanted:
+            same = "cpu-32gb" if name in ("cpu-16gb", "auto") and "cpu-32gb" in wanted else None
+            rows.append(Row(name, _profile(name), equal_to=same, key=name))
     if "offload" in wanted:
         for where in ("cpu", "disk"):
             profile = _offload_profile(scratch, where, layers)
-            rows.append(Row(f"cpu-32gb, all {layers} layers offload: {where}", profile, equal_to="cpu-32gb"))
+            label = f"cpu-32gb, all {layers} layers offload: {where}"
+            rows.append(Row(label, profile, equal_to="cpu-32gb", key=f"offload-{where}"))
+    greedy_rows = set(args.greedy_rows.split(",")) if args.greedy_rows else {row.key for row in rows}
+    greedy_rows.add("reference")
     for row in rows:
         print(f"loading {row.label}", file=sys.stderr)
         _build(row, folder)
@@ -226,7 +239,7 @@ def main() -> None:
             row.score.add(logits[reference.label], logits[row.label], window)
             if row.equal_to:
                 row.same_as_target = row.same_as_target and torch.equal(logits[row.label], logits[row.equal_to])
-            if row is not reference and not row.equal_to and row.label != "cpu-32gb":
+            if row is not reference and row.label != "cpu-32gb":
                 del logits[row.label]
         if llama is not None:
             start = time.perf_counter()
@@ -236,7 +249,11 @@ def main() -> None:
         del logits
 
     prompts = [*PROMPTS, LONG_PROMPT.read_text(encoding="utf-8").strip()]
+    print("teacher-forced figures (the greedy runs follow):", file=sys.stderr)
+    report(args, imported, rows, llama_row if llama else None, text_ids, windows, prompts, out=sys.stderr)
     for row in rows:
+        if row.key not in greedy_rows:
+            continue
         print(f"greedy: {row.label}", file=sys.stderr)
         with row.scope():
             row.greedy = [quality.greedy_tokens(row.model, prompt, args.greedy_tokens) for prompt in prompts]
@@ -253,7 +270,11 @@ def report(
     text_ids: list[int],
     windows: list[Any],
     prompts: list[str],
+    out: Any = None,
 ) -> None:
+    def print(*parts: Any) -> None:  # the report goes to ``out``
+        builtins.print(*parts, file=out or sys.stdout, flush=True)
+
     reference = rows[0]
     tokenizer = reference.model.tokenizer
     source = imported.config["source"]
@@ -270,23 +291,25 @@ def report(
     print()
     print(
         "| row | weights, compute | top-1 = float32 | mean KL (nats) | max KL | perplexity | "
-        "greedy: first token that differs (of 64), per prompt | decode tok/s | teacher-forced s |"
+        f"greedy: first token that differs (of {args.greedy_tokens}), per prompt | decode tok/s | teacher-forced s |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     figures = []
     for row in [*rows, *([llama] if llama else [])]:
         firsts = [
-            quality.first_difference(r.tokens, g.tokens) for r, g in zip(reference.greedy, row.greedy, strict=True)
+            quality.first_difference(r.tokens, g.tokens) for r, g in zip(reference.greedy, row.greedy, strict=False)
         ]
+        shown_firsts = ", ".join(map(str, firsts)) if row.greedy else "-"
         speed = [g.tokens_per_s for g in row.greedy]
         mean_speed = sum(speed) / len(speed) if speed else math.nan
+        speed_text = "-" if math.isnan(mean_speed) else f"{mean_speed:.1f}"
         note = ""
         if row.equal_to:
             note = f" (logits {'=' if row.same_as_target else '!='} {row.equal_to}'s, bit for bit)"
         top1 = "100 % (itself)" if row is reference else f"{100 * row.score.top1:.2f} %"
         print(
             f"| {row.label}{note} | {row.kind or 'GGUF'} | {top1} | {row.score.kl:.5f} | {row.score.kl_max:.3f} | "
-            f"{row.score.perplexity:.3f} | {', '.join(map(str, firsts))} | {mean_speed:.1f} | {row.score.seconds:.0f} |"
+            f"{row.score.perplexity:.3f} | {shown_firsts} | {speed_text} | {row.score.seconds:.0f} |"
         )
         figures.append(
             {
