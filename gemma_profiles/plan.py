@@ -17,13 +17,14 @@ means it.  `plan_problems` runs every one of these checks for ``validate``.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import schema
-from .errors import GemmaProfileError
+from .errors import GemmaProfileError, printable
 from .hardware import Hardware, native_int8_expected
 from .memory import ADDRESSABLE_BYTES, DTYPE_BYTES, MemoryEstimate, ModelShape, estimate_memory, reserve_for
 from .profile import ExtendsResolver, Problem, Profile, ResolveCache, load_profile, problems_in
@@ -494,26 +495,54 @@ def plan_problems(profile: Profile) -> list[Problem]:
     Plans the profile for no variant and for each gemma variant against its own
     ``hardware:`` facts (dtype rules, sizes from ``config:``, the device map).  An
     abstract profile is a base for others and is checked through them.  One problem
-    found for several variants is reported once, naming them.
+    found for several variants is reported once, naming them.  Two more that only
+    ``validate`` can say: a profile that fits no variant on its own hardware, and an
+    absolute ``config.tokenizer`` that is no file here (a relative one is looked up
+    from the working directory when the model is built).
     """
     if profile.model.abstract:
         return []
     found: dict[tuple[str, str], tuple[str, list[str]]] = {}
+    verdicts: list[tuple[str, Verdict]] = []
     for variant in (None, *VARIANTS):
         try:
-            make_plan(profile, variant)
+            plan = make_plan(profile, variant)
         except GemmaProfileError as exc:
             text = exc.message + (f" ({exc.hint})" if exc.hint else "")
             where = exc.where or str(profile.path)
             # One check failing for several variants differs only in their numbers and names.
             key = (where, _NUMBERED.sub("#", text))
             found.setdefault(key, (text, []))[1].append(variant or "no variant")
-    return [
+            continue
+        if variant is not None and plan.verdict is not None:
+            verdicts.append((variant, plan.verdict))
+    problems = [
         Problem(
             where, text if len(variants) in (1, len(VARIANTS) + 1) else f"{text} [also for {', '.join(variants[1:])}]"
         )
         for (where, _), (text, variants) in found.items()
     ]
+    if verdicts and not any(verdict.fits for _, verdict in verdicts):
+        variant, verdict = min(verdicts, key=lambda item: item[1].shortfall)
+        hardware = profile.origin("hardware")
+        problems.append(
+            Problem(
+                str(hardware) if hardware else str(profile.path),
+                f"fits no gemma variant on its own hardware; the closest, {variant}, {verdict.message}"
+                + (f" (cheapest change that fits: {verdict.suggestion})" if verdict.suggestion else ""),
+            )
+        )
+    tokenizer = profile.model.config.tokenizer
+    if tokenizer is not None and os.path.isabs(tokenizer) and not os.path.isfile(tokenizer):
+        origin = profile.origin("config", "tokenizer")
+        problems.append(
+            Problem(
+                str(origin) if origin else str(profile.path),
+                f"config.tokenizer: no file '{printable(tokenizer)}' on this machine (building a model would stop "
+                "there; give the path of your tokenizer.model)",
+            )
+        )
+    return problems
 
 
 _NUMBERED = re.compile(r"[\w.,:-]*\d[\w.,:-]*")

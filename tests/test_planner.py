@@ -431,3 +431,31 @@ def test_validate_passes_every_bundled_profile() -> None:
 
     result = CliRunner().invoke(cli, ["validate", str(bundled_dir())])
     assert result.exit_code == 0, result.output
+
+
+def test_validate_refuses_a_profile_that_fits_no_variant_on_its_own_hardware(write_profile: Any) -> None:
+    path, _ = cpu_box(write_profile, "layers-900", "  num_hidden_layers: 900\n")
+    result = CliRunner().invoke(cli, ["validate", str(path), "--json"])
+    assert result.exit_code == 1
+    [problem] = json.loads(result.stdout)[0]["problems"]
+    assert problem["where"] == f"{path}:2"  # the hardware: line
+    assert problem["message"].startswith("fits no gemma variant on its own hardware; the closest, 1b, does not fit")
+    assert f"num_hidden_layers: 900 ({path}:6)" in problem["message"]
+    fitting, _ = cpu_box(write_profile, "layers-30", "  num_hidden_layers: 30\n")
+    assert CliRunner().invoke(cli, ["validate", str(fitting)]).exit_code == 0
+
+
+def test_validate_refuses_an_absolute_tokenizer_path_that_is_no_file_here(write_profile: Any, tmp_path: Any) -> None:
+    runner = CliRunner()
+    missing, _ = cpu_box(write_profile, "tok-missing", f"  tokenizer: {tmp_path}/nowhere/tokenizer.model\n")
+    result = runner.invoke(cli, ["validate", str(missing)])
+    assert result.exit_code == 1
+    assert (
+        f"{missing}:6: config.tokenizer: no file '{tmp_path}/nowhere/tokenizer.model' on this machine" in result.stderr
+    )
+    folder, _ = cpu_box(write_profile, "tok-folder", f"  tokenizer: {tmp_path}\n")
+    assert runner.invoke(cli, ["validate", str(folder)]).exit_code == 1
+    (tmp_path / "tokenizer.model").write_bytes(b"x")
+    present, _ = cpu_box(write_profile, "tok-present", f"  tokenizer: {tmp_path}/tokenizer.model\n")
+    relative, _ = cpu_box(write_profile, "tok-relative", "  tokenizer: tokenizer/tokenizer.model\n")
+    assert runner.invoke(cli, ["validate", str(present), str(relative)]).exit_code == 0
