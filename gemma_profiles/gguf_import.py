@@ -182,6 +182,11 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else f"a {type(value).__name__}"
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    """Text from the file as it may be shown in an error: cut, control characters escaped."""
+    return repr(text[:limit])[1:-1] + ("..." if len(text) > limit else "")
+
+
 def _check_magic(path: Path) -> None:
     where = str(path)
     if not path.is_file():
@@ -265,7 +270,7 @@ class _Reader:
             name = self._string()
             dims = self._scalar(4)
             if not 1 <= dims <= 4:
-                raise GgufImportError(f"tensor '{name[:80]}' has {dims} dimensions: corrupt file", where=str(path))
+                raise GgufImportError(f"tensor '{_shown(name)}' has {dims} dimensions: corrupt file", where=str(path))
             shape = tuple(self._scalar(10) for _ in range(dims))
             entries.append((name, shape, self._scalar(4), self._scalar(10)))
         data_start = -(-self.pos // alignment) * alignment
@@ -318,14 +323,14 @@ class _Reader:
             return _Tensor(name, shape, qtype.name, None, 0, 0, self.buffer)
         if shape[0] % block:
             raise GgufImportError(
-                f"tensor '{name[:80]}' has rows of {shape[0]}, not a multiple of {qtype.name}'s {block}: corrupt",
+                f"tensor '{_shown(name)}' has rows of {shape[0]}, not a multiple of {qtype.name}'s {block}: corrupt",
                 where=str(path),
             )
         nbytes = math.prod(shape[1:]) * (shape[0] // block) * block_bytes
         start = data_start + offset
         if start + nbytes > self.size:
             raise GgufImportError(
-                f"tensor '{name[:80]}' ends {start + nbytes - self.size} bytes past the end of the file: truncated",
+                f"tensor '{_shown(name)}' ends {start + nbytes - self.size} bytes past the end of the file: truncated",
                 where=str(path),
                 hint="download or assemble it again",
             )
@@ -351,7 +356,7 @@ def _open(path: Path) -> tuple[_Reader, _Metadata]:
 def _architecture(meta: _Metadata) -> str:
     arch = meta.require("general.architecture")
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        shown = arch if isinstance(arch, str) and len(arch) <= 40 else _describe(arch)
+        shown = _shown(arch, 40) if isinstance(arch, str) else _describe(arch)
         raise GgufImportError(
             f"architecture '{shown}' is not a text Gemma",
             where=meta.where,
@@ -519,7 +524,7 @@ def _plan_tensors(reader: _Reader, meta: _Metadata, arch: str, fields: dict[str,
     extra = sorted(set(by_name) - used)
     if extra:
         raise GgufImportError(
-            f"unexpected tensor '{extra[0][:80]}' ({len(extra)} in all) for a text {arch} model", where=meta.where
+            f"unexpected tensor '{_shown(extra[0])}' ({len(extra)} in all) for a text {arch} model", where=meta.where
         )
     shapes = expected_shapes(fields)
     resolved: list[tuple[str, list[Any]]] = []
@@ -619,7 +624,7 @@ def _convert(
 def _tokenizer_proto(meta: _Metadata, pieces_expected: int) -> bytes:
     model = meta.require("tokenizer.ggml.model")
     if model != "llama":
-        shown = model if isinstance(model, str) and len(model) <= 40 else _describe(model)
+        shown = _shown(model, 40) if isinstance(model, str) else _describe(model)
         raise GgufImportError(
             f"tokenizer '{shown}' is not SentencePiece (GGUF 'llama' tokenizer), which gemma's Tokenizer loads",
             where=meta.where,
