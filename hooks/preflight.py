@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from gemma_profiles import hookimpl
 from gemma_profiles.errors import GemmaProfileError
-from gemma_profiles.plan import Plan
+from gemma_profiles.plan import FAMILY_NAMES, Plan
 
 
 @hookimpl
@@ -18,7 +18,7 @@ def gemma_profile_preflight(plan: Plan) -> None:
     if verdict is None or verdict.fits:
         return
     fix = f"cheapest change that fits: {verdict.suggestion}" if verdict.suggestion else "no single change fits"
-    model = plan.variant or plan.family or "this model"
+    model = plan.variant or FAMILY_NAMES.get(plan.family or "") or "this model"
     raise GemmaProfileError(
         f"{model} under profile '{plan.profile}' {verdict.message}",
         where=plan.profile_path,
