@@ -372,7 +372,22 @@ def every_class_attribute(gemma: Any) -> dict[str, dict[str, Any]]:
     return snapshot
 
 
+def left_by_us(snapshot: dict[str, dict[str, Any]]) -> list[str]:
+    """Attributes that are gemma-profiles' own (a wrapper whose code is in the package, or the patch marker)."""
+    package = Path(gemma_profiles.__file__).parent
+    found = []
+    for cls, attributes in snapshot.items():
+        for name, value in attributes.items():
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            if name == "__gemma_profiles_patched__" or (code and Path(code.co_filename).is_relative_to(package)):
+                found.append(f"{cls}.{name}")
+    return found
+
+
 def assert_same(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> None:
+    # Also absolute, not only before == after: an earlier test's leftover (an inherited `to` wrapper
+    # not deleted) would be in `before` too, and the comparison alone passed or failed by test order.
+    assert left_by_us(before) == [] and left_by_us(after) == []
     assert after.keys() == before.keys()
     for cls, attributes in before.items():
         assert after[cls].keys() == attributes.keys(), f"{cls}: {set(after[cls]) ^ set(attributes)}"
