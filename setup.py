@@ -1,7 +1,9 @@
 """Installs gemma_profiles.pth next to the packages (wheel and editable installs).
 
 The .pth file runs ``import gemma_profiles_autoload`` at interpreter start; that
-module arms the patch only when GEMMA_PROFILE is set or a profile was applied.
+module (standard library only, see docs/pth.md) reads GEMMA_PROFILE or stats the
+applied-profile file and, when a profile may be wanted, leaves a finder that arms
+the patch when gemma's model module is imported.
 """
 
 from pathlib import Path
