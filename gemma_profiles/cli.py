@@ -343,7 +343,13 @@ def current(as_json: bool) -> None:
     }
     if active.reference is not None:
         try:
-            data["profile"] = default_registry().load(active.reference).name
+            loaded = default_registry().load(active.reference)
+            data["profile"] = loaded.name
+            if loaded.model.abstract:  # a model built under it is refused: say so here too
+                problem = (
+                    f"{active.detail}: profile '{loaded.name}' is abstract (a base for extends), not for a machine"
+                    " (pick a concrete profile from 'gemma-profile list')"
+                )
         except GemmaProfileError as exc:
             problem = f"{active.detail}: {exc}"  # says which setting chose the profile
     data["error"] = problem

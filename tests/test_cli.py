@@ -531,3 +531,12 @@ def test_show_plan_and_bench_offer_the_same_variant_list(command):
     assert refused.stderr.strip() == (
         f"gemma-profile: error: unknown variant '9B' (did you mean '9b'?) (use one of {', '.join(VARIANTS)})"
     )
+
+
+def test_current_refuses_an_abstract_profile_as_a_model_build_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GEMMA_PROFILE=base-cuda``: a model built under it is refused, so ``current`` says so (exit 2)."""
+    monkeypatch.setenv("GEMMA_PROFILE", "base-cuda")
+    result = CliRunner().invoke(cli, ["current"])
+    assert result.exit_code == 2, result.output
+    assert "GEMMA_PROFILE=base-cuda: profile 'base-cuda' is abstract" in result.output
+    assert "Traceback" not in result.output
