@@ -327,7 +327,8 @@ def report(
             }
         )
     print()
-    print(f"float32's greedy text for '{prompts[0]}': {tokenizer.decode(reference.greedy[0].tokens)!r}")
+    if reference.greedy:
+        print(f"float32's greedy text for '{prompts[0]}': {tokenizer.decode(reference.greedy[0].tokens)!r}")
     print(f"peak RSS of this process: {_peak_rss()} (all rows loaded together)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
