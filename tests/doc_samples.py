@@ -70,7 +70,9 @@ def run(command: str, home: Path) -> list[str]:
     done = subprocess.run(
         [executable, *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
     )
-    return [line.rstrip() for line in (done.stdout + done.stderr).rstrip("\n").splitlines()]
+    # Paths inside the checkout print relative to it, so a sample reads the same in any clone.
+    text = (done.stdout + done.stderr).replace(f"{ROOT}{os.sep}", "")
+    return [line.rstrip() for line in text.rstrip("\n").splitlines()]
 
 
 def matches(expected: list[str], actual: list[str]) -> bool:
