@@ -5,7 +5,7 @@ Torch-touching; used by the ``quantization`` builtin (``hooks/quantization.py``)
 gemma's int8 ``Linear`` computes ``F.linear(x, weight * weight_scaler[:, None])``:
 a full-precision copy of every weight on every forward (two on the CPU, where
 torch materialises the int8 -> float cast) - 16x slower than bf16 on a CPU
-(DESIGN.md).  After loading, each int8 ``Linear`` gets a forward that reads the
+(docs/design.md).  After loading, each int8 ``Linear`` gets a forward that reads the
 int8 weight directly:
 
 - CPU with AVX-512 VNNI, float32 or bfloat16 activations: our native kernel

@@ -1,6 +1,6 @@
 """Memory estimate for a gemma_pytorch model, from its shape and settings alone (no torch).
 
-Every figure follows what gemma_pytorch allocates (DESIGN.md):
+Every figure follows what gemma_pytorch allocates (docs/design.md):
 
 - weights: embedder (tied output) + per layer qkv/o/gate/up/down + norms; with int8,
   one byte per linear/embedding weight plus a ``weight_scaler`` per output row in

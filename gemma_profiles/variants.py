@@ -44,7 +44,7 @@ VARIANTS: dict[str, VariantShape] = {
 }
 
 FAMILIES = ("gemma1", "gemma2", "gemma3")
-# Families whose activations overflow float16 (DESIGN.md: vLLM's
+# Families whose activations overflow float16 (docs/design.md: vLLM's
 # _FLOAT16_NOT_SUPPORTED_MODELS, transformers #36822, gemma_pytorch #10 for 7b).
 FLOAT16_UNSAFE_FAMILIES = frozenset({"gemma2", "gemma3"})
 FLOAT16_UNSAFE_VARIANTS = frozenset({"7b"})

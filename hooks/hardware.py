@@ -2,7 +2,7 @@
 /sys for the transparent huge page mode.
 
 Every CUDA device reports its compute capability read directly — not
-``torch.cuda.is_bf16_supported()``, which also counts emulation (DESIGN.md).
+``torch.cuda.is_bf16_supported()``, which also counts emulation (docs/design.md).
 """
 
 from __future__ import annotations
