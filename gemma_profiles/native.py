@@ -63,6 +63,7 @@ import torch
 from . import hardware, hugepages
 from .hardware import NATIVE_ENV
 from .log import logger
+from .osutil import process_alive
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "int8_matmul.c", CSRC / "bf16_matmul.c", CSRC / "decode.c")
@@ -271,7 +272,8 @@ def _remove_stale(folder: Path, key: str) -> None:
         match = _PARTIAL.fullmatch(entry.name)
         try:
             if match is not None:
-                stale = match["key"] == key or not _alive(int(match["pid"])) or now - entry.stat().st_mtime > 86400
+                dead = not process_alive(int(match["pid"]))
+                stale = match["key"] == key or dead or now - entry.stat().st_mtime > 86400
             else:
                 stale = entry.name.startswith(_PREFIX) and entry.name.endswith(".so.partial")
                 stale = stale and now - entry.stat().st_mtime > 86400
@@ -279,16 +281,6 @@ def _remove_stale(folder: Path, key: str) -> None:
                 os.unlink(entry.path)
         except OSError:
             continue
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def _compile(compiler: str, cc: str, folder: Path, key: str, limit: float) -> tuple[Path, bytes]:

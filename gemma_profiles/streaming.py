@@ -34,6 +34,7 @@ from torch import nn
 
 from .errors import GemmaProfileError
 from .log import logger
+from .osutil import process_alive
 from .plan import EMBEDDER_KEYS, compress_layers
 from .units import format_bytes
 
@@ -268,20 +269,10 @@ def remove_stale_files(folder: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _PRIVATE.fullmatch(entry.name)
-        if match is not None and entry.is_dir(follow_symlinks=False) and not _alive(int(match["pid"])):
+        if match is not None and entry.is_dir(follow_symlinks=False) and not process_alive(int(match["pid"])):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(Path(entry.path))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def pack(
