@@ -113,7 +113,7 @@ class Plan:
     :param config: GemmaConfig field -> `Setting` (explicit or automatic).
     :param device: where the model runs, or None to keep the script's choice.
     :param placement: the profile's placement section.
-    :param quantization: ``"none"`` or ``"int8"``.
+    :param quantization: ``"none"``, ``"int8"`` or ``"float16"`` (the profile's ``quantization.weights``).
     :param memory: the estimate, when the model's shape is known.
     :param budgets: memory each device may use, when the hardware is known.
     :param verdict: fits or not, when both are known.
@@ -143,6 +143,9 @@ class Plan:
     layers: dict[str, str] = field(default_factory=dict)
     loading: schema.Loading = field(default_factory=schema.Loading)
     resized: tuple[str, ...] = ()
+    #: ``"float16"``: weights are stored in float16 and each layer computes in ``dtype``
+    #: (float32); None: weights are stored in the compute dtype (or int8, see ``quantization``).
+    weight_storage: str | None = None
 
     @property
     def offloads(self) -> bool:
@@ -163,6 +166,7 @@ class Plan:
             "overrides_applied": list(self.overrides),
             "dtype": self.dtype,
             "quantization": self.quantization,
+            "weight_storage": self.weight_storage,
             "device": None if self.device is None else self.device.value,
             "config": {k: {"value": s.value, "from": s.origin} for k, s in self.config.items()},
             "placement": self.placement.model_dump(exclude_unset=True),
@@ -468,6 +472,7 @@ def make_plan(
         seq_len=min(seq_len or generation.seq_len, shape.max_position_embeddings if shape else 10**9),
         loading=model.loading,
         resized=tuple(_resized(shape, {n: config[n] for n in _SIZE_FIELDS if n in config})) if shape else (),
+        weight_storage="float16" if quantization == "float16" else None,
     )
     if shape is None or plan.dtype not in DTYPE_BYTES or target is None:
         return plan

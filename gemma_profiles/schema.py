@@ -195,9 +195,16 @@ class Placement(_Strict):
 
 
 class Quantization(_Strict):
-    """Weight quantization.  ``int8`` sets gemma's own ``quant`` flag."""
+    """How weights are stored.
 
-    weights: Literal["none", "int8"] = "none"
+    ``int8`` sets gemma's own ``quant`` flag (int8 weights, per-row scales).
+    ``float16`` stores the weights in float16 while every layer computes in the
+    compute dtype (``config.dtype``, float32): half float32's weight memory with
+    float32's arithmetic, for Gemma 2/3 on GPUs where float16 compute overflows and
+    bfloat16 is not native.  The plan carries it as ``Plan.weight_storage``.
+    """
+
+    weights: Literal["none", "int8", "float16"] = "none"
 
 
 class Generation(_Strict):
