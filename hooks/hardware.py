@@ -2,7 +2,9 @@
 /sys for the transparent huge page mode.
 
 Every CUDA device reports its compute capability read directly — not
-``torch.cuda.is_bf16_supported()``, which also counts emulation (docs/design.md).
+``torch.cuda.is_bf16_supported()``, which also counts emulation (docs/design.md) — and the
+targets this torch was built for (``torch.cuda.get_arch_list()``), which
+`gemma_profiles.hardware.torch_kernel_support` checks against each capability.
 """
 
 from __future__ import annotations
@@ -56,4 +58,5 @@ def gemma_profile_detect_hardware() -> Hardware:
                 free = None
             gpus.append(GpuInfo(index, props.name, (props.major, props.minor), props.total_memory, free))
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    return Hardware(cpu, tuple(gpus), mps, torch.__version__, torch.version.cuda)
+    arch_list = tuple(torch.cuda.get_arch_list()) if gpus else ()
+    return Hardware(cpu, tuple(gpus), mps, torch.__version__, torch.version.cuda, arch_list)
