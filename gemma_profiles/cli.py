@@ -591,10 +591,13 @@ def bench(name: str, variant: str, ckpt: str, tokenizer: str | None, tokens: int
     _echo(f"  peak memory: {result['peak_memory_human']} ({result['peak_memory_kind']})")
 
 
+from .cli_contrib import new, schema_command  # noqa: E402  (the contributor's commands)
 from .cli_model import generate, import_command  # noqa: E402  (the GGUF commands, in their own module)
 
 cli.add_command(import_command)
 cli.add_command(generate)
+cli.add_command(new)
+cli.add_command(schema_command)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""An example gemma-profiles profile pack (see CONTRIBUTING.md in gemma-profiles)."""
