@@ -16,7 +16,7 @@ What is checked, for every file (`check_profile`):
 
 - everything ``gemma-profile validate`` checks: the schema, ``extends``, and the planner's
   rules for every gemma variant (sizes, the device map, dtype per compute capability);
-- ``name:`` is written in the file and equals the file name; a description; at least one
+- ``name:`` is written in the file and equals the file name; a description of its own; at least one
   comment that says where the facts come from (the evidence rule);
 - a concrete profile states its compute dtype and its hardware (a CUDA one its compute
   capability);
@@ -116,8 +116,9 @@ def _file_findings(path: Path, profile: Profile) -> list[Finding]:
         findings.append(Finding(str(path), "write 'name:' in the file itself (it is how reviewers and 'list' name it)"))
     elif profile.name != path.stem:
         findings.append(Finding(str(origin), f"name '{profile.name}' differs from the file name '{path.stem}'"))
-    if not profile.description.strip():
-        findings.append(Finding(str(path), "no description: say in one line which machine this is for"))
+    described = profile.origin("description")
+    if not profile.description.strip() or described is None or Path(described.path).resolve() != path.resolve():
+        findings.append(Finding(str(path), "no description of its own: say in one line which machine this is for"))
     comments = [line.lstrip("# ") for line in path.read_text(encoding="utf-8").splitlines() if line.lstrip()[:1] == "#"]
     evidence = [line for line in comments if len(line.split()) >= 4 and "yaml-language-server" not in line]
     if not evidence:
