@@ -12,18 +12,19 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from gemma_profiles.hooks.sources import bundled_dir
 
 from gemma_profiles import testing
 from gemma_profiles.cli import cli
 from gemma_profiles.contrib import schema_json, shipped_schema
 from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
-from gemma_profiles.hooks.sources import bundled_dir
 from gemma_profiles.plan import make_plan
 from gemma_profiles.registry import default_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK = ROOT / "examples" / "profile-pack"
 GIB = 2**30
+PIP_INSTALL = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
 CPU = CpuInfo(cores=8, total_memory=31 * GIB, available_memory=28 * GIB, isa=("avx2",), name="Test CPU")
 RTX2060 = Hardware(cpu=CPU, gpus=(GpuInfo(0, "NVIDIA GeForce RTX 2060", (7, 5), 6 * GIB),))
 P2200 = Hardware(cpu=CPU, gpus=(GpuInfo(0, "Quadro P2200", (6, 1), 5 * GIB),))
@@ -50,9 +51,9 @@ def test_new_from_detect_validates_and_shows_by_name(hardware: Hardware, fake_ha
     assert text.startswith("# yaml-language-server: $schema=file://")
     # the evidence rule: every value line says where it came from
     for line in text.splitlines():
+        key = line.split(":", 1)[0].strip()
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
-            if line.split(":", 1)[0].strip() not in ("name", "description"):
-                assert "  # " in line, f"no source for: {line}"
+            assert key in ("name", "description") or "  # " in line, f"no source for: {line}"
 
 
 def test_new_for_a_pascal_card_plans_as_auto_does(fake_hardware, isolated_env: Path):
@@ -176,8 +177,10 @@ def test_a_good_profile_has_no_findings(write_profile):
         (lambda text: text.replace("dtype: float16", "dtype: bfloat16"), "bfloat16"),
         (lambda text: text.replace("    config: {dtype: float16}\n", ""), "set config.dtype"),
         (
-            lambda text: text.replace("      gemma2: {config: {dtype: float32}}\n", "")
-            + "    compute: {allow_float16_overflow: true}\n",
+            lambda text: (
+                text.replace("      gemma2: {config: {dtype: float32}}\n", "")
+                + "    compute: {allow_float16_overflow: true}\n"
+            ),
             "float16 compute overflows gemma2",
         ),
     ],
@@ -207,8 +210,7 @@ def installed_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build = tmp_path_factory.mktemp("pack-src")
     subprocess.run(["cp", "-r", str(PACK) + "/.", str(build)], check=True)  # setuptools writes build/ into it
     process = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
-        + ["--target", str(target), str(build)],
+        [*PIP_INSTALL, "--target", str(target), str(build)],
         capture_output=True,
         text=True,
         timeout=300,
