@@ -6,7 +6,11 @@ from pathlib import Path
 
 import click
 
-from .errors import GemmaProfileError
+from .errors import GemmaProfileError, printable
+
+
+def _echo(text: str, *, err: bool = False) -> None:
+    click.echo(printable(text), err=err)  # paths and names may hold control characters
 
 
 @click.command(
@@ -25,7 +29,6 @@ from .errors import GemmaProfileError
 @click.option("--force", is_flag=True, help="Replace the file if it exists.")
 def new(name: str, from_detect: bool, extends: str | None, output: str | None, force: bool) -> None:
     """Write a profile NAME for a machine, validate it, and print the next commands."""
-    from .cli import _echo
     from .contrib import check_name, profile_text, template_text, write_new
     from .hooks.sources import user_dir
     from .plan import profile_problems
