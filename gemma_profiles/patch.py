@@ -1,12 +1,16 @@
 """The patch on gemma_pytorch's model classes; the only core module that touches torch.
 
-For ``GemmaForCausalLM`` and ``Gemma3ForMultimodalLM`` it wraps:
+On ``GemmaForCausalLM`` and ``Gemma3ForMultimodalLM`` only ``__init__`` is wrapped, while
+a profile is active: plan + preflight + config rewrite on a copy of the config, then the
+original constructor under ``torch.set_default_dtype(<rewritten dtype>)`` (gemma creates
+parameters with ``torch.empty`` in the default dtype, and the calling script has already
+set the default from the *old* config), with those parameters on the meta device (`lazy`):
+the loader fills them.
 
-- ``__init__``: plan + preflight + config rewrite on a copy of the config, then
-  the original constructor under ``torch.set_default_dtype(<rewritten dtype>)``
-  (gemma creates parameters with ``torch.empty`` in the default dtype, and the
-  calling script has already set the default from the *old* config), with those
-  parameters on the meta device (`lazy`): the loader fills them;
+A model built that way becomes an instance of a *profiled* subclass of its class (same
+name, `profiled_class`), which keeps the plan for the model's whole life - after the
+``with use(...)`` block, after `deactivate`, under another profile:
+
 - ``load_weights``: through the ``gemma_profile_load_weights`` hook, then
   ``gemma_profile_weights_loaded``;
 - ``to`` and ``generate``: the device goes through ``gemma_profile_resolve_device``
@@ -14,9 +18,9 @@ For ``GemmaForCausalLM`` and ``Gemma3ForMultimodalLM`` it wraps:
 - ``load_state_dict`` and ``forward``: materialise lazily built parameters first,
   so code other than our loader sees gemma's own behaviour.
 
-Every replaced attribute is recorded, and `unpatch_all` puts each back exactly:
-an attribute the class did not define itself (``to`` comes from ``nn.Module``)
-is deleted again rather than set.
+A model built without a profile is gemma's own class and never goes through any of it.
+Every attribute replaced on gemma's classes is recorded, and `unpatch_all` puts each back
+exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 
 from . import lazy, runtime
-from .errors import GemmaNotAvailableError
+from .errors import GemmaNotAvailableError, PatchError
 from .log import logger
 from .plugins import get_plugin_manager
 
@@ -67,21 +71,10 @@ def patch_module(module: ModuleType) -> None:
 
 
 def _patch_class(cls: type) -> None:
-    wrappers: dict[str, Callable[[Any], Any]] = {
-        "__init__": _wrap_init,
-        "load_weights": _wrap_load_weights,
-        "to": _wrap_to,
-        "generate": _wrap_generate,
-        "load_state_dict": _wrap_materializing,
-        "forward": _wrap_materializing,
-    }
-    for name, wrap in wrappers.items():
-        if not hasattr(cls, name):
-            continue
-        had_own = name in cls.__dict__
-        original = cls.__dict__[name] if had_own else getattr(cls, name)
-        setattr(cls, name, wrap(original))
-        _replaced.append(_Replaced(cls, name, had_own, original))
+    had_own = "__init__" in cls.__dict__
+    original = cls.__dict__["__init__"] if had_own else getattr(cls, "__init__")  # noqa: B009
+    type.__setattr__(cls, "__init__", _wrap_init(original))
+    _replaced.append(_Replaced(cls, "__init__", had_own, original))
     setattr(cls, _MARKER, True)
     _replaced.append(_Replaced(cls, _MARKER, False, None))
     logger.debug("patched {}.{}", cls.__module__, cls.__qualname__)
@@ -98,10 +91,50 @@ def unpatch_all() -> None:
 
 
 def plan_of(model: Any) -> Any:
-    """The plan a model was built with, while a profile is active; else None."""
-    if runtime.current() is None:
-        return None
+    """The plan a model was built with (whatever is active now); None for a model built without one."""
     return model.__dict__.get(PLAN_ATTRIBUTE)
+
+
+#: What a profiled model does differently from gemma's class: method name -> wrapper factory.
+_MODEL_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {}
+#: gemma's class (or a user's subclass of it) -> its profiled subclass.
+_profiled: dict[type, type] = {}
+
+
+def profiled_class(cls: type) -> type:
+    """The subclass of ``cls`` a model built under a profile becomes: the same name, and
+    ``load_weights``, ``to``, ``generate``, ``load_state_dict`` and ``forward`` that follow
+    the model's own plan.  Each calls ``cls``'s method as it is at call time (``super()``),
+    so it is independent of whether gemma's classes are patched now."""
+    if cls.__dict__.get(_PROFILED_MARKER):
+        return cls
+    sub = _profiled.get(cls)
+    if sub is None:
+        namespace: dict[str, Any] = {
+            "__module__": __name__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": f"{cls.__qualname__} built under a gemma-profiles profile (gemma_profiles.patch).",
+            _PROFILED_MARKER: True,
+        }
+        sub = type(cls.__name__, (cls,), namespace)
+        for name, wrap in _MODEL_WRAPPERS.items():
+            if hasattr(cls, name):
+                setattr(sub, name, wrap(_inherited(sub, cls, name)))
+        _profiled[cls] = sub
+    return sub
+
+
+_PROFILED_MARKER = "__gemma_profiles_profiled__"
+
+
+def _inherited(sub: type, cls: type, name: str) -> Callable[..., Any]:
+    """``cls``'s ``name`` as it is when called, bound to the instance (through ``super``)."""
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(super(sub, self), name)(*args, **kwargs)
+
+    functools.update_wrapper(call, getattr(cls, name))
+    return call
 
 
 # -- wrappers ---------------------------------------------------------------------
@@ -125,6 +158,8 @@ def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
         lazy.set_lazy(self, True)
         # Kept out of nn.Module's registries: a plain attribute in __dict__.
         object.__setattr__(self, PLAN_ATTRIBUTE, build.plan)
+        # The model keeps its plan for life, whatever is active (or patched) later.
+        object.__setattr__(self, "__class__", profiled_class(type(self)))
         get_plugin_manager().model_built(self, build.plan)
 
     return __init__
@@ -135,8 +170,16 @@ def _wrap_load_weights(original: Callable[..., Any]) -> Callable[..., Any]:
     def load_weights(self: Any, model_path: Any, *args: Any, **kwargs: Any) -> Any:
         plan = plan_of(self)
         gemma_loader = functools.partial(original, self)
-        if plan is None or args or kwargs:
+        if plan is None:
             return gemma_loader(model_path, *args, **kwargs)
+        if args or kwargs:
+            # gemma's loader would fill a model the profile rewrote (int8, meta parameters) its own way.
+            raise PatchError(
+                f"load_weights under profile '{plan.profile}' takes only the checkpoint path "
+                f"(given also {', '.join([*(repr(a) for a in args), *kwargs])})",
+                where=f"profile {plan.profile}",
+                hint="call model.load_weights(path); build the model without a profile for gemma's own loader",
+            )
         manager = get_plugin_manager()
         if not manager.load_weights(self, str(model_path), plan, gemma_loader):
             gemma_loader(model_path)
@@ -220,3 +263,12 @@ def same_device(actual: torch.device, wanted: torch.device) -> bool:
     if wanted.index is None or actual.index is None:
         return True
     return actual.index == wanted.index
+
+
+_MODEL_WRAPPERS.update(
+    load_weights=_wrap_load_weights,
+    to=_wrap_to,
+    generate=_wrap_generate,
+    load_state_dict=_wrap_materializing,
+    forward=_wrap_materializing,
+)

@@ -199,7 +199,10 @@ def _set_session(session: Session) -> None:
 
 
 def deactivate() -> None:
-    """Deactivate any profile and restore every attribute the patch replaced."""
+    """Deactivate any profile and restore every attribute the patch replaced.
+
+    Models already built under a profile keep it: their plan goes with them (`patch.profiled_class`).
+    """
     global _session
     gemma_profiles_autoload.disarm()  # and the environment's choice is not armed later either
     _session = None
@@ -207,7 +210,6 @@ def deactivate() -> None:
     patch = sys.modules.get("gemma_profiles.patch")
     if patch is not None:
         patch.unpatch_all()
-        sys.modules["gemma_profiles.lazy"].materialize_all()
 
 
 @contextmanager
