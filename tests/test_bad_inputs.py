@@ -220,10 +220,8 @@ def test_device_index_this_box_does_not_have(gemma, tokenizer_path, write_profil
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     path = write_profile("gpu3", "description: x\nconfig: {dtype: float32}\nplacement:\n  device: cuda:3\n")
-    with gemma_profiles.use(str(path)):
-        model = build(gemma, tokenizer_path)  # built on the CPU; the move is what fails
-        with pytest.raises(GemmaProfileError) as caught:
-            model.to("cuda")
+    with gemma_profiles.use(str(path)), pytest.raises(GemmaProfileError) as caught:
+        build(gemma, tokenizer_path)  # stopped at construction, before any weight is read
     error = caught.value
     assert error.where == f"{path}:4"
     assert "profile 'gpu3' runs the model on 'cuda:3', but this machine has 1 CUDA device(s): cuda:0..cuda:0" in (
@@ -237,10 +235,11 @@ def test_cuda_profile_with_a_cpu_only_torch(gemma, tokenizer_path, write_profile
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = write_profile("gpu", "description: x\nconfig: {dtype: float32}\nplacement: {device: cuda}\n")
-    with gemma_profiles.use(str(path)):
-        model = build(gemma, tokenizer_path)
-        with pytest.raises(GemmaProfileError, match=r"runs the model on 'cuda', but this torch .* sees no CUDA device"):
-            model.generate("the cat", "cpu", output_len=1)
+    with (
+        gemma_profiles.use(str(path)),
+        pytest.raises(GemmaProfileError, match=r"runs the model on 'cuda', but this torch .* sees no CUDA device"),
+    ):
+        build(gemma, tokenizer_path)  # stopped at construction, before any weight is read
 
 
 def test_plan_that_does_not_fit_stops_a_script_with_one_line(gemma, write_profile):

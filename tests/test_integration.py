@@ -170,17 +170,114 @@ def test_profile_device_wins_over_script_device(
         generate(model, device="meta")
 
 
+class LoadSpy:
+    """Records every ``load_weights`` that reaches the hook (the loader runs after it), and refuses it."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    @gemma_profiles.hookimpl(tryfirst=True)
+    def gemma_profile_load_weights(self, model: Any, path: str, plan: Any, gemma_loader: Any) -> bool:
+        self.paths.append(path)
+        raise AssertionError(f"a checkpoint was read: {path}")
+
+
+@pytest.fixture
+def load_spy(monkeypatch: pytest.MonkeyPatch) -> LoadSpy:
+    """No checkpoint may be read: the hook is watched, and ``torch.load`` refuses."""
+    spy = LoadSpy()
+    manager = plugins.GemmaPluginManager(load_entry_points=False)
+    manager.register(spy, "load-spy")
+    plugins.reset_plugin_manager(manager)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        spy.paths.append(str(args[0]) if args else "?")
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    return spy
+
+
 @pytest.mark.skipif(CUDA, reason="checks the error on a machine without CUDA")
-def test_pascal_5gb_builds_float16_int8_and_names_missing_cuda(gemma: Any, tokenizer_path: str) -> None:
+def test_pascal_5gb_stops_at_construction_without_cuda(gemma: Any, tokenizer_path: str, load_spy: LoadSpy) -> None:
+    # Before: construction passed, load_weights read the whole checkpoint, and only `.to()` failed.
+    with gemma_profiles.use("pascal-5gb"), pytest.raises(GemmaProfileError) as caught:
+        build(gemma, tokenizer_path)
+    error = caught.value
+    assert error.where is not None and error.where.endswith("base-cuda.yaml:8 (extends base-cuda)")
+    assert "profile 'pascal-5gb' runs the model on 'cuda', but this torch" in error.message
+    assert "sees no CUDA device" in error.message
+    assert "run 'gemma-profile detect': the best profile here is 'cpu-" in (error.hint or "")
+    assert "\n" not in str(error) and load_spy.paths == []
+
+
+def test_a_missing_device_index_stops_at_construction(
+    gemma: Any, tokenizer_path: str, fake_hardware: Any, load_spy: LoadSpy, write_profile: Any
+) -> None:
+    from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
+
+    t4 = GpuInfo(0, "Tesla T4", (7, 5), 15 << 30)
+    fake_hardware(Hardware(CpuInfo(4, 32 << 30, 30 << 30), (t4,), cuda_version="12.6"))
+    plugins.get_plugin_manager().register(load_spy, "load-spy")
+    with gemma_profiles.use("t4"):
+        build(gemma, tokenizer_path)  # cuda:0 is a T4 here: built
+    second = write_profile("t4-second", "description: x\nextends: t4\nplacement: {device: 'cuda:1'}\n")
+    with gemma_profiles.use(str(second)), pytest.raises(GemmaProfileError) as caught:
+        build(gemma, tokenizer_path)
+    assert caught.value.where == f"{second}:3"
+    assert "runs the model on 'cuda:1', but this machine has 1 CUDA device(s): cuda:0..cuda:0" in caught.value.message
+    assert "the best profile here is 't4'" in (caught.value.hint or "")
+    assert load_spy.paths == []
+
+
+@pytest.mark.parametrize(
+    ("arch_list", "stops"),
+    [(("sm_75", "sm_80", "sm_90", "sm_120"), True), (("sm_50", "sm_60", "sm_70", "sm_75"), False)],
+    ids=["cuda13-torch", "cu126-torch"],
+)
+def test_a_torch_without_kernels_for_the_gpu_stops_at_construction(
+    gemma: Any, tokenizer_path: str, fake_hardware: Any, load_spy: LoadSpy, arch_list: tuple[str, ...], stops: bool
+) -> None:
+    from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
+
+    p2200 = GpuInfo(0, "Quadro P2200", (6, 1), 5 << 30)
+    fake_hardware(Hardware(CpuInfo(4, 16 << 30, 14 << 30), (p2200,), cuda_version="13.0", cuda_arch_list=arch_list))
+    plugins.get_plugin_manager().register(load_spy, "load-spy")
     with gemma_profiles.use("pascal-5gb"):
-        _, model = build(gemma, tokenizer_path)
-        assert float_dtypes(model) == {torch.float16}
-        assert model.embedder.weight.dtype == torch.int8
-        with pytest.raises(GemmaProfileError, match=r"pascal-5gb.*'cuda'.*no CUDA"):
-            model.to("cpu")
+        if not stops:
+            build(gemma, tokenizer_path)
+            return
+        with pytest.raises(GemmaProfileError) as caught:
+            build(gemma, tokenizer_path)
+    line = str(caught.value)
+    assert "profile 'pascal-5gb' runs the model on 'cuda' (Quadro P2200), but this torch (built for sm_75" in line
+    assert "no kernels for compute capability 6.1" in line
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cu126" in (caught.value.hint or "")
+    assert load_spy.paths == []
 
 
-def test_family_override_for_gemma2(gemma: Any, tokenizer_path: str) -> None:
+def test_bench_of_a_cuda_profile_stops_before_reading_the_checkpoint(
+    gemma: Any, tokenizer_path: str, checkpoint: str, load_spy: LoadSpy, fresh_log_handler: None
+) -> None:
+    from click.testing import CliRunner
+
+    from gemma_profiles.cli import cli
+
+    if CUDA:
+        pytest.skip("checks the error on a machine without CUDA")
+    args = ["bench", "pascal-5gb", "--variant", "2b", "--ckpt", checkpoint, "--tokenizer", tokenizer_path]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if "runs the model on 'cuda'" in line]
+    assert len(errors) == 1 and "gemma-profile detect" in errors[0], result.stderr
+    assert load_spy.paths == []
+
+
+def test_family_override_for_gemma2(gemma: Any, tokenizer_path: str, fake_hardware: Any) -> None:
+    from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
+
+    fake_hardware(Hardware(CpuInfo(4, 32 << 30, 30 << 30), (GpuInfo(0, "Tesla T4", (7, 5), 15 << 30),)))
     with gemma_profiles.use("t4"):
         _, gemma2 = build(gemma, tokenizer_path, "2b-v2")
         _, gemma1 = build(gemma, tokenizer_path, "2b")
@@ -192,8 +289,11 @@ def test_imported_gemma_is_patched_and_deactivate_restores_everything(gemma: Any
     before = class_dicts(gemma)
     gemma_profiles.activate("cpu-32gb")
     patched = class_dicts(gemma)
-    assert patched["GemmaForCausalLM"]["__init__"] is not before["GemmaForCausalLM"]["__init__"]
-    assert "to" in patched["GemmaForCausalLM"]
+    changed = {
+        key for key, value in patched["GemmaForCausalLM"].items() if before["GemmaForCausalLM"].get(key) is not value
+    }
+    # Only the constructor: what a model built under a profile does differently lives in its own subclass.
+    assert changed == {"__init__", "__gemma_profiles_patched__"}
     gemma_profiles.deactivate()
     after = class_dicts(gemma)
     assert after.keys() == before.keys()
@@ -313,11 +413,10 @@ def test_autoload_env_var_profile(
 
 @pytest.mark.skipif(CUDA, reason="checks the error on a machine without CUDA")
 def test_autoload_pascal_5gb(gemma: Any, tokenizer_path: str, tmp_path: Path, child_env: dict[str, str]) -> None:
-    child_env["GEMMA_PROFILE"] = "pascal-5gb"
-    report = run_flow(child_env, tokenizer_path, tmp_path / "p.ckpt")
-    assert report["float_param_dtypes"] == ["torch.float16"]
-    assert "torch.int8" in report["param_dtypes"]
-    assert "no CUDA" in report["error"]
+    report = run_flow({**child_env, "GEMMA_PROFILE": "pascal-5gb"}, tokenizer_path, tmp_path / "p.ckpt")
+    assert "param_dtypes" not in report, "stopped at construction"
+    assert not (tmp_path / "p.ckpt").exists(), "no weight was written or read"
+    assert "runs the model on 'cuda'" in report["error"] and "gemma-profile detect" in report["error"]
 
 
 def test_apply_off_and_reset(
