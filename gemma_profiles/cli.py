@@ -19,7 +19,7 @@ import click
 from . import log
 from .errors import GemmaProfileError, did_you_mean, printable
 from .profile import Profile
-from .registry import PROFILE_SUFFIXES, Registry, default_registry, looks_like_path
+from .registry import PROFILE_SUFFIXES, Registry, default_registry, looks_like_path, reserved_name
 from .variants import VARIANTS
 
 
@@ -98,16 +98,44 @@ def cli(ctx: click.Context) -> None:
 
 @cli.command(
     "list",
-    epilog=_examples("gemma-profile list", "gemma-profile list --all --json    # with the abstract base-* profiles"),
+    epilog=_examples(
+        "gemma-profile list",
+        "gemma-profile list --all --json    # with the abstract base-* profiles",
+        "(a broken profile file is one warning line and a 'broken' row; the others are listed; exit 0)",
+    ),
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--all", "show_all", is_flag=True, help="Include abstract base profiles.")
 def list_profiles(as_json: bool, show_all: bool) -> None:
     """List the profiles available here, with the hardware each is for."""
+    from .auto import AUTO, AUTO_DESCRIPTION
+
     registry = default_registry()
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = [
+        {
+            "name": AUTO,
+            "description": AUTO_DESCRIPTION,
+            "device": None,
+            "compute_capability": None,
+            "memory": None,
+            "host_memory": None,
+            "dtype": None,
+            "abstract": False,
+            "source": "detected",
+            "path": None,
+            "problem": None,
+        }
+    ]
     for name, entry in registry.index().items():
-        profile = registry.load(name)
+        try:
+            profile = registry.load(name)
+        except GemmaProfileError as exc:  # one line, and the rest are still listed
+            problem = str(exc)
+            if "gemma-profile validate" not in problem:
+                problem += f" ('gemma-profile validate {entry.path}' lists every problem)"
+            _warn(f"profile '{name}' ({entry.source.label}) is broken: {problem}")
+            rows.append({"name": name, "source": entry.source.label, "path": str(entry.path), "problem": problem})
+            continue
         if profile.model.abstract and not show_all:
             continue
         hardware = profile.model.hardware
@@ -123,20 +151,29 @@ def list_profiles(as_json: bool, show_all: bool) -> None:
                 "abstract": profile.model.abstract,
                 "source": entry.source.label,
                 "path": str(entry.path),
+                "problem": None,
             }
         )
+    for path, source, reason in registry.refused:  # auto.yaml: the registry has said why (a warning)
+        rows.append({"name": path.stem, "source": source.label, "path": str(path), "problem": reason, "reserved": True})
+    rows.sort(key=lambda row: (row["name"], row["path"] or ""))
     if as_json:
         _emit_json(rows)
         return
-    width = max((len(r["name"]) for r in rows), default=4)
+    width = max((len(printable(r["name"])) for r in rows), default=4)
+    source_width = max((len(printable(r["source"])) for r in rows), default=8)
     for row in rows:
-        _echo(f"{row['name']:<{width}}  {row['source']:<8} {row['description']}")
+        text = row["description"] if row["problem"] is None else "broken: see the warning above"
+        if row.get("reserved"):
+            text = f"{row['path']}: not used, the name is the detected profile's (see the warning above)"
+        _echo(f"{printable(row['name']):<{width}}  {printable(row['source']):<{source_width}}  {text}")
 
 
 @cli.command(
     epilog=_examples(
         "gemma-profile show pascal-5gb",
         "gemma-profile show pascal-5gb --variant 7b   # with the 7b overrides folded in",
+        "gemma-profile show auto                      # built from this machine; each value names its fact",
         "gemma-profile show ./my-profile.yaml --json",
     )
 )
@@ -144,7 +181,11 @@ def list_profiles(as_json: bool, show_all: bool) -> None:
 @_variant_option(required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(name: str, variant: str | None, as_json: bool) -> None:
-    """Show a profile fully resolved, and where each value came from (--variant folds in its overrides)."""
+    """Show a profile fully resolved, and where each value came from (--variant folds in its overrides).
+
+    'auto' is built from this machine's detected hardware; its values say which fact they came from.
+    """
+    from .auto import AUTO, AUTO_PATH
     from .plan import make_plan
 
     _check_variant(variant)
@@ -162,8 +203,8 @@ def show(name: str, variant: str | None, as_json: bool) -> None:
     data: dict[str, Any] = {
         "name": profile.name,
         "description": profile.description,
-        "path": str(profile.path),
-        "extends": [str(p) for p in profile.chain[1:]],
+        "path": None if profile.path == AUTO_PATH else str(profile.path),
+        "extends": [AUTO if p == AUTO_PATH else str(p) for p in profile.chain[1:]],
         "abstract": profile.model.abstract,
         "variant": variant,
         "overrides_applied": list(shown.applied_overrides),
@@ -178,9 +219,10 @@ def show(name: str, variant: str | None, as_json: bool) -> None:
         _emit_json(data)
         return
     _echo(f"{profile.name}: {profile.description}")
-    _echo(f"  file: {profile.path}")
+    detected = "built from this machine's detected hardware ('gemma-profile detect' shows the facts)"
+    _echo(f"  file: {profile.path}" if data["path"] else f"  file: none; {detected}")
     for parent in data["extends"]:
-        _echo(f"  extends: {parent}")
+        _echo(f"  extends: {parent}" + (f" ({detected})" if parent == AUTO else ""))
     if variant:
         _echo(f"  variant: {variant} (overrides applied: {', '.join(shown.applied_overrides) or 'none'})")
     _echo(
@@ -268,6 +310,8 @@ def validate(paths: tuple[str, ...], as_json: bool) -> None:
     for file in files:
         if file in unusable:
             problems = [Problem(str(file), unusable[file])]
+        elif reserved := reserved_name(file):
+            problems = [Problem(str(file), reserved)]
         else:
             from .plan import profile_problems  # what show and plan refuse too, for every variant
 
@@ -291,8 +335,16 @@ def validate(paths: tuple[str, ...], as_json: bool) -> None:
         sys.exit(1)
 
 
-def _reference_for(registry: Registry, name: str) -> tuple[str, Profile]:
-    """Load ``name``; return what to store (a name, or an absolute path) and the profile."""
+def _reference_for(registry: Registry, name: str) -> tuple[str, Profile | None]:
+    """Load ``name``; return what to store (a name, or an absolute path) and the profile.
+
+    ``auto`` is stored as the name and not built here: it is detected where the model is
+    built (detection imports torch, and the machine is the same).
+    """
+    from .auto import AUTO
+
+    if name == AUTO:
+        return AUTO, None
     profile = registry.load(name)
     if profile.model.abstract:
         raise GemmaProfileError(
@@ -302,18 +354,62 @@ def _reference_for(registry: Registry, name: str) -> tuple[str, Profile]:
     return (str(Path(name).expanduser().resolve()) if looks_like_path(name) else name), profile
 
 
-@cli.command(epilog=_examples("gemma-profile apply cpu-8gb", "gemma-profile apply ./my-profile.yaml"))
+def _missing_cuda_device(profile: Profile, registry: Registry) -> str | None:
+    """One line when ``profile`` runs on a CUDA device this machine lacks, naming the best profile here.
+
+    The driver's files are looked at first (no torch); only when they show no such GPU is the
+    machine detected (torch), to be sure and to find the profile that fits it.
+    """
+    from . import auto
+    from .plan import normalize_device
+
+    device = profile.model.placement.device
+    facts = profile.model.hardware
+    if device is None:
+        wanted = "cuda:0" if facts is not None and facts.device == "cuda" else None
+    else:
+        wanted = normalize_device(device) if device.startswith("cuda") else None
+    if wanted is None:
+        return None
+    index = int(wanted.partition(":")[2] or 0)
+    if len(auto.nvidia_gpus_visible()) > index:
+        return None
+    hardware = registry.hardware()
+    if hardware.gpu(wanted) is not None:
+        return None
+    here = "no CUDA device" if not hardware.gpus else f"no {wanted} (it has {len(hardware.gpus)} CUDA device(s))"
+    match = auto.best_match(hardware, registry)
+    best = f"{match.name}, or auto" if match else "auto (no profile here matches it)"
+    return (
+        f"'{profile.name}' runs on {wanted} and this machine has {here}, so gemma models cannot run under it "
+        f"here; 'gemma-profile detect' shows this machine and names the best profile for it: {best}"
+    )
+
+
+@cli.command(
+    epilog=_examples(
+        "gemma-profile apply cpu-8gb",
+        "gemma-profile apply auto                # whatever this machine is, detected when a model is built",
+        "gemma-profile apply ./my-profile.yaml",
+        "(a CUDA profile on a machine without that device is applied with a warning)",
+    )
+)
 @click.argument("name")
 def apply(name: str) -> None:
     """Use profile NAME for every gemma model built in this Python environment."""
     from .gemma_info import gemma_status
     from .state import write_applied
 
-    reference, profile = _reference_for(default_registry(), name)
+    registry = default_registry()
+    reference, profile = _reference_for(registry, name)
+    missing = _missing_cuda_device(profile, registry) if profile is not None else None
     path = write_applied(reference)
-    _echo(f"applied '{profile.name}' to the environment {sys.prefix}")
+    shown = profile.name if profile is not None else reference
+    _echo(f"applied '{shown}' to the environment {sys.prefix}")
     _echo(f"  state: {path}")
     _echo("  gemma models built by Python in this environment now use it; 'gemma-profile reset' undoes it")
+    if missing:
+        _warn(missing)
     if os.environ.get("GEMMA_PROFILE", "").strip():
         _echo(f"  note: GEMMA_PROFILE={os.environ['GEMMA_PROFILE']} is set here and takes precedence", err=True)
     status = gemma_status()
@@ -321,10 +417,17 @@ def apply(name: str) -> None:
         _echo(f"  note: gemma is {status.describe()}", err=True)
 
 
-@cli.command(epilog=_examples("gemma-profile current", "GEMMA_PROFILE=t4 gemma-profile current --json"))
+@cli.command(
+    epilog=_examples(
+        "gemma-profile current",
+        "GEMMA_PROFILE=t4 gemma-profile current --json",
+        "GEMMA_PROFILE=auto gemma-profile current   # 'auto': built from this machine's hardware",
+    )
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def current(as_json: bool) -> None:
     """Show the active profile and why (GEMMA_PROFILE, apply, or none)."""
+    from .auto import AUTO
     from .errors import StateError
     from .gemma_info import gemma_status
     from .state import ActiveReference, active_reference
@@ -341,7 +444,9 @@ def current(as_json: bool) -> None:
         "source": active.source,
         "detail": active.detail,
     }
-    if active.reference is not None:
+    if active.reference == AUTO:  # built from this machine when a model is (detection imports torch)
+        data["profile"] = AUTO
+    elif active.reference is not None:
         try:
             loaded = default_registry().load(active.reference)
             data["profile"] = loaded.name
@@ -375,6 +480,7 @@ def reset() -> None:
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
     epilog=_examples(
         "gemma-profile run t4 -- python my_script.py",
+        "gemma-profile run auto -- python my_script.py   # a profile built from this machine's hardware",
         "gemma-profile run ./my-profile.yaml -- python -m my_package",
         "(exit status: the command's; 127 when it is not found, 126 when it cannot be run)",
     ),
@@ -443,27 +549,52 @@ def _target_source(source: str) -> str:
 
 def _load_any(reference: str) -> Profile:
     """A profile by name or path, or ``auto`` (built from detected hardware)."""
-    if reference == "auto":
-        from .auto import auto_profile
-        from .hardware import detect_hardware
-
-        return auto_profile(detect_hardware())
     return default_registry().load(reference)
 
 
 @cli.command(epilog=_examples("gemma-profile detect", "gemma-profile detect --json"))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def detect(as_json: bool) -> None:
-    """Describe this machine and the profile that fits it best."""
-    from .auto import best_match
-    from .hardware import detect_hardware
+    """Describe this machine, whether this torch has kernels for its GPUs, and the profile that fits it best."""
+    import dataclasses
+
+    from . import auto
+    from .hardware import LEGACY_TORCH_FIX
     from .units import format_bytes
 
-    hardware = detect_hardware()
-    match = best_match(hardware, default_registry())
+    registry = default_registry()
+    hardware = registry.hardware()
+
+    def broken(name: str, exc: GemmaProfileError) -> None:
+        _warn(f"profile '{name}' is broken and left out of the match: {exc}")
+
+    match = auto.best_match(hardware, registry, on_broken=broken)
+    kernels = {gpu.index: hardware.kernel_support(gpu) for gpu in hardware.gpus}
+    unusable = [index for index, support in kernels.items() if support is not None and not support.ok]
+    # Until torch is fixed, CUDA cannot run here: the best profile without the GPUs too.
+    fallback = auto.best_match(dataclasses.replace(hardware, gpus=()), registry) if unusable else None
+    unseen: list[str] = []
+    if not hardware.gpus:
+        unseen = auto.nvidia_gpus_visible()  # the driver shows a GPU that this torch does not
+    torch_fix = ""
+    if unseen:
+        torch_fix = (
+            f"this torch ({hardware.torch_version}) is a CPU build; install a CUDA build: {LEGACY_TORCH_FIX} for "
+            "a Maxwell, Pascal or Volta GPU (cu126, the last line with their kernels), else pip install torch"
+            if not hardware.cuda_version
+            else f"this torch (CUDA {hardware.cuda_version}) sees no CUDA device; check the driver with nvidia-smi"
+        )
     data = {
         "hardware": hardware.as_dict(),
+        "torch_kernels": [
+            {"device": f"cuda:{index}", **(dataclasses.asdict(support) if support is not None else {"ok": None})}
+            for index, support in kernels.items()
+        ],
+        "gpus_torch_does_not_see": [{"name": name, "fix": torch_fix} for name in unseen],
         "best_profile": None if match is None else {"name": match.name, "reason": match.reason},
+        "best_profile_until_torch_is_fixed": None
+        if fallback is None
+        else {"name": fallback.name, "reason": fallback.reason},
     }
     if as_json:
         _emit_json(data)
@@ -482,12 +613,26 @@ def detect(as_json: bool) -> None:
             f"cuda:{gpu.index}: {gpu.name}; compute capability {gpu.compute_capability[0]}.{gpu.compute_capability[1]} "
             f"({bf16}); {format_bytes(gpu.total_memory)}{free}"
         )
+        support = kernels[gpu.index]
+        if support is None:
+            _echo("  torch kernels: unknown (the hardware plugin gave no arch list)")
+        elif support.ok:
+            _echo(f"  torch kernels: {support.reason}")
+        else:
+            _echo(f"  torch kernels: missing - {support.reason}")
+            _echo(f"  fix: {support.fix}")
+    for name in unseen:
+        _echo(f"nvidia: {name} (seen by the driver, not by torch): {torch_fix}")
     if hardware.mps:
         _echo("mps: available (gemma's complex RoPE does not run on MPS; profiles use the CPU)")
     if match:
         _echo(f"best profile: {match.name} - {match.reason}")
     else:
         _echo("best profile: none matches; GEMMA_PROFILE=auto builds one from these facts")
+    if unusable:
+        devices = ", ".join(f"cuda:{index}" for index in unusable)
+        here = f"{fallback.name} ({fallback.reason})" if fallback else "GEMMA_PROFILE=auto on the CPU"
+        _echo(f"until torch is fixed, {devices} cannot run gemma: use {here}")
 
 
 @cli.command(
@@ -506,6 +651,7 @@ def detect(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None, here: bool, as_json: bool) -> None:
     """Memory table and placement for a variant under a profile; exit 1 when it does not fit."""
+    from .auto import is_auto
     from .hardware import detect_hardware
     from .plan import Target, make_plan, normalize_device
     from .units import format_bytes
@@ -513,7 +659,7 @@ def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None
     _check_variant(variant)
     profile = _load_any(name)
     target = None
-    if here or name == "auto" or profile.model.hardware is None:
+    if here or is_auto(profile) or profile.model.hardware is None:  # auto's facts are this machine's
         hardware = detect_hardware()
         device = profile.model.placement.device
         target = Target.of_hardware(hardware, normalize_device(device) if device else None)
@@ -556,32 +702,84 @@ def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None
 @cli.command(
     epilog=_examples(
         "gemma-profile bench cpu-8gb --variant 2b --ckpt gemma-2b.ckpt --tokenizer tokenizer.model",
-        "gemma-profile bench auto -v 1b --ckpt ./gemma-3-1b --tokens 64 --json",
+        "gemma-profile bench auto ~/models/gemma-3-270m --tokens 64   # a 'gemma-profile import' folder",
+        "gemma-profile bench cpu-32gb --model ./gemma-3-270m --json",
     )
 )
 @click.argument("name")
-@_variant_option(required=True)
-@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint file or sharded folder.")
-@click.option("--tokenizer", type=click.Path(), help="tokenizer.model (default: the config's path).")
+@click.argument("model_dir", metavar="[DIR]", required=False, type=click.Path())
+@click.option("--model", "model_option", type=click.Path(), help="A 'gemma-profile import' folder (same as DIR).")
+@_variant_option(required=False)
+@click.option("--ckpt", type=click.Path(), help="Checkpoint file or sharded folder (with --variant).")
+@click.option("--tokenizer", type=click.Path(), help="tokenizer.model (default: the model config's path).")
 @click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens to generate.")
 @click.option("--prompt", default="The capital of France is", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def bench(name: str, variant: str, ckpt: str, tokenizer: str | None, tokens: int, prompt: str, as_json: bool) -> None:
-    """Load a checkpoint under profile NAME and time generation: tokens/s and peak memory."""
+def bench(
+    name: str,
+    model_dir: str | None,
+    model_option: str | None,
+    variant: str | None,
+    ckpt: str | None,
+    tokenizer: str | None,
+    tokens: int,
+    prompt: str,
+    as_json: bool,
+) -> None:
+    """Load a model under profile NAME and time generation: tokens/s and peak memory.
+
+    The model is gemma's --variant with its --ckpt, or a folder DIR written by 'gemma-profile import'.
+    """
     from .bench import run_bench
     from .gemma_info import require_gemma_pytorch
 
     _check_variant(variant)
+    if model_dir and model_option and model_dir != model_option:
+        raise GemmaProfileError("two model folders given (DIR and --model)", hint="give one")
+    folder = model_dir or model_option
+    if folder is not None and (variant or ckpt):
+        raise GemmaProfileError(
+            "--variant and --ckpt are for gemma's own checkpoints; an imported folder has its own "
+            "(config.json, model.ckpt)",
+            hint=f"gemma-profile bench {name} {folder}",
+        )
+    if folder is None and not (variant and ckpt):
+        missing = " and ".join(o for o, v in (("--variant", variant), ("--ckpt", ckpt)) if not v)
+        raise GemmaProfileError(
+            f"{missing} missing: bench needs gemma's variant and checkpoint, or an imported folder",
+            hint=f"gemma-profile bench {name} --variant 2b --ckpt PATH, or gemma-profile bench {name} DIR",
+        )
     require_gemma_pytorch()
     profile = _load_any(name)
-    with click.progressbar(length=tokens, label=f"{profile.name} / {variant}", file=sys.stderr) as bar:
+    label = f"{profile.name} / {variant or folder}"
+    bar: Any = None
+
+    def progress(steps: int) -> None:
+        # Shown from the first decode step: loading's log lines come before, each on its own line.
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=max(tokens - 1, 1), label=f"{label}: decoding", file=sys.stderr)
+            bar.__enter__()
+        bar.update(steps)
+
+    try:
         result = run_bench(
-            profile, variant, ckpt, tokenizer=tokenizer, tokens=tokens, prompt=prompt, progress=bar.update
+            profile,
+            variant,
+            ckpt,
+            tokenizer=tokenizer,
+            tokens=tokens,
+            prompt=prompt,
+            progress=progress,
+            model_dir=folder,
         )
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
     if as_json:
         _emit_json(result)
         return
-    _echo(f"{profile.name} / {variant} on {result['device']}: {result['dtypes']}")
+    _echo(f"{label} on {result['device']}: {result['dtypes']}")
     _echo(f"  load (construct + load_weights): {result['load_s']:.2f} s")
     _echo(f"  prefill ({result['prompt_tokens']} tokens): {result['prefill_s']:.3f} s")
     _echo(

@@ -7,18 +7,29 @@ override is logged):
 2. plugins (``gemma_profile_sources`` hook)                          precedence 10 by default
 3. the user directory (``platformdirs`` user config dir / profiles)  precedence 20
 4. ``GEMMA_PROFILE_PATH`` directories, leftmost wins                 precedence 30+
+
+One name is no file's: ``auto`` is the profile built from detected hardware
+(`gemma_profiles.auto`), wherever a name is taken, ``extends:`` included.  A file
+called ``auto.yaml`` in any source is left out with one warning, and refused when
+named by path, rather than silently shadowing it or being shadowed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .auto import AUTO, AUTO_PATH
 from .errors import ProfileError, ProfileNotFoundError, did_you_mean, printable
 from .log import logger
 from .profile import Profile, ResolveCache, load_profile
 from .types import ProfileSource
+
+if TYPE_CHECKING:
+    from .hardware import Hardware
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
 
@@ -44,6 +55,10 @@ class Registry:
         self.sources = sorted(sources, key=lambda s: s.precedence)
         self._index: dict[str, Entry] | None = None
         self.resolved: ResolveCache = {}  # each file merged with its extends once per registry
+        self._auto: Profile | None = None
+        self._hardware: Hardware | None = None
+        #: files left out of the index, with why: ``auto.yaml`` (the name is the detected profile's)
+        self.refused: list[tuple[Path, ProfileSource, str]] = []
 
     def index(self) -> dict[str, Entry]:
         if self._index is None:
@@ -51,6 +66,9 @@ class Registry:
             for source in self.sources:
                 for path in _profile_files(source):
                     name = path.stem
+                    if name == AUTO:
+                        self._refuse(path, source)
+                        continue
                     previous = index.get(name)
                     if previous is not None and previous.path.resolve() != path.resolve():
                         logger.info(
@@ -67,22 +85,33 @@ class Registry:
             self._index = dict(sorted(index.items()))
         return self._index
 
+    def _refuse(self, path: Path, source: ProfileSource) -> None:
+        reason = _reserved(path)
+        self.refused.append((path, source, reason))
+        if (path, "auto") not in _unreadable:
+            _unreadable.add((path, "auto"))
+            logger.warning("{} ({}) is not used: {}", _short(printable(path)), printable(source.label), reason)
+
     def names(self) -> list[str]:
+        """The names of the profile files (``auto``, which has none, is not among them)."""
         return list(self.index())
 
     def find(self, reference: str) -> Path:
-        """A profile file for a name or a path.
+        """A profile file for a name or a path (`AUTO_PATH`, which is no file, for ``auto``).
 
         :raises ProfileNotFoundError: with a did-you-mean and the available names.
         """
         if looks_like_path(reference):
             return _profile_file(reference)
+        if reference == AUTO:
+            return AUTO_PATH  # no file: `load` and `resolve_extends` build it from detected hardware
         entry = self.index().get(reference)
         if entry is None:
-            names = self.names()
+            names = [*self.names(), AUTO]
             raise ProfileNotFoundError(
                 f"no profile named '{reference}'{did_you_mean(reference, names)}",
-                hint=f"available: {', '.join(self.concrete_names()) or 'none'}; see 'gemma-profile list'",
+                hint=f"available: {', '.join(self.concrete_names()) or 'none'}, and auto (built from this "
+                "machine's detected hardware); see 'gemma-profile list'",
             )
         return entry.path
 
@@ -105,17 +134,61 @@ class Registry:
         return names
 
     def load(self, reference: str) -> Profile:
-        """Load a profile by name or path, resolving ``extends`` through this registry."""
+        """Load a profile by name or path, resolving ``extends`` through this registry.
+
+        ``auto`` is built from detected hardware (the builtin detector imports torch).
+        """
+        if reference == AUTO:
+            return self.auto()
         return load_profile(self.find(reference), self.resolve_extends, cache=self.resolved)
 
+    def auto(self) -> Profile:
+        """The ``auto`` profile for this machine (detected once per registry)."""
+        if self._auto is None:
+            from .auto import auto_profile
+
+            self._auto = auto_profile(self.hardware())
+        return self._auto
+
+    def hardware(self) -> Hardware:
+        """This machine's facts, detected once per registry (for ``auto`` and ``extends: auto``)."""
+        if self._hardware is None:
+            from .hardware import detect_hardware
+
+            self._hardware = detect_hardware()
+        return self._hardware
+
     def resolve_extends(self, reference: str, from_file: Path) -> Path:
+        """The file an ``extends:`` entry names; pass ``cache=self.resolved`` to `load_profile` with it.
+
+        ``extends: auto`` resolves to `AUTO_PATH`, whose detected values are put in
+        ``self.resolved``: a load with another cache would look for a file by that name.
+        """
+        if reference == AUTO:
+            self._prime_auto()
+            return AUTO_PATH
         if looks_like_path(reference):
             candidate = _existing_file(reference, from_file.parent)
             if candidate is not None:
                 _require_profile_suffix(candidate, reference)
+                _require_not_reserved(candidate, reference)
                 return candidate
             raise ProfileNotFoundError(f"profile file '{reference}' named in extends does not exist")
         return self.find(reference)
+
+    def _prime_auto(self) -> None:
+        """Put ``auto``'s detected values in this registry's resolve cache, where ``extends: auto``
+        finds them: `load_profile` consults the cache (by the resolved path) before reading a file."""
+        from .auto import auto_parts
+
+        keys = {AUTO_PATH}
+        with contextlib.suppress(OSError, RuntimeError):  # a working directory that was removed
+            keys.add(AUTO_PATH.resolve())  # how load_profile keys it (against the working directory)
+        if all(key in self.resolved for key in keys):
+            return
+        data, origins = auto_parts(self.hardware())
+        for key in keys:
+            self.resolved[key] = (data, origins, (AUTO_PATH,), 1)
 
 
 def _profile_file(reference: str) -> Path:
@@ -145,7 +218,25 @@ def _profile_file(reference: str) -> Path:
     if not exists:
         raise ProfileNotFoundError(f"profile file '{shown}' does not exist", hint="check the path")
     _require_profile_suffix(path, reference)
+    _require_not_reserved(path, reference)
     return path
+
+
+def reserved_name(path: Path) -> str | None:
+    """Why ``path`` cannot be a profile file because of its name (``auto.yaml``), or None."""
+    return _reserved(path) if path.stem == AUTO else None
+
+
+def _reserved(path: Path) -> str:
+    return (
+        f"a profile file may not be named '{path.name}': 'auto' is the profile built from this machine's "
+        f"detected hardware; rename the file (and its name: line), e.g. to 'my-{path.name}'"
+    )
+
+
+def _require_not_reserved(path: Path, reference: str) -> None:
+    if path.stem == AUTO:
+        raise ProfileNotFoundError(f"'{printable(reference)}': {_reserved(path)}")
 
 
 def _require_profile_suffix(path: Path, reference: str) -> None:
