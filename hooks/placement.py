@@ -11,8 +11,9 @@ Policy (README "Device policy"):
 - a profile without ``placement.device`` leaves every device choice to the script
   (unless it offloads: then ``hooks/offload.py`` picks the execution device);
 - a profile that offloads or maps modules is placed after loading, by ``hooks/offload.py``;
-- a profile device this machine lacks is an error at the first move, naming
-  the profile and the device.
+- a profile device this machine lacks stops construction (``hooks/preflight.py``); should
+  the model get here anyway (the preflight builtin disabled), it is an error at the first
+  move, naming the profile and the device.
 """
 
 from __future__ import annotations
