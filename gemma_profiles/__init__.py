@@ -5,6 +5,11 @@ Use::
     import gemma_profiles
     gemma_profiles.activate("t4")          # or: with gemma_profiles.use("t4"): ...
 
+A model built while a profile is active keeps that profile for its whole life: its
+``load_weights``, ``to`` and ``generate`` follow the profile after the ``with`` block ends
+too.  A profile whose device this machine lacks stops the construction, before any
+weight is read.
+
 Write a plugin (a module with ``@hookimpl`` functions named after the hooks in
 ``gemma_profiles.hookspecs``) and expose it in your ``pyproject.toml``::
 
@@ -52,7 +57,10 @@ def deactivate() -> None:
 
 
 def use(profile: str | Profile) -> Any:
-    """Context manager: ``with gemma_profiles.use("t4"): model = GemmaForCausalLM(cfg)``."""
+    """Context manager: ``with gemma_profiles.use("t4"): model = GemmaForCausalLM(cfg)``.
+
+    The model built in the block keeps the profile after it: loading and generating later is fine.
+    """
     from .runtime import use as _use
 
     return _use(profile)

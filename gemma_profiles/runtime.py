@@ -112,7 +112,7 @@ class Session:
         hardware = detect_hardware()
         device = plan.device.value if plan.device is not None else ("cuda:0" if hardware.gpus else "cpu")
         if device.startswith("cuda") and hardware.gpu(device) is None:
-            return plan  # the device is missing here; placement says so when the model moves
+            return plan  # the device is missing here; the preflight stops construction and says so
         if device == "mps":
             return plan
         shape = ModelShape.of_config(config)
