@@ -185,13 +185,14 @@ def show(name: str, variant: str | None, as_json: bool) -> None:
 
     'auto' is built from this machine's detected hardware; its values say which fact they came from.
     """
-    from .auto import AUTO, AUTO_PATH
+    from .auto import AUTO, AUTO_PATH, is_auto
     from .plan import make_plan
 
     _check_variant(variant)
-    profile = default_registry().load(name)
+    registry = default_registry()
+    profile = registry.load(name)
     shown = profile.resolve(variant) if variant else profile
-    plan = make_plan(profile, variant)
+    plan = make_plan(profile, variant, target=_detected_target(registry, profile) if is_auto(profile) else None)
     values = [{"key": k, "value": v, "from": str(o) if o else None} for k, v, o in shown.values()]
     variants = {
         key: [
@@ -547,6 +548,18 @@ def _target_source(source: str) -> str:
     return source
 
 
+def _detected_target(registry: Registry, profile: Profile, here: bool = False) -> Any:
+    """This machine as the plan's target (`plan.Target`) when asked (``--here``), for ``auto`` and what
+    extends it (their facts are this machine's), and for a profile without hardware facts; else None."""
+    from .auto import is_auto
+    from .plan import Target, normalize_device
+
+    if not (here or is_auto(profile) or profile.model.hardware is None):
+        return None
+    device = profile.model.placement.device
+    return Target.of_hardware(registry.hardware(), normalize_device(device) if device else None)
+
+
 def _load_any(reference: str) -> Profile:
     """A profile by name or path, or ``auto`` (built from detected hardware)."""
     return default_registry().load(reference)
@@ -651,18 +664,13 @@ def detect(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None, here: bool, as_json: bool) -> None:
     """Memory table and placement for a variant under a profile; exit 1 when it does not fit."""
-    from .auto import is_auto
-    from .hardware import detect_hardware
-    from .plan import Target, make_plan, normalize_device
+    from .plan import make_plan
     from .units import format_bytes
 
     _check_variant(variant)
-    profile = _load_any(name)
-    target = None
-    if here or is_auto(profile) or profile.model.hardware is None:  # auto's facts are this machine's
-        hardware = detect_hardware()
-        device = profile.model.placement.device
-        target = Target.of_hardware(hardware, normalize_device(device) if device else None)
+    registry = default_registry()
+    profile = registry.load(name)
+    target = _detected_target(registry, profile, here)
     plan = make_plan(profile, variant, target=target, batch=batch, seq_len=seq_len)
     if plan.verdict is None:
         raise GemmaProfileError(f"profile '{profile.name}' says nothing about the hardware", hint="use --here")

@@ -499,7 +499,12 @@ def test_no_profile_named_lists_only_concrete_profiles():
     assert not [name for name in available if name.startswith("base-")]
 
 
-COMMANDS = ["list", "show", "validate", "apply", "current", "reset", "run", "plugins", "detect", "plan", "bench"]
+COMMANDS = sorted(cli.commands)  # every command registered, the GGUF and contributor ones included
+
+
+def test_the_help_test_covers_the_core_commands():
+    core = {"list", "show", "validate", "apply", "current", "reset", "run", "plugins", "detect", "plan", "bench"}
+    assert core <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -85,6 +85,15 @@ def test_show_auto_on_a_cpu_machine(fake_hardware: Callable[..., None]) -> None:
     assert values["hardware.host_memory"] == (str(24 * GiB), "detected: this machine's RAM")
 
 
+@pytest.mark.parametrize("variant", ["2b", "7b", "27b"])
+def test_show_auto_plans_as_plan_auto_does(fake_hardware: Callable[..., None], variant: str) -> None:
+    """Both size auto against this machine (its ISA and free memory too), so they agree."""
+    fake_hardware(p2200_box())
+    shown = json.loads(invoke("show", "auto", "--variant", variant, "--json").stdout)
+    planned = json.loads(invoke("plan", "auto", "--variant", variant, "--json").stdout)
+    assert (shown["compute_dtype"], shown["quantization"]) == (planned["dtype"], planned["quantization"])
+
+
 def test_apply_auto_then_current(monkeypatch: pytest.MonkeyPatch) -> None:
     # Before: exit 2, nothing applied.
     applied = invoke("apply", "auto")
