@@ -9,7 +9,12 @@ Writes three files into ``DIR``:
   and rounds them);
 - ``tokenizer.model``: a SentencePiece model rebuilt from ``tokenizer.ggml.*``;
 - ``config.json``: the ``GemmaConfig`` fields (``gemma_config``), what was imported
-  (``source``: path, size, sha256) and the files written, for the up-to-date check.
+  (``source``: path, size, sha256) and the files written, for the up-to-date check;
+- ``<model-name>.yaml`` (e.g. ``gemma-3-270m.yaml``): a profile whose ``config:`` rewrites
+  the config of gemma's smallest variant of the family (``RUN_PY_VARIANTS``) into this
+  model's shape, so gemma's own unmodified ``scripts/run.py --variant 1b`` runs the import
+  under ``GEMMA_PROFILE=DIR/<model-name>.yaml``; it ``extends: auto`` by default, so the
+  machine's profile still chooses dtype, int8 and placement (see `run_profile_text`).
 
 `load_config` turns ``DIR`` into gemma's own ``GemmaConfig`` (tokenizer path set), for
 ``GemmaForCausalLM(config)`` + ``load_weights(DIR/model.ckpt)``.
@@ -37,10 +42,12 @@ What a GGUF stores differently from gemma_pytorch (llama.cpp's converter, facts 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +60,8 @@ from .errors import GemmaProfileError
 CHECKPOINT = "model.ckpt"
 TOKENIZER = "tokenizer.model"
 CONFIG = "config.json"
+#: The name of the profile `import_gguf` writes when its GGUF names no model (and none is given).
+DEFAULT_MODEL_NAME = "imported-gemma"
 #: Bumped whenever what the importer writes changes: an import by another version is redone.
 FORMAT = "gemma-profiles gguf import 1"
 ARCHITECTURES = {"gemma": "GEMMA_1", "gemma2": "GEMMA_2", "gemma3": "GEMMA_3"}
@@ -80,6 +89,15 @@ CHUNK_ROWS = 16384
 PROGRESS_EVERY = 24
 _TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
 _MAGIC = b"GGUF"
+#: gemma_pytorch's named variant whose config the run.py profile rewrites, per architecture:
+#: the smallest of each family, whose optional fields (None in gemma's config) are the ones an
+#: import leaves None too - a profile can set a GemmaConfig field but not clear one.
+RUN_PY_VARIANTS = {"gemma": "2b", "gemma2": "2b-v2", "gemma3": "1b"}
+#: The optional fields those variants set (gemma's ``get_config_for_2b_v2``: both soft-caps).
+_RUN_PY_VARIANT_SETS = {"2b-v2": ("final_logit_softcapping", "attn_logit_softcapping")}
+#: GemmaConfig fields the run.py profile leaves to the profile it extends (the machine's choice).
+_MACHINE_FIELDS = ("dtype", "quant")
+_PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # schema's profile-name rule
 # SentencePiece piece types (sentencepiece_model.proto), which GGUF's token types follow.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
@@ -99,6 +117,9 @@ class ImportResult:
     reused: bool
     seconds: float
     tensors: int
+    #: ``DIR/<model-name>.yaml``, the profile that lets gemma's ``scripts/run.py`` run the import
+    #: (None when this model's config cannot be written as a profile: `run_profile_text` says why).
+    profile: Path | None = None
 
     @property
     def checkpoint(self) -> Path:
@@ -740,6 +761,132 @@ def load_config(directory: str | os.PathLike[str], dtype: str | None = None) -> 
     return gemma_config.GemmaConfig(**fields)
 
 
+def _profile_name(text: Any) -> str | None:
+    """``text`` as a profile name (lower case, runs of other characters as ``-``), or None."""
+    if not isinstance(text, str):
+        return None
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).lstrip("-._")[:64].rstrip("-._")
+    return name if _PROFILE_NAME.match(name) else None
+
+
+def _model_name_of(meta: _Metadata, source: Path) -> str:
+    """``gemma-3-270m`` from ``general.basename`` and ``general.size_label``, else the GGUF's
+    ``general.name``, else its file name."""
+    base, size = meta.get("general.basename"), meta.get("general.size_label")
+    joined = f"{base}-{size}" if isinstance(base, str) and isinstance(size, str) else None
+    for candidate in (joined, meta.get("general.name"), source.stem):
+        name = _profile_name(candidate)
+        if name is not None:
+            return name
+    return DEFAULT_MODEL_NAME
+
+
+def model_name(data: dict[str, Any]) -> str:
+    """The model name of an import (its ``config.json`` data): the run.py profile's name and file stem."""
+    source = data.get("source") or {}
+    for candidate in (data.get("model_name"), source.get("name"), Path(str(source.get("path", ""))).stem):
+        name = _profile_name(candidate)
+        if name is not None:
+            return name
+    return DEFAULT_MODEL_NAME
+
+
+_PROFILE_MARK = "written by 'gemma-profile import'"
+
+
+def run_profile_text(directory: str | os.PathLike[str], data: dict[str, Any], extends: str | None = "auto") -> str:
+    """The profile (YAML) that makes gemma's ``scripts/run.py --variant V`` build this import's model.
+
+    run.py builds its config from a named variant; the profile's ``config:`` sets every
+    GemmaConfig field the import knows (tokenizer: an absolute path) except dtype and quant,
+    which stay with the profile it ``extends`` (default ``auto``: the one that fits the
+    machine), and the runtime rewrites a copy of the variant's config with them. V is
+    `RUN_PY_VARIANTS`' variant of the model's family.
+
+    :raises GgufImportError: the model cannot be written as such a profile (a field the variant
+        sets is None here, or a value outside what a profile may set).
+    """
+    from pydantic import ValidationError
+
+    from .schema import GemmaConfigOverrides
+
+    folder = Path(directory).resolve()
+    fields, source = data["gemma_config"], data.get("source") or {}
+    arch = {v: k for k, v in ARCHITECTURES.items()}[fields["architecture"]]
+    variant = RUN_PY_VARIANTS[arch]
+    for field in _RUN_PY_VARIANT_SETS.get(variant, ()):
+        if fields.get(field) is None:
+            raise GgufImportError(
+                f"gemma's {variant} config sets {field} and this model has none; a profile cannot clear it"
+            )
+    config = {k: v for k, v in fields.items() if k not in _MACHINE_FIELDS and v is not None}
+    config["tokenizer"] = str(folder / fields["tokenizer"])
+    try:
+        GemmaConfigOverrides.model_validate(config)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise GgufImportError(f"config.{where} cannot be a profile value: {first['msg']}") from None
+    name = model_name(data)
+    gguf_name = Path(str(source.get("path", ""))).name or "a GGUF"
+    title = f"{source.get('name') or name} ({arch}, {fields['num_hidden_layers']} layers x {fields['hidden_size']})"
+    description = f"{title}, imported from {gguf_name}"
+    body: dict[str, Any] = {"name": name, "description": description}
+    if extends:
+        body["extends"] = extends
+    body["config"] = config
+    import shlex
+
+    import yaml
+
+    header = [f"# {name}: a profile {_PROFILE_MARK} (written again by every import into this folder)."]
+    command = (
+        f"GEMMA_PROFILE={shlex.quote(str(folder / f'{name}.yaml'))} python scripts/run.py --variant {variant} "
+        f"--ckpt {shlex.quote(str(folder / CHECKPOINT))} --prompt 'The capital of France is'"
+    )
+    header.append(f"# It turns gemma_pytorch's {variant} config into this model's, so gemma's own run.py runs it:")
+    if command.isprintable():  # a line break in a path must not end the comment
+        header.append(f"#   cd gemma_pytorch && {command}")
+    if extends:
+        header.append(f"# extends {extends}: dtype, int8 and placement are that profile's.")
+    text = yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=120, allow_unicode=True)
+    return "\n".join(header) + "\n" + text
+
+
+def write_run_profile(directory: str | os.PathLike[str], data: dict[str, Any], extends: str | None = "auto") -> Path:
+    """Write `run_profile_text` to ``DIR/<model-name>.yaml`` (left as it is when already so)."""
+    path = Path(directory) / f"{model_name(data)}.yaml"
+    text = run_profile_text(directory, data, extends)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass
+    _write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+    return path
+
+
+def _remove_old_profile(directory: Path, name: str) -> None:
+    """A run.py profile an earlier import wrote under another model name (never a file of the user's)."""
+    path = directory / f"{name}.yaml"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline()
+    except (OSError, UnicodeDecodeError):
+        return
+    if _PROFILE_MARK in first:
+        path.unlink(missing_ok=True)
+
+
+def _profile_for(directory: Path, data: dict[str, Any], extends: str | None, progress: Progress | None) -> Path | None:
+    try:
+        return write_run_profile(directory, data, extends)
+    except GgufImportError as exc:
+        if progress is not None:
+            progress(f"no profile for gemma's run.py: {exc.message}")
+        return None
+
+
 def _up_to_date(directory: Path, sha256: str, dtype: str) -> dict[str, Any] | None:
     try:
         data = read_config(directory)
@@ -779,8 +926,13 @@ def import_gguf(
     dtype: str = "float32",
     force: bool = False,
     progress: Progress | None = None,
+    extends: str | None = "auto",
 ) -> ImportResult:
-    """Import a Gemma GGUF into ``directory`` (see the module doc); reuses an up-to-date import."""
+    """Import a Gemma GGUF into ``directory`` (see the module doc); reuses an up-to-date import.
+
+    :param extends: what the run.py profile (``DIR/<model-name>.yaml``) extends: a profile
+        name or path; None or ``""`` for none (run.py then runs the model in float32).
+    """
     start = time.perf_counter()
     source, target = Path(gguf_path).expanduser(), Path(directory).expanduser()
     if dtype not in DTYPES:
@@ -791,7 +943,8 @@ def import_gguf(
     sha256 = _sha256(source)
     reused = None if force else _up_to_date(target, sha256, dtype)
     if reused is not None:
-        return ImportResult(target, reused, True, time.perf_counter() - start, 0)
+        profile = _profile_for(target, reused, extends, progress)
+        return ImportResult(target, reused, True, time.perf_counter() - start, 0, profile)
     reader, meta = _open(source)
     arch = _architecture(meta)
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
@@ -809,6 +962,8 @@ def import_gguf(
         raise GgufImportError(
             f"cannot create the output folder ({exc.strerror or type(exc).__name__})", where=str(target)
         ) from None
+    with contextlib.suppress(GgufImportError):  # no earlier import here
+        _remove_old_profile(target, model_name(read_config(target)))
     (target / CONFIG).unlink(missing_ok=True)  # a half-done import must not look up to date
     files = {TOKENIZER: _write_atomic(target / TOKENIZER, lambda p: p.write_bytes(tokenizer))}
     if progress is not None:
@@ -825,6 +980,7 @@ def import_gguf(
     state.clear()
     data = {
         "format": FORMAT,
+        "model_name": _model_name_of(meta, source),
         "source": {
             "path": str(source.resolve()),
             "size": source.stat().st_size,
@@ -838,7 +994,8 @@ def import_gguf(
         "gemma_config": {**fields, "dtype": dtype},
     }
     _write_atomic(target / CONFIG, lambda p: p.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
-    return ImportResult(target, data, False, time.perf_counter() - start, sum(len(s) for _, s in plan))
+    profile = _profile_for(target, data, extends, progress)
+    return ImportResult(target, data, False, time.perf_counter() - start, sum(len(s) for _, s in plan), profile)
 
 
 def generate_text(
@@ -854,8 +1011,6 @@ def generate_text(
 
     Returns the text, the token count, timings and the parameter dtypes.
     """
-    import contextlib
-
     import torch
     from gemma import model as gemma_model
 

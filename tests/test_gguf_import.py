@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner, Result
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'gemma-profiles[gguf]')")
@@ -143,9 +144,12 @@ def write_gguf(
     drop: tuple[str, ...] = (),
     extra: dict[str, np.ndarray] | None = None,
     raw: dict[str, tuple[np.ndarray, Any]] | None = None,
+    general: dict[str, str] | None = None,
 ) -> Path:
     """``state`` (gemma_pytorch names) as a GGUF the way llama.cpp's converter writes it."""
     writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (general or {}).items():
+        writer.add_string(f"general.{key}", value)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -391,7 +395,8 @@ def test_an_up_to_date_import_is_reused_and_anything_changed_redoes_it(make_gguf
     assert not redone.reused
     state = torch.load(redone.checkpoint, weights_only=True)["model_state_dict"]
     assert torch.equal(state["embedder.weight"], changed.state["embedder.weight"].bfloat16())
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.ckpt", "tokenizer.model"]  # no temp files
+    files = ["config.json", "model.ckpt", "model.yaml", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == files  # no temp files
 
 
 def test_cli_import_reports_progress_then_the_model(make_gguf: Callable[..., Made], tmp_path: Path):
@@ -414,6 +419,126 @@ def test_cli_generate_runs_the_imported_model(make_gguf: Callable[..., Made], tm
     )
     assert profiled.exit_code == 0, profiled.stderr
     assert "cpu-32gb, bfloat16" in profiled.stderr
+
+
+# -- the profile for gemma's scripts/run.py ---------------------------------------------------
+
+
+def run_py_flow(gemma: Any, variant: str, profile: Path, checkpoint: Path) -> Any:
+    """run.py's calls, under ``profile``: get_model_config(variant), dtype float32 and quant set
+    after it, the model built and loaded under that default dtype."""
+    from gemma_profiles import runtime
+
+    config = gemma.config.get_model_config(variant)
+    config.dtype = "float32"
+    config.quant = False
+    previous = torch.get_default_dtype()
+    with runtime.use(str(profile)):
+        torch.set_default_dtype(config.get_dtype())
+        try:
+            model = gemma.model.GemmaForCausalLM(config)
+            model.load_weights(str(checkpoint))
+        finally:
+            torch.set_default_dtype(previous)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", ["2b", "2b-v2", "1b"])
+def test_the_run_py_profile_turns_gemmas_variant_into_the_imported_model(
+    gemma: Any, make_gguf: Callable[..., Made], tmp_path: Path, variant: str
+):
+    made = make_gguf(variant)
+    out = tmp_path / "out"
+    result = import_gguf(made.path, out, extends=None)
+    assert result.profile == out / "model.yaml"  # the GGUF names no model: its file name
+    run_py_variant = gguf_import.RUN_PY_VARIANTS[ARCH[variant]]
+    model = run_py_flow(gemma, run_py_variant, result.profile, result.checkpoint)
+    reference = build(gemma, load_config(out), result.checkpoint)
+    for field in dataclasses.fields(reference.config):
+        if field.name not in ("dtype", "quant"):
+            assert getattr(model.config, field.name) == getattr(reference.config, field.name), field.name
+    ids = reference.tokenizer.encode(TEXTS[0])
+    assert model.tokenizer.encode(TEXTS[0]) == ids  # the import's tokenizer, by its absolute path
+    assert torch.equal(quality.teacher_forced_logits(model, ids), quality.teacher_forced_logits(reference, ids))
+
+
+def test_the_profile_is_named_after_the_model_and_extends_auto(make_gguf: Callable[..., Made], tmp_path: Path):
+    general = {"basename": "gemma-3", "size_label": "270M", "name": "Gemma 3 270m"}
+    made = make_gguf("1b", general=general)
+    out = tmp_path / "out"
+    result = import_gguf(made.path, out)
+    assert result.profile == out / "gemma-3-270m.yaml"
+    data = yaml.safe_load(result.profile.read_text())
+    assert data["name"] == "gemma-3-270m" and data["extends"] == "auto"
+    fields = result.config["gemma_config"]
+    assert set(data["config"]) == {k for k, v in fields.items() if v is not None} - {"dtype", "quant"}
+    assert data["config"]["tokenizer"] == str((out / "tokenizer.model").resolve())
+    assert all(data["config"][k] == fields[k] for k in data["config"] if k != "tokenizer")
+    cli = invoke("import", str(made.path), str(out), "--extends", "cpu-32gb")
+    assert cli.exit_code == 0, cli.stderr
+    assert "up to date" in cli.stdout and "scripts/run.py --variant 1b --ckpt " in cli.stdout
+    assert f"GEMMA_PROFILE={result.profile.resolve()} " in cli.stdout
+    assert yaml.safe_load(result.profile.read_text())["extends"] == "cpu-32gb"
+    assert invoke("validate", str(result.profile)).exit_code == 0
+    assert invoke("import", str(made.path), str(out), "--extends", "").exit_code == 0
+    assert "extends" not in yaml.safe_load(result.profile.read_text())
+    for general, name in (({"name": "Gemma 3 1B-IT"}, "gemma-3-1b-it"), ({}, "model"), ({"name": "¿?"}, "model")):
+        made = make_gguf("1b", general=general)
+        assert import_gguf(made.path, tmp_path / name).profile == tmp_path / name / f"{name}.yaml"
+
+
+def test_the_profile_follows_its_folder_and_only_ours_is_replaced(make_gguf: Callable[..., Made], tmp_path: Path):
+    made = make_gguf("1b")
+    out = tmp_path / "out"
+    first = import_gguf(made.path, out)
+    stamp = first.profile.stat().st_mtime_ns
+    assert import_gguf(made.path, out).profile.stat().st_mtime_ns == stamp  # up to date: not written again
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    after = import_gguf(made.path, moved)
+    assert after.reused and after.profile is not None
+    assert yaml.safe_load(after.profile.read_text())["config"]["tokenizer"] == str(
+        (moved / "tokenizer.model").resolve()
+    )
+    (moved / "mine.yaml").write_text("name: mine\n")
+    other = make_gguf("1b", name="other.gguf", seed=1)
+    redone = import_gguf(other.path, moved)
+    assert redone.profile == moved / "other.yaml"
+    assert not (moved / "model.yaml").exists() and (moved / "mine.yaml").read_text() == "name: mine\n"
+
+
+def test_a_model_gemmas_variant_cannot_become_gets_no_profile(gemma: Any, gemma_like_tokenizer: str, tmp_path: Path):
+    config = dataclasses.replace(tiny(gemma, gemma_like_tokenizer, "2b-v2"), final_logit_softcapping=None)
+    path = write_gguf(tmp_path / "m.gguf", config, gemma_state(gemma, config), gemma_like_tokenizer, arch="gemma2")
+    lines: list[str] = []
+    result = import_gguf(path, tmp_path / "out", progress=lines.append)
+    assert result.profile is None and not list((tmp_path / "out").glob("*.yaml"))
+    assert "no profile for gemma's run.py: gemma's 2b-v2 config sets final_logit_softcapping" in lines[-1]
+    assert load_config(tmp_path / "out").final_logit_softcapping is None  # the import itself is whole
+
+
+def test_gemmas_own_run_py_runs_the_import(gemma: Any, make_gguf: Callable[..., Made], tmp_path: Path):
+    """The real scripts/run.py, unmodified, from gemma_pytorch's folder (the stand-in has none)."""
+    import subprocess
+
+    root = Path(gemma.config.__file__).resolve().parents[1]
+    if not (root / "scripts" / "run.py").is_file():
+        pytest.skip(f"no scripts/run.py next to this gemma ({root}): the stand-in, or an installed copy")
+    made = make_gguf("1b")
+    result = import_gguf(made.path, tmp_path / "out", extends="cpu-32gb")
+    assert result.profile is not None
+    env = {**os.environ, "GEMMA_PROFILE": str(result.profile), "GEMMA_PROFILE_STATE_DIR": str(tmp_path / "state")}
+    args = ["--variant", "1b", "--ckpt", str(result.checkpoint), "--prompt", "the cat", "--output_len", "3"]
+    done = subprocess.run(
+        [sys.executable, "scripts/run.py", *args], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RESULT:" in done.stdout
+    log = done.stdout + done.stderr
+    assert "config.num_hidden_layers: 26 -> 7" in log and "config.hidden_size: 1152 -> 64" in log
+    assert (
+        f"config.tokenizer: 'tokenizer/gemma3_cleaned_262144_v2.spiece.model' -> '{result.tokenizer.resolve()}'" in log
+    )
 
 
 # -- one line for every broken input ----------------------------------------------------------
