@@ -208,7 +208,7 @@ def test_concrete_names_leave_out_abstract_bases(tmp_path, write_profile):
     with pytest.raises(ProfileNotFoundError) as caught:
         registry.find("my-bx")
     assert "(did you mean 'my-box'?)" in str(caught.value)
-    assert "available: broken, my-box;" in str(caught.value)
+    assert "available: broken, my-box, and auto (built from this machine's detected hardware);" in str(caught.value)
 
 
 @pytest.mark.parametrize("name", ["notes.txt", "config", "data.json"])
