@@ -70,7 +70,7 @@ def new(name: str, from_detect: bool, extends: str | None, output: str | None, f
     except OSError as exc:
         raise GemmaProfileError(f"cannot write {path}: {exc.strerror or exc}") from None
     _echo(f"wrote {path}")
-    problems = profile_problems(path, registry.resolve_extends)
+    problems = profile_problems(path, registry.resolve_extends, cache=registry.resolved)
     if problems:
         for found in problems:
             _echo(f"  {found}", err=True)

@@ -149,6 +149,14 @@ def test_extends_auto_takes_the_detected_facts_with_their_origins(
     assert invoke("validate", str(child)).exit_code == 0
 
 
+def test_new_extends_auto_validates(fake_hardware: Callable[..., None], tmp_path: Path) -> None:
+    # Before the registry's cache was passed: "<detected hardware>: file not found".
+    fake_hardware(cpu_box())
+    result = invoke("new", "my-box", "--extends", "auto", "-o", str(tmp_path / "my-box.yaml"))
+    assert result.exit_code == 0, result.output
+    assert "it validates" in result.stdout
+
+
 def test_a_file_named_auto_is_refused_everywhere(
     isolated_env: Path, fake_hardware: Callable[..., None], write_profile: Callable[..., Path], tmp_path: Path
 ) -> None:
