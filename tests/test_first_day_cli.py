@@ -149,6 +149,23 @@ def test_extends_auto_takes_the_detected_facts_with_their_origins(
     assert invoke("validate", str(child)).exit_code == 0
 
 
+@pytest.mark.integration
+def test_a_model_builds_under_a_profile_extending_auto(
+    gemma: Any, tokenizer_path: str, write_profile: Callable[..., Path]
+) -> None:
+    from gemma_testing import tiny_config
+
+    import gemma_profiles
+    from gemma_profiles import runtime
+
+    child = write_profile("my-model", "description: my model here\nextends: auto\nconfig: {dtype: float32}\n")
+    with gemma_profiles.use(str(child)):
+        model = gemma.model.GemmaForCausalLM(tiny_config(gemma.config, "2b", tokenizer_path))
+        session = runtime.current()
+        assert session is not None and session.profile().name == "my-model"
+    assert {str(p.dtype) for p in model.parameters()} <= {"torch.float32"}
+
+
 def test_new_extends_auto_validates(fake_hardware: Callable[..., None], tmp_path: Path) -> None:
     # Before the registry's cache was passed: "<detected hardware>: file not found".
     fake_hardware(cpu_box())
