@@ -8,11 +8,18 @@ sampler swaps that argument for a `SamplerWeight`: an object gemma's code uses l
 the tensor (``.t()``, ``.to(dtype)``, ``torch.matmul``, ``@``) whose product runs
 on the kernel the loader set up:
 
-- a full-precision model: a copy of the weight stored for the fast kernel
-  (`gemma_profiles.packed`: plain bfloat16 on huge pages, or oneDNN-packed), in chunks of
-  rows (each chunk's mapped source pages released before the next, so loading peaks one
-  chunk above the model), made only when the plain weight is a memory-mapped checkpoint
-  tensor: lookups read their rows from the file's pages and the memory stays one copy;
+- a full-precision model whose plain weight is a memory-mapped checkpoint tensor: a copy of
+  the weight stored for the fast kernel (`gemma_profiles.packed`: plain bfloat16 on huge
+  pages, or oneDNN-packed), in chunks of rows (each chunk's mapped source pages released
+  before the next, so loading peaks one chunk above the model): lookups read their rows from
+  the file's pages and the memory stays one copy;
+- a bfloat16 model whose weight was converted while loading (a float32 checkpoint, as
+  ``gemma-profile import`` writes by default), on a CPU with the native bfloat16 kernel: that
+  kernel reads plain row-major bfloat16, so the sampler's product runs on the embedder's own
+  storage - no copy at all.  Without this the product went to ``torch.matmul`` on the plain
+  weight, which oneDNN reorders into a temporary copy on every call (`gemma_profiles.packed`),
+  for the largest product of a small Gemma: 168M of Gemma 3 270M's 268M weights.  Where the
+  kernel would need a copy (oneDNN-packed), a converted weight keeps the plain product;
 - an int8 model: ``_weight_int8pack_mm`` on the int8 weight and its scaler - the
   embedder stays int8 (half the bytes, half the memory of a dequantized copy) and its
   lookup dequantizes just the rows it gathers.
@@ -133,10 +140,12 @@ def install(model: nn.Module, embedder: nn.Module, weight: SamplerWeight) -> boo
 
 
 def install_packed(model: nn.Module, profile: str) -> list[torch.Tensor] | None:
-    """Full-precision tied embedder: the sampler's product on a packed copy (mapped weights only).
+    """Full-precision tied embedder: the sampler's product on the fast kernel, without a second
+    copy of the weight in memory.
 
-    Returns the copy's chunks (the list is refilled when a state dict is loaded), or None
-    when the sampler keeps the plain weight."""
+    Returns what the product reads - a packed copy's chunks (refilled when a state dict is
+    loaded) for a mapped weight, ``[weight]`` itself for a converted bfloat16 weight on the
+    native kernel - or None when the sampler keeps the plain weight."""
     from . import packed
     from .loader import memory_mapped
     from .streaming import embedder_of
@@ -149,6 +158,17 @@ def install_packed(model: nn.Module, profile: str) -> list[torch.Tensor] | None:
     if weight is None or weight.dim() != 2 or weight.device.type != "cpu" or packed.available(weight.dtype):
         return None
     if not memory_mapped(weight):
+        if weight.dtype == torch.bfloat16 and packed.native_bf16():
+            # The native kernel reads plain bfloat16: multiply the embedder itself (the current
+            # parameter at every call, so a loaded state dict is used as it is).
+            shape = (weight.shape[0], weight.shape[1])
+            plain = SamplerWeight(
+                lambda: _weight_of(embedder),
+                lambda h: packed.packed_linear(h, _weight_of(embedder)),
+                shape,
+                weight.dtype,
+            )
+            return [weight] if install(model, embedder, plain) else None
         logger.debug(
             "[{}] the sampler reads the plain {}.weight (not memory-mapped: a packed copy would double it)",
             profile,

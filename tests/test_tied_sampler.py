@@ -1,0 +1,152 @@
+"""The sampler's product on the tied embedder (``gemma_profiles.tied``): never a second copy.
+
+A bfloat16 model loaded from a float32 checkpoint (what ``gemma-profile import`` writes by
+default) has its embedder converted while loading, so it is not memory-mapped. Where the
+native bfloat16 kernel runs, the sampler's product must read that embedder's own storage (the
+kernel takes plain row-major bfloat16): no packed copy, and no ``torch.matmul`` that oneDNN
+would reorder into a temporary copy on every call. The kernel needs AVX-512 BF16; here it is
+replaced by a stand-in with the same C signature (``gp_bf16_matmul``) that computes in torch and
+records the weight pointer it was handed, so the wiring is tested on any CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import gemma_profiles
+from gemma_profiles import native, packed
+
+PROMPTS = ["the cat sees a dog", "two red birds"]
+
+
+class FakeBf16Library:
+    """``gp_bf16_matmul(x, m, k, w, n, y)`` in torch: y = x @ w.T, float32 sums rounded to bfloat16."""
+
+    def __init__(self) -> None:
+        self.weights: list[tuple[int, int]] = []  # (pointer, rows) of every weight multiplied
+
+    @staticmethod
+    def _view(pointer: int, rows: int, cols: int) -> torch.Tensor:
+        buffer = (ctypes.c_uint16 * (rows * cols)).from_address(pointer)
+        return torch.frombuffer(buffer, dtype=torch.bfloat16).view(rows, cols)
+
+    def gp_bf16_matmul(self, x: int, m: int, k: int, w: int, n: int, y: int) -> int:
+        self.weights.append((w, n))
+        product = self._view(x, m, k).float() @ self._view(w, n, k).float().t()
+        self._view(y, m, n).copy_(product.to(torch.bfloat16))
+        return 0
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBf16Library]:
+    fake = FakeBf16Library()
+    monkeypatch.setattr(native, "bf16_library", lambda: fake)
+    assert packed.native_bf16() and packed.available(torch.bfloat16) is None
+    yield fake
+
+
+@pytest.fixture
+def float32_checkpoint(gemma: Any, tokenizer_path: str, tmp_path: Path) -> Callable[[str], str]:
+    from gemma_testing import tiny_config, write_random_checkpoint
+
+    def make(variant: str) -> str:
+        path = tmp_path / f"{variant}-float32.ckpt"
+        if not path.exists():
+            config = tiny_config(gemma.config, variant, tokenizer_path, dtype="float32")
+            with torch.device("meta"):
+                shapes = {n: p.shape for n, p in gemma.model.GemmaForCausalLM(config).named_parameters()}
+            write_random_checkpoint(shapes, path, torch.float32, seed=7)
+        return str(path)
+
+    return make
+
+
+def load_bf16(gemma: Any, tokenizer: str, variant: str, ckpt: str) -> Any:
+    from gemma_testing import tiny_config
+
+    config = tiny_config(gemma.config, variant, tokenizer, dtype="bfloat16")
+    torch.set_default_dtype(config.get_dtype())
+    try:
+        model = gemma.model.GemmaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.load_weights(ckpt)
+    return model.to("cpu").eval()
+
+
+def embedder_of(model: Any) -> Any:
+    return model.get_submodule("embedder" if hasattr(model, "embedder") else "text_token_embedder")
+
+
+def sampler_logits(model: Any, embedding: Any, hidden: torch.Tensor) -> torch.Tensor:
+    _, logits = model.sampler(
+        embedding=embedding,
+        hidden_states=hidden,
+        output_positions=torch.tensor([0]),
+        temperatures=None,
+        top_ps=torch.tensor([1.0]),
+        top_ks=torch.tensor([1]),
+    )
+    result: torch.Tensor = logits
+    return result
+
+
+@pytest.mark.parametrize("variant", ["2b", "1b"])
+def test_a_converted_bfloat16_embedder_is_multiplied_in_place(
+    gemma: Any,
+    tokenizer_path: str,
+    float32_checkpoint: Callable[[str], str],
+    write_profile: Callable[..., Path],
+    fake_kernel: FakeBf16Library,
+    variant: str,
+) -> None:
+    from gemma_profiles.loader import memory_mapped
+    from gemma_profiles.tied import _HOOK
+
+    profile = write_profile("tied-bf16", "description: t\nplacement: {device: cpu}\nconfig: {dtype: bfloat16}\n")
+    with gemma_profiles.use(str(profile)):
+        model = load_bf16(gemma, tokenizer_path, variant, float32_checkpoint(variant))
+        embedder = embedder_of(model)
+        weight = embedder.weight
+        assert weight.dtype == torch.bfloat16 and not memory_mapped(weight), "converted while loading"
+        assert _HOOK in model.sampler.__dict__, "the sampler's product goes to the kernel"
+        fake_kernel.weights.clear()
+        out = model.generate(PROMPTS, "cpu", output_len=3, temperature=None)
+    linears = {m.weight.data_ptr() for m in model.modules() if packed.is_packed(m)}
+    others = [pointer for pointer, _ in fake_kernel.weights if pointer not in linears]
+    # Besides the layers' weights, the kernel read one matrix: the embedder's own storage, at
+    # every step (prefill and two decode steps) - no copy of it was made.
+    assert len(others) == 3 and set(others) == {weight.data_ptr()}
+    assert len(out) == len(PROMPTS)
+    # ...and it computes gemma's product (float32 sums, one bfloat16 rounding, as torch's matmul).
+    hidden = torch.randn(1, 1, weight.shape[1]).to(torch.bfloat16)
+    fast = sampler_logits(model, weight, hidden)  # the hook swaps the embedder's weight
+    plain = sampler_logits(model, weight.detach().clone(), hidden)  # another tensor: gemma's matmul
+    torch.testing.assert_close(fast.float(), plain.float(), rtol=2**-7, atol=1e-3)
+
+
+def test_a_loaded_state_dict_reaches_the_in_place_sampler(
+    gemma: Any,
+    tokenizer_path: str,
+    float32_checkpoint: Callable[[str], str],
+    write_profile: Callable[..., Path],
+    fake_kernel: FakeBf16Library,
+) -> None:
+    profile = write_profile("tied-bf16", "description: t\nplacement: {device: cpu}\nconfig: {dtype: bfloat16}\n")
+    with gemma_profiles.use(str(profile)):
+        model = load_bf16(gemma, tokenizer_path, "2b", float32_checkpoint("2b"))
+    embedder = embedder_of(model)
+    state = model.state_dict()
+    name = next(key for key in state if key.endswith("embedder.weight"))
+    state[name] = torch.ones_like(state[name])
+    model.load_state_dict(state)
+    hidden = torch.ones(1, 1, embedder.weight.shape[1]).to(torch.bfloat16)
+    logits = sampler_logits(model, embedder.weight, hidden)
+    assert fake_kernel.weights[-1] == (embedder.weight.data_ptr(), embedder.weight.shape[0])
+    assert torch.all(logits.float() == float(embedder.weight.shape[1]))
