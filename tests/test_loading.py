@@ -207,7 +207,11 @@ def test_unloaded_lazy_model_behaves_like_gemma(gemma: Any, tokenizer_path: str,
         assert not any(p.is_meta for p in model.parameters())
         assert torch.equal(model.state_dict()["embedder.weight"], state["embedder.weight"])
         other = build(gemma, tokenizer_path)
-    assert not any(p.is_meta for p in other.parameters()), "deactivate hands lazily built models back materialised"
+    # It keeps its profile after the block (tests/test_model_lifetime.py): still waiting for the
+    # loader, and the user's own loading materialises it first, as inside the block.
+    other.load_state_dict(state, strict=False)
+    assert not any(p.is_meta for p in other.parameters())
+    assert torch.equal(other.state_dict()["embedder.weight"], state["embedder.weight"])
 
 
 MEASURE = textwrap.dedent(
