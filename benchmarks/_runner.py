@@ -1,11 +1,13 @@
 """Shared by the CPU benchmarks: a random 2b checkpoint, and one measured run per process.
 
 Each configuration runs in a fresh interpreter through gemma's run.py flow:
-``get_model_config(variant)``, ``dtype = "float32"``, construct under
+``get_model_config(variant)`` (or, with ``folder`` in the spec, the config of a model
+imported by ``gemma-profile import``), ``dtype = "float32"``, construct under
 ``set_default_dtype``, ``load_weights``, ``generate``.  "gemma as-is" runs with
 ``GEMMA_PROFILE=off``; a profile runs through the .pth autoload, so the script
 is the same.  Peak memory is ``VmHWM`` (``ru_maxrss`` survives exec and starts
-at the parent's RSS) minus the RSS after imports.
+at the parent's RSS) minus the RSS after imports (``peak``); ``peak_rss`` is the whole
+process's, for comparing with another program; ``tokens`` are the ids ``generate`` picked.
 """
 
 from __future__ import annotations
@@ -29,20 +31,30 @@ sys.path.insert(0, {tests!r})
 from gemma import config as gemma_config, model as gemma_model
 spec = json.loads({spec!r})
 torch.set_num_threads(spec["threads"])
-model_config = gemma_config.get_model_config(spec["variant"])
-model_config.tokenizer = spec["tokenizer"]
-model_config.dtype = "float32"
-model_config.quant = False
+if spec.get("folder"):
+    # A model imported with `gemma-profile import` (a real Gemma): its config, run.py's float32.
+    from gemma_profiles import gguf_import
+    model_config = gguf_import.load_config(spec["folder"], "float32")
+else:
+    model_config = gemma_config.get_model_config(spec["variant"])
+    model_config.tokenizer = spec["tokenizer"]
+    model_config.dtype = "float32"
+    model_config.quant = False
 baseline = psutil.Process().memory_info().rss
+rss = lambda: psutil.Process().memory_info().rss
 start = time.perf_counter()
 torch.set_default_dtype(model_config.get_dtype())
 model = gemma_model.GemmaForCausalLM(model_config)
+built_rss = rss()  # gemma's construction: its rope tables and tokenizer, no weights yet
 model.load_weights(spec["ckpt"])
 model = model.to("cpu").eval()
 torch.set_default_dtype(torch.float32)
 load_s = time.perf_counter() - start
 hwm = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
-result = {{"load_s": load_s, "load_peak": hwm() - baseline}}
+# Absolute figures too (a peer such as llama.cpp is compared on the whole process): RSS after
+# the imports, after construction, after loading, and the high-water mark of loading alone.
+result = {{"load_s": load_s, "load_peak": hwm() - baseline, "import_rss": baseline, "built_rss": built_rss,
+           "loaded_rss": rss(), "load_hwm": hwm()}}
 if spec.get("first_token"):
     # Memory-mapped weights are read on first use: time one token and its peak too.
     start = time.perf_counter()
@@ -61,10 +73,19 @@ if spec["output_len"]:
         from gemma_profiles import hugepages
         probes.append(torch.ones(2**26))
         probes.append(hugepages.empty((2**26,), torch.float32, switchable=False).fill_(1.0))
+    picked = []
+    load_hwm = hwm()
+    try:
+        # From here VmHWM counts generation alone (Linux: "5" resets the peak RSS).
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
     def pre(module, args, kwargs):
         steps.append(time.perf_counter())
     def post(module, args, kwargs, output):
         steps[-1] = time.perf_counter() - steps[-1]
+        picked.append(int(output[0].reshape(-1)[0]))
         if probes:
             # Read bandwidth right after each step, in this process: on a shared host it
             # drifts (46-80 GB/s on the same box within minutes), so each step gets its own.
@@ -82,12 +103,13 @@ if spec["output_len"]:
     except IndexError:
         pass  # random weights pick ids the tiny tokenizer cannot decode; timing is done
     decode = steps[1:]  # steps[0] is the prefill
-    result.update(s_per_token=statistics.median(decode), steps=len(decode), peak=hwm() - baseline, prefill_s=steps[0])
+    result.update(s_per_token=statistics.median(decode), steps=len(decode), prefill_s=steps[0])
+    result.update(generate_hwm=hwm(), peak_rss=max(load_hwm, hwm()), peak=max(load_hwm, hwm()) - baseline)
     result["prompt_tokens"] = len(model.tokenizer.encode(spec["prompt"]))
+    result.update(tokens=picked, end_rss=rss(), decode_steps=decode)
     result["dtypes"] = sorted({{str(p.dtype) for p in model.parameters()}})
     if bandwidths:
         result["bandwidths"] = bandwidths[1:]
-        result["decode_steps"] = decode
 print(json.dumps(result))
 """
 

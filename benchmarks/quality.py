@@ -18,9 +18,14 @@ and every row runs gemma_pytorch's ``GemmaForCausalLM`` on that same checkpoint:
 Rows: gemma as it ships in float32 (the reference) and in bfloat16 (``config.dtype``, no
 profile); the cpu-32gb, cpu-16gb, cpu-8gb and auto profiles; cpu-32gb with every decoder
 layer offloaded to the CPU and to disk (an explicit ``device_map``), whose logits must equal
-the resident cpu-32gb's bit for bit; and llama.cpp on the GGUF itself when ``llama-cpp-python``
-is installed (an independent implementation on the quantized weights; optional, compiled from
-source: ``pip install llama-cpp-python``). All models stay loaded together (about 4.5 GiB).
+the resident cpu-32gb's bit for bit; and llama.cpp (an independent implementation) when
+llama-cpp-python is at hand, on the GGUF itself and on the BF16 and Q8_0 GGUFs its
+``llama_model_quantize`` makes from it (``benchmarks/peer_llamacpp.py``: the same values, rounded
+or requantized by llama.cpp), each scored on the same token ids with ``Llama(logits_all=True)``.
+llama-cpp-python compiles llama.cpp from source and needs no torch; it may live in its own venv:
+``--llama-python ~/llama/bin/python`` (default ``$GEMMA_PROFILE_LLAMA_PYTHON``, else this python;
+``pip install "gemma-profiles[llamacpp]"``); without it those rows are skipped with one line.
+Our models stay loaded together (about 4.5 GiB); each llama.cpp call is a process of its own.
 """
 
 from __future__ import annotations
@@ -132,37 +137,66 @@ def _peak_rss() -> str:
 
 
 class LlamaCpp:
-    """llama.cpp (llama-cpp-python) on the GGUF itself: logits for every position, greedy tokens."""
+    """llama.cpp on one GGUF, through ``benchmarks/peer_llamacpp.py``'s worker under ``python``
+    (llama-cpp-python may live in a venv of its own): a fresh process per call, so only one
+    llama.cpp model is in memory at a time."""
 
-    def __init__(self, gguf: Path, context: int):
-        import llama_cpp
+    def __init__(self, python: str, gguf: Path, what: str, version: str, threads: int):
+        self.python, self.gguf, self.threads = python, gguf, threads
+        self.label = f"llama.cpp {version}, {what}"
 
-        self.version = getattr(llama_cpp, "__version__", "?")
-        self.llm = llama_cpp.Llama(
-            model_path=str(gguf), n_ctx=context, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1
-        )
-
-    def logits(self, token_ids: list[int]) -> torch.Tensor:
+    def logits(self, token_ids: list[int]) -> tuple[torch.Tensor, float]:
+        """Next-token logits at every position (one ``eval`` with ``logits_all``) and its seconds."""
         import numpy as np
 
-        self.llm.reset()
-        self.llm.eval(token_ids)
-        return torch.from_numpy(np.array(self.llm.scores[: len(token_ids)], dtype=np.float32))
+        with tempfile.TemporaryDirectory(prefix="quality-llama-") as scratch:
+            out = Path(scratch) / "logits.npy"
+            request = {
+                "op": "logits",
+                "gguf": str(self.gguf),
+                "ids": token_ids,
+                "out": str(out),
+                "threads": self.threads,
+            }
+            answer = _worker(self.python, request)
+            logits = torch.from_numpy(np.load(out))
+        return logits, float(answer["seconds"])
 
     def greedy(self, token_ids: list[int], count: int) -> quality.Greedy:
-        import numpy as np
+        request = {"op": "run", "gguf": str(self.gguf), "ids": token_ids, "tokens": count, "threads": self.threads}
+        answer = _worker(self.python, request)
+        return quality.Greedy(answer["tokens"], [answer["prefill_s"], *answer["decode_steps"]])
 
-        self.llm.reset()
-        picked: list[int] = []
-        steps: list[float] = []
-        feed = list(token_ids)
-        for _ in range(count):
-            start = time.perf_counter()
-            self.llm.eval(feed)
-            picked.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
-            steps.append(time.perf_counter() - start)
-            feed = [picked[-1]]
-        return quality.Greedy(picked, steps)
+
+def _worker(python: str, request: dict[str, Any]) -> dict[str, Any]:
+    from peer_llamacpp import PeerError, call_worker
+
+    try:
+        return call_worker(python, request)
+    except PeerError as exc:
+        sys.exit(f"quality.py: {exc}")
+
+
+def _llama_rows(args: Any, gguf: Path) -> list[tuple[LlamaCpp, Row]]:
+    """llama.cpp on the GGUF itself and on the BF16 and Q8_0 GGUFs it requantizes from it; [] (and
+    one line saying why) when no llama-cpp-python is at hand."""
+    from peer_llamacpp import PeerError, find_llama, gguf_summary, make_peer_ggufs
+
+    found = find_llama(args.llama_python)
+    if isinstance(found, str):
+        print(f"llama.cpp rows skipped: {found}")
+        return []
+    python, info = found
+    threads = os.cpu_count() or 1
+    try:
+        made = make_peer_ggufs(python, gguf, threads, log=lambda line: print(line, file=sys.stderr))
+    except PeerError as exc:
+        sys.exit(f"quality.py: {exc}")
+    peers = [LlamaCpp(python, gguf, f"the {gguf.name} itself", info["version"], threads)]
+    for ftype, path in made.items():
+        what = f"{ftype} GGUF requantized from it ({gguf_summary(path)})"
+        peers.append(LlamaCpp(python, path, what, info["version"], threads))
+    return [(peer, Row(peer.label, key=f"llama.cpp-{index}")) for index, peer in enumerate(peers)]
 
 
 def main() -> None:
@@ -174,6 +208,11 @@ def main() -> None:
     parser.add_argument("--greedy-tokens", type=int, default=64)
     parser.add_argument(
         "--rows", help="comma-separated subset of: bf16,cpu-32gb,cpu-16gb,cpu-8gb,auto,offload,llama.cpp"
+    )
+    parser.add_argument(
+        "--llama-python",
+        help="a python with llama-cpp-python for the llama.cpp rows "
+        "(default: $GEMMA_PROFILE_LLAMA_PYTHON, else this one)",
     )
     parser.add_argument(
         "--greedy-rows",
@@ -220,13 +259,7 @@ def main() -> None:
     if args.max_tokens:
         text_ids = text_ids[: args.max_tokens]
     windows = quality.windows(text_ids, args.window, tokenizer.bos_id)
-    llama = None
-    if "llama.cpp" in wanted:
-        try:
-            llama = LlamaCpp(Path(gguf), args.window + 1 + 512)
-        except ImportError:
-            print("llama.cpp row skipped: llama-cpp-python is not installed (pip install llama-cpp-python)")
-    llama_row = Row(f"llama.cpp {llama.version} on the GGUF" if llama else "llama.cpp")
+    llamas = _llama_rows(args, Path(gguf)) if "llama.cpp" in wanted else []
 
     for number, window in enumerate(windows, 1):
         print(f"window {number}/{len(windows)} ({len(window)} tokens)", file=sys.stderr)
@@ -241,32 +274,33 @@ def main() -> None:
                 row.same_as_target = row.same_as_target and torch.equal(logits[row.label], logits[row.equal_to])
             if row is not reference and row.label != "cpu-32gb":
                 del logits[row.label]
-        if llama is not None:
-            start = time.perf_counter()
-            got = llama.logits(window)
-            llama_row.score.seconds += time.perf_counter() - start
+        for llama, llama_row in llamas:
+            got, seconds = llama.logits(window)
+            llama_row.score.seconds += seconds
             llama_row.score.add(logits[reference.label], got, window)
+            del got
         del logits
 
     prompts = [*PROMPTS, LONG_PROMPT.read_text(encoding="utf-8").strip()]
     print("teacher-forced figures (the greedy runs follow):", file=sys.stderr)
-    report(args, imported, rows, llama_row if llama else None, text_ids, windows, prompts, out=sys.stderr)
+    report(args, imported, rows, [r for _, r in llamas], text_ids, windows, prompts, out=sys.stderr)
     for row in rows:
         if row.key not in greedy_rows:
             continue
         print(f"greedy: {row.label}", file=sys.stderr)
         with row.scope():
             row.greedy = [quality.greedy_tokens(row.model, prompt, args.greedy_tokens) for prompt in prompts]
-    if llama is not None:
+    for llama, llama_row in llamas:
+        print(f"greedy: {llama_row.label}", file=sys.stderr)
         llama_row.greedy = [llama.greedy(tokenizer.encode(p), args.greedy_tokens) for p in prompts]
-    report(args, imported, rows, llama_row if llama else None, text_ids, windows, prompts)
+    report(args, imported, rows, [r for _, r in llamas], text_ids, windows, prompts)
 
 
 def report(
     args: Any,
     imported: Any,
     rows: list[Row],
-    llama: Row | None,
+    llamas: list[Row],
     text_ids: list[int],
     windows: list[Any],
     prompts: list[str],
@@ -295,7 +329,7 @@ def report(
     )
     print("|---|---|---|---|---|---|---|---|---|")
     figures = []
-    for row in [*rows, *([llama] if llama else [])]:
+    for row in [*rows, *llamas]:
         firsts = [
             quality.first_difference(r.tokens, g.tokens) for r, g in zip(reference.greedy, row.greedy, strict=False)
         ]
