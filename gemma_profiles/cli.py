@@ -541,11 +541,9 @@ def plugins(as_json: bool) -> None:
 
 def _target_source(source: str) -> str:
     """Where a plan's target machine came from, as a phrase: the profile's ``hardware:`` section or detection."""
-    if source == "detected":
-        return "detected on this machine"
-    if source.startswith("profile ") and source.endswith(" hardware:"):
-        return f"described by {source[len('profile ') : -len(' hardware:')]}'s hardware: section"
-    return source
+    from .plan import describe_source
+
+    return describe_source(source)
 
 
 def _detected_target(registry: Registry, profile: Profile, here: bool = False) -> Any:

@@ -27,6 +27,25 @@ Every figure follows what gemma_pytorch allocates (docs/design.md):
 - CUDA context and a reserve margin on accelerators (max(2 %, 512 MiB), as
   mistral.rs; llama.cpp keeps 1 GiB).
 
+On an accelerator nothing is reclaimable: what loading holds for a moment (the int8
+embedder while it is dequantized, an embedder loaded there before it moves to the
+CPU) must fit beside the weights, so there ``required`` is the peak.
+
+Two placements change the rows:
+
+- **the tied embedder off the accelerator** (``embedder_device="cpu"``): its lookup
+  and the sampler's product run on the CPU, so the embedder (dequantized into the
+  compute dtype, with int8) is host memory.  The loader of today puts it on the
+  execution device first and ``hooks/offload.py`` moves it once the weights are in
+  (`EMBEDDER_LOADED_ON_DEVICE`): the accelerator holds it - with int8, its int8 copy
+  and the dequantized one at once - while loading, beside the resident layers;
+- **float16 storage** (``weight_storage="float16"``, compute in float32): every
+  floating weight - the embedder too - takes 2 bytes; each linear layer's weight is
+  converted into one reused float32 scratch buffer (the largest linear), the embedder's
+  lookup converts just the rows it gathers, and the sampler's product runs over
+  `SAMPLER_CHUNK_ROWS` rows of it at a time through a scratch of that size.  KV cache
+  and activations stay float32.
+
 ``engine="gemma"`` describes gemma_pytorch as it ships (the items above);
 ``engine="profiles"`` - what runs while a profile is active - differs in three
 ways: the lean loader assigns memory-mapped tensors (no second copy when the
@@ -59,6 +78,15 @@ MIN_RESERVE_BYTES = 512 * 2**20
 RESERVE_FRACTION = 0.02
 #: What one process can address on x86-64 and arm64 Linux (47-bit user space): no plan needs more.
 ADDRESSABLE_BYTES = 2**47
+#: The loader puts the tied embedder on the execution device even when the plan keeps it
+#: on the CPU; the offload hook moves it after loading (and, with int8, after dequantizing
+#: it there).  False once the loader places it where the plan says.
+EMBEDDER_LOADED_ON_DEVICE = True
+#: float16 storage: rows of the (vocab x hidden) embedder converted to float32 at a time
+#: for the sampler's product (tied.CHUNK_ROWS).
+SAMPLER_CHUNK_ROWS = 16384
+#: ``weight_storage`` values: how weights are kept when it is not the compute dtype.
+WEIGHT_STORAGE = ("float16",)
 
 
 @dataclass(frozen=True)
@@ -199,6 +227,11 @@ class MemoryEstimate:
         }
 
 
+def normalize(device: str) -> str:
+    """``cuda`` is ``cuda:0``."""
+    return "cuda:0" if device == "cuda" else device
+
+
 def reserve_for(capacity: int) -> int:
     """Headroom kept free on an accelerator: max(2 %, 512 MiB)."""
     return max(int(capacity * RESERVE_FRACTION), MIN_RESERVE_BYTES)
@@ -218,6 +251,9 @@ def estimate_memory(
     offload_device: str = "cpu",
     engine: str = "profiles",
     cpu_int8_kernel: bool = False,
+    embedder_device: str | None = None,
+    weight_storage: str | None = None,
+    embedder_loaded_on_device: bool | None = None,
 ) -> MemoryEstimate:
     """Estimate the memory of building, loading and generating with one model.
 
@@ -231,29 +267,38 @@ def estimate_memory(
     :param engine: ``"profiles"`` (a profile is active) or ``"gemma"`` (gemma_pytorch as-is).
     :param cpu_int8_kernel: the native int8 kernel runs here (`hardware.native_int8_expected`):
         on a CPU an int8 model keeps its tied embedder int8 in float32 compute too.
+    :param embedder_device: where the tied embedder stays (``cpu`` or ``disk``) when not on
+        ``device``; its lookup and the sampler run there.
+    :param weight_storage: ``"float16"``: weights stored in float16, computed in ``dtype``.
+    :param embedder_loaded_on_device: the loader puts an ``embedder_device`` embedder on
+        ``device`` first; None: `EMBEDDER_LOADED_ON_DEVICE`.
     """
+    if embedder_loaded_on_device is None:
+        embedder_loaded_on_device = EMBEDDER_LOADED_ON_DEVICE
     ours = engine == "profiles"
     size = DTYPE_BYTES[dtype]
+    storage = weight_storage or dtype  # how float weights are kept
     kind = device.split(":")[0]
     host = "cpu"  # checkpoint pages and offloaded-to-cpu layers live in host memory, whatever the device
     prefill = min(prefill_tokens or seq_len, seq_len)
     layers_here = shape.num_hidden_layers - offloaded_layers
-    layer = shape.layer_bytes(dtype, int8)
+    layer = shape.layer_bytes(storage, int8)
     rope_tables = 2 if shape.family == "gemma3" else 1
+    embedder_at = normalize(embedder_device) if embedder_device else device
+    embedder_away = embedder_at != device
     # gemma keeps the tied embedder int8; so do we on a bfloat16 CPU (lookups and the sampler read
     # it directly); elsewhere our int8 path dequantizes it once into the compute dtype.
     cpu_kernel = dtype == "bfloat16" or (cpu_int8_kernel and dtype in ("float32", "float"))
-    embedder_kept_int8 = ours and kind == "cpu" and cpu_kernel and not offloaded_layers
+    embedder_kept_int8 = ours and kind == "cpu" and cpu_kernel and not offloaded_layers and not embedder_away
     embedder_int8 = int8 and (not ours or embedder_kept_int8)
+    embedder = shape.embedding_bytes(storage, embedder_int8)
+    embedder_note = "int8 + scalers" if embedder_int8 else storage
+    if embedder_away:
+        embedder_note += "; its lookup and the sampler run there"
     items = [
-        MemoryItem(
-            "embedder (tied output)",
-            device,
-            shape.embedding_bytes(dtype, embedder_int8),
-            "int8 + scalers" if embedder_int8 else dtype,
-        ),
+        MemoryItem("embedder (tied output)", embedder_at, embedder, embedder_note),
         MemoryItem(f"decoder layers x{layers_here}", device, layers_here * layer, f"{layer / 2**20:.1f} MiB each"),
-        MemoryItem("final norm", device, shape.hidden_size * size),
+        MemoryItem("final norm", device, shape.hidden_size * DTYPE_BYTES[storage]),
         MemoryItem(
             "rope tables",
             device,
@@ -285,6 +330,12 @@ def estimate_memory(
     elif int8 and not (kind == "cpu" and cpu_kernel and not offloaded_layers):
         largest = shape.largest_linear_weights * size
         items.append(MemoryItem("int8 scratch buffer", device, largest, "one, reused by every layer"))
+    elif weight_storage is not None and weight_storage != dtype:
+        rows = 0 if embedder_away else min(shape.vocab_size, SAMPLER_CHUNK_ROWS) * shape.hidden_size
+        largest = max(shape.largest_linear_weights, rows) * size
+        items.append(
+            MemoryItem(f"{dtype} scratch buffer", device, largest, f"{weight_storage} weights computed in {dtype}")
+        )
     elif int8 and cpu_int8_kernel and dtype in ("float32", "float", "bfloat16") and batch * prefill >= DEQUANTIZE_ROWS:
         # The native kernel hands a long prompt's products to a float GEMM on a dequantized copy.
         largest = shape.largest_linear_weights * size
@@ -309,7 +360,7 @@ def estimate_memory(
                 reclaimable=True,
             )
         )
-    elif checkpoint_dtype is not None and (int8 or checkpoint_dtype != dtype or kind != "cpu"):
+    elif checkpoint_dtype is not None and (int8 or checkpoint_dtype != storage or kind != "cpu"):
         # Converted (or moved) one tensor at a time; the largest is the embedder.  With
         # int8 its source is read while only its int8 copy exists: the compute-dtype
         # embedder counted above is made from that copy after loading.
@@ -322,21 +373,40 @@ def estimate_memory(
             chunk = max(min(shape.vocab_size, rows) * h, min(inter, rows) * h, min(h, rows) * inter)
             # The native library quantizes straight from the source; torch's ops need a copy.
             largest = chunk * (DTYPE_BYTES[checkpoint_dtype] + (0 if cpu_int8_kernel and kind == "cpu" else 4))
-            if not embedder_int8:  # the compute-dtype embedder counted above is made after loading
+            if embedder_away:  # dequantized on the host from a copy of the int8 embedder
+                largest = max(largest, shape.embedding_weights)
+            if not embedder_int8 and not embedder_away:  # the compute-dtype embedder above is made after loading
                 largest = max(0, largest + shape.embedding_weights - shape.embedding_weights * size)
         items.append(
             MemoryItem(
                 "one checkpoint tensor while loading", host, largest, "converted, then released", reclaimable=True
             )
         )
-        if int8 and not embedder_int8:
+        if int8 and not embedder_int8 and not embedder_away:
             items.append(
                 MemoryItem(
                     "int8 embedder while dequantizing", device, shape.embedding_weights, "once, after loading", True
                 )
             )
+    if ours and embedder_away and embedder_loaded_on_device:
+        # Loaded onto the execution device (with int8: its int8 copy, and the dequantized one
+        # made from it), then moved to embedder_at by the offload hook.
+        loading = embedder + (shape.embedding_bytes(dtype, True) if int8 and not embedder_int8 else 0)
+        what = "int8 + dequantized copies" if int8 and not embedder_int8 else embedder_note.split(";")[0]
+        items.append(
+            MemoryItem(
+                "embedder while loading", device, loading, f"{what}, then moved to {embedder_at}", reclaimable=True
+            )
+        )
 
-    if ours and kind == "cpu" and not int8 and dtype in ("float32", "bfloat16") and not offloaded_layers:
+    if (
+        ours
+        and kind == "cpu"
+        and not int8
+        and weight_storage in (None, dtype)
+        and dtype in ("float32", "bfloat16")
+        and not offloaded_layers
+    ):
         # hooks/kernels.py packs each weight (the embedder 16384 rows at a time) into a copy,
         # then drops the mapped source's pages: one source tensor is resident twice.
         h = shape.hidden_size
@@ -349,6 +419,8 @@ def estimate_memory(
         return sum(i.bytes for i in items if i.device == on and (with_reclaimable or not i.reclaimable))
 
     devices = sorted({item.device for item in items})
+    # Made after loading, in this order: the offload hook moves what it moves, then the
+    # streamer allocates its slots; so they are not held beside the loading transients.
     peak: dict[str, int] = {}
     required: dict[str, int] = {}
     resident = {d: total(d, with_reclaimable=False) for d in devices}
@@ -356,6 +428,9 @@ def estimate_memory(
         # Loading and generating do not overlap: checkpoint pages are gone before the
         # KV cache, masks and activations exist.
         running = {"KV cache", "attention masks", "activation peak", "dequantization workspace"}
+        # (scratch buffers are allocated by the first forward)
+        running |= {i.component for i in items if i.component.startswith("streaming slots")}
+        running |= {i.component for i in items if i.component.endswith("scratch buffer")}
         static = sum(i.bytes for i in items if i.device == d and not i.reclaimable and i.component not in running)
         # Loading transients come one after another (a source tensor's pages, then the
         # embedder's int8 copy), so the largest one counts.
@@ -364,5 +439,6 @@ def estimate_memory(
             # gemma builds the weights on the CPU; they move to the accelerator before loading.
             load_phase = max(load_phase, static + shape.weight_bytes(dtype, int8))
         peak[d] = max(resident[d], load_phase)
-        required[d] = resident[d]
+        # Accelerator memory has no reclaimable pages: what loading holds must fit too.
+        required[d] = peak[d] if d == device and kind in ("cuda", "mps") else resident[d]
     return MemoryEstimate(tuple(items), peak, required)

@@ -54,6 +54,9 @@ class Target:
     memory: int | None = None  # accelerator memory, bytes
     host_memory: int | None = None
     cpu_isa: tuple[str, ...] = ()
+    #: whether the CPU computes bfloat16 natively (AVX512-BF16, AMX, Arm BF16); None: not known
+    cpu_bf16: bool | None = None
+    #: where the facts come from: ``"detected"`` or ``"<profile>'s hardware: section"``
     source: str = "profile"
 
     @classmethod
@@ -69,7 +72,8 @@ class Target:
             parse_memory(hardware.memory) if hardware.memory is not None else None,
             parse_memory(hardware.host_memory) if hardware.host_memory is not None else None,
             ("avx2",) if hardware.device != "cuda" else (),
-            f"profile {profile.name} hardware:",
+            None,
+            f"{profile.name}'s {HARDWARE_SECTION}",
         )
 
     @classmethod
@@ -83,8 +87,26 @@ class Target:
             gpu.total_memory if gpu else None,
             hardware.cpu.total_memory,
             hardware.cpu.isa,
+            native_cpu_bf16(hardware.cpu.isa),
             "detected",
         )
+
+
+HARDWARE_SECTION = "hardware: section"
+
+
+def describe_source(source: str) -> str:
+    """A `Target.source` as a phrase: ``described by t4's hardware: section``, ``detected on this machine``."""
+    if source == "detected":
+        return "detected on this machine"
+    if source.endswith(HARDWARE_SECTION):
+        return f"described by {source}"
+    return source
+
+
+def _capacity_source(source: str) -> str:
+    """Where a capacity figure comes from: ``from t4's hardware: section``, ``detected``."""
+    return source if source == "detected" else f"from {source}"
 
 
 @dataclass(frozen=True)
@@ -146,6 +168,10 @@ class Plan:
     #: ``"float16"``: weights are stored in float16 and each layer computes in ``dtype``
     #: (float32); None: weights are stored in the compute dtype (or int8, see ``quantization``).
     weight_storage: str | None = None
+    #: where the tied embedder stays when not on the execution device (``cpu``, ``disk``), and why;
+    #: None: on the execution device.  An automatic choice is also written into
+    #: ``placement.device_map`` (with the layer map), which is what ``hooks/offload.py`` reads.
+    embedder: Setting | None = None
 
     @property
     def offloads(self) -> bool:
@@ -167,6 +193,7 @@ class Plan:
             "dtype": self.dtype,
             "quantization": self.quantization,
             "weight_storage": self.weight_storage,
+            "embedder": None if self.embedder is None else {"value": self.embedder.value, "from": self.embedder.origin},
             "device": None if self.device is None else self.device.value,
             "config": {k: {"value": s.value, "from": s.origin} for k, s in self.config.items()},
             "placement": self.placement.model_dump(exclude_unset=True),
@@ -184,6 +211,18 @@ class Plan:
 
 def normalize_device(device: str) -> str:
     return "cuda:0" if device == "cuda" else device
+
+
+#: CPU flags (Linux ``/proc/cpuinfo``) of native bfloat16 arithmetic: x86 AVX512-BF16 and AMX-BF16,
+#: Arm's BF16 extension.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def native_cpu_bf16(isa: tuple[str, ...]) -> bool | None:
+    """Whether detected ISA flags include native bfloat16; None when no flags were read at all."""
+    if not isa:
+        return None
+    return any(flag in isa for flag in CPU_BF16_FLAGS)
 
 
 OFFLOAD_TARGETS = ("cpu", "disk")
@@ -269,12 +308,18 @@ def choose_dtype(target: Target | None, variant: str | None, family: str | None)
         if cc >= MIN_FP16:
             return Setting("float32", f"auto: no native bfloat16 on {cc_text}, and float16 overflows for {model}")
         return Setting("float32", f"auto: compute capability {cc_text} < 6.0 has neither fast float16 nor bfloat16")
-    if "avx2" in target.cpu_isa or any(flag.startswith(("avx512", "amx")) for flag in target.cpu_isa):
-        return Setting(
-            "bfloat16",
-            "auto: CPU decode is memory-bound; bf16 measured 0.253 s/token vs 0.572 in float32 (2b, AVX2)",
-        )
+    if target.cpu_bf16:
+        return Setting("bfloat16", "auto: this CPU computes bfloat16 natively (AVX512-BF16, AMX or Arm BF16)")
+    if "avx2" in target.cpu_isa or any(flag.startswith("avx512") for flag in target.cpu_isa):
+        return Setting("bfloat16", f"auto: {CPU_BF16_MEASURED}")
     return Setting("float32", "auto: no AVX2 on this CPU, float32 avoids slow bfloat16 conversion")
+
+
+#: Why bfloat16 on an AVX2 CPU without native bfloat16 (docs/planning.md, "Compute dtype on a CPU").
+CPU_BF16_MEASURED = (
+    "decode reads half the bytes: 1.4x float32's tokens/s without native bfloat16 (AVX2, Gemma 3 270M); "
+    "prompts run 2-5x slower there (compute-bound), so for long prompts set dtype: float32"
+)
 
 
 def check_dtype(dtype: Setting, target: Target | None, profile: str) -> None:
@@ -437,7 +482,12 @@ def make_plan(
         config["quant"] = Setting(quantization == "int8", origin("quantization", "weights"))
     if "dtype" in config:
         check_dtype(config["dtype"], target, profile.name)
-        check_float16(config["dtype"], variant, family, target, profile.name, model.compute.allow_float16_overflow)
+        if quantization == "float16":
+            check_storage(config["dtype"], origin("quantization", "weights"), profile.name)
+        else:
+            check_float16(config["dtype"], variant, family, target, profile.name, model.compute.allow_float16_overflow)
+    elif quantization == "float16":
+        config["dtype"] = Setting("float32", "auto: float16 storage computes in float32 (quantization.weights)")
     else:
         chosen = choose_dtype(target, variant, family)
         if chosen is not None:
@@ -455,6 +505,13 @@ def make_plan(
     device = None
     if model.placement.device is not None:
         device = Setting(model.placement.device, origin("placement", "device"))
+    embedder = None
+    if isinstance(model.placement.device_map, dict):
+        named = next(
+            (str(model.placement.device_map[k]) for k in EMBEDDER_KEYS if k in model.placement.device_map), None
+        )
+        if named is not None:
+            embedder = Setting(normalize_device(named), origin("placement", "device_map"))
     generation = model.generation
     plan = Plan(
         profile=profile.name,
@@ -473,6 +530,7 @@ def make_plan(
         loading=model.loading,
         resized=tuple(_resized(shape, {n: config[n] for n in _SIZE_FIELDS if n in config})) if shape else (),
         weight_storage="float16" if quantization == "float16" else None,
+        embedder=embedder,
     )
     if shape is None or plan.dtype not in DTYPE_BYTES or target is None:
         return plan
@@ -482,6 +540,27 @@ def make_plan(
         if int8.verdict is not None and int8.verdict.fits:
             plan = int8
     return plan
+
+
+def check_storage(dtype: Setting, storage_origin: str, profile: str) -> None:
+    """float16 storage is for float32 compute; any other compute dtype is refused, naming both settings."""
+    if dtype.value in ("float32", "float"):
+        return
+    if dtype.value == "float16":
+        what = (
+            "float16 storage with float16 compute is plain float16: the activations still overflow for Gemma 2/3 "
+            "(and 7b), which float16 storage exists to avoid"
+        )
+        use = "config.dtype: float32 with quantization: {weights: float16}, or drop quantization.weights"
+    else:
+        what = f"float16 storage with {dtype.value} compute converts every weight to a 16-bit type it could have "
+        what += "been stored in"
+        use = f"leave quantization.weights out (weights are then stored in {dtype.value}), or compute in float32"
+    raise GemmaProfileError(
+        f"profile '{profile}' stores weights in float16 ({storage_origin}) but computes in {dtype.value}: {what}",
+        where=dtype.origin,
+        hint=f"float16 storage is meant for float32 compute; use {use}",
+    )
 
 
 def profile_problems(
@@ -556,7 +635,12 @@ _NUMBERED = re.compile(r"[\w.,:-]*\d[\w.,:-]*")
 def _with_quant(plan: Plan, reason: str) -> Plan:
     config = dict(plan.config)
     config["quant"] = Setting(True, reason)
-    return replace(plan, config=config, quantization="int8")
+    return replace(plan, config=config, quantization="int8", weight_storage=None)
+
+
+def _with_storage(plan: Plan) -> Plan:
+    config = {**plan.config, "quant": Setting(False, "suggestion")}
+    return replace(plan, config=config, quantization="float16", weight_storage="float16")
 
 
 def _warnings(config: dict[str, Setting], variant: str | None, family: str | None) -> list[str]:
@@ -587,7 +671,7 @@ def budgets_for(plan: Plan, target: Target) -> dict[str, Budget]:
             budgets[device] = Budget(
                 device,
                 capacity - reserve,
-                f"{format_bytes(capacity)} - {format_bytes(reserve)} reserve ({target.source})",
+                f"{format_bytes(capacity)} {_capacity_source(target.source)}, less a {format_bytes(reserve)} reserve",
             )
     return budgets
 
@@ -610,6 +694,8 @@ def _estimate(
         offloaded_layers=offloaded,
         offload_device=offload_device,
         cpu_int8_kernel=native_int8_expected(target.cpu_isa),
+        embedder_device=None if plan.embedder is None else str(plan.embedder.value),
+        weight_storage=plan.weight_storage,
     )
 
 
@@ -619,6 +705,27 @@ def _shortfall(estimate: MemoryEstimate, budgets: dict[str, Budget]) -> dict[str
         for device, need in estimate.required.items()
         if device in budgets and need > budgets[device].available
     }
+
+
+def _fit_layers(
+    plan: Plan, shape: ModelShape, target: Target, budgets: dict[str, Budget]
+) -> tuple[int, MemoryEstimate]:
+    """Offload layers (to ``placement.offload``) until the execution device's budget holds the rest."""
+    layers = shape.num_hidden_layers
+    offload = plan.placement.offload
+    offloaded = 0
+    estimate = _estimate(plan, shape, target)
+    offloading = offload != "none" and (target.device != "cpu" or offload == "disk")
+    while offloading and offloaded < layers and _shortfall(estimate, budgets).get(target.device, 0) > 0:
+        offloaded += 1
+        estimate = _estimate(plan, shape, target, offloaded, offload_device=offload)
+    return offloaded, estimate
+
+
+def _embedder_on_cpu(plan: Plan, shape: ModelShape, target: Target, reason: str) -> Plan:
+    size = shape.embedding_bytes(str(plan.weight_storage or plan.dtype), False)
+    why = f"auto: the tied embedder ({format_bytes(size)} in {plan.weight_storage or plan.dtype}) {reason}"
+    return replace(plan, embedder=Setting("cpu", why + "; its lookup and the sampler run on the CPU"))
 
 
 def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
@@ -633,22 +740,34 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
         stored = [d for d in devices if d in OFFLOAD_TARGETS and d != target.device]
         offloaded = len(stored)
         where = "disk" if stored and all(d == "disk" for d in stored) else "cpu"
+        if plan.embedder is not None and plan.embedder.value == target.device:
+            plan = replace(plan, embedder=None)
         estimate = _estimate(plan, shape, target, offloaded, offload_device=where)
         layer_map = compress_layers(devices)
     else:
         # Keep as many layers resident as the budget allows; the rest wait on the CPU
-        # (or on disk).  On a CPU target only disk offload frees anything.
-        offloaded = 0
-        estimate = _estimate(plan, shape, target)
-        budget_device = target.device
-        offloading = offload != "none" and (target.device != "cpu" or offload == "disk")
-        while offloading and offloaded < layers and _shortfall(estimate, budgets).get(budget_device, 0) > 0:
-            offloaded += 1
-            estimate = _estimate(plan, shape, target, offloaded, offload_device=offload)
+        # (or on disk).  On a CPU target only disk offload frees anything.  When even
+        # every layer offloaded leaves too little room, the tied embedder goes to the CPU.
+        offloaded, estimate = _fit_layers(plan, shape, target, budgets)
+        if (
+            _shortfall(estimate, budgets)
+            and offload != "none"
+            and target.device != "cpu"
+            and plan.embedder is None
+            and "cpu" in budgets
+        ):
+            moved = _embedder_on_cpu(plan, shape, target, f"does not fit on {target.device} beside the streaming slots")
+            moved_offloaded, moved_estimate = _fit_layers(moved, shape, target, budgets)
+            if not _shortfall(moved_estimate, budgets):
+                plan, offloaded, estimate = moved, moved_offloaded, moved_estimate
         resident = layers - offloaded
         layer_map = {f"0-{resident - 1}": target.device} if resident else {}
         if offloaded:
             layer_map[f"{resident}-{layers - 1}"] = offload
+        if plan.embedder is not None and plan.embedder.origin.startswith("auto:"):
+            # hooks/offload.py places the embedder from an explicit device map: the plan writes one.
+            mapped = {"embedder": str(plan.embedder.value), **layer_map}
+            plan = replace(plan, placement=plan.placement.model_copy(update={"device_map": mapped}))
     short = _shortfall(estimate, budgets)
     if not short:
         used = ", ".join(
@@ -656,9 +775,16 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
             for d, b in budgets.items()
             if d in estimate.required
         )
-        how = f"int8 weights, {plan.dtype} compute" if plan.quantization == "int8" else f"{plan.dtype} weights"
+        if plan.quantization == "int8":
+            how = f"int8 weights, {plan.dtype} compute"
+        elif plan.weight_storage is not None:
+            how = f"{plan.weight_storage} weights, {plan.dtype} compute"
+        else:
+            how = f"{plan.dtype} weights"
         if offloaded:
             how += f", {offloaded} of {layers} layers offloaded to {offload if offload != 'none' else 'cpu/disk'}"
+        if plan.embedder is not None:
+            how += f", the embedder on {plan.embedder.value}"
         verdict = Verdict(True, f"fits ({how}; {used})")
     else:
         worst = max(short, key=lambda d: short[d])
@@ -669,35 +795,52 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
             f"{format_bytes(budgets[worst].available)} ({budgets[worst].note}); short by {format_bytes(short[worst])}"
             + resized,
             short[worst],
-            _cheapest_fix(plan, shape, target, budgets),
+            _cheapest_fix(plan, shape, target, budgets, worst, short[worst]),
         )
     return replace(plan, memory=estimate, budgets=tuple(budgets.values()), verdict=verdict, layers=layer_map)
 
 
-def _cheapest_fix(plan: Plan, shape: ModelShape, target: Target, budgets: dict[str, Budget]) -> str | None:
-    """The first of: the variant's own sizes (when the profile grew them), int8 weights, a shorter
-    context, CPU offload, a smaller variant - that fits."""
+def _fits(plan: Plan, shape: ModelShape, target: Target, budgets: dict[str, Budget], **kwargs: Any) -> bool:
+    return not _shortfall(_estimate(plan, shape, target, **kwargs), budgets)
+
+
+def _cheapest_fix(
+    plan: Plan, shape: ModelShape, target: Target, budgets: dict[str, Budget], worst: str, short: int
+) -> str:
+    """The first change that fits, of: the variant's own sizes (when the profile grew them), float16
+    storage (float32 compute on a GPU), int8 weights, a shorter context, offload to the CPU or disk
+    (with the embedder on the CPU when that is what fits), a smaller variant; else what is short."""
     if plan.resized and plan.variant in VARIANTS:
         own = ModelShape.of_variant(str(plan.variant))
-        if own != shape and not _shortfall(_estimate(plan, own, target), budgets):
+        if own != shape and _fits(plan, own, target, budgets):
             return f"{plan.variant}'s own sizes: drop the profile's {', '.join(plan.resized)}"
-    if plan.quantization != "int8":
-        trial = _with_quant(plan, "suggestion")
-        if not _shortfall(_estimate(trial, shape, target), budgets):
-            return "int8 weights (quantization: {weights: int8})"
+    # On a GPU computing in float32, float16 storage keeps float32's answers; int8 loses some.
+    if (
+        plan.quantization == "none"
+        and plan.dtype in ("float32", "float")
+        and target.device != "cpu"
+        and _fits(_with_storage(plan), shape, target, budgets)
+    ):
+        return "float16 storage, float32 compute (quantization: {weights: float16})"
+    if plan.quantization != "int8" and _fits(_with_quant(plan, "suggestion"), shape, target, budgets):
+        return "int8 weights (quantization: {weights: int8})"
     seq = plan.seq_len // 2
     while seq >= 256:
-        if not _shortfall(_estimate(plan, shape, target, seq_len=seq), budgets):
+        if _fits(plan, shape, target, budgets, seq_len=seq):
             return f"a shorter context: --seq-len {seq} (generation.seq_len)"
         seq //= 2
-    if target.device != "cpu":
-        for offloaded in range(1, shape.num_hidden_layers + 1):
-            if not _shortfall(_estimate(plan, shape, target, offloaded), budgets):
-                return f"offload {offloaded} of {shape.num_hidden_layers} layers to the CPU (placement.offload: cpu)"
-    else:
-        for offloaded in range(1, shape.num_hidden_layers + 1):
-            if not _shortfall(_estimate(plan, shape, target, offloaded, offload_device="disk"), budgets):
-                return f"offload {offloaded} of {shape.num_hidden_layers} layers to disk (placement.offload: disk)"
+    trials = [(plan, "")]
+    if target.device != "cpu" and plan.embedder is None and "cpu" in budgets:
+        trials.append((_embedder_on_cpu(plan, shape, target, "moves"), " and the embedder to the CPU"))
+    for offload_to in ("cpu", "disk") if target.device != "cpu" else ("disk",):
+        for trial, extra in trials:
+            for offloaded in range(1, shape.num_hidden_layers + 1):
+                if _fits(trial, shape, target, budgets, offloaded=offloaded, offload_device=offload_to):
+                    setting = f"placement.offload: {offload_to}"
+                    if extra:
+                        setting += "; placement.device_map: {embedder: cpu, ...}"
+                    count = f"{offloaded} of {shape.num_hidden_layers}"
+                    return f"offload {count} layers to {offload_to}{extra} ({setting})"
     family = plan.family
     overrides = {name: setting.value for name, setting in plan.config.items()}  # the profile resizes them too
     shapes = {name: ModelShape.of_variant(name).with_overrides(overrides) for name, v in VARIANTS.items()}
@@ -705,6 +848,9 @@ def _cheapest_fix(plan: Plan, shape: ModelShape, target: Target, budgets: dict[s
         name for name, v in VARIANTS.items() if v.family == family and shapes[name].parameters < shape.parameters
     ]
     for name in sorted(smaller, key=lambda n: -shapes[n].parameters):
-        if not _shortfall(_estimate(plan, shapes[name], target), budgets):
+        if _fits(plan, shapes[name], target, budgets):
             return f"a smaller variant: {name}"
-    return None
+    return (
+        f"no single change fits (int8 or float16 weights, a shorter context, offload, the embedder on the CPU, "
+        f"a smaller variant); {worst} lacks {format_bytes(short)} ({budgets[worst].note})"
+    )

@@ -530,7 +530,7 @@ def test_out_of_memory_names_the_cheapest_change_when_the_plan_did_not_fit(tmp_p
     error = out_of_memory_error(MemoryError(), plan, "while loading weights into", str(tmp_path / "9b.ckpt"))
     assert f"cheapest change that fits: {plan.verdict.suggestion}" in (error.hint or "")
     need = format_bytes(plan.memory.required["cpu"])
-    assert f"the plan needs cpu {need} of " in error.message and "profile cpu-8gb hardware:" in error.message
+    assert f"the plan needs cpu {need} of " in error.message and "cpu-8gb's hardware: section" in error.message
 
 
 def test_other_loader_errors_are_not_called_out_of_memory(gemma, tokenizer_path, checkpoint, cpu_fp32):
