@@ -287,3 +287,57 @@ def test_float16_storage_is_the_cheapest_change_for_float32_on_an_older_gpu(writ
     plan = make_plan(load_profile(path), "4b")
     assert plan.verdict is not None and not plan.verdict.fits
     assert plan.verdict.suggestion == "float16 storage, float32 compute (quantization: {weights: float16})"
+
+
+def test_the_offload_step_reads_the_planned_embedder_placement(
+    gemma: Any, tokenizer_path: str, write_profile: Any
+) -> None:
+    """What hooks/offload.py decides for a model planned with the embedder on the CPU (no GPU needed:
+    the layout is decided before anything moves)."""
+    import dataclasses
+
+    import torch
+    from gemma_profiles.hooks import offload
+    from gemma_testing import tiny_config
+
+    from gemma_profiles.profile import load_profile
+
+    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
+    config.vocab_size = 256000  # a real Gemma's vocabulary on a tiny model: the embedder dominates
+    with torch.device("meta"):
+        model = gemma.model.GemmaForCausalLM(config)
+    shape = dataclasses.replace(ModelShape.of_config(config), max_position_embeddings=1024)
+    config.max_position_embeddings = 1024
+
+    def need(embedder_device: str | None) -> int:
+        estimate = estimate_memory(
+            shape,
+            dtype="float32",
+            int8=False,
+            device="cuda:0",
+            seq_len=1024,
+            offloaded_layers=shape.num_hidden_layers,
+            embedder_device=embedder_device,
+        )
+        return estimate.required["cuda:0"]
+
+    on_gpu, on_cpu = need(None), need("cpu")
+    assert on_cpu < on_gpu
+    path = write_profile(
+        "tiny-gpu",
+        f"""
+        description: x
+        hardware: {{device: cuda, compute_capability: "6.1", memory: 5GiB, host_memory: 16GiB}}
+        placement: {{device: cuda, offload: cpu, max_memory: {{"cuda:0": {(on_cpu + on_gpu) // 2}, cpu: 8GiB}}}}
+        config: {{dtype: float32}}
+        generation: {{seq_len: 1024}}
+        """,
+    )
+    plan = make_plan(load_profile(path), "2b", shape=shape)
+    assert plan.verdict is not None and plan.verdict.fits, plan.verdict
+    assert plan.embedder is not None and plan.embedder.value == "cpu"
+    layout = offload.decide_layout(model, plan, "cuda:0")
+    assert layout.embedder == "cpu"
+    # the layers the planner keeps off the GPU (here none: with the embedder gone both fit)
+    assert layout.offloaded == {i: d for i, d in _expand(plan.layers).items() if d == "cpu"}
+    assert plan.layers == {"0-1": "cuda:0"}
