@@ -98,6 +98,14 @@ if spec["output_len"]:
             bandwidths.append(2**28 / best)
     model.register_forward_pre_hook(pre, with_kwargs=True)
     model.register_forward_hook(post, with_kwargs=True)
+    sampler_steps = []  # the sampler's share of each step: the product with the tied embedder
+    if getattr(model, "sampler", None) is not None:
+        def sampler_pre(module, args, kwargs):
+            sampler_steps.append(time.perf_counter())
+        def sampler_post(module, args, kwargs, output):
+            sampler_steps[-1] = time.perf_counter() - sampler_steps[-1]
+        model.sampler.register_forward_pre_hook(sampler_pre, with_kwargs=True)
+        model.sampler.register_forward_hook(sampler_post, with_kwargs=True)
     try:
         model.generate(spec["prompt"], "cpu", output_len=spec["output_len"], temperature=None)
     except IndexError:
@@ -106,7 +114,7 @@ if spec["output_len"]:
     result.update(s_per_token=statistics.median(decode), steps=len(decode), prefill_s=steps[0])
     result.update(generate_hwm=hwm(), peak_rss=max(load_hwm, hwm()), peak=max(load_hwm, hwm()) - baseline)
     result["prompt_tokens"] = len(model.tokenizer.encode(spec["prompt"]))
-    result.update(tokens=picked, end_rss=rss(), decode_steps=decode)
+    result.update(tokens=picked, end_rss=rss(), decode_steps=decode, sampler_steps=sampler_steps[1:])
     result["dtypes"] = sorted({{str(p.dtype) for p in model.parameters()}})
     if bandwidths:
         result["bandwidths"] = bandwidths[1:]

@@ -25,7 +25,8 @@ gemma's ``generate`` uses too) and picks 64 tokens greedily. Per system and roun
 prefill tokens/s (prompt tokens over the first forward, which also picks the first token),
 decode tokens/s (1 / the median of the other 63 steps; each llama.cpp step is one ``eval`` of
 one token plus an argmax over its logits, each of ours one ``forward`` of gemma's ``generate``,
-its sampler included), peak RSS of the whole process (``VmHWM``) and the RSS right after the
+its sampler included; for ours the sampler's own median, the product with the tied embedder, is
+shown beside the step's), peak RSS of the whole process (``VmHWM``) and the RSS right after the
 imports (torch and gemma, or llama_cpp), and the first greedy token that differs from gemma
 float32's (64: none). Then medians over rounds and the ratios the issue sets: cpu-32gb against
 llama.cpp BF16, cpu-8gb against Q8_0, decode, prefill and peak RSS, each ratio taken within a
@@ -288,6 +289,8 @@ def summarize(result: dict[str, Any], prompt_tokens: int) -> dict[str, Any]:
         "load_s": result["load_s"],
         "prefill_tps": prompt_tokens / result["prefill_s"],
         "decode_tps": 1.0 / statistics.median(decode),
+        "decode_ms": 1000 * statistics.median(decode),
+        **({"sampler_ms": 1000 * statistics.median(result["sampler_steps"])} if result.get("sampler_steps") else {}),
         "peak_mib": result["peak_rss"] / 2**20,
         "import_mib": result["import_rss"] / 2**20,
         "loaded_mib": result["loaded_rss"] / 2**20,
@@ -370,9 +373,9 @@ def ratio_rows(rounds: list[dict[str, dict[str, Any]]]) -> list[tuple[str, str, 
 
 def table(rows: dict[str, dict[str, Any]], reference: list[int] | None, gigabytes: dict[str, float]) -> list[str]:
     lines = [
-        "| system | load s | prefill tok/s | decode tok/s | weights GB/s | peak RSS MiB | RSS after imports MiB "
-        "| greedy = gemma f32 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | load s | prefill tok/s | decode tok/s | ms/token (sampler's) | weights GB/s | peak RSS MiB "
+        "| RSS after imports MiB | greedy = gemma f32 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in SYSTEMS:
         if key not in rows:
@@ -380,8 +383,10 @@ def table(rows: dict[str, dict[str, Any]], reference: list[int] | None, gigabyte
         row = rows[key]
         same = "-" if reference is None or not row.get("tokens") else str(first_difference(reference, row["tokens"]))
         speed = f"{gigabytes[key] * row['decode_tps']:.1f}" if key in gigabytes else "-"
+        step = f"{row['decode_ms']:.0f}" + (f" ({row['sampler_ms']:.0f})" if "sampler_ms" in row else "")
         lines.append(
-            f"| {LABELS[key]} | {row['load_s']:.1f} | {row['prefill_tps']:.1f} | {row['decode_tps']:.2f} | {speed} "
+            f"| {LABELS[key]} | {row['load_s']:.1f} | {row['prefill_tps']:.1f} | {row['decode_tps']:.2f} | {step} "
+            f"| {speed} "
             f"| {row['peak_mib']:.0f} | {row['import_mib']:.0f} | {same} |"
         )
     return lines
