@@ -40,7 +40,7 @@ from torch import nn
 
 from . import native
 from .lazy import remove_parameter
-from .loader import memory_mapped
+from .loader import COLUMN_SCALER, memory_mapped
 from .packed import pin_to_cpu, state_weight
 
 _NATIVE = "_gemma_profile_int8"
@@ -89,21 +89,45 @@ def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return int8_linear(x, self.weight, self.weight_scaler)
 
 
+def column_scaler(module: nn.Module) -> torch.Tensor | None:
+    """The per-column scales of an int8 embedder quantized with row and column scales (the
+    loader's `COLUMN_SCALER` buffer), or None for gemma's per-row format."""
+    return module._buffers.get(COLUMN_SCALER)
+
+
 def dequantize_embedder(model: Any, name: str, dtype: torch.dtype) -> None:
     """Turn the int8 tied embedder into a plain ``dtype`` weight (once, in row chunks)."""
     from .loader import dequantize_rows
 
     module = model.get_submodule(name)
-    weight = dequantize_rows(module.weight.cpu(), module.weight_scaler.cpu(), dtype).to(module.weight.device)
+    columns = module._buffers.pop(COLUMN_SCALER, None)
+    weight = dequantize_rows(
+        module.weight.cpu(), module.weight_scaler.cpu(), dtype, None if columns is None else columns.cpu()
+    ).to(module.weight.device)
     module._parameters["weight"] = torch.nn.Parameter(weight, requires_grad=False)
     remove_parameter(model, f"{name}.weight_scaler")
     module.quant = False
 
 
+def _scaled_rows(rows: torch.Tensor, row_scales: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """Gathered int8 rows times their scales (gemma's order and rounding when there are no column
+    scales; otherwise computed in float32 and rounded once)."""
+    if columns is None:
+        return rows.to(row_scales.dtype) * row_scales
+    return (rows.to(torch.float32) * row_scales.to(torch.float32) * columns).to(row_scales.dtype)
+
+
+def _columns_applied(hidden: torch.Tensor, columns: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The sampler's input in ``dtype``, times the column scales (in float32, rounded once)."""
+    if columns is None:
+        return hidden.to(dtype)
+    return (hidden.to(torch.float32) * columns).to(dtype)
+
+
 def int8_lookup(self: Any, x: torch.Tensor) -> torch.Tensor:
     """gemma's int8 ``Embedding.forward`` (``F.embedding(x, weight * scaler)``) on the gathered rows only."""
     scaler = self.weight_scaler
-    return F.embedding(x, self.weight).to(scaler.dtype) * F.embedding(x, scaler.unsqueeze(-1))
+    return _scaled_rows(F.embedding(x, self.weight), F.embedding(x, scaler.unsqueeze(-1)), column_scaler(self))
 
 
 def native_kernel(module: nn.Module, dtype: torch.dtype) -> bool:
@@ -141,6 +165,38 @@ def _save_native(self: nn.Module, destination: dict[str, Any], prefix: str, keep
     scaler = self._parameters["weight_scaler"]
     assert scaler is not None
     destination[prefix + "weight_scaler"] = scaler if keep_vars else scaler.detach()
+    _to_gemmas_format(self, destination, prefix)
+
+
+def _to_gemmas_format(module: nn.Module, destination: dict[str, Any], prefix: str) -> None:
+    """A weight with column scales is saved in gemma's per-row format (rounded once more), so
+    gemma's own loader reads the state dict right; the column scales are not saved."""
+    from .loader import per_row
+
+    columns = column_scaler(module)
+    if columns is not None:
+        weight, scaler = destination[prefix + "weight"], destination[prefix + "weight_scaler"]
+        q, rows = per_row(weight.detach().cpu(), scaler.detach().cpu(), columns.cpu())
+        destination[prefix + "weight"] = q.to(weight.device)
+        destination[prefix + "weight_scaler"] = rows.to(scaler.device)
+
+
+def _save_column_scaled(self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+    nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+    _to_gemmas_format(self, destination, prefix)
+
+
+def _load_column_scaled(self: nn.Module, *args: Any) -> None:
+    nn.Module._load_from_state_dict(self, *args)
+    _loaded_gemmas_format(self)
+
+
+def _loaded_gemmas_format(module: nn.Module) -> None:
+    """A state dict in gemma's per-row format was loaded: no column scales any more."""
+    columns = column_scaler(module)
+    if columns is not None:
+        with torch.no_grad():
+            columns.fill_(1.0)
 
 
 def _load_native(
@@ -166,6 +222,7 @@ def _load_native(
     packed = native.Int8Weight.pack(weight, own)
     object.__setattr__(self, _NATIVE, packed)
     self._buffers["weight"] = packed.data
+    _loaded_gemmas_format(self)
 
 
 def _native_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +242,7 @@ def _native_lookup(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """gemma's int8 ``Embedding.forward`` on the gathered rows of the packed weight."""
     scaler: torch.Tensor = self.weight_scaler  # type: ignore[assignment]
     packed: native.Int8Weight = self.__dict__[_NATIVE]
-    return packed.rows(x).to(scaler.dtype) * F.embedding(x, scaler.unsqueeze(-1))
+    return _scaled_rows(packed.rows(x), F.embedding(x, scaler.unsqueeze(-1)), column_scaler(self))
 
 
 def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
@@ -209,21 +266,26 @@ def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
 
         def project(hidden: torch.Tensor) -> torch.Tensor:
             current: native.Int8Weight = module.__dict__[_NATIVE]  # load_state_dict repacks
-            return current.matmul(hidden.to(dtype)).to(hidden.dtype)
+            return current.matmul(_columns_applied(hidden, column_scaler(module), dtype)).to(hidden.dtype)
 
         def dense() -> torch.Tensor:
-            return dequantize_rows(module.__dict__[_NATIVE].unpack(), module.weight_scaler, dtype)
+            unpacked = module.__dict__[_NATIVE].unpack()
+            return dequantize_rows(unpacked, module.weight_scaler, dtype, column_scaler(module))
 
         lookup = _native_lookup
     else:
 
         def project(hidden: torch.Tensor) -> torch.Tensor:
-            return int8_linear(hidden.to(dtype), module.weight, module.weight_scaler).to(hidden.dtype)
+            scaled = _columns_applied(hidden, column_scaler(module), dtype)
+            return int8_linear(scaled, module.weight, module.weight_scaler).to(hidden.dtype)
 
         def dense() -> torch.Tensor:
-            return dequantize_rows(module.weight, module.weight_scaler, dtype)
+            return dequantize_rows(module.weight, module.weight_scaler, dtype, column_scaler(module))
 
         lookup = int8_lookup
+        if column_scaler(module) is not None:
+            module._save_to_state_dict = types.MethodType(_save_column_scaled, module)
+            module._load_from_state_dict = types.MethodType(_load_column_scaled, module)
     install(model, module, SamplerWeight(dense, project, shape, dtype))
     module.forward = types.MethodType(lookup, module)
     return True

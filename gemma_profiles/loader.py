@@ -52,6 +52,7 @@ import torch
 
 from . import hugepages
 from .errors import CheckpointChangedError, CheckpointError
+from .half import stored_names
 from .lazy import assign, meta_tensors, set_lazy
 from .log import logger
 from .plan import Plan
@@ -59,6 +60,9 @@ from .plan import Plan
 INDEX_FILE = "pytorch_model.bin.index.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SCALER = "_scaler"
+#: The tied embedder's per-column scales when it is quantized while loading (a buffer of the
+#: embedder, not saved: ``state_dict()`` gives gemma's per-row format; `gemma_profiles.int8`).
+COLUMN_SCALER = "weight_column_scaler"
 CHUNK_ROWS = 8192
 #: Bytes summed at a time by the NaN/Inf check: few enough calls that each call's thread start-up
 #: is lost in it (4 Mi elements at a time ran at a fifth of the speed), one chunk resident at a time.
@@ -530,8 +534,30 @@ def _file_backed(first: int, last: int) -> bool:
     return False
 
 
+def column_scales(weight: torch.Tensor, mapped: bool = False) -> torch.Tensor:
+    """float32 per-column scales for int8 with row and column scales: each column's largest
+    ``|value|`` over the largest of all (so the largest is 1), read in chunks of rows (a mapped
+    source's pages released as they go).  A NaN or Inf in ``weight`` makes them NaN, which
+    `quantize_rows` then refuses; an all-zero weight gets ones."""
+    top = torch.zeros(weight.shape[1], dtype=torch.float32)
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        chunk = weight[start : start + CHUNK_ROWS]
+        torch.maximum(top, chunk.abs().amax(0).float(), out=top)
+        if mapped:
+            release_pages(chunk)
+    largest = top.max()
+    if bool(largest == 0):
+        return torch.ones_like(top)
+    return top.div_(largest).clamp_(min=torch.finfo(torch.float32).tiny)
+
+
 def quantize_rows(
-    weight: torch.Tensor, scaler_dtype: torch.dtype, mapped: bool = False, *, finite: bool = False
+    weight: torch.Tensor,
+    scaler_dtype: torch.dtype,
+    mapped: bool = False,
+    *,
+    finite: bool = False,
+    columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: ``weight ~= q * scaler[:, None]``, in chunks of rows.
 
@@ -540,6 +566,8 @@ def quantize_rows(
     ``finite``: raise `_NonFinite` for a NaN or Inf weight instead of turning it into an
     int8 number (torch's row maximum carries NaN into the scale, which is checked; the native
     kernel's maximum may drop a NaN, so its chunks are checked before they are quantized).
+    ``columns`` (float32, one per column; `column_scales`): quantize ``weight / columns``
+    instead, so ``weight ~= q * scaler[:, None] * columns``.
     """
     from . import native
 
@@ -554,27 +582,62 @@ def quantize_rows(
         source = weight[start : start + CHUNK_ROWS]
         if finite and native.unavailable() is None and count_non_finite(source):
             raise _NonFinite(count_non_finite(source))
+        if columns is not None:
+            source = source.to(torch.float32, copy=True).div_(columns)
+            if mapped:
+                release_pages(weight[start : start + CHUNK_ROWS])
         if native.quantize_rows_into(source, q[start : start + CHUNK_ROWS], scaler[start : start + CHUNK_ROWS]):
-            if mapped:  # the same numbers, without float32 copies (the native kernel, when built)
+            if mapped and columns is None:  # the same numbers, without float32 copies (the native kernel, when built)
                 release_pages(source)
             continue
-        block = source.to(torch.float32, copy=True)
-        if mapped:
+        block = source if columns is not None else source.to(torch.float32, copy=True)
+        if mapped and columns is None:
             release_pages(source)
         scale = block.abs().amax(dim=1).clamp_(min=1e-12).div_(127.0)
         if finite and not bool(torch.isfinite(scale).all()):  # amax keeps NaN and Inf
-            raise _NonFinite(count_non_finite(source))
+            raise _NonFinite(count_non_finite(weight[start : start + CHUNK_ROWS]))
         q[start : start + CHUNK_ROWS] = block.div_(scale.unsqueeze(1)).round_().clamp_(-127, 127)
         scaler[start : start + CHUNK_ROWS] = scale
     return q, scaler.to(scaler_dtype)
 
 
-def dequantize_rows(weight: torch.Tensor, scaler: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def convert(tensor: torch.Tensor, dtype: torch.dtype, mapped: bool = False) -> torch.Tensor:
+    """``tensor.to(dtype)``; a memory-mapped source in chunks of rows, each chunk's pages released
+    once converted, so the source is never resident whole (a 2b embedder's float32 pages: 2 GiB)."""
+    if not mapped or tensor.dim() < 2 or not tensor.is_contiguous():
+        return tensor.to(dtype)
+    out = torch.empty(tensor.shape, dtype=dtype)
+    for start in range(0, tensor.shape[0], CHUNK_ROWS):
+        rows = tensor[start : start + CHUNK_ROWS]
+        out[start : start + CHUNK_ROWS] = rows
+        release_pages(rows)
+    return out
+
+
+def dequantize_rows(
+    weight: torch.Tensor, scaler: torch.Tensor, dtype: torch.dtype, columns: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``weight * scaler[:, None]`` (times ``columns``, when given) in ``dtype``, in chunks of rows."""
     out = torch.empty(weight.shape, dtype=dtype)
     for start in range(0, weight.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
-        out[rows] = (weight[rows].to(torch.float32) * scaler[rows].to(torch.float32).unsqueeze(1)).to(dtype)
+        block = weight[rows].to(torch.float32) * scaler[rows].to(torch.float32).unsqueeze(1)
+        out[rows] = (block if columns is None else block.mul_(columns.to(torch.float32))).to(dtype)
     return out
+
+
+def per_row(weight: torch.Tensor, scaler: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemma's own per-row int8 (``q``, ``scaler`` in ``scaler``'s dtype) of an int8 weight with row and
+    column scales: what ``state_dict()`` gives for it, so that gemma loads it (rounded once more)."""
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        block = dequantize_rows(weight[rows], scaler[rows], torch.float32, columns)
+        scale = block.abs().amax(dim=1).clamp_(min=1e-12).div_(127.0)
+        q[rows] = block.div_(scale.unsqueeze(1)).round_().clamp_(-127, 127)
+        scales[rows] = scale
+    return q, scales.to(scaler.dtype)
 
 
 # -- watching the files mapped weights come from ---------------------------------------
@@ -685,8 +748,16 @@ def unmap(model: Any) -> None:
 # -- loading ------------------------------------------------------------------------
 
 
-def _non_finite_error(name: str, count: int, where: str, before: torch.Tensor | None = None) -> CheckpointError:
+def _non_finite_error(
+    name: str, count: int, where: str, before: torch.Tensor | None = None, *, float16_storage: bool = False
+) -> CheckpointError:
     if before is not None and count_non_finite(before) == 0:
+        if float16_storage:
+            return CheckpointError(
+                f"tensor {name} overflows float16 storage: {count} value(s) beyond float16's 65504",
+                where=where,
+                hint="drop quantization.weights: float16 (weights then stay float32), or use int8 weights",
+            )
         return CheckpointError(
             f"tensor {name} overflows when converted: {count} value(s) beyond the model's dtype",
             where=where,
@@ -728,6 +799,23 @@ def execution_devices(plan: Plan, pending: str | None = None) -> tuple[str, dict
     return device, layers
 
 
+def column_scaled_names() -> set[str]:
+    """The weights quantized with row and column scales while loading: the tied embedder's.
+
+    Measured on Gemma 3 270M (docs/engine.md): its int8 error is most of on-the-fly int8's
+    divergence from float32, and a few of its columns (hidden dimensions) are several times
+    larger than the rest, so per-row scales waste most of the int8 range on the others.  Only
+    the ``quantization`` builtin computes with these scales (gemma's own int8 forward would
+    ignore them): while it is blocked, the embedder gets gemma's per-row format.
+    """
+    from .plan import EMBEDDER_KEYS
+    from .plugins import blocked_from_env
+
+    if "quantization" in blocked_from_env():
+        return set()
+    return {f"{key}.weight" for key in EMBEDDER_KEYS}
+
+
 def lean_load(model: Any, path: str, plan: Plan) -> None:
     """Check ``path`` against a lazily built ``model``, then load it following ``plan``."""
     from .lazy import pending_device
@@ -737,10 +825,16 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
     targets.update(dict(model.named_buffers()))
     int8_in_model = {name for name, t in targets.items() if t.dtype == torch.int8}
     keep_mapped = plan.loading.mmap
+    column_scaled = column_scaled_names()
+    # quantization: {weights: float16} - gemma's Linear/Embedding weights stored in float16 (half.py)
+    half_stored = stored_names(model) if plan.weight_storage == "float16" else set()
     pending_int8: dict[str, tuple[torch.Tensor, str]] = {}
     pending_scalers: dict[str, torch.Tensor] = {}
     loaded: set[str] = set()
     mapped_files: dict[str, Stamp] = {}
+
+    def stored_dtype(name: str) -> torch.dtype:
+        return torch.float16 if name in half_stored else targets[name].dtype
 
     def device_for(name: str) -> str:
         match = _LAYER.match(name.removeprefix("model.") if name.startswith("model.model.") else name)
@@ -748,14 +842,15 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
 
     def place(name: str, tensor: torch.Tensor, shard: Shard, mapped: bool = False, made: bool = False) -> None:
         """Convert, check and assign one tensor; ``made``: computed here, not read from the file."""
-        target = targets[name]
         source = tensor
-        if tensor.dtype != target.dtype:
-            tensor = tensor.to(target.dtype)
+        stored = stored_dtype(name)
+        if tensor.dtype != stored:
+            tensor = convert(tensor, stored, mapped)
         # A mapped tensor that stays mapped is read only to be checked: its pages are dropped again.
         count = count_non_finite(tensor, release=mapped and tensor is source and keep_mapped)
         if count:
-            raise _non_finite_error(name, count, shard.path, source if (made or source is not tensor) else None)
+            before = source if (made or source is not tensor) else None
+            raise _non_finite_error(name, count, shard.path, before, float16_storage=name in half_stored)
         wanted = device_for(name)
         if str(tensor.device) != wanted:
             tensor = tensor.to(wanted)
@@ -774,7 +869,7 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
         count = count_non_finite(scaler)
         if count:
             raise _non_finite_error(name + SCALER, count, where)
-        place(name, dequantize_rows(weight, scaler, targets[name].dtype), shards_by_path[where], made=True)
+        place(name, dequantize_rows(weight, scaler, stored_dtype(name)), shards_by_path[where], made=True)
 
     with contextlib.ExitStack() as stack:
         shards = open_checkpoint(path, stack)
@@ -791,12 +886,16 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
                     continue
                 if name in int8_in_model and tensor.is_floating_point():
                     scaler_dtype = targets[name + SCALER].dtype
+                    columns = column_scales(tensor, mapped) if name in column_scaled and tensor.dim() == 2 else None
                     try:
-                        q, scaler = quantize_rows(tensor, scaler_dtype, mapped, finite=True)
+                        q, scaler = quantize_rows(tensor, scaler_dtype, mapped, finite=True, columns=columns)
                     except _NonFinite as exc:
                         raise _non_finite_error(name, exc.count, shard.path) from None
                     place(name, q, shard)
                     place(name + SCALER, scaler, shard, made=True)
+                    if columns is not None:
+                        owner = model.get_submodule(name.rpartition(".")[0])
+                        owner.register_buffer(COLUMN_SCALER, columns.to(device_for(name)), persistent=False)
                     if mapped:
                         release_pages(tensor)
                 elif name.endswith(SCALER) and name in loaded:

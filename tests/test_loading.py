@@ -150,16 +150,53 @@ def test_on_the_fly_int8_stays_close(
         embedder = model.embedder
         state = embedder.state_dict()
         if int8_kernel == "native" or dtype == "bfloat16":
-            # kept int8: lookups gather rows, the sampler reads int8 (test_kernels.py)
+            # kept int8, with row and column scales: lookups gather rows, the sampler reads int8
+            # (test_kernels.py); state_dict() gives gemma's per-row format, rounded once more
+            from gemma_profiles.int8 import column_scaler, native_weights
+
             ids = torch.tensor([TOKENS])
-            assert state["weight"].dtype == torch.int8
-            gemmas = torch.nn.functional.embedding(ids, state["weight"] * state["weight_scaler"].unsqueeze(-1))
-            assert torch.equal(embedder(ids), gemmas), "gemma's own int8 lookup"
+            columns = column_scaler(embedder)
+            packed = native_weights(embedder)
+            q = packed[0].unpack() if packed else embedder.weight
+            assert columns is not None and columns.shape == (q.shape[1],) and float(columns.max()) == 1.0
+            exact = q.float() * embedder.weight_scaler.float().unsqueeze(-1) * columns
+            ours = torch.nn.functional.embedding(ids, exact.to(getattr(torch, dtype)))
+            assert torch.equal(embedder(ids), ours), "rows x row scales x column scales, rounded once"
+            assert state["weight"].dtype == torch.int8 and set(state) == {"weight", "weight_scaler"}
+            gemmas = state["weight"].float() * state["weight_scaler"].float().unsqueeze(-1)
+            step = state["weight_scaler"].float().unsqueeze(-1)  # half a step, plus the scaler's own rounding
+            assert bool(((gemmas - exact).abs() <= step).all()), "gemma's per-row format of the same weights"
         else:
             assert embedder.weight.dtype == torch.float32  # dequantized once
         got = logits(model, TOKENS)
     cosine = torch.nn.functional.cosine_similarity(got, expected, dim=0).item()
     assert cosine >= 0.99, cosine
+
+
+def test_without_the_quantization_builtin_the_embedder_keeps_gemmas_per_row_format(
+    gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Column scales need the ``quantization`` builtin's lookup and sampler; while it is blocked,
+    gemma's own int8 forward computes, and it only knows per-row scales."""
+    from gemma_profiles.int8 import column_scaler
+    from gemma_profiles.loader import dequantize_rows, quantize_rows
+
+    path, state = float_ckpt
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "quantization")
+    with gemma_profiles.use(profile("float32", "int8")):
+        model = build(gemma, tokenizer_path)
+        model.load_weights(path)
+        assert column_scaler(model.embedder) is None and model.config.quant is True
+        q, scaler = quantize_rows(state["embedder.weight"], torch.float32)
+        assert torch.equal(model.embedder.weight, q) and torch.equal(model.embedder.weight_scaler, scaler)
+        got = logits(model, TOKENS)
+    monkeypatch.delenv("GEMMA_PROFILE_DISABLE_PLUGINS")
+    with gemma_profiles.use(profile("float32")):
+        dense = build(gemma, tokenizer_path)
+        dense.load_weights(path)
+        expected = logits(dense, TOKENS)
+    assert torch.nn.functional.cosine_similarity(got, expected, dim=0).item() >= 0.99
+    assert dequantize_rows(q, scaler, torch.float32).shape == state["embedder.weight"].shape
 
 
 def test_official_int8_checkpoint_loads_into_int8_and_float_models(
