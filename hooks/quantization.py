@@ -1,4 +1,5 @@
-"""int8 compute after loading: see `gemma_profiles.int8` for the kernels and why."""
+"""int8 compute after loading (`gemma_profiles.int8` has the kernels and why), and float16 storage
+with float32 compute (`gemma_profiles.half`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
 
     from gemma_profiles import native
     from gemma_profiles.int8 import (
+        column_scaler,
         dequantize_embedder,
         fast_forward,
         keep_int8_embedder,
@@ -26,6 +28,9 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     )
 
     config = getattr(model, "config", None)
+    if plan.weight_storage == "float16" and config is not None:
+        _float16_storage(model, plan, config.get_dtype())
+        return
     if config is None or not getattr(config, "quant", False):
         return
     dtype = config.get_dtype()
@@ -36,6 +41,8 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         if not getattr(module, "quant", False) or getattr(module, "weight", None) is None:
             continue
         if name in EMBEDDER_KEYS:
+            if column_scaler(module) is not None:
+                embedder = "int8 with row and column scales (lookups and the sampler read it directly)"
             if not (on_cpu and keep_int8_embedder(model, name, dtype)):
                 dequantize_embedder(model, name, dtype)
                 embedder = f"{str(dtype).removeprefix('torch.')} (computed once)"
@@ -65,4 +72,18 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         ", ".join(f"{count} on the {kernel}" for kernel, count in kernels.items()) or "none",
         embedder,
         pages,
+    )
+
+
+def _float16_storage(model: Any, plan: Plan, dtype: Any) -> None:
+    from gemma_profiles.half import install
+
+    layers, stored = install(model, dtype)
+    logger.info(
+        "[{}] float16 storage: {} linear layers and the tied embedder ({:.2f} GiB of weights) stored in float16, "
+        "computed in {}",
+        plan.profile,
+        layers,
+        stored / 2**30,
+        str(dtype).removeprefix("torch."),
     )
