@@ -931,7 +931,7 @@ def import_gguf(
     """Import a Gemma GGUF into ``directory`` (see the module doc); reuses an up-to-date import.
 
     :param extends: what the run.py profile (``DIR/<model-name>.yaml``) extends: a profile
-        name or path; None or ``""`` for none (run.py then runs the model in float32).
+        name or path; None or ``""`` for none (the planner then picks the dtype, as for any profile naming none).
     """
     start = time.perf_counter()
     source, target = Path(gguf_path).expanduser(), Path(directory).expanduser()

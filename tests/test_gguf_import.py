@@ -449,7 +449,9 @@ def test_the_run_py_profile_turns_gemmas_variant_into_the_imported_model(
 ):
     made = make_gguf(variant)
     out = tmp_path / "out"
-    result = import_gguf(made.path, out, extends=None)
+    # run.py's float32, kept: a profile that names no dtype gets the planner's choice for this machine.
+    (tmp_path / "f32.yaml").write_text("name: f32\nconfig: {dtype: float32}\n")
+    result = import_gguf(made.path, out, extends=str(tmp_path / "f32.yaml"))
     assert result.profile == out / "model.yaml"  # the GGUF names no model: its file name
     run_py_variant = gguf_import.RUN_PY_VARIANTS[ARCH[variant]]
     model = run_py_flow(gemma, run_py_variant, result.profile, result.checkpoint)
