@@ -39,11 +39,16 @@ TOKENS, SAME_MATH_TOKENS = 128, 32
 REFERENCE_PERPLEXITY = 90.0
 #: (top-1 agreement at least, mean KL in nats at most) against float32. Measured on this text
 #: (AVX2, torch's kernels): cpu-32gb 98.4 %, 0.00098 (every weight x1.01: 0.00136); cpu-8gb
-#: 93.8 %, 0.0079 (every int8 scale x1.05: 0.0143).
+#: 96.9 %, 0.00472 with the tied embedder's row and column scales (docs/engine.md) - per-row
+#: scales alone, the previous format, gave 93.8 %, 0.0079 and fail here, as does every int8
+#: scale x1.05 (0.0143). The issue's goal (KL <= 0.002, top-1 >= 98 %) is not reached yet.
 THRESHOLDS = {
     "cpu-32gb": (0.96, 0.0013),
-    "cpu-8gb": (0.90, 0.010),
+    "cpu-8gb": (0.95, 0.006),
 }
+#: Mean KL of float16 storage with float32 compute (measured: 1.1e-6 on 512 tokens; the bar is
+#: the issue's: float32's answers).
+FLOAT16_STORAGE_KL = 1e-4
 #: Profiles whose plan for this model is cpu-32gb's (bfloat16, no int8, resident) on a machine
 #: where bfloat16 is chosen: their logits must be cpu-32gb's, bit for bit.
 SAME_AS_CPU_32GB = ("cpu-16gb", "auto")
@@ -207,6 +212,46 @@ def test_profiles_with_cpu_32gbs_plan_give_its_logits(
         assert score.top1 >= top1 and score.kl <= kl, (theirs, score.top1, score.kl)
         return
     assert torch.equal(logits, resident)
+
+
+def test_float16_storage_gives_float32s_answers_where_float16_compute_fails(
+    imported: Path, logits_of: Any, reference: torch.Tensor, text_ids: list[int], write_profile: Any
+):
+    """``quantization: {weights: float16}``: weights stored in float16, every layer computed in
+    float32 - float32's answers (KL measured 1.1e-6 on 512 tokens) at half the weight memory;
+    gemma computing in float16 on the same weights overflows (Gemma 3's residual stream
+    reaches ~1e5) and returns no finite logit."""
+    path = write_profile(
+        "float16-storage",
+        """
+        name: float16-storage
+        description: weights stored in float16, computed in float32, on the CPU
+        extends: base-cpu
+        config: {dtype: float32}
+        quantization: {weights: float16}
+        """,
+    )
+    logits, plan = logits_of(str(path))
+    assert plan == "float32, torch.float16/torch.float32", plan  # weights float16, norms float32
+    score = quality.Quality()
+    score.add(reference, logits, text_ids)
+    print(f"float16 storage: top-1 {score.top1:.4f}, KL {score.kl:.3g}")
+    assert score.kl <= FLOAT16_STORAGE_KL and score.top1 >= 0.99, (score.top1, score.kl)
+
+    runtime.deactivate()
+    config = gguf_import.load_config(imported, "float16")
+    from gemma import model as gemma_model
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        pure = gemma_model.GemmaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    pure.load_weights(str(imported / gguf_import.CHECKPOINT))
+    halves = quality.teacher_forced_logits(pure.eval(), text_ids[: SAME_MATH_TOKENS + 1])
+    wrong = ~torch.isfinite(halves).all(-1) | (halves.argmax(-1) != reference[: SAME_MATH_TOKENS + 1].argmax(-1))
+    assert float(wrong.float().mean()) > 0.5, "float16 compute was expected to fail on Gemma 3"
 
 
 def test_offload_gives_the_resident_models_logits_exactly(logits_of: Any, tmp_path: Path, write_profile: Any):
