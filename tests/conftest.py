@@ -45,6 +45,7 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     finally:
         runtime.deactivate()
         plugins.reset_plugin_manager()
+        log.disable()  # activating a profile shows our records on stderr; the next test starts quiet
 
 
 @pytest.fixture(params=["native", "torch"])
