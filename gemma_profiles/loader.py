@@ -828,6 +828,13 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
     column_scaled = column_scaled_names()
     # quantization: {weights: float16} - gemma's Linear/Embedding weights stored in float16 (half.py)
     half_stored = stored_names(model) if plan.weight_storage == "float16" else set()
+    if half_stored and not column_scaled:  # the quantization builtin is blocked: nothing would compute them
+        logger.warning(
+            "[{}] quantization.weights: float16 needs the quantization builtin (blocked by "
+            "GEMMA_PROFILE_DISABLE_PLUGINS): weights stay float32",
+            plan.profile,
+        )
+        half_stored = set()
     pending_int8: dict[str, tuple[torch.Tensor, str]] = {}
     pending_scalers: dict[str, torch.Tensor] = {}
     loaded: set[str] = set()

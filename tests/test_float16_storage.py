@@ -163,3 +163,21 @@ def test_state_dict_round_trips(
         assert saved["embedder.weight"].dtype == torch.float16
         model.load_state_dict(saved)
         assert torch.equal(logits(model, TOKENS), before)
+
+
+def test_without_the_quantization_builtin_weights_stay_float32(
+    gemma: Any,
+    tokenizer_path: str,
+    float_checkpoint: tuple[str, dict[str, torch.Tensor]],
+    storage_profile: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The float32 products of float16 weights are the quantization builtin's: while it is blocked,
+    float16 weights would meet gemma's plain ``F.linear`` in float32 - so they stay float32."""
+    path, _ = float_checkpoint
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "quantization")
+    with gemma_profiles.use(storage_profile()):
+        model = build(gemma, tokenizer_path)
+        model.load_weights(path)
+        assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+        assert torch.isfinite(logits(model, TOKENS)).all()
