@@ -2,7 +2,8 @@
 # GPU checks for offload (issue 4) and pascal-5gb's int8 + float16 (issue 13), in one call, offline,
 # under 9 minutes:
 #   1. the CUDA tests (tests/test_offload_gpu.py, plus the CPU offload tests on this machine);
-#   2. pascal-5gb's numbers (tests/test_int8_gpu.py): int8 weights with float16 compute under a 5 GiB
+#   2. pascal-5gb's numbers (tests/test_int8_gpu.py, tests/test_float16_storage_gpu.py): float16-stored
+#      weights computed in float32 equal float32's; int8 weights with float16 compute under a 5 GiB
 #      allocator cap, activations of std ~16 (norm weights of tens, as trained checkpoints have):
 #      every output finite and within a bound of float32 on the same int8 weights, gemma's 2b layer
 #      shapes one by one and end to end under the pascal-5gb profile;
@@ -103,16 +104,16 @@ $PY -c "from gemma_profiles.gemma_info import gemma_status; print('gemma under t
     || { echo "FATAL: gemma-profiles does not import"; exit 2; }
 
 echo "== tests: CUDA offload, then the CPU offload tests on this machine $(elapsed)"
-timeout 120 $PY ${PYTEST_FLAGS:-} -m pytest -q -p no:cacheprovider -x tests/test_offload_gpu.py tests/test_offload.py 2>&1 | tail -25
+timeout 150 $PY ${PYTEST_FLAGS:-} -m pytest -q -p no:cacheprovider -x tests/test_offload_gpu.py tests/test_offload.py 2>&1 | tail -25
 tests=${PIPESTATUS[0]}
 
-echo "== tests: pascal-5gb, int8 weights + float16 compute under a 5 GiB cap $(elapsed)"
-timeout 90 $PY ${PYTEST_FLAGS:-} -m pytest -q -p no:cacheprovider -rs tests/test_int8_gpu.py 2>&1 | tail -15
+echo "== tests: pascal-5gb, int8 weights + float16 compute under a 5 GiB cap; float16 storage + float32 compute $(elapsed)"
+timeout 120 $PY ${PYTEST_FLAGS:-} -m pytest -q -p no:cacheprovider -rs tests/test_int8_gpu.py tests/test_float16_storage_gpu.py 2>&1 | tail -15
 int8=${PIPESTATUS[0]}
 
 echo "== benchmark $(elapsed)"
 export OUT
-timeout 340 $PY benchmarks/offload_gpu.py "$@"
+timeout 270 $PY benchmarks/offload_gpu.py "$@"
 bench=$?
 
 echo "== done $(elapsed): tests exit $tests, int8 + float16 tests exit $int8, benchmark exit $bench (log: $LOG)"
