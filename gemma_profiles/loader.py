@@ -55,7 +55,7 @@ from .errors import CheckpointChangedError, CheckpointError
 from .half import stored_names
 from .lazy import assign, meta_tensors, set_lazy
 from .log import logger
-from .plan import Plan
+from .plan import EMBEDDER_KEYS, OFFLOAD_TARGETS, Plan, normalize_device
 
 INDEX_FILE = "pytorch_model.bin.index.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -799,6 +799,21 @@ def execution_devices(plan: Plan, pending: str | None = None) -> tuple[str, dict
     return device, layers
 
 
+def planned_embedder_device(plan: Plan, device: str) -> str | None:
+    """``cpu`` when the plan keeps the tied embedder off the execution ``device``
+    (``placement.device_map``'s ``embedder: cpu|disk``; the offload step packs a ``disk``
+    embedder from host memory), else None: it goes to ``device`` with the other resident weights.
+
+    Loading it there first would hold it on a small GPU - with int8, beside its dequantized
+    copy - before the offload step moved it: more than a 5-6 GB card has room for.
+    """
+    device_map = plan.placement.device_map
+    if device == "cpu" or not isinstance(device_map, dict):
+        return None
+    named = next((str(device_map[key]) for key in EMBEDDER_KEYS if key in device_map), None)
+    return "cpu" if named is not None and normalize_device(named) in OFFLOAD_TARGETS else None
+
+
 def column_scaled_names() -> set[str]:
     """The weights quantized with row and column scales while loading: the tied embedder's.
 
@@ -808,7 +823,6 @@ def column_scaled_names() -> set[str]:
     the ``quantization`` builtin computes with these scales (gemma's own int8 forward would
     ignore them): while it is blocked, the embedder gets gemma's per-row format.
     """
-    from .plan import EMBEDDER_KEYS
     from .plugins import blocked_from_env
 
     if "quantization" in blocked_from_env():
@@ -843,7 +857,12 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
     def stored_dtype(name: str) -> torch.dtype:
         return torch.float16 if name in half_stored else targets[name].dtype
 
+    embedder_device = planned_embedder_device(plan, device)
+    embedder_prefixes = tuple(f"{key}." for key in EMBEDDER_KEYS)
+
     def device_for(name: str) -> str:
+        if embedder_device is not None and name.startswith(embedder_prefixes):
+            return embedder_device  # the plan keeps the tied embedder on the CPU: never on the GPU
         match = _LAYER.match(name.removeprefix("model.") if name.startswith("model.model.") else name)
         return layer_devices.get(int(match.group(1)), device) if match else device
 

@@ -35,10 +35,13 @@ Two placements change the rows:
 
 - **the tied embedder off the accelerator** (``embedder_device="cpu"``): its lookup
   and the sampler's product run on the CPU, so the embedder (dequantized into the
-  compute dtype, with int8) is host memory.  The loader of today puts it on the
-  execution device first and ``hooks/offload.py`` moves it once the weights are in
-  (`EMBEDDER_LOADED_ON_DEVICE`): the accelerator holds it - with int8, its int8 copy
-  and the dequantized one at once - while loading, beside the resident layers;
+  compute dtype, with int8) is host memory.  The lean loader reads it straight into
+  host memory (`EMBEDDER_LOADED_ON_DEVICE` is False) and, with int8, it is dequantized
+  there, so the accelerator never holds it.  ``embedder_loaded_on_device=True`` models
+  a loader that puts it on the execution device first and lets ``hooks/offload.py``
+  move it once the weights are in (what a model materialised before loading gets from
+  gemma's own loader): then the accelerator holds it - with int8, its int8 copy and
+  the dequantized one at once - while loading, beside the resident layers;
 - **float16 storage** (``weight_storage="float16"``, compute in float32): every
   floating weight - the embedder too - takes 2 bytes; each linear layer's weight is
   converted into one reused float32 scratch buffer (the largest linear), the embedder's
@@ -78,10 +81,11 @@ MIN_RESERVE_BYTES = 512 * 2**20
 RESERVE_FRACTION = 0.02
 #: What one process can address on x86-64 and arm64 Linux (47-bit user space): no plan needs more.
 ADDRESSABLE_BYTES = 2**47
-#: The loader puts the tied embedder on the execution device even when the plan keeps it
-#: on the CPU; the offload hook moves it after loading (and, with int8, after dequantizing
-#: it there).  False once the loader places it where the plan says.
-EMBEDDER_LOADED_ON_DEVICE = True
+#: Whether the loader puts the tied embedder on the execution device even when the plan
+#: keeps it on the CPU (the offload hook then moves it after loading, and with int8 after
+#: dequantizing it there).  False: the lean loader reads it into host memory directly
+#: (`gemma_profiles.loader.planned_embedder_device`).
+EMBEDDER_LOADED_ON_DEVICE = False
 #: float16 storage: rows of the (vocab x hidden) embedder converted to float32 at a time
 #: for the sampler's product (tied.CHUNK_ROWS).
 SAMPLER_CHUNK_ROWS = 16384

@@ -460,3 +460,90 @@ def test_loaded_weights_equal_the_checkpoints(
             assert torch.equal(got, source.to(want)), name
         checked += 1
     assert checked == len(state) - len(used) + len(made)
+
+
+@pytest.mark.parametrize("weights", ["none", "int8"])
+@pytest.mark.parametrize("embedder_at", ["cpu", "disk"])
+def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
+    gemma: Any,
+    tokenizer_path: str,
+    float_ckpt: Any,
+    write_profile: Any,
+    profile: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    weights: str,
+    embedder_at: str,
+) -> None:
+    """A GPU plan with ``device_map: {embedder: cpu|disk}``: the loader reads the embedder into host
+    memory (int8: quantized and later dequantized there), never onto the GPU.  Before: it went to
+    the GPU with the resident weights and the offload step moved it afterwards - on a 5-6 GB card
+    that moment alone did not fit.  No GPU here: the execution device ``cuda:0`` stands as ``meta``."""
+    import gemma_profiles.hooks.placement as placement
+    from gemma_profiles.hooks.offload import decide_layout
+
+    from gemma_profiles import loader
+    from gemma_profiles.int8 import column_scaler
+    from gemma_profiles.plan import make_plan
+    from gemma_profiles.profile import load_profile
+
+    path, state = float_ckpt
+    gpu = write_profile(
+        f"gpu-{weights}-{embedder_at}",
+        "description: t\nhardware: {device: cuda, compute_capability: '6.1', memory: 5GiB, host_memory: 12GiB}\n"
+        f"placement: {{device: cuda, device_map: {{embedder: {embedder_at}, '1': cpu}}}}\n"
+        f"config: {{dtype: float32}}\nquantization: {{weights: {weights}}}\n",
+    )
+    plan = make_plan(load_profile(str(gpu)))
+    assert plan.device is not None and plan.device.value == "cuda"
+    real = loader.execution_devices
+    monkeypatch.setattr(placement, "device_problem", lambda device: None)
+
+    def as_meta(plan: Any, pending: str | None = None) -> tuple[str, dict[int, str]]:
+        device, layers = real(plan, pending)
+        assert device.startswith("cuda"), device
+        return "meta", {i: "meta" if d.startswith("cuda") else d for i, d in layers.items()}
+
+    monkeypatch.setattr(loader, "execution_devices", as_meta)
+    with gemma_profiles.use(profile("float32", weights)):  # preflight refuses cuda here: built for the CPU
+        model = build(gemma, tokenizer_path)
+        assert model.embedder.weight.is_meta, "built lazily"
+        loader.lean_load(model, path, plan)
+    embedder = model.embedder
+    on_host = {name: t.device.type for name, t in [*embedder.named_parameters(), *embedder.named_buffers()]}
+    assert set(on_host.values()) == {"cpu"}, on_host
+    if weights == "int8":
+        assert embedder.weight.dtype == torch.int8 and {"weight", "weight_scaler"} <= set(on_host)
+        assert column_scaler(embedder) is not None and column_scaler(embedder).device.type == "cpu"
+    else:
+        assert torch.equal(embedder.weight, state["embedder.weight"])
+    layers = model.model.layers
+    assert all(p.is_meta for p in layers[0].parameters()), "a resident layer: the execution device"
+    assert all(p.is_meta for p in model.model.norm.parameters())
+    # What runs after loading copes with an embedder already on the CPU: int8 dequantizes it there,
+    # and the offload step finds it where the layout wants it.
+    if weights == "int8":
+        from hooks.quantization import gemma_profile_weights_loaded
+
+        gemma_profile_weights_loaded(model, plan)
+        assert embedder.weight.device.type == "cpu" and embedder.weight.dtype == torch.float32
+        assert column_scaler(embedder) is None and not hasattr(embedder, "weight_scaler")
+        error = (embedder.weight - state["embedder.weight"]).abs().max().item()
+        assert error <= state["embedder.weight"].abs().max().item() / 127, error
+    layout = decide_layout(model, plan, "cuda:0")
+    assert layout.embedder == embedder_at and layout.offloaded == {1: "cpu"}
+
+
+def test_a_cpu_plan_or_an_embedder_on_the_gpu_loads_it_with_the_rest() -> None:
+    from gemma_profiles.loader import planned_embedder_device
+    from gemma_profiles.plan import Plan
+    from gemma_profiles.schema import Placement
+
+    def plan(device_map: Any) -> Plan:
+        return Plan("p", "p.yaml", None, None, {}, None, Placement(device_map=device_map), "none")
+
+    assert planned_embedder_device(plan({"embedder": "cpu"}), "cuda:0") == "cpu"
+    assert planned_embedder_device(plan({"text_token_embedder": "disk"}), "cuda:0") == "cpu"
+    assert planned_embedder_device(plan({"embedder": "cpu"}), "cpu") is None
+    assert planned_embedder_device(plan({"embedder": "cuda"}), "cuda:0") is None
+    assert planned_embedder_device(plan({"0-3": "cpu"}), "cuda:0") is None
+    assert planned_embedder_device(plan(None), "cuda:0") is None
