@@ -18,6 +18,12 @@ name, `profiled_class`), which keeps the plan for the model's whole life - after
 - ``load_state_dict`` and ``forward``: materialise lazily built parameters first,
   so code other than our loader sees gemma's own behaviour.
 
+Pickling a whole profiled model (``torch.save(model)``, ``pickle.dumps``) writes it as
+gemma's own class with gemma's state, leaving the plan behind: the profiled subclass has no
+importable name, so an unpickled model is plain gemma, without the profile.  A model running
+on the profile's own kernels (int8, float16 storage, packed CPU weights) or offloading layers
+is refused with one line: save its ``state_dict()`` instead.  ``copy.deepcopy`` keeps the profile.
+
 A model built without a profile is gemma's own class and never goes through any of it.
 Every attribute replaced on gemma's classes is recorded, and `unpatch_all` puts each back
 exactly.
@@ -25,7 +31,9 @@ exactly.
 
 from __future__ import annotations
 
+import copy
 import functools
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -115,6 +123,8 @@ def profiled_class(cls: type) -> type:
             "__qualname__": cls.__qualname__,
             "__doc__": f"{cls.__qualname__} built under a gemma-profiles profile (gemma_profiles.patch).",
             _PROFILED_MARKER: True,
+            "__reduce_ex__": _reduce_ex,
+            "__deepcopy__": _deepcopy,
         }
         sub = type(cls.__name__, (cls,), namespace)
         for name, wrap in _MODEL_WRAPPERS.items():
@@ -125,6 +135,62 @@ def profiled_class(cls: type) -> type:
 
 
 _PROFILED_MARKER = "__gemma_profiles_profiled__"
+#: What a profile keeps in a model's ``__dict__`` (plan, lazy flag, pending device, mapped files,
+#: offload state): left out when the model is pickled.
+_OWN_ATTRIBUTES = "_gemma_profile"
+
+
+def _deepcopy(self: Any, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy``: a profiled model still, with its plan (what the default reduction did
+    before `_reduce_ex` made pickling name gemma's class)."""
+    clone = object.__new__(type(self))
+    memo[id(self)] = clone
+    clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+    return clone
+
+
+def _changed_module(model: Any) -> str | None:
+    """The first submodule a plugin changed beyond gemma's own (a replaced ``forward`` or
+    loading method, a hook's handle kept on it), or None."""
+    for name, module in model.named_modules():
+        for key, value in module.__dict__.items():
+            replaced = isinstance(value, (types.FunctionType, types.MethodType, functools.partial))
+            if (name and key.startswith(_OWN_ATTRIBUTES)) or replaced:
+                return name or "the model"
+    return None
+
+
+def _reduce_ex(self: Any, protocol: int) -> tuple[Any, ...]:
+    """Pickle (``torch.save(model)``, ``pickle.dumps``) a profiled model as an instance of gemma's
+    own class - the profiled subclass is made at run time and has no importable name - with
+    gemma's state: its modules, parameters and buffers, without the plan and what the profile
+    keeps beside it.  An unpickled model is plain gemma, without the profile; a lazily built
+    one is materialised first, as gemma would have allocated it."""
+    from .errors import GemmaProfileError
+
+    base = next(cls for cls in type(self).__mro__ if not cls.__dict__.get(_PROFILED_MARKER))
+    if "_gemma_profile_offload" in self.__dict__:  # streaming.STATE_ATTRIBUTE
+        raise GemmaProfileError(
+            f"this {base.__name__} offloads layers under profile '{plan_of(self).profile}': its weights stream "
+            "from host memory or disk through hooks that cannot be pickled",
+            hint="save model.state_dict() (it reads the offloaded weights) and load it into a model built again",
+        )
+    changed = _changed_module(self)
+    if changed is not None:
+        raise GemmaProfileError(
+            f"this {base.__name__} (profile '{plan_of(self).profile}') runs {changed} on the profile's own "
+            "kernels (int8, float16 storage, packed CPU weights): pickled whole it would not be gemma's model",
+            hint="save model.state_dict() and load it into a model built again, or build the model with "
+            "GEMMA_PROFILE_DISABLE_PLUGINS=quantization,kernels,fused to pickle it whole",
+        )
+    lazy.materialize(self)
+    state = {key: value for key, value in self.__dict__.items() if not key.startswith(_OWN_ATTRIBUTES)}
+    # the loader's check that memory-mapped checkpoint files stay as they were (loader.watch)
+    watching = getattr(self.__dict__.get("_gemma_profile_mapped_files"), "handle", None)
+    hooks = state.get("_forward_pre_hooks")
+    if watching is not None and hooks is not None and watching.id in hooks:
+        state["_forward_pre_hooks"] = type(hooks)((k, v) for k, v in hooks.items() if k != watching.id)
+    return object.__new__, (base,), state
 
 
 def _inherited(sub: type, cls: type, name: str) -> Callable[..., Any]:
