@@ -431,7 +431,9 @@ def test_bombs_deep_and_large_documents_are_refused_quickly(document: tuple[str,
         start = time.process_time()
         result = outcome(lambda: load_profile(path), folder)
         elapsed = time.process_time() - start
-    assert elapsed < 2.0, f"{kind}: {elapsed:.2f} s of CPU"
+    # A bomb costs exponentially more; the 256 KiB cap keeps linear work near 1 s of CPU
+    # (19 000 keys on a quiet box), which contention on 2 shared cores has stretched to 2.5 s.
+    assert elapsed < 5.0, f"{kind}: {elapsed:.2f} s of CPU"
     if len(text.encode()) > yamlio.MAX_FILE_BYTES:
         assert isinstance(result, GemmaProfileError) and "larger than" in result.message
     if kind == "bomb" and isinstance(result, GemmaProfileError) and "alias bomb" not in result.message:
