@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
@@ -173,12 +172,9 @@ def _dtype_lines(choices: dict[str, Choice]) -> list[str]:
     return lines
 
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
 def check_name(name: str) -> str | None:
     """Why ``name`` cannot name a profile, or None."""
-    if not _NAME.match(name):
+    if not schema._NAME.match(name):  # the pattern the schema holds a name: to
         return (
             "a profile name is lower-case letters, digits, '.', '_' or '-' (at most 64), "
             "starting with a letter or digit"

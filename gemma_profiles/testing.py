@@ -31,13 +31,12 @@ Planning only: nothing here imports torch or builds a model.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
 
 from .plan import NATIVE_BF16, make_plan, profile_problems
-from .profile import Profile, load_profile
+from .profile import Problem, Profile, load_profile
 from .registry import PROFILE_SUFFIXES, Registry, default_registry
 from .types import ProfileSource
 from .variants import VARIANTS, float16_unsafe
@@ -45,15 +44,8 @@ from .variants import VARIANTS, float16_unsafe
 __all__ = ["Finding", "assert_profile_ok", "check_profile", "pack_files", "registry_with"]
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One thing a reviewer would send back: where, and what."""
-
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
+#: One thing a reviewer would send back: where, and what (the `Problem` that ``validate`` reports).
+Finding = Problem
 
 
 def pack_files(source: str | Path | ModuleType) -> list[Path]:
@@ -91,7 +83,7 @@ def check_profile(
     registry = registry or registry_with(path.parent)
     problems = profile_problems(path, registry.resolve_extends, cache=registry.resolved)
     if problems:
-        return [Finding(problem.where, problem.message) for problem in problems]
+        return problems
     profile = load_profile(path, registry.resolve_extends, cache=registry.resolved)
     findings = _file_findings(path, profile)
     if not profile.model.abstract:
