@@ -134,7 +134,7 @@ setup: $(S)/project
 
 demo: $(S)/model
 	$(call install_gemma,require)
-	@cd $(ROOT) && PATH=$(call q,$(V)/bin):"$$PATH" $(PY) -m gemma_profiles.demo --profile $(call q,$(PROFILE)) \
+	@cd $(ROOT) && PATH=$(call q,$(V)/bin):"$$PATH" $(PY) -m gemma_profiles.tools.demo --profile $(call q,$(PROFILE)) \
 	  --tokens $(call q,$(TOKENS)) --prompt $(call q,$(PROMPT)) $(if $(call yes,$(COMPARE)),--compare) \
 	  $(if $(MODEL_DIR),--dir $(call q,$(MODEL_DIR)))
 

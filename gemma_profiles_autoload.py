@@ -9,7 +9,7 @@ This runs in every Python process of the environment, so it does almost nothing
 
 Nothing is opened or read, nothing printed, nothing raised.  When a profile may be
 wanted, a small finder goes first on ``sys.meta_path``; when gemma's model module is
-imported it imports ``gemma_profiles.runtime``, which reads the choice and arms the
+imported it imports ``gemma_profiles.runtime.session``, which reads the choice and arms the
 patch then.  A wrong value or a broken state file is reported there, when a model is
 built, by a `GemmaProfileError` - never by a line at every interpreter start.
 """
@@ -87,7 +87,7 @@ def wanted() -> bool:
 class ArmOnGemmaImport:
     """First on ``sys.meta_path`` while a profile is wanted but not armed yet.
 
-    Answers only for gemma's model modules: imports ``gemma_profiles.runtime`` (which arms
+    Answers only for gemma's model modules: imports ``gemma_profiles.runtime.session`` (which arms
     the session and removes this finder) and hands the import to the runtime's own hook,
     which patches the module once gemma's code has run.
     """
@@ -97,9 +97,9 @@ class ArmOnGemmaImport:
     ) -> "Any":
         if fullname not in PATCHED_MODULES:
             return None
-        from gemma_profiles import runtime
+        from gemma_profiles.runtime import session
 
-        return runtime.spec_after_arming(fullname, path, target)
+        return session.spec_after_arming(fullname, path, target)
 
 
 def pending() -> bool:
@@ -120,7 +120,7 @@ def install() -> None:
             return
         sys.meta_path.insert(0, ArmOnGemmaImport())
         if any(name in sys.modules for name in PATCHED_MODULES):  # gemma came first (a sitecustomize)
-            from gemma_profiles import runtime  # noqa: F401  (arms on import)
+            from gemma_profiles.runtime import session  # noqa: F401  (arms on import)
     except Exception:  # never break interpreter start-up; the runtime reports problems at model construction
         pass
 

@@ -33,7 +33,7 @@ spec = json.loads({spec!r})
 torch.set_num_threads(spec["threads"])
 if spec.get("folder"):
     # A model imported with `gemma-profile import` (a real Gemma): its config, run.py's float32.
-    from gemma_profiles import gguf_import
+    from gemma_profiles.tools import gguf_import
     model_config = gguf_import.load_config(spec["folder"], "float32")
 else:
     model_config = gemma_config.get_model_config(spec["variant"])
@@ -68,9 +68,9 @@ if spec["output_len"]:
     probes = []
     if spec.get("bandwidth"):
         # 256 MiB of float32 (8x the L3 here) twice: on ordinary pages, as torch allocates, and
-        # on 2 MiB pages, as the int8 weights are (gemma_profiles/hugepages.py); the faster
+        # on 2 MiB pages, as the int8 weights are (gemma_profiles/engine/hugepages.py); the faster
         # read sets the bound, so weights on huge pages are not set against a slower probe.
-        from gemma_profiles import hugepages
+        from gemma_profiles.engine import hugepages
         probes.append(torch.ones(2**26))
         probes.append(hugepages.empty((2**26,), torch.float32, switchable=False).fill_(1.0))
     picked = []

@@ -47,7 +47,7 @@ CONFIGS: tuple[tuple[str, str, str, bool, dict[str, str]], ...] = (
 
 def bytes_per_token(variant: str, dtype: str, int8: bool, seq_len: int) -> int:
     """Weights read per decode step (int8: every linear and the tied embedder, plus scalers), plus KV."""
-    from gemma_profiles.memory import DTYPE_BYTES, ModelShape
+    from gemma_profiles.planning.memory import DTYPE_BYTES, ModelShape
 
     shape = ModelShape.of_variant(variant)
     size = DTYPE_BYTES[dtype]
@@ -75,7 +75,7 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "gemma-profiles-bench")
     args = parser.parse_args()
 
-    from gemma_profiles.gemma_info import gemma_status
+    from gemma_profiles.runtime.gemma_info import gemma_status
     from gemma_profiles.units import format_bytes
 
     ckpt, tokenizer = ensure_checkpoint(args.dir, args.variant)

@@ -100,7 +100,7 @@ elif [ -f "$SRC/gemma/model.py" ]; then
 else
     export PYTHONPATH=$ROOT/tests/standin${PYTHONPATH:+:$PYTHONPATH}
 fi
-$PY -c "from gemma_profiles.gemma_info import gemma_status; print('gemma under test:', gemma_status().describe())" \
+$PY -c "from gemma_profiles.runtime.gemma_info import gemma_status; print('gemma under test:', gemma_status().describe())" \
     || { echo "FATAL: gemma-profiles does not import"; exit 2; }
 
 echo "== tests: CUDA offload, then the CPU offload tests on this machine $(elapsed)"

@@ -7,7 +7,7 @@ row); dequantizing the weight into a temporary and calling torch's float GEMM co
 dequantization (plus the temporary's page faults) and then a third of that per row.  For a 2b
 layer's three weight shapes (mlp in, mlp out, attention qkv), both ways, interleaved, median of
 ``--repeat``; the ratio is kernel / dequantize+GEMM, so above 1 the GEMM wins.
-`gemma_profiles.native.DEQUANTIZE_ROWS` is set from this.
+`gemma_profiles.engine.native.DEQUANTIZE_ROWS` is set from this.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> int:
 
     import torch
 
-    from gemma_profiles import native
+    from gemma_profiles.engine import native
 
     if native.unavailable():
         raise SystemExit(f"native int8 kernel: {native.unavailable()}")

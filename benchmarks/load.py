@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "gemma-profiles-bench")
     args = parser.parse_args()
 
-    from gemma_profiles.gemma_info import gemma_status
+    from gemma_profiles.runtime.gemma_info import gemma_status
     from gemma_profiles.units import format_bytes
 
     ckpt, tokenizer = ensure_checkpoint(args.dir, args.variant)

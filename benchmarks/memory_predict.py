@@ -4,7 +4,7 @@ For each configuration a fresh Python process runs gemma's run.py flow (build,
 ``load_weights``, ``generate``) on a random checkpoint of real Gemma widths
 (fewer layers, so it fits this box) and reports its peak RSS above the RSS it
 had after importing torch and gemma (``VmHWM`` - baseline).  The
-prediction comes from `gemma_profiles.memory.estimate_memory` with the same
+prediction comes from `gemma_profiles.planning.memory.estimate_memory` with the same
 shape and settings, before anything runs.  Configurations run with gemma as-is
 (no profile; run.py's float32) and under profiles (through the .pth autoload).
 
@@ -79,7 +79,7 @@ MEASURE = textwrap.dedent(
 
 
 def write_profile(folder: Path, name: str, variant: str, layers: int, dtype: str, int8: bool, tokenizer: str) -> Path:
-    from gemma_profiles.variants import VARIANTS
+    from gemma_profiles.spec.variants import VARIANTS
 
     attn = ""
     if VARIANTS[variant].family != "gemma1":
@@ -132,9 +132,9 @@ def main() -> int:
 
     from gemma_testing import train_tiny_tokenizer
 
-    from gemma_profiles import native
-    from gemma_profiles.gemma_info import gemma_status
-    from gemma_profiles.memory import ModelShape, estimate_memory
+    from gemma_profiles.engine import native
+    from gemma_profiles.planning.memory import ModelShape, estimate_memory
+    from gemma_profiles.runtime.gemma_info import gemma_status
     from gemma_profiles.units import format_bytes
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="gemma-mem-"))

@@ -45,7 +45,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # int8: the quantization itself (loader) and each place a scale is applied (int8.py).
     Mutation(
         "int8 stored scale x1.05",
-        "gemma_profiles/loader.py",
+        "gemma_profiles/engine/loading.py",
         "scaler[start : start + CHUNK_ROWS] = scale",
         "scaler[start : start + CHUNK_ROWS] = scale * 1.05",
         INT8_TESTS,
@@ -53,7 +53,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "int8 stored scale x2",
-        "gemma_profiles/loader.py",
+        "gemma_profiles/engine/loading.py",
         "scaler[start : start + CHUNK_ROWS] = scale",
         "scaler[start : start + CHUNK_ROWS] = scale * 2",
         INT8_TESTS,
@@ -61,7 +61,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "int8 step x1.05",
-        "gemma_profiles/loader.py",
+        "gemma_profiles/engine/loading.py",
         ".div_(127.0)",
         ".div_(127.0).mul_(1.05)",
         INT8_TESTS,
@@ -69,7 +69,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "int8 truncates",
-        "gemma_profiles/loader.py",
+        "gemma_profiles/engine/loading.py",
         ".round_()",
         ".trunc_()",
         INT8_TESTS,
@@ -77,7 +77,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "int8 dequantize_rows x1.05",
-        "gemma_profiles/loader.py",
+        "gemma_profiles/engine/loading.py",
         ".unsqueeze(1)).to(dtype)",
         ".unsqueeze(1) * 1.05).to(dtype)",
         INT8_TESTS,
@@ -85,7 +85,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "int8 post-scale x1.05",
-        "gemma_profiles/int8.py",
+        "gemma_profiles/engine/quantization.py",
         "F.linear(x, dense) * scaler.to(x.dtype)",
         "F.linear(x, dense) * scaler.to(x.dtype) * 1.05",
         INT8_TESTS,
@@ -93,7 +93,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "int8pack scale x1.05",
-        "gemma_profiles/int8.py",
+        "gemma_profiles/engine/quantization.py",
         "scaler.to(x.dtype))",
         "scaler.to(x.dtype) * 1.05)",
         INT8_TESTS,
@@ -101,7 +101,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "int8 dequantize_into x1.05",
-        "gemma_profiles/int8.py",
+        "gemma_profiles/engine/quantization.py",
         "scale = scaler.to(dense.dtype).unsqueeze(1)",
         "scale = scaler.to(dense.dtype).unsqueeze(1) * 1.05",
         INT8_TESTS,
@@ -109,7 +109,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "int8 lookup x1.05",
-        "gemma_profiles/int8.py",
+        "gemma_profiles/engine/quantization.py",
         "F.embedding(x, self.weight).to(scaler.dtype) * F.embedding(x, scaler.unsqueeze(-1))",
         "F.embedding(x, self.weight).to(scaler.dtype) * F.embedding(x, scaler.unsqueeze(-1)) * 1.05",
         INT8_TESTS,
@@ -118,7 +118,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # The lean loader: every converted tensor must equal the checkpoint's values.
     Mutation(
         "loader negates converted",
-        "gemma_profiles/loader.py",
+        "gemma_profiles/engine/loading.py",
         "tensor = tensor.to(target.dtype)",
         "tensor = -tensor.to(target.dtype)",
         ("tests/test_loading.py::test_loaded_weights_equal_the_checkpoints",),
@@ -126,7 +126,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "loader scales converted",
-        "gemma_profiles/loader.py",
+        "gemma_profiles/engine/loading.py",
         "tensor = tensor.to(target.dtype)",
         "tensor = (tensor * 1.5).to(target.dtype)",
         ("tests/test_loading.py::test_loaded_weights_equal_the_checkpoints",),
@@ -135,7 +135,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # The planner's dtype rules at their edges.
     Mutation(
         "bf16 from cc 7.5",
-        "gemma_profiles/plan.py",
+        "gemma_profiles/planning/plan.py",
         "NATIVE_BF16 = (8, 0)",
         "NATIVE_BF16 = (7, 5)",
         ("tests/test_planner.py",),
@@ -143,7 +143,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "float16 for Gemma 2/3 allowed",
-        "gemma_profiles/plan.py",
+        "gemma_profiles/planning/plan.py",
         'if dtype.value != "float16" or allowed or not float16_unsafe(variant, family):',
         'if dtype.value != "float16" or True or not float16_unsafe(variant, family):',
         ("tests/test_planner.py",),
@@ -152,7 +152,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # The memory estimator against measured peaks.
     Mutation(
         "estimator: one mask fewer",
-        "gemma_profiles/memory.py",
+        "gemma_profiles/planning/memory.py",
         "kept = 2 if shape.sliding_window_size else 1",
         "kept = 1",
         ("tests/test_estimator_measured.py",),
@@ -160,7 +160,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "estimator: MLP factor",
-        "gemma_profiles/memory.py",
+        "gemma_profiles/planning/memory.py",
         "mlp = 3 * batch * prefill * shape.intermediate_size * size",
         "mlp = 2 * batch * prefill * shape.intermediate_size * size",
         ("tests/test_estimator_measured.py",),

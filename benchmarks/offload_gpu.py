@@ -134,9 +134,9 @@ def ours_placement(args: argparse.Namespace, storage: str, device: str) -> str:
 
 def planned_split(args: argparse.Namespace, config: Any) -> str:
     """What the planner will decide on an 80 GiB GPU for our profile (checked offline, before any worker)."""
-    from gemma_profiles.memory import ModelShape
-    from gemma_profiles.plan import Target, make_plan
-    from gemma_profiles.profile import load_profile
+    from gemma_profiles.planning.memory import ModelShape
+    from gemma_profiles.planning.plan import Target, make_plan
+    from gemma_profiles.spec.profile import load_profile
 
     path = Path(args.folder) / "planned.yaml"
     dry = args.dry_run
@@ -153,7 +153,7 @@ def planned_split(args: argparse.Namespace, config: Any) -> str:
 
 def worker_ours(args: argparse.Namespace, storage: str) -> dict[str, Any]:
     import gemma_profiles
-    from gemma_profiles import streaming
+    from gemma_profiles.engine import offload
 
     _cap(args)
     device = _device(args)
@@ -167,7 +167,7 @@ def worker_ours(args: argparse.Namespace, storage: str) -> dict[str, Any]:
         model = common.build(config)
         model.load_weights(args.ckpt)
         model = model.to(device).eval()
-        state = streaming.offload_state(model)
+        state = offload.offload_state(model)
         offloaded = sorted(state.layout.offloaded) if state else []
         result = _measure(model, args)
     result["offloaded"] = offloaded

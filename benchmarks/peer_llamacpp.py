@@ -205,7 +205,7 @@ def find_llama(python: str | None) -> tuple[str, dict[str, Any]] | str:
 
 def peer_folder(gguf: Path) -> Path:
     """``<cache>/gemma-profiles/peer/<gguf name>``, beside the import folder of ``gguf``."""
-    from gemma_profiles import quality
+    from gemma_profiles.tools import quality
 
     return Path(quality.import_folder(gguf)).parent.parent / "peer" / Path(gguf).stem
 
@@ -423,8 +423,8 @@ def main() -> int:
         )
         return 2
 
-    from gemma_profiles import gguf_import, quality
-    from gemma_profiles.gemma_info import gemma_status
+    from gemma_profiles.runtime.gemma_info import gemma_status
+    from gemma_profiles.tools import gguf_import, quality
 
     status = gemma_status()
     if status.kind not in ("gemma_pytorch", "standin"):
@@ -448,7 +448,7 @@ def main() -> int:
 
     import torch
 
-    from gemma_profiles import native, packed
+    from gemma_profiles.engine import kernels, native
 
     print(
         f"model: {source.name} imported to float32 ({checkpoint}); gemma: {status.describe()}; "
@@ -463,7 +463,7 @@ def main() -> int:
     print(
         "our kernels here: bfloat16 "
         + (
-            f"on torch's matmul ({bf16_why}; oneDNN: {packed.available(torch.bfloat16) or 'yes'})"
+            f"on torch's matmul ({bf16_why}; oneDNN: {kernels.available(torch.bfloat16) or 'yes'})"
             if bf16_why
             else "native"
         )

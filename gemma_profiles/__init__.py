@@ -11,7 +11,7 @@ too.  A profile whose device this machine lacks stops the construction, before a
 weight is read.
 
 Write a plugin (a module with ``@hookimpl`` functions named after the hooks in
-``gemma_profiles.hookspecs``) and expose it in your ``pyproject.toml``::
+``gemma_profiles.plugin.hookspecs``) and expose it in your ``pyproject.toml``::
 
     [project.entry-points.gemma_profiles]
     my_plugin = "my_package.gemma_plugin"
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from loguru import logger
 
-from .errors import GemmaProfileError
-from .hookspecs import PROJECT_NAME
+from gemma_profiles.errors import GemmaProfileError
+from gemma_profiles.plugin.hookspecs import PROJECT_NAME
 
 __version__ = "0.1.0"
 
@@ -38,20 +38,20 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 logger.disable("gemma_profiles")
 
 if TYPE_CHECKING:
-    from .profile import Profile
-    from .runtime import Session
+    from gemma_profiles.runtime.session import Session
+    from gemma_profiles.spec.profile import Profile
 
 
 def activate(profile: str | Profile) -> Session:
     """Apply ``profile`` (a name, a path to a YAML file, or a `Profile`) to gemma models built from now on."""
-    from .runtime import activate as _activate
+    from gemma_profiles.runtime.session import activate as _activate
 
     return _activate(profile)
 
 
 def deactivate() -> None:
     """Stop applying any profile and restore gemma_pytorch's classes."""
-    from .runtime import deactivate as _deactivate
+    from gemma_profiles.runtime.session import deactivate as _deactivate
 
     _deactivate()
 
@@ -61,14 +61,14 @@ def use(profile: str | Profile) -> Any:
 
     The model built in the block keeps the profile after it: loading and generating later is fine.
     """
-    from .runtime import use as _use
+    from gemma_profiles.runtime.session import use as _use
 
     return _use(profile)
 
 
 def load_profile(reference: str) -> Profile:
     """Load a profile by name or path (validated, ``extends`` resolved)."""
-    from .registry import default_registry
+    from gemma_profiles.spec.registry import default_registry
 
     return default_registry().load(reference)
 

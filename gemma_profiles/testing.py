@@ -35,11 +35,11 @@ from importlib import resources
 from pathlib import Path
 from types import ModuleType
 
-from .plan import NATIVE_BF16, make_plan, profile_problems
-from .profile import Problem, Profile, load_profile
-from .registry import PROFILE_SUFFIXES, Registry, default_registry
-from .types import ProfileSource
-from .variants import VARIANTS, float16_unsafe
+from gemma_profiles.planning.plan import NATIVE_BF16, make_plan, profile_problems
+from gemma_profiles.plugin.types import ProfileSource
+from gemma_profiles.spec.profile import Problem, Profile, load_profile
+from gemma_profiles.spec.registry import PROFILE_SUFFIXES, Registry, default_registry
+from gemma_profiles.spec.variants import VARIANTS, float16_unsafe
 
 __all__ = ["Finding", "assert_profile_ok", "check_profile", "pack_files", "registry_with"]
 

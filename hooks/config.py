@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from gemma_profiles import hookimpl
-from gemma_profiles.plan import Plan
-from gemma_profiles.types import ConfigRewrite
+from gemma_profiles.planning.plan import Plan
+from gemma_profiles.plugin.types import ConfigRewrite
 
 
 @hookimpl

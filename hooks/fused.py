@@ -1,4 +1,4 @@
-"""gemma's norms, MLP middle, attention core and greedy argmax in native calls: see `gemma_profiles.fused`.
+"""gemma's norms, MLP middle, attention core and greedy argmax in native calls: see `gemma_profiles.engine.fused`.
 
 Applies when the model runs on the CPU as a whole (as the ``kernels`` builtin) and the
 native library builds and runs here (x86-64 with AVX-512 and a C compiler).  Block it with
@@ -11,7 +11,7 @@ from typing import Any
 
 from gemma_profiles import hookimpl
 from gemma_profiles.log import logger
-from gemma_profiles.plan import Plan
+from gemma_profiles.planning.plan import Plan
 
 
 @hookimpl(trylast=True)
@@ -22,7 +22,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         return
     import torch
 
-    from gemma_profiles import fused
+    from gemma_profiles.engine import fused
 
     reason = fused.unavailable()
     if reason:

@@ -4,7 +4,7 @@
 Every CUDA device reports its compute capability read directly — not
 ``torch.cuda.is_bf16_supported()``, which also counts emulation (docs/design.md) — and the
 targets this torch was built for (``torch.cuda.get_arch_list()``), which
-`gemma_profiles.hardware.torch_kernel_support` checks against each capability.
+`gemma_profiles.planning.hardware.torch_kernel_support` checks against each capability.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import platform
 import psutil
 
 from gemma_profiles import hookimpl
-from gemma_profiles.hardware import ISA_FLAGS, CpuInfo, GpuInfo, Hardware, huge_page_mode
+from gemma_profiles.planning.hardware import ISA_FLAGS, CpuInfo, GpuInfo, Hardware, huge_page_mode
 
 
 def cpu_flags() -> tuple[str, ...]:

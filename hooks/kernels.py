@@ -1,4 +1,4 @@
-"""Packed CPU matmul weights after loading: see `gemma_profiles.packed` for the kernel and why.
+"""Packed CPU matmul weights after loading: see `gemma_profiles.engine.kernels` for the kernel and why.
 
 Applies when the model runs on the CPU as a whole: the plan's device is ``cpu``
 (or, without one, the machine has no CUDA/MPS device the script could move it
@@ -13,7 +13,7 @@ from typing import Any
 
 from gemma_profiles import hookimpl
 from gemma_profiles.log import logger
-from gemma_profiles.plan import Plan
+from gemma_profiles.planning.plan import Plan
 
 
 @hookimpl(trylast=True)
@@ -24,17 +24,17 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         return
     import torch
 
-    from gemma_profiles import hugepages, packed
+    from gemma_profiles.engine import hugepages, kernels
 
-    dtypes = {m.weight.dtype for m in model.modules() if packed.packable(m)}
+    dtypes = {m.weight.dtype for m in model.modules() if kernels.packable(m)}
     if not dtypes:
         return
-    reasons = {dtype: packed.available(dtype) for dtype in dtypes}
+    reasons = {dtype: kernels.available(dtype) for dtype in dtypes}
     for dtype, reason in reasons.items():
         if reason:
             logger.info("[{}] plain CPU matmuls for {} weights: {}", plan.profile, dtype, reason)
-    if reasons.get(torch.bfloat16, "") is None and not packed.native_bf16():
-        from gemma_profiles import native
+    if reasons.get(torch.bfloat16, "") is None and not kernels.native_bf16():
+        from gemma_profiles.engine import native
 
         why = native.bf16_unavailable()
         logger.info("[{}] bfloat16 weights on oneDNN: no native bfloat16 kernel ({})", plan.profile, why)
@@ -42,20 +42,20 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         return
     count = 0
     for module in list(model.modules()):
-        if packed.packable(module) and reasons[module.weight.dtype] is None:
-            packed.pack_module(module)
+        if kernels.packable(module) and reasons[module.weight.dtype] is None:
+            kernels.pack_module(module)
             count += 1
-    from gemma_profiles.tied import install_packed
+    from gemma_profiles.engine.tied import install_packed
 
-    packed.pin_to_cpu(model, "this model", next(iter(dtypes)), packed_weight=False)
+    kernels.pin_to_cpu(model, "this model", next(iter(dtypes)), packed_weight=False)
 
     sampler = install_packed(model, plan.profile)
-    stored = [*packed.stored_weights(model), *(w for w in sampler or () if not w.is_mkldnn)]
+    stored = [*kernels.stored_weights(model), *(w for w in sampler or () if not w.is_mkldnn)]
     logger.info(
         "[{}] CPU kernels: {} linear layers{} use {}{}",
         plan.profile,
         count,
         " and the sampler's tied embedder" if sampler is not None else "",
-        " and ".join(sorted({packed.kernel_name(dtype) for dtype, reason in reasons.items() if reason is None})),
+        " and ".join(sorted({kernels.kernel_name(dtype) for dtype, reason in reasons.items() if reason is None})),
         hugepages.describe(stored),
     )

@@ -1,4 +1,4 @@
-"""Checkpoint loading while a profile is active: the lean loader in `gemma_profiles.loader`.
+"""Checkpoint loading while a profile is active: the lean loader in `gemma_profiles.engine.loading`.
 
 The checkpoint is checked against the model first (every name, shape and dtype;
 docs/loading.md), then loaded memory-mapped, tensor by tensor, assigned instead
@@ -14,13 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from gemma_profiles import hookimpl
-from gemma_profiles.plan import Plan
+from gemma_profiles.planning.plan import Plan
 
 
 @hookimpl(trylast=True)
 def gemma_profile_load_weights(model: Any, path: str, plan: Plan, gemma_loader: Callable[[str], Any]) -> bool:
-    from gemma_profiles.lazy import is_lazy, materialize
-    from gemma_profiles.loader import check_checkpoint, check_finite, check_for_gemma, lean_load
+    from gemma_profiles.engine.lazy import is_lazy, materialize
+    from gemma_profiles.engine.loading import check_checkpoint, check_finite, check_for_gemma, lean_load
 
     check_checkpoint(path)
     if is_lazy(model):

@@ -1,6 +1,6 @@
 """CPU and disk offload: decoder layers stream to the execution device, the next one prefetched.
 
-This plugin decides; `gemma_profiles.streaming` (imported when a model is loaded,
+This plugin decides; `gemma_profiles.engine.offload` (imported when a model is loaded,
 so building the plugin manager never imports torch) carries it out.
 
 What a profile's ``placement`` asks for (``offload: cpu|disk``, ``offload_folder``,
@@ -23,7 +23,7 @@ What a profile's ``placement`` asks for (``offload: cpu|disk``, ``offload_folder
   ``disk`` - and its parameters become views into it, so ``state_dict()`` still works and
   reads from there.  The files have no name (``O_TMPFILE``; elsewhere they are unlinked
   once mapped): they go with the model, or with the process however it ends, ``kill -9``
-  included (`gemma_profiles.streaming.DiskFiles`).  A folder without room for the ``disk``
+  included (`gemma_profiles.engine.offload.DiskFiles`).  A folder without room for the ``disk``
   layers is refused before anything is written - or, when the disk fills up meanwhile,
   what was written is dropped at once - with an error naming the folder, the bytes needed
   and the bytes free; the model then stays resident as it was.
@@ -57,13 +57,13 @@ from typing import TYPE_CHECKING, Any
 from gemma_profiles import hookimpl
 from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.log import logger
-from gemma_profiles.plan import OFFLOAD_TARGETS, Plan, expand_layers, normalize_device, split_device_map
+from gemma_profiles.planning.plan import OFFLOAD_TARGETS, Plan, expand_layers, normalize_device, split_device_map
 from gemma_profiles.units import parse_memory
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from gemma_profiles.streaming import Layout
+    from gemma_profiles.engine.offload import Layout
 
 #: ``1``: stream ``cpu``-offloaded layers even when the execution device is the CPU.
 STREAM_CPU_ENV = "GEMMA_PROFILE_OFFLOAD_STREAM_CPU"
@@ -89,7 +89,7 @@ def _bytes_of(module: nn.Module) -> int:
 
 def _fit_by_budget(model: nn.Module, plan: Plan, device: str, offload: str) -> tuple[dict[int, str], str]:
     """No sized plan: keep leading layers while ``max_memory[device]`` allows, offload the rest."""
-    from gemma_profiles.streaming import SLOTS, decoder_layers
+    from gemma_profiles.engine.offload import SLOTS, decoder_layers
 
     layers = decoder_layers(model)
     limits = {normalize_device(k): v for k, v in (plan.placement.max_memory or {}).items()}
@@ -108,7 +108,7 @@ def _fit_by_budget(model: nn.Module, plan: Plan, device: str, offload: str) -> t
 
 def decide_layout(model: nn.Module, plan: Plan, device: str) -> Layout:
     """The `Layout` for ``model`` under ``plan`` (see the module docstring for the rules)."""
-    from gemma_profiles.streaming import Layout, decoder_layers
+    from gemma_profiles.engine.offload import Layout, decoder_layers
 
     layers = decoder_layers(model)
     count = len(layers)
@@ -166,7 +166,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     layout = decide_layout(model, plan, device)
     if not layout.offloaded and layout.embedder is None and plan.placement.offload == "cpu" and device == "cpu":
         logger.info("[{}] offload: cpu on a CPU execution device: the weights are in CPU memory already", plan.profile)
-    from gemma_profiles.streaming import apply_offload
+    from gemma_profiles.engine.offload import apply_offload
 
     apply_offload(model, layout, plan.profile)
 

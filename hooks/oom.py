@@ -17,7 +17,7 @@ from typing import Any
 
 from gemma_profiles import hookimpl
 from gemma_profiles.errors import GemmaProfileError
-from gemma_profiles.plan import Plan
+from gemma_profiles.planning.plan import Plan
 from gemma_profiles.units import format_bytes
 
 _MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")

@@ -23,7 +23,7 @@ from typing import Any
 from gemma_profiles import hookimpl
 from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.log import logger
-from gemma_profiles.plan import Plan
+from gemma_profiles.planning.plan import Plan
 
 _announced: set[tuple[str, str, str, str]] = set()
 

@@ -6,7 +6,7 @@ Checked in order, each a one-line `GemmaProfileError` raised from gemma's constr
    machine without it (no CUDA device, a CPU-only torch, fewer GPUs) names the profile, the
    device, what this machine has and the best profile here (``gemma-profile detect``);
 2. the kernels: torch's build targets (``torch.cuda.get_arch_list()``) against the GPU's
-   compute capability (`gemma_profiles.hardware.torch_kernel_support`) - PyPI's default torch
+   compute capability (`gemma_profiles.planning.hardware.torch_kernel_support`) - PyPI's default torch
    has no kernels for Maxwell/Pascal/Volta, which would fail mid-run with "no kernel image is
    available"; the fix (the cu126 build) is in the error;
 3. the memory verdict, computed against the detected hardware when the profile's device is
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from gemma_profiles import hookimpl
 from gemma_profiles.errors import GemmaProfileError
-from gemma_profiles.hardware import Hardware, detect_hardware
-from gemma_profiles.plan import FAMILY_NAMES, Plan, normalize_device
+from gemma_profiles.planning.hardware import Hardware, detect_hardware
+from gemma_profiles.planning.plan import FAMILY_NAMES, Plan, normalize_device
 
 CUDA_BUILDS = "https://pytorch.org/get-started/locally/"
 
@@ -72,7 +72,7 @@ def _refuse(plan: Plan, device: str, problem: str, hardware: Hardware) -> None:
     assert plan.device is not None
     hint = f"run 'gemma-profile detect': {_best_here(hardware)}; or set GEMMA_PROFILE=off"
     if device.startswith("cuda") and not hardware.gpus and hardware.cuda_version is None:
-        from gemma_profiles.auto import nvidia_gpus_visible
+        from gemma_profiles.planning.auto import nvidia_gpus_visible
 
         if nvidia_gpus_visible():  # a GPU the driver shows, but this torch has no CUDA
             hint = (
@@ -88,8 +88,8 @@ def _refuse(plan: Plan, device: str, problem: str, hardware: Hardware) -> None:
 
 def _best_here(hardware: Hardware) -> str:
     """``the best profile here is 'cpu-8gb'``, from the same match ``detect`` makes."""
-    from gemma_profiles.auto import best_match
-    from gemma_profiles.registry import default_registry
+    from gemma_profiles.planning.auto import best_match
+    from gemma_profiles.spec.registry import default_registry
 
     try:
         match = best_match(hardware, default_registry())

@@ -1,5 +1,5 @@
-"""int8 compute after loading (`gemma_profiles.int8` has the kernels and why), and float16 storage
-with float32 compute (`gemma_profiles.half`)."""
+"""int8 compute after loading (`gemma_profiles.engine.quantization` has the kernels and why), and float16 storage
+with float32 compute (`gemma_profiles.engine.half`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from gemma_profiles import hookimpl
 from gemma_profiles.log import logger
-from gemma_profiles.plan import EMBEDDER_KEYS, Plan
+from gemma_profiles.planning.plan import EMBEDDER_KEYS, Plan
 
 
 @hookimpl
@@ -17,8 +17,8 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     import torch
     from gemma_profiles.hooks.placement import runs_on_cpu
 
-    from gemma_profiles import native
-    from gemma_profiles.int8 import (
+    from gemma_profiles.engine import native
+    from gemma_profiles.engine.quantization import (
         column_scaler,
         dequantize_embedder,
         fast_forward,
@@ -57,9 +57,9 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     config.quant = False  # gemma's forward hands embedder.weight to the sampler as it is
     pages = ""
     if "native VNNI kernel" in kernels:
-        from gemma_profiles import hugepages
-        from gemma_profiles.int8 import native_weights
-        from gemma_profiles.packed import pin_to_cpu
+        from gemma_profiles.engine import hugepages
+        from gemma_profiles.engine.kernels import pin_to_cpu
+        from gemma_profiles.engine.quantization import native_weights
 
         pin_to_cpu(model, "this model", torch.int8, packed_weight=False)
         pages = hugepages.describe([packed.data for packed in native_weights(model)])
@@ -76,7 +76,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
 
 
 def _float16_storage(model: Any, plan: Plan, dtype: Any) -> None:
-    from gemma_profiles.half import install
+    from gemma_profiles.engine.half import install
 
     layers, stored = install(model, dtype)
     logger.info(

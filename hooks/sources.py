@@ -10,7 +10,7 @@ import platformdirs
 
 from gemma_profiles import hookimpl
 from gemma_profiles.errors import printable
-from gemma_profiles.types import ProfileSource
+from gemma_profiles.plugin.types import ProfileSource
 
 PATH_ENV = "GEMMA_PROFILE_PATH"
 USER_DIR_ENV = "GEMMA_PROFILE_USER_DIR"

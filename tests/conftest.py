@@ -12,9 +12,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from gemma_profiles import hookimpl, log, plugins, runtime
-from gemma_profiles.gemma_info import gemma_status
-from gemma_profiles.hardware import Hardware
+from gemma_profiles import hookimpl, log
+from gemma_profiles.planning.hardware import Hardware
+from gemma_profiles.plugin import manager as plugins
+from gemma_profiles.runtime import session
+from gemma_profiles.runtime.gemma_info import gemma_status
 
 _OUR_VARS = (
     "GEMMA_PROFILE",
@@ -38,12 +40,12 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GEMMA_PROFILE_STATE_DIR", str(home / "state"))
     monkeypatch.setenv("GEMMA_PROFILE_USER_DIR", str(home / "user-profiles"))
-    runtime.deactivate()
+    session.deactivate()
     plugins.reset_plugin_manager()
     try:
         yield home
     finally:
-        runtime.deactivate()
+        session.deactivate()
         plugins.reset_plugin_manager()
         log.disable()  # activating a profile shows our records on stderr; the next test starts quiet
 
@@ -51,7 +53,7 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 @pytest.fixture(params=["native", "torch"])
 def int8_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Each int8 CPU path: our native VNNI kernel (skipped where it cannot build or run), torch's."""
-    from gemma_profiles import native
+    from gemma_profiles.engine import native
 
     if request.param == "torch":
         monkeypatch.setenv(native.ENV, "0")

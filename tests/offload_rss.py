@@ -75,7 +75,7 @@ def main() -> None:
         "peak_load": peak_load,
         "after_load": after_load,
         "peak_generate": peak_generate,
-        "lazy_loader": importlib.util.find_spec("gemma_profiles.lazy") is not None,
+        "lazy_loader": importlib.util.find_spec("gemma_profiles.engine.lazy") is not None,
         "text": text,
         "config": {
             k: str(v) for k, v in dataclasses.asdict(config).items() if k in ("hidden_size", "num_hidden_layers")

@@ -28,8 +28,8 @@ import pytest
 
 import gemma_profiles
 import gemma_profiles_autoload as autoload
-from gemma_profiles import runtime, state
 from gemma_profiles.errors import StateError
+from gemma_profiles.runtime import session, state
 
 HERE = Path(__file__).parent
 CONSOLE_SCRIPT = Path(sys.executable).with_name("gemma-profile")
@@ -54,7 +54,7 @@ def python(code: str, env: dict[str, str], timeout: float = 20, **kwargs: Any) -
 
 
 def gemma_profile(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli"]
+    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli.main"]
     return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -154,7 +154,7 @@ def test_a_model_built_under_a_hostile_state_raises_and_is_never_built_unpatched
     from gemma_testing import tiny_config
 
     words = make_hostile(kind, state.state_path())
-    assert runtime.arm_from_environment() is runtime.current()  # what the finder does when gemma is imported
+    assert session.arm_from_environment() is session.current()  # what the finder does when gemma is imported
     with pytest.raises(StateError, match=re.escape(f"the applied-profile state {words}")):
         gemma.model.GemmaForCausalLM(tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32"))
 
@@ -204,7 +204,7 @@ def test_importing_the_runtime_arms_the_environment_profile_before_gemma(child_e
     code = (
         "import json, sys\n"
         "import gemma_profiles\n"
-        "from gemma_profiles import runtime\n"
+        "from gemma_profiles.runtime import session as runtime\n"
         "before = (runtime.current().label, runtime.current().source)\n"
         "with gemma_profiles.use('cpu-32gb'):\n"
         "    inside = runtime.current().label\n"
@@ -347,7 +347,7 @@ def test_a_state_dir_under_home_expands_and_current_agrees_from_anywhere(tmp_pat
     assert (home / "st" / "applied.json").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli"]
+    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli.main"]
     current = subprocess.run(
         [*command, "current", "--json"], env=child_env, cwd=elsewhere, capture_output=True, text=True, timeout=60
     )
@@ -370,7 +370,7 @@ def test_a_state_dir_no_process_could_agree_on_is_refused_in_one_line(value, wor
     child_env["GEMMA_PROFILE_STATE_DIR"] = value
     for command in (["apply", "t4"], ["current"], ["reset"]):
         completed = subprocess.run(
-            [sys.executable, "-m", "gemma_profiles.cli", *command],
+            [sys.executable, "-m", "gemma_profiles.cli.main", *command],
             env=child_env,
             cwd=tmp_path,
             capture_output=True,
@@ -390,7 +390,7 @@ def test_a_bad_state_dir_is_raised_when_a_model_is_built(monkeypatch, gemma, tok
     from gemma_testing import tiny_config
 
     monkeypatch.setenv("GEMMA_PROFILE_STATE_DIR", "relative/st")
-    runtime.arm_from_environment()
+    session.arm_from_environment()
     with pytest.raises(StateError, match=r"GEMMA_PROFILE_STATE_DIR='relative/st' is a relative path"):
         gemma.model.GemmaForCausalLM(tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32"))
 

@@ -24,12 +24,14 @@ import pytest
 from click.testing import CliRunner, Result
 
 import gemma_profiles
-from gemma_profiles import plugins, runtime, yamlio
-from gemma_profiles.cli import cli
+from gemma_profiles.cli.main import cli
 from gemma_profiles.errors import GemmaNotAvailableError, GemmaProfileError, PluginError
-from gemma_profiles.gemma_info import gemma_status, require_gemma_pytorch
-from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
-from gemma_profiles.state import read_applied, write_applied
+from gemma_profiles.planning.hardware import CpuInfo, GpuInfo, Hardware
+from gemma_profiles.plugin import manager as plugins
+from gemma_profiles.runtime import session
+from gemma_profiles.runtime.gemma_info import gemma_status, require_gemma_pytorch
+from gemma_profiles.runtime.state import read_applied, write_applied
+from gemma_profiles.spec import yamlio
 from gemma_profiles.units import format_bytes
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handler")
@@ -68,7 +70,7 @@ def invoke(*args: str) -> Result:
 
 
 def gemma_profile(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli"]
+    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli.main"]
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env or dict(os.environ), timeout=60)
 
 
@@ -396,7 +398,7 @@ def assert_same(before: dict[str, dict[str, Any]], after: dict[str, dict[str, An
 
 def test_deactivate_after_a_failed_activation_restores_every_attribute(gemma, tokenizer_path):
     before = every_class_attribute(gemma)
-    runtime.activate("pascal5gb", source="env", lazy=True)  # what the autoload does with a bad GEMMA_PROFILE
+    session.activate("pascal5gb", source="env", lazy=True)  # what the autoload does with a bad GEMMA_PROFILE
     assert gemma.model.GemmaForCausalLM.__init__ is not before["gemma.model.GemmaForCausalLM"]["__init__"]
     with pytest.raises(GemmaProfileError, match=r"GEMMA_PROFILE='pascal5gb': no profile named"):
         build(gemma, tokenizer_path)
@@ -522,8 +524,8 @@ def test_out_of_memory_in_gemmas_own_loader(gemma, tokenizer_path, checkpoint, c
 def test_out_of_memory_names_the_cheapest_change_when_the_plan_did_not_fit(tmp_path):
     from gemma_profiles.hooks.oom import out_of_memory_error
 
-    from gemma_profiles.plan import make_plan
-    from gemma_profiles.registry import default_registry
+    from gemma_profiles.planning.plan import make_plan
+    from gemma_profiles.spec.registry import default_registry
 
     plan = make_plan(default_registry().load("cpu-8gb"), "9b")
     assert plan.verdict is not None and not plan.verdict.fits and plan.memory is not None
@@ -554,7 +556,7 @@ def test_the_oom_plugin_is_listed_and_can_be_blocked(monkeypatch):
 WRITER = textwrap.dedent(
     """
     import sys
-    from gemma_profiles.state import write_applied
+    from gemma_profiles.runtime.state import write_applied
 
     print("ready", flush=True)
     while True:
@@ -580,7 +582,7 @@ def test_a_killed_writer_leaves_the_old_or_the_new_state():
 
 def test_two_concurrent_applies_leave_one_of_the_two():
     env = dict(os.environ)
-    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli"]
+    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli.main"]
     children = [
         subprocess.Popen([*command, "apply", name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for name in ("t4", "cpu-32gb")

@@ -8,10 +8,10 @@ import pytest
 import yaml
 from gemma_profiles.hooks.sources import bundled_dir
 
-from gemma_profiles.plan import make_plan
-from gemma_profiles.profile import Profile, problems_in
-from gemma_profiles.registry import default_registry
-from gemma_profiles.variants import VARIANTS
+from gemma_profiles.planning.plan import make_plan
+from gemma_profiles.spec.profile import Profile, problems_in
+from gemma_profiles.spec.registry import default_registry
+from gemma_profiles.spec.variants import VARIANTS
 
 # Collected from the folder itself, so a new profile file is tested without editing this list.
 BUNDLED_FILES = sorted(p for p in bundled_dir().iterdir() if p.suffix in (".yaml", ".yml"))

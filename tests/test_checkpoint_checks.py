@@ -26,8 +26,8 @@ from click.testing import CliRunner
 from gemma_testing import tiny_config, write_random_checkpoint
 
 import gemma_profiles
+from gemma_profiles.engine.loading import WATCH_ATTRIBUTE
 from gemma_profiles.errors import CheckpointChangedError, CheckpointError, GemmaProfileError
-from gemma_profiles.loader import WATCH_ATTRIBUTE
 
 HERE = Path(__file__).parent
 UP = "model.layers.0.mlp.up_proj.weight"
@@ -327,7 +327,7 @@ def test_unreadable_checkpoints_get_one_line_naming_the_file(
 
 
 def test_the_cli_says_it_in_one_line(gemma: Any, tokenizer_path: str, tmp_path: Path, write_profile: Any) -> None:
-    from gemma_profiles.cli import cli
+    from gemma_profiles.cli.main import cli
 
     profile = write_profile(
         "tiny-cli",

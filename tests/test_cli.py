@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import gemma_profiles
-from gemma_profiles.cli import cli
+from gemma_profiles.cli.main import cli
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handler")
 
@@ -34,7 +34,7 @@ def invoke_json(*args: str) -> object:
 
 def gemma_profile(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real console script (falling back to ``python -m``) in the isolated environment."""
-    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli"]
+    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli.main"]
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env or dict(os.environ), timeout=60)
 
 
@@ -341,7 +341,7 @@ def test_run_stores_a_path_as_absolute(tmp_path, write_profile):
     write_profile("mine", "description: mine\nextends: base-cpu\n", tmp_path / "here")
     code = "import os; print(os.environ['GEMMA_PROFILE'])"
     completed = subprocess.run(
-        [sys.executable, "-m", "gemma_profiles.cli", "run", "mine.yaml", sys.executable, "-c", code],
+        [sys.executable, "-m", "gemma_profiles.cli.main", "run", "mine.yaml", sys.executable, "-c", code],
         capture_output=True,
         text=True,
         cwd=tmp_path / "here",
@@ -394,7 +394,7 @@ def test_plugins_text_shows_blocked(monkeypatch):
 NO_TORCH = textwrap.dedent(
     """
     import sys
-    from gemma_profiles.cli import cli
+    from gemma_profiles.cli.main import cli
 
     for args in (["list"], ["list", "--all", "--json"], ["show", "t4", "--variant", "9b"],
                  ["validate", sys.argv[1]], ["current"], ["plugins"]):
@@ -452,8 +452,8 @@ def test_show_keeps_the_from_column_aligned_past_long_values(write_profile):
 
 def test_plugins_columns_are_separated_and_aligned():
     # Before: "name" was padded to 14 and the package to 24, so longer ones ran into the next column.
-    from gemma_profiles import plugins as plugin_module
-    from gemma_profiles.plugins import GemmaPluginManager
+    from gemma_profiles.plugin import manager as plugin_module
+    from gemma_profiles.plugin.manager import GemmaPluginManager
 
     class LongNamed:
         @gemma_profiles.hookimpl
@@ -525,7 +525,7 @@ def test_top_level_help_has_examples():
 @pytest.mark.parametrize("command", ["show", "plan", "bench"])
 def test_show_plan_and_bench_offer_the_same_variant_list(command):
     # Before: plan listed 9 variants in its help, bench "2b, 7b, 2b-v2, 9b, 1b, ...".
-    from gemma_profiles.variants import VARIANTS
+    from gemma_profiles.spec.variants import VARIANTS
 
     result = invoke(command, "--help")
     help_text = " ".join(result.stdout.split())

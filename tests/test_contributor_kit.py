@@ -15,11 +15,11 @@ from click.testing import CliRunner, Result
 from gemma_profiles.hooks.sources import bundled_dir
 
 from gemma_profiles import testing
-from gemma_profiles.cli import cli
-from gemma_profiles.contrib import schema_json, shipped_schema
-from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
-from gemma_profiles.plan import make_plan
-from gemma_profiles.registry import default_registry
+from gemma_profiles.cli.main import cli
+from gemma_profiles.planning.hardware import CpuInfo, GpuInfo, Hardware
+from gemma_profiles.planning.new_profile import schema_json, shipped_schema
+from gemma_profiles.planning.plan import make_plan
+from gemma_profiles.spec.registry import default_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK = ROOT / "examples" / "profile-pack"
@@ -115,7 +115,8 @@ def test_new_writes_where_o_says(tmp_path: Path):
 
 def test_the_shipped_schema_is_the_generated_one():
     assert shipped_schema().read_text() == schema_json(), (
-        "gemma_profiles/profile.schema.json is stale: gemma-profile schema > gemma_profiles/profile.schema.json"
+        "gemma_profiles/spec/profile.schema.json is stale: "
+        "gemma-profile schema > gemma_profiles/spec/profile.schema.json"
     )
     result = invoke("schema")
     assert result.exit_code == 0 and json.loads(result.output) == json.loads(schema_json())
@@ -229,13 +230,13 @@ def _with_pack(target: Path) -> dict[str, str]:
 def test_the_installed_pack_adds_its_profiles(installed_pack: Path):
     env = _with_pack(installed_pack)
     listed = subprocess.run(
-        [sys.executable, "-m", "gemma_profiles.cli", "list", "--json"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "gemma_profiles.cli.main", "list", "--json"], env=env, capture_output=True, text=True
     )
     assert listed.returncode == 0, listed.stderr
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
     assert "rtx2060-6gb" in rows and "example-pack" in json.dumps(rows["rtx2060-6gb"])
     planned = subprocess.run(
-        [sys.executable, "-m", "gemma_profiles.cli", "plan", "rtx2060-6gb", "--variant", "2b"],
+        [sys.executable, "-m", "gemma_profiles.cli.main", "plan", "rtx2060-6gb", "--variant", "2b"],
         env=env,
         capture_output=True,
         text=True,

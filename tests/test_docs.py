@@ -10,7 +10,7 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from gemma_profiles import hookspecs
+from gemma_profiles.plugin import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS_MD = ROOT / "docs" / "hooks.md"

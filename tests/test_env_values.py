@@ -22,9 +22,11 @@ from gemma_profiles.hooks import sources
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemma_profiles import log, plugins, registry
-from gemma_profiles.cli import cli
+from gemma_profiles import log
+from gemma_profiles.cli.main import cli
 from gemma_profiles.errors import _UNPRINTABLE
+from gemma_profiles.plugin import manager
+from gemma_profiles.spec import registry
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handler")
 
@@ -43,7 +45,7 @@ def gemma_profile(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """The real console script, so our loguru lines reach the captured stderr too."""
-    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli"]
+    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli.main"]
     merged = {**os.environ, **(env or {})}
     return subprocess.run([*command, *args], capture_output=True, text=True, env=merged, timeout=timeout)
 
@@ -234,7 +236,7 @@ def test_list_and_errors_escape_control_characters(tmp_path, write_profile):
 
 
 def test_undecodable_bytes_in_gemma_profile_are_one_line(tmp_path):
-    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli"]
+    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gemma_profiles.cli.main"]
     env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
     env[b"GEMMA_PROFILE"] = b"\xff\xfe\x1b[31m.yaml"
     completed = subprocess.run([*command, "current"], capture_output=True, env=env, timeout=60)
@@ -262,7 +264,7 @@ def test_junk_in_disable_plugins_is_one_line_or_nothing(value):
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     no_raw_control_characters(result.output)
-    names = {n.strip() for n in value.split(",") if n.strip()} - {name for name, _ in plugins.DEFAULT_PLUGINS}
+    names = {n.strip() for n in value.split(",") if n.strip()} - {name for name, _ in manager.DEFAULT_PLUGINS}
     assert len(result.stderr.splitlines()) == len(names)
 
 
@@ -327,7 +329,7 @@ ARGUMENTS = st.lists(
 @contextlib.contextmanager
 def fresh_process_state() -> Iterator[None]:
     """What a new ``gemma-profile`` process starts with: no plugin manager, no log handler, nothing said yet."""
-    plugins.reset_plugin_manager()
+    manager.reset_plugin_manager()
     sources._said.clear()
     registry._unreadable.clear()
     log.disable()
@@ -335,7 +337,7 @@ def fresh_process_state() -> Iterator[None]:
         yield
     finally:
         log.disable()
-        plugins.reset_plugin_manager()
+        manager.reset_plugin_manager()
 
 
 def realize(parts: list[str], places: dict[str, Path]) -> str:

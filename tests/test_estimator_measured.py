@@ -42,8 +42,8 @@ from typing import Any
 
 import pytest
 
-from gemma_profiles.gemma_info import gemma_status
-from gemma_profiles.memory import MemoryEstimate, ModelShape, estimate_memory
+from gemma_profiles.planning.memory import MemoryEstimate, ModelShape, estimate_memory
+from gemma_profiles.runtime.gemma_info import gemma_status
 
 TOLERANCE = 0.10
 RUNNING = ("KV cache", "attention masks", "activation peak")

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from gemma_profiles import auto
-from gemma_profiles.cli import cli
-from gemma_profiles.hardware import LEGACY_TORCH_INDEX, CpuInfo, GpuInfo, Hardware
+from gemma_profiles.cli.main import cli
+from gemma_profiles.planning import auto
+from gemma_profiles.planning.hardware import LEGACY_TORCH_INDEX, CpuInfo, GpuInfo, Hardware
 
 pytestmark = pytest.mark.usefixtures("fresh_log_handler")
 
@@ -108,7 +108,7 @@ def test_run_auto_sets_it_for_the_command() -> None:
     import subprocess
 
     code = "import os, sys; print(os.environ['GEMMA_PROFILE']); sys.exit(3)"
-    command = [sys.executable, "-m", "gemma_profiles.cli", "run", "auto", "--", sys.executable, "-c", code]
+    command = [sys.executable, "-m", "gemma_profiles.cli.main", "run", "auto", "--", sys.executable, "-c", code]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 3, done.stderr
     assert done.stdout.strip() == "auto" and done.stderr == ""
@@ -156,7 +156,7 @@ def test_a_model_builds_under_a_profile_extending_auto(
     from gemma_testing import tiny_config
 
     import gemma_profiles
-    from gemma_profiles import runtime
+    from gemma_profiles.runtime import session as runtime
 
     child = write_profile("my-model", "description: my model here\nextends: auto\nconfig: {dtype: float32}\n")
     with gemma_profiles.use(str(child)):
@@ -207,7 +207,7 @@ def test_list_shows_auto_without_detecting(monkeypatch: pytest.MonkeyPatch) -> N
     def detect() -> None:
         raise AssertionError("list detected the hardware (that imports torch)")
 
-    monkeypatch.setattr("gemma_profiles.hardware.detect_hardware", detect)
+    monkeypatch.setattr("gemma_profiles.planning.hardware.detect_hardware", detect)
     rows = {row["name"]: row for row in json.loads(invoke("list", "--json").stdout)}
     assert rows["auto"]["source"] == "detected" and rows["auto"]["path"] is None
 
@@ -313,7 +313,7 @@ def test_apply_does_not_detect_when_the_driver_shows_the_gpu(monkeypatch: pytest
     def detect() -> None:
         raise AssertionError("detected (imports torch) though the driver shows the GPU")
 
-    monkeypatch.setattr("gemma_profiles.hardware.detect_hardware", detect)
+    monkeypatch.setattr("gemma_profiles.planning.hardware.detect_hardware", detect)
     result = invoke("apply", "t4")
     assert result.exit_code == 0 and result.stderr == "", result.output
 
@@ -323,7 +323,7 @@ def test_apply_a_cpu_profile_never_detects(monkeypatch: pytest.MonkeyPatch) -> N
     def detect() -> None:
         raise AssertionError("detected for a CPU profile")
 
-    monkeypatch.setattr("gemma_profiles.hardware.detect_hardware", detect)
+    monkeypatch.setattr("gemma_profiles.planning.hardware.detect_hardware", detect)
     result = invoke("apply", "cpu-8gb")
     assert result.exit_code == 0 and result.stderr == "", result.output
 
@@ -513,7 +513,7 @@ def test_bench_help_shows_the_folder_form() -> None:
 ROUND_TRIP = textwrap.dedent(
     """
     import sys
-    from gemma_profiles.cli import cli
+    from gemma_profiles.cli.main import cli
 
     for args in (["list"], ["list", "--json"], ["current"]):
         try:

@@ -12,7 +12,7 @@ import torch
 from test_loading import TOKENS, build, logits
 
 import gemma_profiles
-from gemma_profiles import half
+from gemma_profiles.engine import half
 from gemma_profiles.errors import GemmaProfileError
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles import half
+from gemma_profiles.engine import half
 
 pytestmark = [
     pytest.mark.integration,

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from test_kernels import checkpoint, cpu_profile, load  # noqa: F401 (checkpoint: a fixture)
 
 import gemma_profiles
-from gemma_profiles import fused, native, plugins
+from gemma_profiles.engine import fused, native
+from gemma_profiles.plugin import manager
 
 PROMPTS = ["the cat sees a dog", "two red birds"]
 KINDS = ("norms", "MLPs", "attention layers", "sampler")
@@ -92,7 +93,7 @@ def gemma_and_fused(
     with gemma_profiles.use(profile):
         reference = load(gemma, tokenizer, variant, dtype, ckpt)
     monkeypatch.delenv("GEMMA_PROFILE_DISABLE_PLUGINS")
-    plugins.reset_plugin_manager()
+    manager.reset_plugin_manager()
     with gemma_profiles.use(profile):
         yield reference, load(gemma, tokenizer, variant, dtype, ckpt)
 

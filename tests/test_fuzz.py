@@ -31,13 +31,13 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gemma_profiles import schema, yamlio
 from gemma_profiles.errors import GemmaProfileError, ProfileNotFoundError
-from gemma_profiles.plan import Target, make_plan
-from gemma_profiles.profile import MAX_EXTENDS_DEPTH, Profile, load_profile
-from gemma_profiles.registry import Registry
-from gemma_profiles.types import ProfileSource
-from gemma_profiles.variants import FAMILIES, VARIANTS
+from gemma_profiles.planning.plan import Target, make_plan
+from gemma_profiles.plugin.types import ProfileSource
+from gemma_profiles.spec import schema, yamlio
+from gemma_profiles.spec.profile import MAX_EXTENDS_DEPTH, Profile, load_profile
+from gemma_profiles.spec.registry import Registry
+from gemma_profiles.spec.variants import FAMILIES, VARIANTS
 
 EXAMPLES = int(os.environ.get("GEMMA_PROFILE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(

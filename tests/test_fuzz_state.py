@@ -25,9 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gemma_profiles_autoload as autoload
-from gemma_profiles import log, state
-from gemma_profiles.cli import cli
+from gemma_profiles import log
+from gemma_profiles.cli.main import cli
 from gemma_profiles.errors import StateError
+from gemma_profiles.runtime import state
 
 EXAMPLES = int(os.environ.get("GEMMA_PROFILE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(

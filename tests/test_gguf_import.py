@@ -30,9 +30,9 @@ sp_pb2 = pytest.importorskip(
 import numpy as np  # noqa: E402
 import sentencepiece  # noqa: E402
 
-from gemma_profiles import gguf_import, quality  # noqa: E402
-from gemma_profiles.cli import cli  # noqa: E402
-from gemma_profiles.gguf_import import GgufImportError, import_gguf, load_config  # noqa: E402
+from gemma_profiles.cli.main import cli  # noqa: E402
+from gemma_profiles.tools import gguf_import, quality  # noqa: E402
+from gemma_profiles.tools.gguf_import import GgufImportError, import_gguf, load_config  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_log_handler")]
 
@@ -427,13 +427,13 @@ def test_cli_generate_runs_the_imported_model(make_gguf: Callable[..., Made], tm
 def run_py_flow(gemma: Any, variant: str, profile: Path, checkpoint: Path) -> Any:
     """run.py's calls, under ``profile``: get_model_config(variant), dtype float32 and quant set
     after it, the model built and loaded under that default dtype."""
-    from gemma_profiles import runtime
+    from gemma_profiles.runtime import session
 
     config = gemma.config.get_model_config(variant)
     config.dtype = "float32"
     config.quant = False
     previous = torch.get_default_dtype()
-    with runtime.use(str(profile)):
+    with session.use(str(profile)):
         torch.set_default_dtype(config.get_dtype())
         try:
             model = gemma.model.GemmaForCausalLM(config)

@@ -1,4 +1,4 @@
-"""Weights on transparent huge pages (gemma_profiles/hugepages.py) and where the loader puts them."""
+"""Weights on transparent huge pages (gemma_profiles/engine/hugepages.py) and where the loader puts them."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles import hugepages, native
-from gemma_profiles.hardware import huge_page_mode
-from gemma_profiles.loader import memory_mapped, quantize_rows
+from gemma_profiles.engine import hugepages, native
+from gemma_profiles.engine.loading import memory_mapped, quantize_rows
+from gemma_profiles.planning.hardware import huge_page_mode
 
 MIB = 1 << 20
 
@@ -105,9 +105,9 @@ def test_quantized_weights_are_packed_on_huge_pages() -> None:
     weight = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
     q, scaler = quantize_rows(weight, torch.float32)
     expected = native.Int8Weight.pack(q.clone(), scaler)
-    packed = native.Int8Weight.pack(q, scaler, in_place=True)
-    assert packed.data.data_ptr() == q.data_ptr() and torch.equal(packed.data, expected.data)
-    assert hugepages.huge_bytes([packed.data]) == 4 * MIB
+    kernels = native.Int8Weight.pack(q, scaler, in_place=True)
+    assert kernels.data.data_ptr() == q.data_ptr() and torch.equal(kernels.data, expected.data)
+    assert hugepages.huge_bytes([kernels.data]) == 4 * MIB
     assert hugepages.huge_bytes([expected.data]) == 4 * MIB  # a copy goes onto huge pages too
 
 
@@ -124,9 +124,9 @@ def test_a_mapped_int8_checkpoint_is_copied_onto_huge_pages_and_its_pages_droppe
     assert torch.equal(source, weight)
     assert hugepages.smaps_bytes([source], "Rss") == n * k  # every page of the mapping read in
     scaler = torch.rand(n)
-    packed = native.Int8Weight.pack(source, scaler, release=True)
-    assert torch.equal(packed.unpack(), weight)
-    assert hugepages.huge_bytes([packed.data]) == 4 * MIB
+    kernels = native.Int8Weight.pack(source, scaler, release=True)
+    assert torch.equal(kernels.unpack(), weight)
+    assert hugepages.huge_bytes([kernels.data]) == 4 * MIB
     # Dropped a chunk at a time; the file brings them back if read.
     assert hugepages.smaps_bytes([source], "Rss") == 0
     assert torch.equal(source, weight)
@@ -148,7 +148,7 @@ def test_an_int8_model_loads_onto_huge_pages_and_says_so(
         pytest.skip(f"native int8 kernel: {native.unavailable()}")
     from gemma_testing import write_medium_checkpoint
 
-    from gemma_profiles.int8 import native_weights
+    from gemma_profiles.engine.quantization import native_weights
 
     if switch == "off":
         monkeypatch.setenv(hugepages.ENV, "0")
@@ -159,7 +159,7 @@ def test_an_int8_model_loads_onto_huge_pages_and_says_so(
     with gemma_profiles.use(str(profile)):
         model = gemma.model.GemmaForCausalLM(config)
         model.load_weights(str(ckpt))
-    weights = [packed.data for packed in native_weights(model)]
+    weights = [kernels.data for kernels in native_weights(model)]
     assert len(weights) == 2 * 5 + 1  # qkv, o, gate, up, down per layer, and the tied embedder
     line = next(message for message in log_messages if "int8: linear layers" in message)
     if switch == "on":
@@ -184,10 +184,10 @@ def test_a_bfloat16_model_loads_onto_huge_pages_and_says_so(
     switch: str,
 ) -> None:
     """The native bfloat16 kernel's plain weights are copied onto huge pages (8 MiB MLP weights)."""
-    from gemma_profiles import packed
+    from gemma_profiles.engine import kernels
 
     native.reset()
-    if not packed.native_bf16():
+    if not kernels.native_bf16():
         pytest.skip(f"native bfloat16 kernel: {native.bf16_unavailable()}")
     from gemma_testing import write_medium_checkpoint
 
@@ -204,7 +204,7 @@ def test_a_bfloat16_model_loads_onto_huge_pages_and_says_so(
         finally:
             torch.set_default_dtype(torch.float32)
         model.load_weights(str(ckpt))
-    weights = packed.stored_weights(model)
+    weights = kernels.stored_weights(model)
     assert len(weights) == 2 * 5  # qkv, o, gate, up, down per layer
     line = next(message for message in log_messages if "CPU kernels:" in message)
     assert "use the native bfloat16 kernel" in line, line

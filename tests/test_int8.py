@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles.int8 import dequantize_into, int8_linear, int8_lookup
-from gemma_profiles.loader import column_scales, dequantize_rows, per_row, quantize_rows
+from gemma_profiles.engine.loading import column_scales, dequantize_rows, per_row, quantize_rows
+from gemma_profiles.engine.quantization import dequantize_into, int8_linear, int8_lookup
 
 #: float16's largest finite value
 FP16_MAX = 65504.0
@@ -340,7 +340,7 @@ def test_column_scales_cut_the_error_of_a_weight_with_a_massive_column() -> None
 
 
 def test_column_scaled_nan_is_refused_with_its_count() -> None:
-    from gemma_profiles.loader import _NonFinite
+    from gemma_profiles.engine.loading import _NonFinite
 
     weight = torch.randn(20, 8)
     weight[3, 2] = float("nan")

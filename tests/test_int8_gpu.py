@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles.int8 import dequantize_into, int8_linear
-from gemma_profiles.loader import quantize_rows
+from gemma_profiles.engine.loading import quantize_rows
+from gemma_profiles.engine.quantization import dequantize_into, int8_linear
 
 pytestmark = [
     pytest.mark.integration,

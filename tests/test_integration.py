@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles import plugins
 from gemma_profiles.errors import GemmaProfileError, PluginError
-from gemma_profiles.gemma_info import gemma_status
+from gemma_profiles.plugin import manager as plugins
+from gemma_profiles.runtime.gemma_info import gemma_status
 
 pytestmark = pytest.mark.integration
 
@@ -214,7 +214,7 @@ def test_pascal_5gb_stops_at_construction_without_cuda(gemma: Any, tokenizer_pat
 def test_a_missing_device_index_stops_at_construction(
     gemma: Any, tokenizer_path: str, fake_hardware: Any, load_spy: LoadSpy, write_profile: Any
 ) -> None:
-    from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
+    from gemma_profiles.planning.hardware import CpuInfo, GpuInfo, Hardware
 
     t4 = GpuInfo(0, "Tesla T4", (7, 5), 15 << 30)
     fake_hardware(Hardware(CpuInfo(4, 32 << 30, 30 << 30), (t4,), cuda_version="12.6"))
@@ -238,7 +238,7 @@ def test_a_missing_device_index_stops_at_construction(
 def test_a_torch_without_kernels_for_the_gpu_stops_at_construction(
     gemma: Any, tokenizer_path: str, fake_hardware: Any, load_spy: LoadSpy, arch_list: tuple[str, ...], stops: bool
 ) -> None:
-    from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
+    from gemma_profiles.planning.hardware import CpuInfo, GpuInfo, Hardware
 
     p2200 = GpuInfo(0, "Quadro P2200", (6, 1), 5 << 30)
     fake_hardware(Hardware(CpuInfo(4, 16 << 30, 14 << 30), (p2200,), cuda_version="13.0", cuda_arch_list=arch_list))
@@ -261,7 +261,7 @@ def test_bench_of_a_cuda_profile_stops_before_reading_the_checkpoint(
 ) -> None:
     from click.testing import CliRunner
 
-    from gemma_profiles.cli import cli
+    from gemma_profiles.cli.main import cli
 
     if CUDA:
         pytest.skip("checks the error on a machine without CUDA")
@@ -275,7 +275,7 @@ def test_bench_of_a_cuda_profile_stops_before_reading_the_checkpoint(
 
 
 def test_family_override_for_gemma2(gemma: Any, tokenizer_path: str, fake_hardware: Any) -> None:
-    from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
+    from gemma_profiles.planning.hardware import CpuInfo, GpuInfo, Hardware
 
     fake_hardware(Hardware(CpuInfo(4, 32 << 30, 30 << 30), (GpuInfo(0, "Tesla T4", (7, 5), 15 << 30),)))
     with gemma_profiles.use("t4"):
@@ -422,7 +422,7 @@ def test_autoload_pascal_5gb(gemma: Any, tokenizer_path: str, tmp_path: Path, ch
 def test_apply_off_and_reset(
     gemma: Any, tokenizer_path: str, tmp_path: Path, child_env: dict[str, str], cpu_profile: Any
 ) -> None:
-    cli = [sys.executable, "-m", "gemma_profiles.cli"]
+    cli = [sys.executable, "-m", "gemma_profiles.cli.main"]
     subprocess.run([*cli, "apply", str(cpu_profile("bfloat16"))], env=child_env, check=True, capture_output=True)
     assert run_flow(child_env, tokenizer_path, tmp_path / "c.ckpt")["float_param_dtypes"] == ["torch.bfloat16"]
     assert run_flow({**child_env, "GEMMA_PROFILE": "off"}, tokenizer_path, tmp_path / "d.ckpt")[

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles import packed
-from gemma_profiles.loader import _file_backed, release_pages
+from gemma_profiles.engine import kernels
+from gemma_profiles.engine.loading import _file_backed, release_pages
 
 PROMPTS = ["the cat sees a dog", "two red birds"]
 
@@ -50,7 +50,7 @@ def load(gemma: Any, tokenizer: str, variant: str, dtype: str, ckpt: str) -> Any
 
 
 def packed_names(model: Any) -> list[str]:
-    return [name for name, module in model.named_modules() if packed.is_packed(module)]
+    return [name for name, module in model.named_modules() if kernels.is_packed(module)]
 
 
 def cpu_profile(write_profile: Callable[..., Path], dtype: str, extra: str = "") -> str:
@@ -68,8 +68,8 @@ def test_packed_model_generates_what_the_plain_one_does(
     variant: str,
     dtype: str,
 ) -> None:
-    if packed.available(getattr(torch, dtype)):
-        pytest.skip(str(packed.available(getattr(torch, dtype))))
+    if kernels.available(getattr(torch, dtype)):
+        pytest.skip(str(kernels.available(getattr(torch, dtype))))
     ckpt = checkpoint(variant, dtype)  # in the model's dtype: memory-mapped as it is
     plain = load(gemma, tokenizer_path, variant, dtype, ckpt)
     with gemma_profiles.use(cpu_profile(write_profile, dtype)):
@@ -78,7 +78,7 @@ def test_packed_model_generates_what_the_plain_one_does(
         linears = [n for n, m in model.named_modules() if type(m).__name__ == "Linear"]
         assert names and names == linears, "every gemma Linear is packed"
         weights = [model.get_submodule(n).weight for n in names]
-        if dtype == "bfloat16" and packed.native_bf16():  # plain, for the native kernel
+        if dtype == "bfloat16" and kernels.native_bf16():  # plain, for the native kernel
             assert all(w.dtype == torch.bfloat16 and w.is_contiguous() and not w.is_mkldnn for w in weights)
         else:
             assert all(w.is_mkldnn for w in weights)
@@ -98,10 +98,10 @@ def test_packed_model_generates_what_the_plain_one_does(
 
 @pytest.fixture
 def bf16_kernel() -> None:
-    from gemma_profiles import native
+    from gemma_profiles.engine import native
 
     native.reset()
-    if not packed.native_bf16():
+    if not kernels.native_bf16():
         pytest.skip(f"native bfloat16 kernel: {native.bf16_unavailable()}")
 
 
@@ -113,30 +113,30 @@ def test_native_bfloat16_product(bf16_kernel: None, rows: int, n: int, k: int) -
     generator = torch.Generator().manual_seed(rows * n + k)
     weight = torch.randn(n, k, generator=generator).to(torch.bfloat16)
     x = torch.randn(2, rows, k, generator=generator).to(torch.bfloat16)
-    stored = packed.pack(weight)
+    stored = kernels.pack(weight)
     assert not stored.is_mkldnn and torch.equal(stored, weight)
-    got = packed.packed_linear(x, stored)
+    got = kernels.packed_linear(x, stored)
     exact = (x.double() @ weight.double().t()).float()
     assert got.dtype == torch.bfloat16 and got.shape == (2, rows, n)
     # float32 accumulation (k products: ~sqrt(k) * 2^-24 relative), then one bfloat16 rounding (2^-9)
     torch.testing.assert_close(got.float(), exact, rtol=2**-8, atol=1e-4 * k**0.5)
     strided = x.transpose(0, 1)  # not contiguous: copied first
-    torch.testing.assert_close(packed.packed_linear(strided, stored), got.transpose(0, 1))
-    torch.testing.assert_close(packed.packed_linear(x.float(), stored), got.float())  # cast both ways
-    assert packed.packed_linear(x[:, :0], stored).shape == (2, 0, n)
+    torch.testing.assert_close(kernels.packed_linear(strided, stored), got.transpose(0, 1))
+    torch.testing.assert_close(kernels.packed_linear(x.float(), stored), got.float())  # cast both ways
+    assert kernels.packed_linear(x[:, :0], stored).shape == (2, 0, n)
 
 
 @pytest.fixture
 def without_native(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """``GEMMA_PROFILE_NATIVE=0``, the library's cached state forgotten before and after; skips
     where oneDNN has no bfloat16 kernels either."""
-    from gemma_profiles import native
+    from gemma_profiles.engine import native
 
     monkeypatch.setenv("GEMMA_PROFILE_NATIVE", "0")
     native.reset()
     try:
-        if packed.available(torch.bfloat16):
-            pytest.skip(str(packed.available(torch.bfloat16)))
+        if kernels.available(torch.bfloat16):
+            pytest.skip(str(kernels.available(torch.bfloat16)))
         yield
     finally:
         monkeypatch.delenv("GEMMA_PROFILE_NATIVE")
@@ -144,9 +144,9 @@ def without_native(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_without_the_native_library_bfloat16_goes_to_onednn(without_native: None) -> None:
-    assert not packed.native_bf16()
-    assert packed.pack(torch.randn(8, 64).to(torch.bfloat16)).is_mkldnn
-    assert packed.kernel_name(torch.bfloat16) == "oneDNN-packed weights"
+    assert not kernels.native_bf16()
+    assert kernels.pack(torch.randn(8, 64).to(torch.bfloat16)).is_mkldnn
+    assert kernels.kernel_name(torch.bfloat16) == "oneDNN-packed weights"
 
 
 def test_without_the_native_library_a_bfloat16_model_says_why(
@@ -168,7 +168,7 @@ def test_without_the_native_library_a_bfloat16_model_says_why(
 
 
 def sampler_swapped(model: Any) -> bool:
-    from gemma_profiles.tied import _HOOK
+    from gemma_profiles.engine.tied import _HOOK
 
     return _HOOK in model.sampler.__dict__
 
@@ -178,11 +178,11 @@ def test_a_converted_embedder_is_not_copied(
 ) -> None:
     """float32 checkpoint, bfloat16 model: the embedder is not memory-mapped; a packed copy would double it.
     The native kernel reads it in place instead (tests/test_tied_sampler.py); oneDNN's would need a copy."""
-    if packed.available(torch.bfloat16):
-        pytest.skip(str(packed.available(torch.bfloat16)))
+    if kernels.available(torch.bfloat16):
+        pytest.skip(str(kernels.available(torch.bfloat16)))
     with gemma_profiles.use(cpu_profile(write_profile, "bfloat16")):
         model = load(gemma, tokenizer_path, "2b", "bfloat16", checkpoint("2b"))
-    assert packed_names(model) and sampler_swapped(model) == packed.native_bf16()
+    assert packed_names(model) and sampler_swapped(model) == kernels.native_bf16()
 
 
 @pytest.mark.parametrize("variant", ["2b", "1b"])
@@ -218,7 +218,7 @@ def test_int8_sampler_reads_the_int8_embedder(
 
 
 def test_sampler_weight_stands_in_for_the_tensor() -> None:
-    from gemma_profiles.tied import SamplerWeight
+    from gemma_profiles.engine.tied import SamplerWeight
 
     matrix = torch.randn(7, 3)
     calls: list[torch.Tensor] = []
@@ -293,8 +293,8 @@ def test_not_packed(
 def test_only_on_a_cpu_execution_device(write_profile: Callable[..., Path]) -> None:
     from gemma_profiles.hooks.placement import runs_on_cpu
 
-    from gemma_profiles.plan import make_plan
-    from gemma_profiles.profile import load_profile
+    from gemma_profiles.planning.plan import make_plan
+    from gemma_profiles.spec.profile import load_profile
 
     def plan(placement: str) -> Any:
         path = write_profile("where", f"description: t\nplacement: {placement}\n")
@@ -367,10 +367,10 @@ def test_moving_a_packed_model_is_one_clear_error(
         model = load(gemma, tokenizer_path, "2b", "bfloat16", checkpoint("2b"))
         expected = model.generate(PROMPTS, "cpu", output_len=2, temperature=None)
     layer = model.model.layers[0].mlp.up_proj
-    if weights == "none" and packed.available(torch.bfloat16):
-        pytest.skip(str(packed.available(torch.bfloat16)))  # bfloat16 weights stay plain here
+    if weights == "none" and kernels.available(torch.bfloat16):
+        pytest.skip(str(kernels.available(torch.bfloat16)))  # bfloat16 weights stay plain here
     if weights == "none" or int8_kernel == "native":
-        assert packed.is_packed(layer) or layer.weight.dim() == 5
+        assert kernels.is_packed(layer) or layer.weight.dim() == 5
         model.to("cpu").eval()  # nothing changes: fine
         layer.to(torch.bfloat16)
         if weights == "none":

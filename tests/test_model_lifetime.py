@@ -18,7 +18,7 @@ import torch
 
 import gemma_profiles
 from gemma_profiles.errors import GemmaProfileError, PatchError
-from gemma_profiles.patch import plan_of
+from gemma_profiles.runtime.patch import plan_of
 
 pytestmark = pytest.mark.integration
 

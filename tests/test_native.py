@@ -1,4 +1,4 @@
-"""The native int8 kernel (gemma_profiles/csrc/int8_matmul.c): layout, numerics, build failures."""
+"""The native int8 kernel (gemma_profiles/engine/csrc/int8_matmul.c): layout, numerics, build failures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles import native
+from gemma_profiles.engine import native
 
 
 @pytest.fixture(autouse=True)
@@ -223,8 +223,8 @@ def test_int8_model_state_dict_round_trip(
 
 
 def test_the_planner_knows_when_the_embedder_stays_int8(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gemma_profiles.hardware import native_int8_expected
-    from gemma_profiles.memory import ModelShape, estimate_memory
+    from gemma_profiles.planning.hardware import native_int8_expected
+    from gemma_profiles.planning.memory import ModelShape, estimate_memory
 
     monkeypatch.setenv("CC", "sh")  # any program on PATH stands for a compiler here
     assert native_int8_expected(("avx2", "avx512f", "avx512_vnni"))
@@ -259,7 +259,7 @@ def test_not_tried_on_other_architectures(monkeypatch: pytest.MonkeyPatch) -> No
 def test_quantizing_while_loading_gives_the_torch_result_bit_for_bit(
     kernel: None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gemma_profiles.loader import quantize_rows
+    from gemma_profiles.engine.loading import quantize_rows
 
     generator = torch.Generator().manual_seed(4)
     for n, k in [(7, 63), (300, 2048), (9000, 100), (5, 16384)]:

@@ -1,4 +1,4 @@
-"""The native kernels' build cache (gemma_profiles/native.py) against hostile states of the cache and the compiler.
+"""The native kernels' build cache (engine/native.py) against hostile states of the cache and the compiler.
 
 The kernels need AVX-512 to *run*, but building, checking and loading the library do
 not: everything here runs on any x86-64 Linux machine.  Tests that need a library with
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma_profiles import native
+from gemma_profiles.engine import native
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"),
@@ -81,7 +81,7 @@ def load_in_a_subprocess(cc: str, tmp_path: Path) -> subprocess.CompletedProcess
     """A fresh process loading the kernels from the test's cache (a SIGBUS kills only it)."""
     env = dict(os.environ, CC=cc, XDG_CACHE_HOME=str(tmp_path / "xdg"))
     env.pop(native.ENV, None)
-    code = "from gemma_profiles import native\nr = native._load()\nprint('loaded' if not isinstance(r, str) else r)"
+    code = "from gemma_profiles.engine import native\nr = native._load()\nprint('loaded' if not isinstance(r, str) else r)"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -275,7 +275,7 @@ def test_processes_building_at_once_build_once_and_load_the_same_library(real_li
     cc = script(tmp_path / "slow-cc", f'echo run >> "{counter}"\nsleep 1\ncp "{real_library}" "$out"\n')
     env = dict(os.environ, CC=cc, XDG_CACHE_HOME=str(tmp_path / "xdg"))
     env.pop(native.ENV, None)
-    code = "from gemma_profiles import native\nr = native._load()\nprint('loaded' if not isinstance(r, str) else r)"
+    code = "from gemma_profiles.engine import native\nr = native._load()\nprint('loaded' if not isinstance(r, str) else r)"
     processes = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)
     ]

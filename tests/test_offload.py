@@ -34,11 +34,11 @@ import torch
 from gemma_profiles.hooks import offload
 
 import gemma_profiles
-from gemma_profiles import streaming
+from gemma_profiles.engine import offload as streaming
 from gemma_profiles.errors import GemmaProfileError
-from gemma_profiles.memory import ModelShape
-from gemma_profiles.plan import Target, compress_layers, expand_layers, make_plan, split_device_map
-from gemma_profiles.profile import load_profile
+from gemma_profiles.planning.memory import ModelShape
+from gemma_profiles.planning.plan import Target, compress_layers, expand_layers, make_plan, split_device_map
+from gemma_profiles.spec.profile import load_profile
 from gemma_profiles.units import format_bytes
 
 pytestmark = pytest.mark.integration
@@ -267,7 +267,7 @@ import dataclasses, sys, time
 sys.path.insert(0, {tests!r})
 import torch
 import gemma_profiles
-from gemma_profiles import streaming
+from gemma_profiles.engine import offload as streaming
 from gemma_testing import tiny_config, write_random_checkpoint
 from gemma import config as gemma_config, model as gemma_model
 
@@ -620,7 +620,7 @@ def test_int8_weights_offload_to_disk_like_resident(
     """
     from gemma_testing import tiny_config, write_random_checkpoint
 
-    from gemma_profiles import native
+    from gemma_profiles.engine import native
 
     monkeypatch.setenv(native.ENV, "0")
     native.reset()

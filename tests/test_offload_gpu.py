@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles import streaming
+from gemma_profiles.engine import offload
 from gemma_profiles.errors import GemmaProfileError
 
 pytestmark = [
@@ -110,7 +110,7 @@ def test_offloaded_on_cuda_matches_the_plain_model(
             torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
         else:
             assert torch.equal(got, want)
-    state = streaming.offload_state(model)
+    state = offload.offload_state(model)
     assert state is not None and state.layout.device == "cuda:0"
     for unit in state.units:
         if unit.kind == "cpu":
@@ -152,7 +152,7 @@ def test_streaming_keeps_device_memory_at_the_slots(under: Callable[[str], Any])
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model, _, _ = under(PLACEMENTS["all-cpu"])
-    state = streaming.offload_state(model)
+    state = offload.offload_state(model)
     assert state is not None and state.streamer is not None
     layer = max(unit.nbytes for unit in state.units)
     weights = sum(unit.nbytes for unit in state.units)
@@ -173,13 +173,13 @@ def test_a_corrupted_slot_copy_is_caught(
     Half of each layer's bytes reach its slot (the rest is the slot's previous layer): the
     logits must differ from the plain model's.
     """
-    copy = streaming.WeightStreamer._to_device
+    copy = offload.WeightStreamer._to_device
 
-    def half(self: streaming.WeightStreamer, source: torch.Tensor, slot: int, nbytes: int) -> None:
+    def half(self: offload.WeightStreamer, source: torch.Tensor, slot: int, nbytes: int) -> None:
         copy(self, source, slot, nbytes // 2)
 
-    monkeypatch.setattr(streaming.WeightStreamer, "_to_device", half)
+    monkeypatch.setattr(offload.WeightStreamer, "_to_device", half)
     model, _, logits = under(PLACEMENTS[placement])
-    state = streaming.offload_state(model)
+    state = offload.offload_state(model)
     assert state is not None and state.streamer is not None and state.streamer.copied > 0
     assert any(not torch.equal(got, want) for got, want in zip(logits, reference[1], strict=False))

@@ -1,5 +1,5 @@
 """Pickling a whole model built under a profile (``torch.save(model)``, ``pickle.dumps``): it is
-an instance of a profiled subclass made at run time (`gemma_profiles.patch.profiled_class`), and
+an instance of a profiled subclass made at run time (`gemma_profiles.runtime.patch.profiled_class`), and
 pickles as gemma's own class - an unpickled model is plain gemma, without the profile."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 import gemma_profiles
 from gemma_profiles.errors import GemmaProfileError
-from gemma_profiles.patch import plan_of
+from gemma_profiles.runtime.patch import plan_of
 
 
 def build(gemma: Any, tokenizer: str) -> Any:

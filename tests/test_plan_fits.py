@@ -9,13 +9,13 @@ import pytest
 from click.testing import CliRunner
 from gemma_profiles.hooks.sources import bundled_dir
 
-from gemma_profiles import memory
-from gemma_profiles.cli import cli
+from gemma_profiles.cli.main import cli
 from gemma_profiles.errors import GemmaProfileError
-from gemma_profiles.memory import DTYPE_BYTES, SAMPLER_CHUNK_ROWS, ModelShape, estimate_memory
-from gemma_profiles.plan import Plan, make_plan, split_device_map
-from gemma_profiles.registry import default_registry
-from gemma_profiles.variants import VARIANTS
+from gemma_profiles.planning import memory
+from gemma_profiles.planning.memory import DTYPE_BYTES, SAMPLER_CHUNK_ROWS, ModelShape, estimate_memory
+from gemma_profiles.planning.plan import Plan, make_plan, split_device_map
+from gemma_profiles.spec.registry import default_registry
+from gemma_profiles.spec.variants import VARIANTS
 
 GiB = 2**30
 
@@ -123,7 +123,7 @@ def test_an_explicit_embedder_on_the_cpu_is_sized(write_profile: Any) -> None:
         quantization: {weights: int8}
         """,
     )
-    from gemma_profiles.profile import load_profile
+    from gemma_profiles.spec.profile import load_profile
 
     plan = make_plan(load_profile(path), "7b")
     assert plan.embedder is not None and plan.embedder.value == "cpu" and plan.embedder.origin.endswith(":3")
@@ -164,7 +164,7 @@ def test_offload_to_disk_is_suggested_when_host_memory_is_short(write_profile: A
         quantization: {weights: int8}
         """,
     )
-    from gemma_profiles.profile import load_profile
+    from gemma_profiles.spec.profile import load_profile
 
     plan = make_plan(load_profile(path), "27b")
     assert plan.verdict is not None and not plan.verdict.fits
@@ -184,7 +184,7 @@ def test_plan_header_and_budget_say_where_the_facts_come_from() -> None:
 
 
 def test_detected_budget_says_detected(fake_hardware: Any) -> None:
-    from gemma_profiles.hardware import CpuInfo, Hardware
+    from gemma_profiles.planning.hardware import CpuInfo, Hardware
 
     fake_hardware(Hardware(CpuInfo(8, 32 * GiB, 30 * GiB, ("avx2",), "Test CPU")))
     result = invoke("plan", "cpu-8gb", "--variant", "2b", "--here")
@@ -197,7 +197,7 @@ def test_detected_budget_says_detected(fake_hardware: Any) -> None:
 
 
 def storage_profile(write_profile: Any, extra: str = "", gpu: str = "7.5", memory_size: str = "16GiB") -> Any:
-    from gemma_profiles.profile import load_profile
+    from gemma_profiles.spec.profile import load_profile
 
     path = write_profile(
         "f16",
@@ -273,7 +273,7 @@ def test_pre_ampere_profiles_store_gemma_2_and_3_in_float16_where_it_fits(name: 
 
 def test_float16_storage_is_the_cheapest_change_for_float32_on_an_older_gpu(write_profile: Any) -> None:
     # float32's answers at half the memory come before int8's, which loses some
-    from gemma_profiles.profile import load_profile
+    from gemma_profiles.spec.profile import load_profile
 
     path = write_profile(
         "t4-f32",
@@ -301,7 +301,7 @@ def test_the_offload_step_reads_the_planned_embedder_placement(
     from gemma_profiles.hooks import offload
     from gemma_testing import tiny_config
 
-    from gemma_profiles.profile import load_profile
+    from gemma_profiles.spec.profile import load_profile
 
     config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
     config.vocab_size = 256000  # a real Gemma's vocabulary on a tiny model: the embedder dominates

@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 import gemma_profiles
-from gemma_profiles.auto import auto_profile, best_match
-from gemma_profiles.cli import cli
+from gemma_profiles.cli.main import cli
 from gemma_profiles.errors import GemmaProfileError
-from gemma_profiles.hardware import CpuInfo, GpuInfo, Hardware
-from gemma_profiles.memory import ModelShape, estimate_memory
-from gemma_profiles.plan import Target, make_plan
-from gemma_profiles.registry import default_registry
+from gemma_profiles.planning.auto import auto_profile, best_match
+from gemma_profiles.planning.hardware import CpuInfo, GpuInfo, Hardware
+from gemma_profiles.planning.memory import ModelShape, estimate_memory
+from gemma_profiles.planning.plan import Target, make_plan
+from gemma_profiles.spec.registry import default_registry
 
 GiB = 2**30
 AVX2 = ("avx2",)
@@ -139,7 +139,7 @@ def test_profiles_int8_keeps_the_embedder_and_drops_the_workspace() -> None:
 
 
 def test_a_long_prompt_on_the_native_int8_kernel_counts_one_dequantized_weight() -> None:
-    from gemma_profiles.hardware import DEQUANTIZE_ROWS
+    from gemma_profiles.planning.hardware import DEQUANTIZE_ROWS
 
     shape = ModelShape.of_variant("2b")
 
@@ -301,7 +301,7 @@ def test_old_gpu_profiles_never_compute_gemma2_or_3_in_float16(name: str, varian
 
 
 def test_every_bundled_profile_passes_the_planner_checks() -> None:
-    from gemma_profiles.plan import plan_problems
+    from gemma_profiles.planning.plan import plan_problems
 
     registry = default_registry()
     for name in registry.names():
@@ -385,7 +385,7 @@ def test_preflight_sees_the_profiles_config_before_gemma_allocates(
     """Construction stops in the preflight, naming the field, before gemma builds a single layer."""
     from gemma_testing import tiny_config
 
-    from gemma_profiles import runtime
+    from gemma_profiles.runtime import session
 
     fake_hardware(machine(None, 4))
     config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
@@ -394,7 +394,7 @@ def test_preflight_sees_the_profiles_config_before_gemma_allocates(
         "description: x\nplacement: {device: cpu}\nconfig:\n  dtype: float32\n"
         "  num_hidden_layers: 1000\n  intermediate_size: 300000\n",
     )
-    plan = runtime.Session(str(path)).plan_for(config)
+    plan = session.Session(str(path)).plan_for(config)
     assert plan.memory is not None and plan.verdict is not None and not plan.verdict.fits
     assert "decoder layers x1000" in {item.component for item in plan.memory.items}
     with gemma_profiles.use(str(path)), pytest.raises(GemmaProfileError) as caught:

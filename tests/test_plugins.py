@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import gemma_profiles
-from gemma_profiles import plugins
 from gemma_profiles.errors import PluginError
-from gemma_profiles.plugins import BLOCK_ENV, DEFAULT_PLUGINS, GemmaPluginManager, get_plugin_manager
-from gemma_profiles.registry import Registry, default_registry
-from gemma_profiles.types import ProfileSource
+from gemma_profiles.plugin import manager as plugins
+from gemma_profiles.plugin.manager import BLOCK_ENV, DEFAULT_PLUGINS, GemmaPluginManager, get_plugin_manager
+from gemma_profiles.plugin.types import ProfileSource
+from gemma_profiles.spec.registry import Registry, default_registry
 
 BUILTINS = {"sources", "config", "preflight", "placement", "loading"}
 
@@ -96,7 +96,7 @@ def entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
 SOURCES_PLUGIN = """
     from pathlib import Path
     from gemma_profiles import hookimpl
-    from gemma_profiles.types import ProfileSource
+    from gemma_profiles.plugin.types import ProfileSource
 
     FOLDER = Path(__file__).with_name("profiles_{tag}")
 
@@ -135,7 +135,7 @@ def test_plugin_manager_is_lazy_and_resettable():
 
 def test_building_the_manager_does_not_import_torch():
     code = (
-        "import sys; from gemma_profiles.plugins import get_plugin_manager; "
+        "import sys; from gemma_profiles.plugin.manager import get_plugin_manager; "
         "get_plugin_manager().profile_sources(); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -500,14 +500,14 @@ def test_sources_answering_42_names_the_plugin():
     with pytest.raises(PluginError) as caught:
         default_registry().names()
     assert_names_the_plugin(
-        caught.value, "int 42", "gemma_profile_sources", "a list of gemma_profiles.types.ProfileSource"
+        caught.value, "int 42", "gemma_profile_sources", "a list of gemma_profiles.plugin.types.ProfileSource"
     )
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("profiles/", "a list of gemma_profiles.types.ProfileSource"),
+        ("profiles/", "a list of gemma_profiles.plugin.types.ProfileSource"),
         ([ProfileSource(42, "x")], "whose path is a pathlib.Path, got path int 42"),  # type: ignore[arg-type]
         ([ProfileSource(Path("."), 3)], "whose label is a str, got label int 3"),  # type: ignore[arg-type]
         ([ProfileSource(Path("."), "x", "high")], "whose precedence is an int"),  # type: ignore[arg-type]
@@ -528,13 +528,13 @@ def test_a_source_path_given_as_a_string_is_taken_as_a_path(tmp_path, write_prof
 
 
 def test_detect_hardware_answering_junk_names_the_plugin():
-    from gemma_profiles.hardware import detect_hardware
+    from gemma_profiles.planning.hardware import detect_hardware
 
     install_plugin(Answers("fast"))
     with pytest.raises(PluginError) as caught:
         detect_hardware()
     assert_names_the_plugin(
-        caught.value, "str 'fast'", "gemma_profile_detect_hardware", "gemma_profiles.hardware.Hardware or None"
+        caught.value, "str 'fast'", "gemma_profile_detect_hardware", "gemma_profiles.planning.hardware.Hardware or None"
     )
 
 
@@ -592,7 +592,7 @@ def misspelt_plugin(tmp_path, monkeypatch) -> Iterator[str]:
 def cli_invoke(*args: str):  # type: ignore[no-untyped-def]
     from click.testing import CliRunner
 
-    from gemma_profiles.cli import cli
+    from gemma_profiles.cli.main import cli
 
     return CliRunner().invoke(cli, list(args), prog_name="gemma-profile")
 
@@ -600,7 +600,7 @@ def cli_invoke(*args: str):  # type: ignore[no-untyped-def]
 WARNING = (
     "gemma-profile: warning: skipping a broken plugin: plugin 'typo' from package 'typo-pack' implements "
     "'gemma_profile_source', which is not a hook gemma-profiles calls (did you mean 'gemma_profile_sources'?) "
-    "(hooks are listed in gemma_profiles/hookspecs.py; fix or uninstall typo-pack, or set "
+    "(hooks are listed in gemma_profiles/plugin/hookspecs.py; fix or uninstall typo-pack, or set "
     f"{BLOCK_ENV}=typo)"
 )
 

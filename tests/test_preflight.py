@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from gemma_profiles.hardware import (
+from gemma_profiles.planning.hardware import (
     LEGACY_TORCH_FIX,
     CpuInfo,
     GpuInfo,

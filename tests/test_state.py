@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gemma_profiles import state
 from gemma_profiles.errors import StateError
-from gemma_profiles.state import active_reference, clear_applied, read_applied, state_path, write_applied
+from gemma_profiles.runtime import state
+from gemma_profiles.runtime.state import active_reference, clear_applied, read_applied, state_path, write_applied
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""The sampler's product on the tied embedder (``gemma_profiles.tied``): never a second copy.
+"""The sampler's product on the tied embedder (``gemma_profiles.engine.tied``): never a second copy.
 
 A bfloat16 model loaded from a float32 checkpoint (what ``gemma-profile import`` writes by
 default) has its embedder converted while loading, so it is not memory-mapped. Where the
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles import native, packed
+from gemma_profiles.engine import kernels, native
 
 PROMPTS = ["the cat sees a dog", "two red birds"]
 
@@ -47,7 +47,7 @@ class FakeBf16Library:
 def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBf16Library]:
     fake = FakeBf16Library()
     monkeypatch.setattr(native, "bf16_library", lambda: fake)
-    assert packed.native_bf16() and packed.available(torch.bfloat16) is None
+    assert kernels.native_bf16() and kernels.available(torch.bfloat16) is None
     yield fake
 
 
@@ -106,8 +106,8 @@ def test_a_converted_bfloat16_embedder_is_multiplied_in_place(
     fake_kernel: FakeBf16Library,
     variant: str,
 ) -> None:
-    from gemma_profiles.loader import memory_mapped
-    from gemma_profiles.tied import _HOOK
+    from gemma_profiles.engine.loading import memory_mapped
+    from gemma_profiles.engine.tied import _HOOK
 
     profile = write_profile("tied-bf16", "description: t\nplacement: {device: cpu}\nconfig: {dtype: bfloat16}\n")
     with gemma_profiles.use(str(profile)):
@@ -118,7 +118,7 @@ def test_a_converted_bfloat16_embedder_is_multiplied_in_place(
         assert _HOOK in model.sampler.__dict__, "the sampler's product goes to the kernel"
         fake_kernel.weights.clear()
         out = model.generate(PROMPTS, "cpu", output_len=3, temperature=None)
-    linears = {m.weight.data_ptr() for m in model.modules() if packed.is_packed(m)}
+    linears = {m.weight.data_ptr() for m in model.modules() if kernels.is_packed(m)}
     others = [pointer for pointer, _ in fake_kernel.weights if pointer not in linears]
     # Besides the layers' weights, the kernel read one matrix: the embedder's own storage, at
     # every step (prefill and two decode steps) - no copy of it was made.

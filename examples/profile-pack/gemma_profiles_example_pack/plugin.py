@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gemma_profiles
-from gemma_profiles.types import ProfileSource
+from gemma_profiles.plugin.types import ProfileSource
 
 
 @gemma_profiles.hookimpl
