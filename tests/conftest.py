@@ -12,20 +12,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from gemma_profiles import hookimpl, log
+from gemma_profiles import hookimpl, log, settings
 from gemma_profiles.planning.hardware import Hardware
 from gemma_profiles.plugin import manager as plugins
 from gemma_profiles.runtime import session
 from gemma_profiles.runtime.gemma_info import gemma_status
-
-_OUR_VARS = (
-    "GEMMA_PROFILE",
-    "GEMMA_PROFILE_PATH",
-    "GEMMA_PROFILE_DISABLE_PLUGINS",
-    "GEMMA_PROFILE_LOG",
-    "GEMMA_PROFILE_NATIVE",
-    "GEMMA_PROFILE_NATIVE_BUILD_TIMEOUT",
-)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -36,10 +27,10 @@ def pytest_report_header(config: pytest.Config) -> str:
 def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """No profile active, state and user dir in a temp folder, a fresh plugin manager."""
     home = tmp_path_factory.mktemp("env")
-    for name in _OUR_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GEMMA_PROFILE_STATE_DIR", str(home / "state"))
-    monkeypatch.setenv("GEMMA_PROFILE_USER_DIR", str(home / "user-profiles"))
+    for variable in settings.VARIABLES:  # every one the package reads, not a copy of the list
+        monkeypatch.delenv(variable.name, raising=False)
+    monkeypatch.setenv(settings.STATE_DIR.name, str(home / "state"))
+    monkeypatch.setenv(settings.USER_DIR.name, str(home / "user-profiles"))
     session.deactivate()
     plugins.reset_plugin_manager()
     try:
