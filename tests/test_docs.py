@@ -1,7 +1,9 @@
-"""The docs are held to the code: every hook documented with an example that registers."""
+"""The docs are held to the code: every hook documented with an example that registers, every
+builtin in the builtins table with the hooks it implements, every package on the design page."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import types
@@ -14,6 +16,7 @@ from gemma_profiles.plugin import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS_MD = ROOT / "docs" / "hooks.md"
+DESIGN_MD = ROOT / "docs" / "design.md"
 
 
 def hook_names() -> list[str]:
@@ -51,6 +54,77 @@ def test_each_example_registers_against_the_hookspecs(name: str) -> None:
     manager.add_hookspecs(hookspecs)
     manager.register(module)  # pluggy checks the argument names against the spec
     manager.check_pending()
+
+
+def builtins_table() -> dict[str, tuple[set[str], list[str]]]:
+    """docs/hooks.md's "## The builtins" table: name -> (hooks named, engine files named)."""
+    text = HOOKS_MD.read_text(encoding="utf-8")
+    section = re.search(r"^## The builtins\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    assert section, "docs/hooks.md lacks its '## The builtins' section"
+    rows: dict[str, tuple[set[str], list[str]]] = {}
+    for line in section.group(1).splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        name = re.fullmatch(r"`(\w+)`", cells[0]) if len(cells) >= 3 else None
+        if name:
+            rows[name.group(1)] = (
+                set(re.findall(r"`(gemma_profile_\w+)`", cells[1])),
+                re.findall(r"`([\w/]+\.py)`", cells[2]),
+            )
+    return rows
+
+
+def builtins() -> dict[str, Path]:
+    """DEFAULT_PLUGINS' names -> the file in hooks/ each one loads."""
+    from gemma_profiles.plugin.manager import DEFAULT_PLUGINS
+
+    prefix = "gemma_profiles.hooks."
+    return {entry[0]: ROOT / "hooks" / f"{entry[1].removeprefix(prefix)}.py" for entry in DEFAULT_PLUGINS}
+
+
+def implemented(path: Path) -> set[str]:
+    """The hooks a builtin's module implements, read from its source."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("gemma_profile_")
+    }
+
+
+def test_every_builtin_is_in_the_builtins_table() -> None:
+    table, known = builtins_table(), builtins()
+    missing = sorted(set(known) - set(table))
+    assert not missing, f"docs/hooks.md '## The builtins' lacks a row for the builtins {missing} (DEFAULT_PLUGINS)"
+    unknown = sorted(set(table) - set(known))
+    assert not unknown, f"docs/hooks.md '## The builtins' lists {unknown}, which are not in DEFAULT_PLUGINS"
+
+
+@pytest.mark.parametrize("name", sorted(builtins()))
+def test_each_builtin_row_names_the_hooks_it_implements(name: str) -> None:
+    hooks, engine = builtins_table().get(name, (set(), []))
+    path = builtins()[name]
+    actual = implemented(path)
+    assert hooks == actual, (
+        f"docs/hooks.md '## The builtins', row {name}: names {sorted(hooks)}, but {path.relative_to(ROOT)} "
+        f"implements {sorted(actual)}; fix the row"
+    )
+    absent = [file for file in engine if not (ROOT / "gemma_profiles" / file).is_file()]
+    assert not absent, (
+        f"docs/hooks.md '## The builtins', row {name}: no such engine module {absent} under gemma_profiles/"
+    )
+
+
+def test_the_design_page_names_every_package_and_module() -> None:
+    """docs/design.md's package map names each subpackage, each shared module and each engine module."""
+    text = DESIGN_MD.read_text(encoding="utf-8")
+    package = ROOT / "gemma_profiles"
+    wanted = [f"{d.name}/" for d in sorted(package.iterdir()) if (d / "__init__.py").is_file()]
+    wanted += [f"{f.name}" for f in sorted(package.glob("*.py")) if f.name != "__init__.py"]
+    wanted += [f"`{f.stem}`" for f in sorted((package / "engine").glob("*.py")) if f.name != "__init__.py"]
+    wanted += [f"`{f.stem}`" for f in sorted((package / "planning").glob("*.py")) if f.name != "__init__.py"]
+    wanted += [f"`{f.stem}`" for f in sorted((package / "spec").glob("*.py")) if f.name != "__init__.py"]
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"docs/design.md's package map does not name {missing}: add them to the table"
 
 
 def doc_samples() -> list[object]:
