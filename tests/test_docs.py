@@ -127,6 +127,103 @@ def test_the_design_page_names_every_package_and_module() -> None:
     assert not missing, f"docs/design.md's package map does not name {missing}: add them to the table"
 
 
+#: Where a path in the docs may start: the repository, the package (``engine/loading.py``), the
+#: engine (``csrc/decode.c``), the installed names of hooks/ and profiles/, an example pack's own layout.
+PATH_BASES = (
+    ROOT,
+    ROOT / "gemma_profiles",
+    ROOT / "gemma_profiles" / "engine",
+    *(path for pack in sorted((ROOT / "examples").iterdir()) if pack.is_dir() for path in (pack, *pack.iterdir())),
+)
+INSTALLED = {"gemma_profiles/hooks": "hooks", "gemma_profiles/profiles": "profiles"}
+OUR_FOLDERS = (
+    "gemma_profiles|hooks|tests|benchmarks|profiles|examples|docs|engine|spec|planning|plugin|runtime|cli|tools|csrc"
+)
+#: Module files renamed by the layout of issue 16, by their old names.
+RENAMED = {
+    "loader.py": "engine/loading.py",
+    "int8.py": "engine/quantization.py",
+    "packed.py": "engine/kernels.py",
+    "streaming.py": "engine/offload.py",
+    "osutil.py": "engine/pages.py",
+    "runtime.py": "runtime/session.py",
+    "plugins.py": "plugin/manager.py",
+    "cli.py": "cli/main.py",
+}
+
+
+def prose() -> list[Path]:
+    return [*sorted((ROOT / "docs").glob("*.md")), ROOT / "CONTRIBUTING.md", *sorted((ROOT / "examples").rglob("*.md"))]
+
+
+def test_paths_in_the_docs_exist() -> None:
+    """A file of ours named in the docs exists (``engine/loading.py``, ``hooks/oom.py``, ``csrc/decode.c``...),
+    and no page names a module by its name from before the layout of issue 16."""
+    mention = re.compile(rf"(?<![\w./-])((?:{OUR_FOLDERS})/[\w./-]*\w)")
+    old = re.compile(rf"(?<![\w./-])({'|'.join(re.escape(name) for name in RENAMED)})\b")
+    problems = []
+    for page in prose():
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            where = f"{page.relative_to(ROOT)}:{number}"
+            for match in mention.finditer(line):
+                path = match.group(1)
+                for installed, folder in INSTALLED.items():
+                    path = re.sub(rf"^{installed}\b", folder, path)
+                placeholder = any(part.split(".")[0].isupper() for part in path.split("/"))
+                if not placeholder and not any((base / path).exists() for base in PATH_BASES):
+                    problems.append(f"{where}: {match.group(1)} does not exist")
+            for match in old.finditer(line):
+                problems.append(f"{where}: {match.group(1)} is now {RENAMED[match.group(1)]}")
+    assert not problems, "\n".join(problems)
+
+
+def _defined(path: Path) -> set[str]:
+    """Top-level names a module defines or imports."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    return names
+
+
+def _module_file(dotted: str) -> Path | None:
+    parts = dotted.split(".")
+    folder = ROOT / ("hooks" if parts[:2] == ["gemma_profiles", "hooks"] else "gemma_profiles")
+    rest = parts[2:] if parts[:2] == ["gemma_profiles", "hooks"] else parts[1:]
+    base = folder.joinpath(*rest)
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def test_dotted_names_in_the_docs_resolve() -> None:
+    """``gemma_profiles.planning.hardware.torch_kernel_support`` in a page names a module that exists
+    and, after it, a name that module defines (read from the source, nothing imported)."""
+    problems = []
+    for page in prose():
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            for match in re.finditer(r"(?<![\w.])gemma_profiles(?:\.\w+)+", line):
+                dotted = match.group(0)
+                if dotted == "gemma_profiles.pth":
+                    continue
+                parts = dotted.split(".")
+                for size in range(len(parts), 0, -1):
+                    module = _module_file(".".join(parts[:size]))
+                    if module:
+                        break
+                attribute = parts[size] if module and size < len(parts) else None
+                if module is None or (attribute and attribute not in _defined(module)):
+                    problems.append(f"{page.relative_to(ROOT)}:{number}: {dotted} does not resolve")
+    assert not problems, "\n".join(problems)
+
+
 def doc_samples() -> list[object]:
     from doc_samples import documents, samples
 
