@@ -70,13 +70,13 @@ $(S)/torch: $(S)/torch.want
 	@touch $@
 
 $(S)/project: $(S)/torch $(ROOT)/pyproject.toml $(ROOT)/setup.py
-	@echo "== gemma-profiles (editable, with the gguf and test extras)"
-	cd $(ROOT) && $(PIP) --quiet -e '.[gguf,test]'
+	@echo "== gemma-profiles (editable, with the gguf, test and hf extras)"
+	cd $(ROOT) && $(PIP) --quiet -e '.[gguf,test,hf]'
 	@touch $@
 
 $(S)/dev: $(S)/project
 	@echo "== lint tools (the dev extra)"
-	cd $(ROOT) && $(PIP) --quiet -e '.[gguf,test,dev]'
+	cd $(ROOT) && $(PIP) --quiet -e '.[gguf,test,hf,dev]'
 	@touch $@
 
 $(S)/model: $(S)/project

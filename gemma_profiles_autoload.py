@@ -29,6 +29,10 @@ STATE_FILE_NAME = "applied.json"
 OFF_VALUES = ("off", "none", "0", "false", "no")
 #: gemma_pytorch modules holding the classes the profile patches (the runtime's import hook list).
 PATCHED_MODULES = ("gemma.model", "gemma.gemma3_model")
+#: Modules whose import arms the chosen profile: gemma's, and those the builtin plugins name in
+#: ``gemma_profile_watched_modules`` (tests/test_transformers.py checks the two lists agree).
+#: A third-party plugin's modules are served by the runtime's hook once a session is armed.
+ARM_ON = (*PATCHED_MODULES, "transformers.modeling_utils")
 
 
 class StateDirError(ValueError):
@@ -87,7 +91,7 @@ def wanted() -> bool:
 class ArmOnGemmaImport:
     """First on ``sys.meta_path`` while a profile is wanted but not armed yet.
 
-    Answers only for gemma's model modules: imports ``gemma_profiles.runtime.session`` (which arms
+    Answers only for the modules in `ARM_ON`: imports ``gemma_profiles.runtime.session`` (which arms
     the session and removes this finder) and hands the import to the runtime's own hook,
     which patches the module once gemma's code has run.
     """
@@ -95,7 +99,7 @@ class ArmOnGemmaImport:
     def find_spec(
         self, fullname: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None
     ) -> "Any":
-        if fullname not in PATCHED_MODULES:
+        if fullname not in ARM_ON:
             return None
         from gemma_profiles.runtime import session
 
@@ -119,7 +123,7 @@ def install() -> None:
         if not wanted() or pending():
             return
         sys.meta_path.insert(0, ArmOnGemmaImport())
-        if any(name in sys.modules for name in PATCHED_MODULES):  # gemma came first (a sitecustomize)
+        if any(name in sys.modules for name in ARM_ON):  # gemma came first (a sitecustomize)
             from gemma_profiles.runtime import session  # noqa: F401  (arms on import)
     except Exception:  # never break interpreter start-up; the runtime reports problems at model construction
         pass

@@ -7,7 +7,8 @@ entry-point group (see the package docstring).  The builtin behaviour in
 
 Phases:
 
-1. *Discovery* - `gemma_profile_sources`, `gemma_profile_detect_hardware`.
+1. *Discovery* - `gemma_profile_sources`, `gemma_profile_detect_hardware`,
+   `gemma_profile_watched_modules` / `gemma_profile_module_imported` (other codebases).
 2. *Before construction* - `gemma_profile_preflight`, `gemma_profile_rewrite_config`.
 3. *After construction* - `gemma_profile_model_built`.
 4. *Loading and running* - `gemma_profile_load_weights`, `gemma_profile_weights_loaded`,
@@ -17,6 +18,7 @@ Phases:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
 PROJECT_NAME = "gemma_profiles"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: Marks a hook implementation: ``@hookimpl`` (a plugin writes ``@gemma_profiles.hookimpl``,
+#: the same object re-exported).  Code inside the package imports it from here, not from
+#: the package root, so nothing it imports leads back to the root.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 # -- discovery ---------------------------------------------------------------
@@ -55,6 +61,32 @@ def gemma_profile_detect_hardware() -> Hardware | None:
     Stops at first non-None result.  The builtin ``hardware`` plugin (torch,
     psutil, /proc/cpuinfo) runs last; a plugin can supply facts for hardware it
     knows better, and tests supply fakes.
+    """
+
+
+@hookspec
+def gemma_profile_watched_modules() -> Iterable[str]:
+    """Name modules this plugin arms when they are imported while a profile is active.
+
+    :returns: dotted module names (``"transformers.modeling_utils"``).
+
+    Results of all implementations are combined.  The runtime's import hook calls
+    `gemma_profile_module_imported` for each one once its code has run (or at once, when it
+    was imported before the profile was activated), so a plugin can serve a codebase other
+    than gemma_pytorch without the core importing it.  The .pth autoload arms the session on
+    gemma's modules and on the builtins' watched modules (``gemma_profiles_autoload.ARM_ON``);
+    a third-party plugin's module is served once the session is armed.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def gemma_profile_module_imported(module: ModuleType) -> None:
+    """A module some plugin named in `gemma_profile_watched_modules` was imported with a profile active.
+
+    :param module: the module, its code run.
+
+    All implementations run; each checks ``module.__name__`` for its own modules.
     """
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -62,6 +63,8 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("kernels", "gemma_profiles.hooks.kernels"),
     ("fused", "gemma_profiles.hooks.fused"),
     ("offload", "gemma_profiles.hooks.offload"),
+    ("parallel", "gemma_profiles.hooks.parallel"),
+    ("transformers", "gemma_profiles.hooks.transformers"),
 )
 
 
@@ -162,7 +165,7 @@ def _device(result: Any) -> str | None:
             device = str(torch.device(device))
         except (RuntimeError, ValueError, TypeError):
             raise _BadResult(f"{expected}; torch does not know the device {printable(repr(device))}") from None
-        from gemma_profiles.hooks.placement import device_problem
+        from gemma_profiles.engine.devices import device_problem
 
         problem = device_problem(device)
         if problem:
@@ -170,10 +173,25 @@ def _device(result: Any) -> str | None:
     return device
 
 
+def _module_names(result: Any) -> list[str]:
+    expected = "a list of dotted module names (str)"
+    if result is None:
+        return []
+    if isinstance(result, str | bytes | Mapping) or not isinstance(result, Iterable):
+        raise _BadResult(expected)
+    names = list(result)
+    for name in names:
+        if not isinstance(name, str) or not name or not all(part.isidentifier() for part in name.split(".")):
+            raise _BadResult(f"{expected}, got an item {_shown(name)}")
+    return names
+
+
 #: hook -> the check every implementation's result passes through (it returns the result to use).
 _RESULT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "gemma_profile_sources": _profile_sources,
     "gemma_profile_detect_hardware": _hardware,
+    "gemma_profile_watched_modules": _module_names,
+    "gemma_profile_module_imported": _none_only,
     "gemma_profile_preflight": _none_only,
     "gemma_profile_rewrite_config": _none_only,
     "gemma_profile_model_built": _none_only,
@@ -417,6 +435,14 @@ class GemmaPluginManager:
                 hint=f"the builtin 'hardware' plugin answers last; is it in {BLOCK_ENV}?",
             )
         return result
+
+    def watched_modules(self) -> frozenset[str]:
+        """Every module some plugin arms on import (`gemma_profile_watched_modules`)."""
+        results = self._call("gemma_profile_watched_modules")
+        return frozenset(name for names in results for name in _module_names(names))
+
+    def module_imported(self, module: ModuleType) -> None:
+        self._call("gemma_profile_module_imported", module=module)
 
     def preflight(self, plan: Plan) -> None:
         self._call("gemma_profile_preflight", plan=plan)

@@ -271,9 +271,12 @@ class _PatchingLoader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
         if _session is not None:
-            from gemma_profiles.runtime import patch
+            if module.__name__ in PATCHED_MODULES:
+                from gemma_profiles.runtime import patch
 
-            patch.patch_module(module)
+                patch.patch_module(module)
+            else:
+                _serve(module)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
@@ -285,7 +288,7 @@ class GemmaImportHook(importlib.abc.MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in PATCHED_MODULES:
+        if fullname not in PATCHED_MODULES and not _watches(fullname):
             return None
         for finder in sys.meta_path:
             if isinstance(finder, (GemmaImportHook, gemma_profiles_autoload.ArmOnGemmaImport)):
@@ -300,7 +303,64 @@ class GemmaImportHook(importlib.abc.MetaPathFinder):
         return None
 
 
+#: The builtins' watched modules (what the .pth arms on, beside gemma's own).
+_BUILTIN_WATCHED = frozenset(gemma_profiles_autoload.ARM_ON) - frozenset(PATCHED_MODULES)
+_watched: frozenset[str] | None = None
+_asking = False
+
+
+def watched_modules() -> frozenset[str]:
+    """Modules plugins arm on import (``gemma_profile_watched_modules``), asked once per session.
+
+    While the plugins load (their own imports pass through the hook) and when they cannot
+    load (a broken plugin: model construction reports it), only the builtins' list in
+    ``gemma_profiles_autoload.ARM_ON`` is watched.
+    """
+    global _watched, _asking
+    if _watched is not None:
+        return _watched
+    fallback = _BUILTIN_WATCHED
+    if _asking:
+        return fallback
+    _asking = True
+    try:
+        from gemma_profiles.plugin.manager import get_plugin_manager
+
+        _watched = get_plugin_manager().watched_modules() - frozenset(PATCHED_MODULES)
+    except GemmaProfileError as exc:
+        logger.debug("watched modules: the plugins did not load ({}); watching {}", exc, sorted(fallback))
+        return fallback
+    finally:
+        _asking = False
+    return _watched
+
+
+def _watches(fullname: str) -> bool:
+    """Whether the import of ``fullname`` is handed to the plugins: a builtin's watched module, or (once
+    the plugin manager is loaded - never loaded here, for an unrelated import) any plugin's."""
+    if fullname in _BUILTIN_WATCHED:
+        return True
+    return _manager_loaded() and fullname in watched_modules()
+
+
+def _manager_loaded() -> bool:
+    manager = sys.modules.get("gemma_profiles.plugin.manager")
+    return manager is not None and getattr(manager, "_manager", None) is not None
+
+
+def _serve(module: ModuleType) -> None:
+    """Hand a watched module to the plugins (``gemma_profile_module_imported``); a failure is one log line."""
+    from gemma_profiles.plugin.manager import get_plugin_manager
+
+    try:
+        get_plugin_manager().module_imported(module)
+    except GemmaProfileError as exc:  # never break the program's import; its model loads unprofiled
+        logger.error("{} was imported without the profile's changes: {}", module.__name__, exc)
+
+
 def _install_import_hook() -> None:
+    global _watched
+    _watched = None  # asked again: the plugins may have changed since the last session
     if not any(isinstance(f, GemmaImportHook) for f in sys.meta_path):
         sys.meta_path.insert(0, GemmaImportHook())
     loaded = [sys.modules[name] for name in PATCHED_MODULES if name in sys.modules]
@@ -309,6 +369,13 @@ def _install_import_hook() -> None:
 
         for module in loaded:
             patch.patch_module(module)
+    # A watched module imported before the session (`import transformers` first): served now.
+    # Only when one is loaded is the plugin manager asked, so activating stays cheap otherwise.
+    if any(name in sys.modules for name in _BUILTIN_WATCHED) or _manager_loaded():
+        for name in sorted(watched_modules()):
+            imported = sys.modules.get(name)
+            if imported is not None:
+                _serve(imported)
 
 
 def _remove_import_hook() -> None:

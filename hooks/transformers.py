@@ -1,0 +1,430 @@
+"""The active profile applied to Hugging Face transformers' Gemma (docs/transformers.md).
+
+transformers is never imported here: the plugin names ``transformers.modeling_utils`` in
+``gemma_profile_watched_modules``, and when the program imports it (``from transformers import
+AutoModelForCausalLM`` does, on first use) with a profile active, ``PreTrainedModel.from_pretrained``
+- the path ``AutoModelForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM`` and
+``Gemma3ForCausalLM`` all take - is wrapped.  For Gemma text models (``model_type`` gemma, gemma2,
+gemma3_text, gemma3) the wrapper:
+
+1. reads the config (the ``config=`` argument, or ``AutoConfig`` with the call's own download
+   arguments), plans it with our planner (`gemma_profiles.planning.hf`) and runs the preflight;
+2. sets ``dtype`` (``torch_dtype`` before transformers 4.56), ``device_map``, ``max_memory`` and
+   ``attn_implementation`` (eager for Gemma 2's soft-capped attention) - an argument the script
+   passes wins, with a log line, except a dtype the hardware or the model cannot compute
+   (bfloat16 below compute capability 8.0, float16 for Gemma 2/3): that is refused, with the same
+   message as for gemma_pytorch;
+3. after loading, when the whole model is on the CPU: int8 weights (the profile's
+   ``quantization.weights: int8``) on our int8 kernels, else the linear layers on our packed
+   CPU kernels (`gemma_profiles.engine.kernels`).
+
+Every change is logged before -> after.  Other models pass through untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+from collections.abc import Callable
+from typing import Any
+
+from gemma_profiles import hookimpl
+from gemma_profiles.errors import GemmaProfileError
+from gemma_profiles.log import logger
+from gemma_profiles.planning import hf
+from gemma_profiles.planning.plan import Plan, Setting, Target, check_dtype, check_float16, make_plan, normalize_device
+from gemma_profiles.units import parse_memory
+
+#: The module holding ``PreTrainedModel``.
+WATCHED = "transformers.modeling_utils"
+_ORIGINAL = "_gemma_profile_original"
+#: ``from_pretrained`` arguments that say where the config comes from (passed on to ``AutoConfig``).
+_DOWNLOAD_ARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "gguf_file",
+    "proxies",
+    "trust_remote_code",
+)
+
+
+@hookimpl
+def gemma_profile_watched_modules() -> list[str]:
+    return [WATCHED]
+
+
+@hookimpl
+def gemma_profile_module_imported(module: types.ModuleType) -> None:
+    if module.__name__ == WATCHED:
+        install(module.PreTrainedModel)
+
+
+def install(base: type) -> None:
+    """Wrap ``base.from_pretrained`` (a classmethod) once; inert while no profile is active."""
+    current = base.__dict__["from_pretrained"]
+    function = current.__func__
+    if getattr(function, _ORIGINAL, None) is not None:
+        return
+
+    @functools.wraps(function)
+    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+        return profiled_from_pretrained(function, cls, args, kwargs)
+
+    setattr(from_pretrained, _ORIGINAL, function)
+    base.from_pretrained = classmethod(from_pretrained)  # type: ignore[attr-defined]
+
+
+def uninstall(base: type) -> None:
+    """Put transformers' own ``from_pretrained`` back."""
+    original = getattr(base.__dict__["from_pretrained"].__func__, _ORIGINAL, None)
+    if original is not None:
+        base.from_pretrained = classmethod(original)  # type: ignore[attr-defined]
+
+
+def profiled_from_pretrained(
+    original: Callable[..., Any], cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    from gemma_profiles.runtime import session as sessions
+
+    session = sessions.session_for_model()
+    if session is None:
+        return original(cls, *args, **kwargs)
+    config = _read_config(args, kwargs)
+    if config is None or hf.family_of(config) is None:
+        return original(cls, *args, **kwargs)
+    plan = plan_for(session.profile(), config)
+    for warning in plan.warnings:
+        logger.warning("[{}] {}", plan.profile, warning)
+    kwargs = dict(kwargs)
+    dtype = arguments(plan, config, kwargs)
+    from gemma_profiles.plugin.manager import get_plugin_manager
+
+    get_plugin_manager().preflight(plan)
+    model = original(cls, *args, **kwargs)
+    after_loading(model, plan, dtype)
+    return model
+
+
+def _read_config(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The config ``from_pretrained`` will build from, or None when it cannot be had (transformers then
+    reports the problem itself, in the script's own call)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    given = kwargs.get("config")
+    if isinstance(given, PretrainedConfig):
+        return given
+    reference = given if isinstance(given, str | os.PathLike) else (args[0] if args else None)
+    reference = reference if reference is not None else kwargs.get("pretrained_model_name_or_path")
+    if reference is None:
+        return None
+    passed = {name: kwargs[name] for name in _DOWNLOAD_ARGS if name in kwargs}
+    try:
+        return AutoConfig.from_pretrained(reference, **passed)
+    except Exception as exc:  # any failure is transformers' to report, in the real call
+        logger.debug("transformers: no config read for {!r} ({}); loading it as it is", reference, exc)
+        return None
+
+
+def plan_for(profile: Any, config: Any) -> Plan:
+    """The plan for a transformers Gemma config, sized against this machine when the profile's device is here."""
+    from gemma_profiles.planning.hardware import detect_hardware
+
+    shape = hf.shape_of(config)
+    variant = hf.variant_of(shape)
+    plan = make_plan(profile, variant, shape.family, shape=shape)
+    hardware = detect_hardware()
+    device = str(plan.device.value) if plan.device is not None else ("cuda:0" if hardware.gpus else "cpu")
+    if device.startswith("cuda") and hardware.gpu(normalize_device(device)) is None:
+        return plan  # the device is missing here: the preflight says so
+    if device == "mps":
+        return plan
+    target = Target.of_hardware(hardware, device)
+    return make_plan(profile, variant, shape.family, target=target, shape=shape)
+
+
+# -- before the call: from_pretrained's arguments --------------------------------------------------------
+
+
+def dtype_key() -> str:
+    """``dtype`` (transformers >= 4.56) or ``torch_dtype`` (older)."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _dtype_name(value: Any) -> str:
+    return str(value).removeprefix("torch.")
+
+
+def _log(plan: Plan, name: str, before: Any, after: Any, reason: str) -> None:
+    logger.info("[{}] from_pretrained {}: {!r} -> {!r} ({})", plan.profile, name, before, after, reason)
+
+
+def arguments(plan: Plan, config: Any, kwargs: dict[str, Any]) -> Any:
+    """Set ``kwargs`` from the plan, the script's own arguments winning; returns the compute dtype (torch)."""
+    import torch
+
+    shape = hf.shape_of(config)
+    name = f"{hf.describe(config)} under profile '{plan.profile}'"
+    logger.info("[{}] transformers: {}", plan.profile, name)
+    for field in sorted(set(plan.config) - {"dtype", "quant"}):
+        logger.info(
+            "[{}] config.{} is for gemma_pytorch's GemmaConfig; transformers' models keep their own ({})",
+            plan.profile,
+            field,
+            plan.config[field].origin,
+        )
+    # dtype
+    key = next((k for k in ("dtype", "torch_dtype") if kwargs.get(k) not in (None, "auto")), None)
+    chosen: Any
+    if key is not None:
+        chosen = kwargs[key]
+        if isinstance(chosen, str):
+            chosen = getattr(torch, chosen, chosen)
+        _check_scripts_dtype(plan, shape.family, key, chosen)
+        if plan.dtype is not None and _dtype_name(chosen) != plan.dtype:
+            logger.info(
+                "[{}] from_pretrained {}: the script's {} wins over the profile's {} ({})",
+                plan.profile,
+                key,
+                _dtype_name(chosen),
+                plan.dtype,
+                plan.config["dtype"].origin,
+            )
+    elif plan.dtype is not None:
+        target_key = dtype_key()
+        before = kwargs.get("dtype", kwargs.get("torch_dtype", "auto"))
+        kwargs.pop("torch_dtype" if target_key == "dtype" else "dtype", None)
+        chosen = getattr(torch, plan.dtype)
+        kwargs[target_key] = chosen
+        _log(plan, target_key, before, plan.dtype, plan.config["dtype"].origin)
+    else:
+        chosen = None
+    # placement
+    device_map = _device_map(plan)
+    if "device_map" in kwargs and kwargs["device_map"] is not None:
+        if device_map is not None and kwargs["device_map"] != device_map:
+            logger.info(
+                "[{}] from_pretrained device_map: the script's {!r} wins over the profile's {!r}",
+                plan.profile,
+                kwargs["device_map"],
+                device_map,
+            )
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+        origin = plan.device.origin if plan.device is not None else "placement"
+        _log(plan, "device_map", None, device_map, origin if device_map != "auto" else "the profile offloads layers")
+    max_memory = _max_memory(plan)
+    if max_memory and kwargs.get("device_map") == "auto":
+        if kwargs.get("max_memory") is not None:
+            logger.info("[{}] from_pretrained max_memory: the script's {!r} wins", plan.profile, kwargs["max_memory"])
+        else:
+            kwargs["max_memory"] = max_memory
+            _log(plan, "max_memory", None, max_memory, "placement.max_memory")
+    # attention
+    text = hf.text_config(config)
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if shape.family == "gemma2" and softcap:
+        reason = f"Gemma 2 soft-caps attention scores at {softcap}; only eager attention computes the cap"
+        given = kwargs.get("attn_implementation")
+        if given is None:
+            kwargs["attn_implementation"] = "eager"
+            _log(plan, "attn_implementation", given, "eager", reason)
+        elif given != "eager":
+            logger.info(
+                "[{}] from_pretrained attn_implementation: the script's {!r} wins ({})", plan.profile, given, reason
+            )
+    return chosen
+
+
+def _check_scripts_dtype(plan: Plan, family: str, key: str, dtype: Any) -> None:
+    """The rules the profile's own dtype meets, for the script's: gemma_pytorch's message, naming the call."""
+    name = _dtype_name(dtype)
+    origin = f"from_pretrained({key}=torch.{name})"
+    allowed = False
+    profile_name = plan.profile
+    try:
+        check_dtype(Setting(name, origin), plan.target, profile_name)
+        check_float16(Setting(name, origin), plan.variant, family, plan.target, profile_name, allowed)
+    except GemmaProfileError as exc:
+        message = exc.message.replace(f"profile '{profile_name}' asks for", f"the script's {origin} asks for")
+        raise GemmaProfileError(f"{message} (profile '{profile_name}')", where=exc.where, hint=exc.hint) from None
+
+
+def _device_map(plan: Plan) -> str | None:
+    """``"auto"`` when the profile offloads (accelerate places layers within ``max_memory``), else its device."""
+    if plan.offloads or len(set(plan.layers.values())) > 1:
+        return "auto"
+    if plan.device is None:
+        return None
+    device = normalize_device(str(plan.device.value))
+    return None if device == "cpu" else device  # the CPU is where transformers loads anyway
+
+
+def _max_memory(plan: Plan) -> dict[int | str, int]:
+    limits = plan.placement.max_memory or {}
+    result: dict[int | str, int] = {}
+    for device, amount in limits.items():
+        name = normalize_device(str(device))
+        key: int | str = int(name.split(":")[1]) if name.startswith("cuda:") else name
+        result[key] = parse_memory(amount) if isinstance(amount, str) else int(amount)
+    return result
+
+
+# -- after the call: our CPU engine on its layers ---------------------------------------------------------
+
+
+def _blocked(name: str) -> bool:
+    from gemma_profiles.plugin.manager import get_plugin_manager
+
+    return get_plugin_manager().pm.is_blocked(name)
+
+
+def after_loading(model: Any, plan: Plan, requested: Any) -> None:
+    import torch
+
+    devices = {p.device.type for p in model.parameters()}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    logger.info(
+        "[{}] transformers: {} loaded on {} in {}",
+        plan.profile,
+        type(model).__name__,
+        ", ".join(sorted(devices)),
+        _dtype_name(dtype),
+    )
+    if plan.quantization == "int8":
+        if devices != {"cpu"}:
+            logger.warning(
+                "[{}] int8 weights: not done for transformers' models on {} (our int8 kernels are CPU ones; "
+                "bitsandbytes is not wired in); weights stay {}",
+                plan.profile,
+                ", ".join(sorted(devices)),
+                _dtype_name(dtype),
+            )
+        elif _blocked("quantization"):
+            logger.info("[{}] int8 weights: the quantization builtin is blocked; weights stay {}", plan.profile, dtype)
+        else:
+            quantize(model, plan, dtype or torch.float32)
+            return
+    if plan.weight_storage == "float16":
+        logger.warning(
+            "[{}] float16 storage: not done for transformers' models; weights stay {}", plan.profile, _dtype_name(dtype)
+        )
+    if devices == {"cpu"} and not _blocked("kernels"):
+        pack(model, plan)
+
+
+def _plain_linears(model: Any) -> list[tuple[str, Any]]:
+    from torch import nn
+
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and module.bias is None
+        and isinstance(module._parameters.get("weight"), nn.Parameter)
+        and module.weight.dim() == 2
+        and module.weight.device.type == "cpu"
+        and not module.weight.is_meta
+    ]
+
+
+def pack(model: Any, plan: Plan) -> None:
+    """Each plain CPU ``nn.Linear`` on `gemma_profiles.engine.kernels`' packed weights (the tied output
+    projection gets a packed copy; the embedding keeps its weight for lookups)."""
+    from gemma_profiles.engine import kernels
+
+    layers = [(name, m) for name, m in _plain_linears(model) if m.weight.dtype in kernels.PACKED_DTYPES]
+    dtypes = {m.weight.dtype for _, m in layers}
+    reasons = {dtype: kernels.available(dtype) for dtype in dtypes}
+    for dtype, reason in reasons.items():
+        if reason:
+            logger.info("[{}] plain CPU matmuls for {} weights: {}", plan.profile, _dtype_name(dtype), reason)
+    count = 0
+    packed_dtype = None
+    for _, module in layers:
+        if reasons[module.weight.dtype] is None:
+            packed_dtype = module.weight.dtype
+            kernels.pack_module(module)
+            count += 1
+    if packed_dtype is not None:
+        kernels.pin_to_cpu(model, "this model", packed_dtype)
+    if count:
+        logger.info(
+            "[{}] CPU kernels: {} of transformers' linear layers use {}",
+            plan.profile,
+            count,
+            " and ".join(sorted({kernels.kernel_name(d) for d, r in reasons.items() if r is None})),
+        )
+
+
+def quantize(model: Any, plan: Plan, dtype: Any) -> None:
+    """int8 weights with one scale per row (`gemma_profiles.engine.loading.quantize_rows`), computed by
+    `gemma_profiles.engine.quantization.int8_linear`; a tied embedding shares its int8 rows with the output
+    projection and looks up only the rows it gathers (`gemma_profiles.engine.quantization.int8_lookup`)."""
+    from gemma_profiles.engine import surgery
+    from gemma_profiles.engine.loading import quantize_rows
+    from gemma_profiles.engine.quantization import direct_linear
+
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    tied = output is not None and embedding is not None and output.weight is embedding.weight
+    count = 0
+    for _, module in _plain_linears(model):
+        if tied and module is output:
+            continue
+        q, scale = quantize_rows(module.weight.detach(), dtype)
+        _to_int8(module, q, scale)
+        direct_linear(module)
+        count += 1
+    embedder = "kept"
+    if tied:
+        q, scale = quantize_rows(embedding.weight.detach(), dtype)
+        _to_int8(embedding, q, scale)
+        _to_int8(output, q, scale)
+        surgery.swap(embedding, _scaled_int8_lookup())
+        direct_linear(output)
+        embedder = "int8, shared by the lookup (gathered rows only) and the output projection"
+    logger.info(
+        "[{}] int8: {} of transformers' linear layers read int8 weights directly (computed in {}); "
+        "the tied embedder: {}",
+        plan.profile,
+        count,
+        _dtype_name(dtype),
+        embedder,
+    )
+
+
+def _to_int8(module: Any, q: Any, scale: Any) -> None:
+    module._parameters.pop("weight", None)
+    module.register_buffer("weight", q)
+    module.register_buffer("weight_scaler", scale)
+
+
+_lookup_class: type | None = None
+
+
+def _scaled_int8_lookup() -> Any:
+    """The surgery for transformers' scaled word embedding (``embedding(ids) * embed_scale``) on int8 rows
+    (made on first use: this module never imports torch when it loads)."""
+    global _lookup_class
+    if _lookup_class is None:
+        from gemma_profiles.engine import surgery
+        from gemma_profiles.engine.quantization import int8_lookup
+
+        class ScaledInt8Lookup(surgery.Surgery):
+            prefix = "Int8"
+
+            def forward(self, input_ids: Any) -> Any:
+                rows = int8_lookup(self, input_ids)
+                scale = getattr(self, "embed_scale", None)
+                return rows if scale is None else rows * scale.to(rows.dtype)
+
+        _lookup_class = ScaledInt8Lookup
+    return _lookup_class
