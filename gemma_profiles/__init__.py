@@ -23,16 +23,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import pluggy
 from loguru import logger
 
 from gemma_profiles.errors import GemmaProfileError
-from gemma_profiles.plugin.hookspecs import PROJECT_NAME
+from gemma_profiles.plugin.hookspecs import hookimpl  # ``@gemma_profiles.hookimpl`` marks a plugin's hooks
 
 __version__ = "0.1.0"
-
-#: Marker for hook implementations: ``@gemma_profiles.hookimpl``.
-hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 # A library stays quiet until asked (loguru's advice); activation enables it.
 logger.disable("gemma_profiles")

@@ -11,6 +11,9 @@ One rule reads every on/off switch: ``0``, ``false``, ``no``, ``off`` turn it of
 unset, empty or anything else leaves the switch at its default.  ``GEMMA_PROFILE``
 itself names a profile, and the same off words (plus ``none``) mean "no profile".
 
+It also holds the one tunable the planner and the engine share, `DEQUANTIZE_ROWS` (the
+engine may import nothing of the planner, and the planner nothing of the engine).
+
 Standard library only and cheap to import: the CLI, the planner and the engine read
 it.  The ``.pth`` module (``gemma_profiles_autoload``) cannot import it - importing any
 ``gemma_profiles`` module runs the package ``__init__`` (pluggy, loguru) at every
@@ -22,12 +25,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 #: Values that turn a switch off, and on (compared lower-cased, blanks stripped).
 OFF_WORDS = ("0", "false", "no", "off")
 ON_WORDS = ("1", "true", "yes", "on")
 #: Values of ``GEMMA_PROFILE`` that ask for no profile (``gemma_profiles_autoload.OFF_VALUES`` too).
 PROFILE_OFF_WORDS = ("off", "none", "0", "false", "no")
+#: Rows of activations (batch x prompt tokens) from which the native int8 kernel hands a
+#: product to a float GEMM on a dequantized copy of the weight (`gemma_profiles.engine.native`);
+#: the planner counts that copy's memory from the same number (`gemma_profiles.planning.memory`).
+DEQUANTIZE_ROWS = 160
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,16 @@ def switch(variable: Variable) -> bool:
 def profile_off(value: str) -> bool:
     """Whether a ``GEMMA_PROFILE`` value asks for no profile (``off``, ``none``, ``0``, ...)."""
     return value.strip().lower() in PROFILE_OFF_WORDS
+
+
+def import_dir() -> Path:
+    """`IMPORT_DIR` with ``~`` expanded, else ``imports`` in the user cache folder."""
+    value = IMPORT_DIR.raw()
+    if value:
+        return Path(value).expanduser()
+    from platformdirs import user_cache_dir  # lazily: nothing else here needs it
+
+    return Path(user_cache_dir("gemma-profiles")) / "imports"
 
 
 def markdown_table() -> str:

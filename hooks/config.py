@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gemma_profiles import hookimpl
 from gemma_profiles.planning.plan import Plan
+from gemma_profiles.plugin.hookspecs import hookimpl
 from gemma_profiles.plugin.types import ConfigRewrite
 
 

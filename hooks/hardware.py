@@ -14,8 +14,8 @@ import platform
 
 import psutil
 
-from gemma_profiles import hookimpl
 from gemma_profiles.planning.hardware import ISA_FLAGS, CpuInfo, GpuInfo, Hardware, huge_page_mode
+from gemma_profiles.plugin.hookspecs import hookimpl
 
 
 def cpu_flags() -> tuple[str, ...]:

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gemma_profiles import hookimpl
 from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.log import logger
 from gemma_profiles.planning.plan import Plan
+from gemma_profiles.plugin.hookspecs import hookimpl
 
 _announced: set[tuple[str, str, str, str]] = set()
 

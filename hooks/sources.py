@@ -8,12 +8,13 @@ from pathlib import Path
 
 import platformdirs
 
-from gemma_profiles import hookimpl
+from gemma_profiles import settings
 from gemma_profiles.errors import printable
+from gemma_profiles.plugin.hookspecs import hookimpl
 from gemma_profiles.plugin.types import ProfileSource
 
-PATH_ENV = "GEMMA_PROFILE_PATH"
-USER_DIR_ENV = "GEMMA_PROFILE_USER_DIR"
+PATH_ENV = settings.PATH.name
+USER_DIR_ENV = settings.USER_DIR.name
 
 _said: set[tuple[str, str]] = set()
 

@@ -139,7 +139,7 @@ def test_profiles_int8_keeps_the_embedder_and_drops_the_workspace() -> None:
 
 
 def test_a_long_prompt_on_the_native_int8_kernel_counts_one_dequantized_weight() -> None:
-    from gemma_profiles.planning.hardware import DEQUANTIZE_ROWS
+    from gemma_profiles.settings import DEQUANTIZE_ROWS
 
     shape = ModelShape.of_variant("2b")
 

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
-from gemma_profiles import log
+from gemma_profiles import log, settings
 from gemma_profiles.errors import GemmaProfileError, did_you_mean, printable
 from gemma_profiles.spec.profile import Profile
 from gemma_profiles.spec.registry import PROFILE_SUFFIXES, Registry, default_registry, looks_like_path, reserved_name
@@ -413,8 +413,8 @@ def apply(name: str) -> None:
     _echo("  gemma models built by Python in this environment now use it; 'gemma-profile reset' undoes it")
     if missing:
         _warn(missing)
-    if os.environ.get("GEMMA_PROFILE", "").strip():
-        _echo(f"  note: GEMMA_PROFILE={os.environ['GEMMA_PROFILE']} is set here and takes precedence", err=True)
+    if settings.PROFILE.raw():
+        _echo(f"  note: {settings.PROFILE.name}={settings.PROFILE.raw()} is set here and takes precedence", err=True)
     status = gemma_status()
     if status.kind not in ("gemma_pytorch", "standin"):
         _echo(f"  note: gemma is {status.describe()}", err=True)

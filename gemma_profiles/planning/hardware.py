@@ -13,13 +13,13 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gemma_profiles import settings
+
 #: x86 ISA levels we report, lowest first (Linux /proc/cpuinfo flag names).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-#: ``0`` turns the native int8 CPU kernel off (`gemma_profiles.engine.native`).
-NATIVE_ENV = "GEMMA_PROFILE_NATIVE"
-#: Rows of activations (batch x prompt tokens) from which the native int8 kernel hands a
-#: product to a float GEMM on a dequantized copy of the weight (gemma_profiles/engine/native.py).
-DEQUANTIZE_ROWS = 160
+#: Old names, kept until gemma_profiles.engine reads `gemma_profiles.settings` itself.
+NATIVE_ENV = settings.NATIVE.name
+DEQUANTIZE_ROWS = settings.DEQUANTIZE_ROWS
 #: Linux's transparent huge page mode: ``always [madvise] never``, the bracketed one in force.
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -45,7 +45,7 @@ def native_int8_expected(isa: tuple[str, ...]) -> bool:
     It needs AVX-512 VNNI and a C compiler to build it on first use; the planner uses this to
     know whether an int8 model keeps its tied embedder int8 in float32 compute too.
     """
-    if os.environ.get(NATIVE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+    if not settings.switch(settings.NATIVE):
         return False
     has_vnni = any(flag in isa for flag in ("avx512_vnni", "avx512_bf16", "amx_bf16"))
     return has_vnni and shutil.which(os.environ.get("CC") or "cc") is not None

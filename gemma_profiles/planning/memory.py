@@ -72,7 +72,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from gemma_profiles.planning.hardware import DEQUANTIZE_ROWS
+from gemma_profiles.settings import DEQUANTIZE_ROWS
 from gemma_profiles.spec.variants import VARIANTS, family_of_architecture
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "bfloat16": 2}

