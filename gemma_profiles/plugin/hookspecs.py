@@ -35,10 +35,6 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 #: the same object re-exported).  Code inside the package imports it from here, not from
 #: the package root, so nothing it imports leads back to the root.
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
-#: Marks a hook implementation: ``@hookimpl`` (a plugin writes ``@gemma_profiles.hookimpl``,
-#: the same object re-exported).  Code inside the package imports it from here, not from
-#: the package root, so nothing it imports leads back to the root.
-hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 # -- discovery ---------------------------------------------------------------
