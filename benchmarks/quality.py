@@ -88,7 +88,7 @@ class _Nothing:
 def _profile(reference: str) -> Any:
     if reference == "auto":
         from gemma_profiles.planning.auto import auto_profile
-        from gemma_profiles.planning.hardware import detect_hardware
+        from gemma_profiles.plugin.manager import detect_hardware
 
         return auto_profile(detect_hardware())
     from gemma_profiles.spec.registry import default_registry

@@ -20,9 +20,10 @@ or a test can supply it).
 from __future__ import annotations
 
 from gemma_profiles.errors import GemmaProfileError
-from gemma_profiles.planning.hardware import Hardware, detect_hardware
+from gemma_profiles.planning.hardware import Hardware
 from gemma_profiles.planning.plan import FAMILY_NAMES, Plan, normalize_device
 from gemma_profiles.plugin.hookspecs import hookimpl
+from gemma_profiles.plugin.manager import detect_hardware
 
 CUDA_BUILDS = "https://pytorch.org/get-started/locally/"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import platformdirs
 
-from gemma_profiles import settings
+import gemma_profiles.settings as settings
 from gemma_profiles.errors import printable
 from gemma_profiles.plugin.hookspecs import hookimpl
 from gemma_profiles.plugin.types import ProfileSource

@@ -132,7 +132,7 @@ def _read_config(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 def plan_for(profile: Any, config: Any) -> Plan:
     """The plan for a transformers Gemma config, sized against this machine when the profile's device is here."""
-    from gemma_profiles.planning.hardware import detect_hardware
+    from gemma_profiles.plugin.manager import detect_hardware
 
     shape = hf.shape_of(config)
     variant = hf.variant_of(shape)

@@ -207,7 +207,7 @@ def test_list_shows_auto_without_detecting(monkeypatch: pytest.MonkeyPatch) -> N
     def detect() -> None:
         raise AssertionError("list detected the hardware (that imports torch)")
 
-    monkeypatch.setattr("gemma_profiles.planning.hardware.detect_hardware", detect)
+    monkeypatch.setattr("gemma_profiles.plugin.manager.detect_hardware", detect)
     rows = {row["name"]: row for row in json.loads(invoke("list", "--json").stdout)}
     assert rows["auto"]["source"] == "detected" and rows["auto"]["path"] is None
 
@@ -313,7 +313,7 @@ def test_apply_does_not_detect_when_the_driver_shows_the_gpu(monkeypatch: pytest
     def detect() -> None:
         raise AssertionError("detected (imports torch) though the driver shows the GPU")
 
-    monkeypatch.setattr("gemma_profiles.planning.hardware.detect_hardware", detect)
+    monkeypatch.setattr("gemma_profiles.plugin.manager.detect_hardware", detect)
     result = invoke("apply", "t4")
     assert result.exit_code == 0 and result.stderr == "", result.output
 
@@ -323,7 +323,7 @@ def test_apply_a_cpu_profile_never_detects(monkeypatch: pytest.MonkeyPatch) -> N
     def detect() -> None:
         raise AssertionError("detected for a CPU profile")
 
-    monkeypatch.setattr("gemma_profiles.planning.hardware.detect_hardware", detect)
+    monkeypatch.setattr("gemma_profiles.plugin.manager.detect_hardware", detect)
     result = invoke("apply", "cpu-8gb")
     assert result.exit_code == 0 and result.stderr == "", result.output
 

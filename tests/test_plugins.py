@@ -528,7 +528,7 @@ def test_a_source_path_given_as_a_string_is_taken_as_a_path(tmp_path, write_prof
 
 
 def test_detect_hardware_answering_junk_names_the_plugin():
-    from gemma_profiles.planning.hardware import detect_hardware
+    from gemma_profiles.plugin.manager import detect_hardware
 
     install_plugin(Answers("fast"))
     with pytest.raises(PluginError) as caught:

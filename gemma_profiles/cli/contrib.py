@@ -57,7 +57,7 @@ def new(name: str, from_detect: bool, extends: str | None, output: str | None, f
             raise GemmaProfileError("no user profile folder here", hint="give the file with -o PATH")
         path = folder / f"{name}.yaml"
     if from_detect:
-        from gemma_profiles.planning.hardware import detect_hardware
+        from gemma_profiles.plugin.manager import detect_hardware
 
         text = profile_text(name, detect_hardware(), extends=extends)
     else:

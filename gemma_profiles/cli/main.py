@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 
 import click
 
-from gemma_profiles import log, settings
+import gemma_profiles.log as log
+import gemma_profiles.settings as settings
 from gemma_profiles.errors import GemmaProfileError, did_you_mean, printable
 from gemma_profiles.spec.profile import Profile
 from gemma_profiles.spec.registry import PROFILE_SUFFIXES, Registry, default_registry, looks_like_path, reserved_name

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from gemma_profiles.engine import hugepages
+from gemma_profiles.engine import hugepages, parallel
 from gemma_profiles.engine.half import stored_names
 from gemma_profiles.engine.lazy import assign, meta_tensors, set_lazy
 from gemma_profiles.errors import CheckpointChangedError, CheckpointError
@@ -899,6 +899,7 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
 
     with contextlib.ExitStack() as stack:
         shards = open_checkpoint(path, stack)
+        shards = parallel.slice_shards(model, shards)  # tensor parallel: this rank's slice of each tensor
         shards_by_path = {shard.path: shard for shard in shards}
         unexpected = check_fits(shards, model, path, plan.profile)
         for shard in shards:

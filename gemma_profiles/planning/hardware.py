@@ -1,8 +1,9 @@
 """Facts about this machine, as a typed value tests can fake.
 
-`detect_hardware` asks the ``gemma_profile_detect_hardware`` hook (firstresult,
-so a plugin can supply the facts); the builtin ``hooks/hardware.py`` imports
-torch and psutil only when called.  Nothing here imports torch.
+A value module: the facts (`Hardware`, `CpuInfo`, `GpuInfo`) and what follows from them
+(`torch_kernel_support`, `native_int8_expected`).  It asks no plugin and imports no torch:
+`gemma_profiles.plugin.manager.detect_hardware` asks the ``gemma_profile_detect_hardware``
+hook for this machine's facts (the builtin ``hooks/hardware.py`` answers last).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gemma_profiles import settings
+import gemma_profiles.settings as settings
 
 #: x86 ISA levels we report, lowest first (Linux /proc/cpuinfo flag names).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
@@ -237,10 +238,3 @@ def torch_kernel_support(
     else:
         fix = f"install a torch CUDA build that lists {sm} ({where})"
     return KernelSupport(False, reason, fix)
-
-
-def detect_hardware() -> Hardware:
-    """This machine's facts, from the first plugin that supplies them."""
-    from gemma_profiles.plugin.manager import get_plugin_manager
-
-    return get_plugin_manager().detect_hardware()

@@ -141,6 +141,33 @@ class ModelShape:
             changes["family"] = family
         return dataclasses.replace(self, **changes) if changes else self
 
+    # -- tensor parallel (docs/parallel.md) -----------------------------------------------
+
+    def tensor_parallel_problem(self, ranks: int) -> str | None:
+        """Why this shape cannot be split over ``ranks`` ranks by heads and MLP rows, or None."""
+        h, kv, i = self.num_attention_heads, self.num_key_value_heads, self.intermediate_size
+        if h % ranks:
+            return f"the model's {h} attention heads do not split over {ranks} ranks"
+        if kv % ranks and ranks % kv:
+            return f"the model's {kv} KV heads neither split over {ranks} ranks nor divide them"
+        if i % ranks:
+            return f"the model's MLP width {i} does not split over {ranks} ranks"
+        if self.hidden_size % (h // ranks):
+            return f"gemma needs hidden_size {self.hidden_size} divisible by the {h // ranks} heads of a rank"
+        return None
+
+    def per_rank(self, ranks: int) -> ModelShape:
+        """One rank's share under tensor parallel: heads, KV heads (replicated when fewer than
+        ranks) and MLP width divided; layers, embedder and norms whole."""
+        if ranks <= 1:
+            return self
+        return dataclasses.replace(
+            self,
+            num_attention_heads=self.num_attention_heads // ranks,
+            num_key_value_heads=max(1, self.num_key_value_heads // ranks),
+            intermediate_size=self.intermediate_size // ranks,
+        )
+
     # -- parameter counts --------------------------------------------------------------
 
     @property

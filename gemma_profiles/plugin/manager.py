@@ -565,6 +565,12 @@ def get_plugin_manager() -> GemmaPluginManager:
     return _manager
 
 
+def detect_hardware() -> Hardware:
+    """This machine's facts, from the first plugin that supplies them (``gemma_profile_detect_hardware``,
+    firstresult; the builtin ``hooks/hardware.py`` answers last and imports torch and psutil only then)."""
+    return get_plugin_manager().detect_hardware()
+
+
 def reset_plugin_manager(manager: GemmaPluginManager | None = None) -> None:
     """Drop (or replace) the process-wide manager; tests use this."""
     global _manager

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import gemma_profiles.log as log
 import gemma_profiles_autoload
-from gemma_profiles import log
 from gemma_profiles.errors import GemmaProfileError, PatchError, ProfileError
 from gemma_profiles.log import logger
 from gemma_profiles.planning.plan import Plan, make_plan
@@ -73,7 +73,7 @@ class Session:
             try:
                 if self.reference == "auto":
                     from gemma_profiles.planning.auto import auto_profile
-                    from gemma_profiles.planning.hardware import detect_hardware
+                    from gemma_profiles.plugin.manager import detect_hardware
 
                     self._profile = auto_profile(detect_hardware())
                 else:
@@ -100,9 +100,9 @@ class Session:
 
     def plan_for(self, config: Any) -> Plan:
         """The plan for one config, sized against this machine when the profile's device is here."""
-        from gemma_profiles.planning.hardware import detect_hardware
         from gemma_profiles.planning.memory import ModelShape
         from gemma_profiles.planning.plan import Target
+        from gemma_profiles.plugin.manager import detect_hardware
 
         profile = self.profile()
         variant = identify_variant(config)

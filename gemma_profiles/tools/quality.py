@@ -174,6 +174,6 @@ def import_folder(gguf: Any) -> Any:
     ``<user cache>/gemma-profiles/imports/<file name without .gguf>``."""
     from pathlib import Path
 
-    from gemma_profiles import settings
+    import gemma_profiles.settings as settings
 
     return settings.import_dir() / Path(gguf).stem
