@@ -184,12 +184,15 @@ class Placement(_Strict):
     max_memory: dict[str, MemorySize] | None = None
     offload: Literal["none", "cpu", "disk"] = "none"
     offload_folder: str | None = None
-    #: Ranks that share each layer's attention heads and MLP (docs/parallel.md): the script runs
-    #: under ``torchrun --nproc-per-node N``; 1 is one process, as without the field.
-    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
-    #: Seconds a rank waits for the others (joining the process group, each collective)
-    #: before it stops with one line instead of hanging.
-    tensor_parallel_timeout: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1,
+        description="ranks that share each layer's attention heads and MLP (docs/parallel.md): "
+        "run the script under 'torchrun --nproc-per-node N'; 1: one process",
+    )
+    tensor_parallel_timeout: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=300.0,
+        description="seconds a rank waits for the others (joining, each collective) before it stops with one line",
+    )
 
     @field_validator("max_memory")
     @classmethod
