@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,22 @@ class Plan:
     def offloads(self) -> bool:
         """Whether the placement offloads or maps modules (``hooks/offload.py`` places them after loading)."""
         return self.placement.offload != "none" or isinstance(self.placement.device_map, dict)
+
+    def runs_on_cpu(self, device_problem: Callable[[str], str | None]) -> bool:
+        """Whether the whole model computes on the CPU: nothing is offloaded or mapped, and the
+        plan's device is ``cpu`` - or, without one, the script has no CUDA or MPS device to move
+        the model to.  The CPU kernels (the ``quantization``, ``kernels`` and ``fused`` builtins)
+        apply only then.
+
+        :param device_problem: why a device (``cuda``, ``mps``) cannot be used here, or None when
+            it can (`gemma_profiles.engine.devices.device_problem`; a test passes its own).  Asked
+            only of a plan without a device: the planner itself never imports torch.
+        """
+        if self.offloads:
+            return False
+        if self.device is not None:
+            return str(self.device.value).split(":")[0] == "cpu"
+        return all(device_problem(kind) is not None for kind in ("cuda", "mps"))
 
     @property
     def dtype(self) -> str | None:
