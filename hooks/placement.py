@@ -20,28 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from gemma_profiles.engine.devices import device_problem
 from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.log import logger
 from gemma_profiles.planning.plan import Plan
 from gemma_profiles.plugin.hookspecs import hookimpl
 
 _announced: set[tuple[str, str, str, str]] = set()
-
-
-def device_problem(device: str) -> str | None:
-    """Why ``device`` cannot be used here, or None when it can."""
-    import torch
-
-    kind, _, index = device.partition(":")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            return f"this torch ({torch.__version__}) sees no CUDA device"
-        count = torch.cuda.device_count()
-        if index and int(index) >= count:
-            return f"this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}"
-    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        return "MPS is not available here"
-    return None
 
 
 def runs_on_cpu(plan: Plan) -> bool:

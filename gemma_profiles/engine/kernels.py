@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from gemma_profiles.engine import hugepages, native
-from gemma_profiles.engine.loading import release_pages
+from gemma_profiles.engine.pages import release_pages
 from gemma_profiles.errors import GemmaProfileError
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
