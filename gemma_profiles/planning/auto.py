@@ -167,8 +167,8 @@ def best_match(hardware: Hardware, registry: Registry, on_broken: Any = None) ->
                 on_broken(name, exc)
             continue
         facts = profile.model.hardware
-        if profile.model.abstract or facts is None:
-            continue
+        if profile.model.abstract or facts is None or profile.model.placement.tensor_parallel > 1:
+            continue  # a profile for several ranks (torchrun) never runs a script started alone
         match = _score(name, facts, hardware, gpu)
         if match and (best is None or match.score > best.score):
             best = match
