@@ -164,6 +164,41 @@ def profile_off(value: str) -> bool:
     return value.strip().lower() in PROFILE_OFF_WORDS
 
 
+#: (variable, value) pairs already warned about by `expand`: one line each per process.
+_said: set[tuple[str, str]] = set()
+
+
+def expand(value: str, variable: str) -> Path | None:
+    """``value`` of ``variable`` as a path with ``~`` expanded; None (after one warning) when it cannot be.
+
+    ``~nosuchuser/x`` names a user this machine lacks, and ``~/x`` without a home directory
+    cannot be expanded either: the entry is skipped, and the warning names the variable.
+    """
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        from gemma_profiles.errors import printable
+        from gemma_profiles.log import logger
+
+        user = value[1:].split("/", 1)[0].split(os.sep, 1)[0]
+        why = f"there is no user '{printable(user)}' here" if user else "there is no home directory to expand '~' to"
+        if (variable, value) not in _said:
+            _said.add((variable, value))
+            logger.warning("{}", f"{variable} entry '{printable(value)}' is skipped: {why} (write the path out)")
+        return None
+
+
+def user_dir() -> Path | None:
+    """The user's profile folder: `USER_DIR`, else ``~/.config/gemma-profiles/profiles`` on Linux
+    (platformdirs' user config folder); None when the variable names a path that cannot be expanded."""
+    value = os.environ.get(USER_DIR.name)
+    if value:
+        return expand(value, USER_DIR.name)
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("gemma-profiles")) / "profiles"
+
+
 def import_dir() -> Path:
     """`IMPORT_DIR` with ``~`` expanded, else ``imports`` in the user cache folder."""
     value = IMPORT_DIR.raw()

@@ -6,54 +6,15 @@ import os
 from importlib import resources
 from pathlib import Path
 
-import platformdirs
-
-import gemma_profiles.settings as settings
-from gemma_profiles.errors import printable
 from gemma_profiles.plugin.hookspecs import hookimpl
 from gemma_profiles.plugin.types import ProfileSource
+from gemma_profiles.settings import PATH, expand, user_dir
 
-PATH_ENV = settings.PATH.name
-USER_DIR_ENV = settings.USER_DIR.name
-
-_said: set[tuple[str, str]] = set()
-
-
-def expand(value: str, variable: str) -> Path | None:
-    """``value`` of ``variable`` as a path with ``~`` expanded; None (after one warning) when it cannot be.
-
-    ``~nosuchuser/x`` names a user this machine lacks, and ``~/x`` without a home directory
-    cannot be expanded either: the entry is skipped, and the warning names the variable.
-    """
-    try:
-        return Path(value).expanduser()
-    except RuntimeError:  # pathlib: "Could not determine home directory."
-        user = value[1:].split("/", 1)[0].split(os.sep, 1)[0]
-        why = f"there is no user '{printable(user)}' here" if user else "there is no home directory to expand '~' to"
-        _say_once(variable, value, f"{variable} entry '{printable(value)}' is skipped: {why} (write the path out)")
-        return None
-
-
-def _say_once(variable: str, value: str, message: str) -> None:
-    if (variable, value) in _said:
-        return
-    _said.add((variable, value))
-    from gemma_profiles.log import logger
-
-    logger.warning("{}", message)
+PATH_ENV = PATH.name
 
 
 def bundled_dir() -> Path:
     return Path(str(resources.files("gemma_profiles.profiles")))
-
-
-def user_dir() -> Path | None:
-    """``~/.config/gemma-profiles/profiles`` on Linux (platformdirs' user config dir), or
-    ``GEMMA_PROFILE_USER_DIR``; None when that names a path that cannot be expanded."""
-    override = os.environ.get(USER_DIR_ENV)
-    if override:
-        return expand(override, USER_DIR_ENV)
-    return Path(platformdirs.user_config_dir("gemma-profiles")) / "profiles"
 
 
 @hookimpl

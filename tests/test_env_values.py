@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from gemma_profiles.hooks import sources
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import gemma_profiles.settings as variables
 from gemma_profiles import log
 from gemma_profiles.cli.main import cli
 from gemma_profiles.errors import _UNPRINTABLE
@@ -330,7 +330,7 @@ ARGUMENTS = st.lists(
 def fresh_process_state() -> Iterator[None]:
     """What a new ``gemma-profile`` process starts with: no plugin manager, no log handler, nothing said yet."""
     manager.reset_plugin_manager()
-    sources._said.clear()
+    variables._said.clear()
     registry._unreadable.clear()
     log.disable()
     try:

@@ -6,11 +6,8 @@ from pathlib import Path
 
 import click
 
-from gemma_profiles.errors import GemmaProfileError, printable
-
-
-def _echo(text: str, *, err: bool = False) -> None:
-    click.echo(printable(text), err=err)  # paths and names may hold control characters
+from gemma_profiles.cli.common import echo
+from gemma_profiles.errors import GemmaProfileError
 
 
 @click.command(
@@ -29,9 +26,9 @@ def _echo(text: str, *, err: bool = False) -> None:
 @click.option("--force", is_flag=True, help="Replace the file if it exists.")
 def new(name: str, from_detect: bool, extends: str | None, output: str | None, force: bool) -> None:
     """Write a profile NAME for a machine, validate it, and print the next commands."""
-    from gemma_profiles.hooks.sources import user_dir
     from gemma_profiles.planning.new_profile import check_name, profile_text, template_text, write_new
     from gemma_profiles.planning.plan import profile_problems
+    from gemma_profiles.settings import user_dir
     from gemma_profiles.spec.registry import default_registry
 
     problem = check_name(name)
@@ -69,18 +66,18 @@ def new(name: str, from_detect: bool, extends: str | None, output: str | None, f
         raise GemmaProfileError(f"{path} exists", hint="--force replaces it; -o writes elsewhere") from None
     except OSError as exc:
         raise GemmaProfileError(f"cannot write {path}: {exc.strerror or exc}") from None
-    _echo(f"wrote {path}")
+    echo(f"wrote {path}")
     problems = profile_problems(path, registry.resolve_extends, cache=registry.resolved)
     if problems:
         for found in problems:
-            _echo(f"  {found}", err=True)
+            echo(f"  {found}", err=True)
         raise GemmaProfileError(f"{path} does not validate (above); edit it, then 'gemma-profile validate {path}'")
     reference = name if not output else str(path)
-    _echo("  it validates. Next:")
-    _echo(f"    gemma-profile show {reference}")
-    _echo(f"    gemma-profile plan {reference} --variant 2b       # or any variant: does it fit, and how")
-    _echo(f"    GEMMA_PROFILE={reference} python your_script.py")
-    _echo("  to share it: CONTRIBUTING.md (a pull request, or a profile pack)")
+    echo("  it validates. Next:")
+    echo(f"    gemma-profile show {reference}")
+    echo(f"    gemma-profile plan {reference} --variant 2b       # or any variant: does it fit, and how")
+    echo(f"    GEMMA_PROFILE={reference} python your_script.py")
+    echo("  to share it: CONTRIBUTING.md (a pull request, or a profile pack)")
 
 
 @click.command(

@@ -18,6 +18,7 @@ import click
 
 import gemma_profiles.log as log
 import gemma_profiles.settings as settings
+from gemma_profiles.cli.common import echo, emit_json, load_any, warn
 from gemma_profiles.errors import GemmaProfileError, did_you_mean, printable
 from gemma_profiles.spec.profile import Profile
 from gemma_profiles.spec.registry import PROFILE_SUFFIXES, Registry, default_registry, looks_like_path, reserved_name
@@ -35,22 +36,8 @@ class _Group(click.Group):
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    _echo(f"gemma-profile: error: {message}", err=True)
+    echo(f"gemma-profile: error: {message}", err=True)
     sys.exit(code)
-
-
-def _echo(text: str, *, err: bool = False) -> None:
-    """``click.echo`` for one line that may hold profile data, a path or an environment value:
-    control characters (terminal escapes, line breaks) and bidi overrides are shown escaped."""
-    click.echo(printable(text), err=err)
-
-
-def _warn(line: str) -> None:
-    _echo(f"gemma-profile: warning: {line}", err=True)
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))  # ensure_ascii: control characters come out escaped
 
 
 #: Commands that only read: a broken plugin is skipped with one warning line instead of stopping them.
@@ -93,7 +80,7 @@ def cli(ctx: click.Context) -> None:
     if ctx.invoked_subcommand in READ_COMMANDS:
         from gemma_profiles.plugin import manager as plugins
 
-        plugins.tolerate_broken_plugins(_warn)
+        plugins.tolerate_broken_plugins(warn)
         ctx.call_on_close(lambda: plugins.tolerate_broken_plugins(None))
 
 
@@ -134,7 +121,7 @@ def list_profiles(as_json: bool, show_all: bool) -> None:
             problem = str(exc)
             if "gemma-profile validate" not in problem:
                 problem += f" ('gemma-profile validate {entry.path}' lists every problem)"
-            _warn(f"profile '{name}' ({entry.source.label}) is broken: {problem}")
+            warn(f"profile '{name}' ({entry.source.label}) is broken: {problem}")
             rows.append({"name": name, "source": entry.source.label, "path": str(entry.path), "problem": problem})
             continue
         if profile.model.abstract and not show_all:
@@ -159,7 +146,7 @@ def list_profiles(as_json: bool, show_all: bool) -> None:
         rows.append({"name": path.stem, "source": source.label, "path": str(path), "problem": reason, "reserved": True})
     rows.sort(key=lambda row: (row["name"], row["path"] or ""))
     if as_json:
-        _emit_json(rows)
+        emit_json(rows)
         return
     width = max((len(printable(r["name"])) for r in rows), default=4)
     source_width = max((len(printable(r["source"])) for r in rows), default=8)
@@ -167,7 +154,7 @@ def list_profiles(as_json: bool, show_all: bool) -> None:
         text = row["description"] if row["problem"] is None else "broken: see the warning above"
         if row.get("reserved"):
             text = f"{row['path']}: not used, the name is the detected profile's (see the warning above)"
-        _echo(f"{printable(row['name']):<{width}}  {printable(row['source']):<{source_width}}  {text}")
+        echo(f"{printable(row['name']):<{width}}  {printable(row['source']):<{source_width}}  {text}")
 
 
 @cli.command(
@@ -218,16 +205,16 @@ def show(name: str, variant: str | None, as_json: bool) -> None:
         "warnings": list(plan.warnings),
     }
     if as_json:
-        _emit_json(data)
+        emit_json(data)
         return
-    _echo(f"{profile.name}: {profile.description}")
+    echo(f"{profile.name}: {profile.description}")
     detected = "built from this machine's detected hardware ('gemma-profile detect' shows the facts)"
-    _echo(f"  file: {profile.path}" if data["path"] else f"  file: none; {detected}")
+    echo(f"  file: {profile.path}" if data["path"] else f"  file: none; {detected}")
     for parent in data["extends"]:
-        _echo(f"  extends: {parent}" + (f" ({detected})" if parent == AUTO else ""))
+        echo(f"  extends: {parent}" + (f" ({detected})" if parent == AUTO else ""))
     if variant:
-        _echo(f"  variant: {variant} (overrides applied: {', '.join(shown.applied_overrides) or 'none'})")
-    _echo(
+        echo(f"  variant: {variant} (overrides applied: {', '.join(shown.applied_overrides) or 'none'})")
+    echo(
         f"  compute dtype: {plan.dtype or 'gemma default'}   weights: {plan.quantization}"
         f"   device: {data['device'] or 'script'}"
     )
@@ -244,11 +231,11 @@ def show(name: str, variant: str | None, as_json: bool) -> None:
     for item in values:
         _show_row("  ", item["key"], width, _text(item["value"]), column, item["from"] or "")
     for key, items in data["variants"].items():
-        _echo(f"  variants.{key}:")
+        echo(f"  variants.{key}:")
         for item in items:
             _show_row("    ", item["key"], width - 2, _text(item["value"]), column, item["from"])
     for warning in plan.warnings:
-        _echo(f"  warning: {warning}")
+        echo(f"  warning: {warning}")
 
 
 _VALUE_COLUMN = 40
@@ -257,10 +244,10 @@ _VALUE_COLUMN = 40
 def _show_row(indent: str, key: str, width: int, value: str, column: int, origin: str) -> None:
     value = printable(value)
     if len(value) <= column:
-        _echo(f"{indent}{key:<{width}}  {value:<{column}}  {origin}".rstrip())
+        echo(f"{indent}{key:<{width}}  {value:<{column}}  {origin}".rstrip())
     else:
-        _echo(f"{indent}{key:<{width}}  {value}")
-        _echo(f"{indent}{'':<{width}}  {'':<{column}}  {origin}".rstrip())
+        echo(f"{indent}{key:<{width}}  {value}")
+        echo(f"{indent}{'':<{width}}  {'':<{column}}  {origin}".rstrip())
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -328,13 +315,13 @@ def validate(paths: tuple[str, ...], as_json: bool) -> None:
             }
         )
     if as_json:
-        _emit_json(results)
+        emit_json(results)
     else:
         for result in results:
             if result["ok"]:
-                _echo(f"{result['path']}: ok")
+                echo(f"{result['path']}: ok")
             for problem in result["problems"]:
-                _echo(f"{problem['where']}: {problem['message']}", err=True)
+                echo(f"{problem['where']}: {problem['message']}", err=True)
     if not all(r["ok"] for r in results):
         sys.exit(1)
 
@@ -409,16 +396,16 @@ def apply(name: str) -> None:
     missing = _missing_cuda_device(profile, registry) if profile is not None else None
     path = write_applied(reference)
     shown = profile.name if profile is not None else reference
-    _echo(f"applied '{shown}' to the environment {sys.prefix}")
-    _echo(f"  state: {path}")
-    _echo("  gemma models built by Python in this environment now use it; 'gemma-profile reset' undoes it")
+    echo(f"applied '{shown}' to the environment {sys.prefix}")
+    echo(f"  state: {path}")
+    echo("  gemma models built by Python in this environment now use it; 'gemma-profile reset' undoes it")
     if missing:
-        _warn(missing)
+        warn(missing)
     if settings.PROFILE.raw():
-        _echo(f"  note: {settings.PROFILE.name}={settings.PROFILE.raw()} is set here and takes precedence", err=True)
+        echo(f"  note: {settings.PROFILE.name}={settings.PROFILE.raw()} is set here and takes precedence", err=True)
     status = gemma_status()
     if status.kind not in ("gemma_pytorch", "standin"):
-        _echo(f"  note: gemma is {status.describe()}", err=True)
+        echo(f"  note: gemma is {status.describe()}", err=True)
 
 
 @cli.command(
@@ -464,10 +451,10 @@ def current(as_json: bool) -> None:
     data["error"] = problem
     data["gemma"] = {"kind": (status := gemma_status()).kind, "location": status.location}
     if as_json:
-        _emit_json(data)
+        emit_json(data)
     else:
-        _echo(f"{data['profile'] or active.reference or 'none'} ({active.detail})")
-        _echo(f"gemma: {status.describe()}")
+        echo(f"{data['profile'] or active.reference or 'none'} ({active.detail})")
+        echo(f"gemma: {status.describe()}")
     if problem:
         _fail(problem)
 
@@ -477,7 +464,7 @@ def reset() -> None:
     """Forget the profile applied to this environment."""
     from gemma_profiles.runtime.state import clear_applied
 
-    _echo("applied profile removed" if clear_applied() else "no profile was applied")
+    echo("applied profile removed" if clear_applied() else "no profile was applied")
 
 
 @cli.command(
@@ -527,7 +514,7 @@ def plugins(as_json: bool) -> None:
     if as_json:
         rows = [{**info.__dict__, "hooks": list(info.hooks), "skipped": None} for info in infos]
         rows += [{"name": s.name, "package": s.package, "hooks": [], "skipped": s.reason} for s in manager.skipped]
-        _emit_json(rows)
+        emit_json(rows)
         return
     table = [("plugin", "package", "hooks")]
     table += [
@@ -537,9 +524,9 @@ def plugins(as_json: bool) -> None:
     table += [(s.name, s.package, "skipped: broken (see the warning above)") for s in manager.skipped]
     widths = [max(len(printable(row[i])) for row in table) for i in range(2)]
     for name, package, hooks in table:
-        _echo(f"{printable(name):<{widths[0]}}  {printable(package):<{widths[1]}}  {hooks}")
+        echo(f"{printable(name):<{widths[0]}}  {printable(package):<{widths[1]}}  {hooks}")
     if manager.blocked:
-        _echo(f"blocked by {BLOCK_ENV}: {', '.join(sorted(manager.blocked))}")
+        echo(f"blocked by {BLOCK_ENV}: {', '.join(sorted(manager.blocked))}")
 
 
 def _target_source(source: str) -> str:
@@ -561,11 +548,6 @@ def _detected_target(registry: Registry, profile: Profile, here: bool = False) -
     return Target.of_hardware(registry.hardware(), normalize_device(device) if device else None)
 
 
-def _load_any(reference: str) -> Profile:
-    """A profile by name or path, or ``auto`` (built from detected hardware)."""
-    return default_registry().load(reference)
-
-
 @cli.command(epilog=_examples("gemma-profile detect", "gemma-profile detect --json"))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def detect(as_json: bool) -> None:
@@ -580,7 +562,7 @@ def detect(as_json: bool) -> None:
     hardware = registry.hardware()
 
     def broken(name: str, exc: GemmaProfileError) -> None:
-        _warn(f"profile '{name}' is broken and left out of the match: {exc}")
+        warn(f"profile '{name}' is broken and left out of the match: {exc}")
 
     match = auto.best_match(hardware, registry, on_broken=broken)
     kernels = {gpu.index: hardware.kernel_support(gpu) for gpu in hardware.gpus}
@@ -611,11 +593,11 @@ def detect(as_json: bool) -> None:
         else {"name": fallback.name, "reason": fallback.reason},
     }
     if as_json:
-        _emit_json(data)
+        emit_json(data)
         return
     cpu = hardware.cpu
-    _echo(f"torch {hardware.torch_version} (CUDA {hardware.cuda_version or 'none'})")
-    _echo(
+    echo(f"torch {hardware.torch_version} (CUDA {hardware.cuda_version or 'none'})")
+    echo(
         f"cpu: {cpu.name or '?'}; {cpu.cores} cores; ISA {cpu.isa_level} ({', '.join(cpu.isa) or 'none'}); "
         f"RAM {format_bytes(cpu.total_memory)} ({format_bytes(cpu.available_memory)} available)"
         + (f"; transparent huge pages: {cpu.huge_pages}" if cpu.huge_pages else "")
@@ -623,30 +605,30 @@ def detect(as_json: bool) -> None:
     for gpu in hardware.gpus:
         bf16 = "native bf16" if gpu.native_bf16 else "no native bf16"
         free = f", {format_bytes(gpu.free_memory)} free" if gpu.free_memory is not None else ""
-        _echo(
+        echo(
             f"cuda:{gpu.index}: {gpu.name}; compute capability {gpu.compute_capability[0]}.{gpu.compute_capability[1]} "
             f"({bf16}); {format_bytes(gpu.total_memory)}{free}"
         )
         support = kernels[gpu.index]
         if support is None:
-            _echo("  torch kernels: unknown (the hardware plugin gave no arch list)")
+            echo("  torch kernels: unknown (the hardware plugin gave no arch list)")
         elif support.ok:
-            _echo(f"  torch kernels: {support.reason}")
+            echo(f"  torch kernels: {support.reason}")
         else:
-            _echo(f"  torch kernels: missing - {support.reason}")
-            _echo(f"  fix: {support.fix}")
+            echo(f"  torch kernels: missing - {support.reason}")
+            echo(f"  fix: {support.fix}")
     for name in unseen:
-        _echo(f"nvidia: {name} (seen by the driver, not by torch): {torch_fix}")
+        echo(f"nvidia: {name} (seen by the driver, not by torch): {torch_fix}")
     if hardware.mps:
-        _echo("mps: available (gemma's complex RoPE does not run on MPS; profiles use the CPU)")
+        echo("mps: available (gemma's complex RoPE does not run on MPS; profiles use the CPU)")
     if match:
-        _echo(f"best profile: {match.name} - {match.reason}")
+        echo(f"best profile: {match.name} - {match.reason}")
     else:
-        _echo("best profile: none matches; GEMMA_PROFILE=auto builds one from these facts")
+        echo("best profile: none matches; GEMMA_PROFILE=auto builds one from these facts")
     if unusable:
         devices = ", ".join(f"cuda:{index}" for index in unusable)
         here = f"{fallback.name} ({fallback.reason})" if fallback else "GEMMA_PROFILE=auto on the CPU"
-        _echo(f"until torch is fixed, {devices} cannot run gemma: use {here}")
+        echo(f"until torch is fixed, {devices} cannot run gemma: use {here}")
 
 
 @cli.command(
@@ -676,18 +658,18 @@ def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None
     if plan.verdict is None:
         raise GemmaProfileError(f"profile '{profile.name}' says nothing about the hardware", hint="use --here")
     if as_json:
-        _emit_json(plan.as_dict())
+        emit_json(plan.as_dict())
     else:
         assert plan.memory is not None and plan.target is not None
         dtype, quant = plan.config.get("dtype"), plan.config.get("quant")
         machine = " ".join(part for part in (plan.target.device, plan.target.name) if part)
-        _echo(
+        echo(
             f"{plan.profile} / {variant}: batch {plan.batch}, {plan.seq_len} tokens; target {machine}"
             f" ({_target_source(plan.target.source)})"
         )
-        _echo(f"  compute dtype: {plan.dtype}  ({dtype.origin if dtype else ''})")
-        _echo(f"  weights: {plan.quantization}  ({quant.origin if quant else 'profile default'})")
-        _echo(f"  layers: {', '.join(f'{k} -> {v}' for k, v in plan.layers.items())}")
+        echo(f"  compute dtype: {plan.dtype}  ({dtype.origin if dtype else ''})")
+        echo(f"  weights: {plan.quantization}  ({quant.origin if quant else 'profile default'})")
+        echo(f"  layers: {', '.join(f'{k} -> {v}' for k, v in plan.layers.items())}")
         rows = [(i.component, i.device, format_bytes(i.bytes), i.note) for i in plan.memory.items]
         budgets = {b.device: b for b in plan.budgets}
         for device, need in plan.memory.required.items():
@@ -696,14 +678,14 @@ def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None
             rows.append(("= must fit", device, format_bytes(need), limit))
             rows.append(("= peak resident", device, format_bytes(plan.memory.peak[device]), "incl. checkpoint pages"))
         widths = [max(len(r[i]) for r in [*rows, ("component", "device", "size", "")]) for i in range(3)]
-        _echo(f"  {'component':<{widths[0]}}  {'device':<{widths[1]}}  {'size':>{widths[2]}}  note")
+        echo(f"  {'component':<{widths[0]}}  {'device':<{widths[1]}}  {'size':>{widths[2]}}  note")
         for component, device, size, note in rows:
-            _echo(f"  {component:<{widths[0]}}  {device:<{widths[1]}}  {size:>{widths[2]}}  {note}")
-        _echo(f"verdict: {plan.verdict.message}")
+            echo(f"  {component:<{widths[0]}}  {device:<{widths[1]}}  {size:>{widths[2]}}  {note}")
+        echo(f"verdict: {plan.verdict.message}")
         if plan.verdict.suggestion:
-            _echo(f"cheapest change that fits: {plan.verdict.suggestion}")
+            echo(f"cheapest change that fits: {plan.verdict.suggestion}")
         for warning in plan.warnings:
-            _echo(f"warning: {warning}")
+            echo(f"warning: {warning}")
     if not plan.verdict.fits:
         sys.exit(1)
 
@@ -759,7 +741,7 @@ def bench(
             hint=f"gemma-profile bench {name} --variant 2b --ckpt PATH, or gemma-profile bench {name} DIR",
         )
     require_gemma_pytorch()
-    profile = _load_any(name)
+    profile = load_any(name)
     label = f"{profile.name} / {variant or folder}"
     bar: Any = None
 
@@ -786,16 +768,16 @@ def bench(
         if bar is not None:
             bar.__exit__(None, None, None)
     if as_json:
-        _emit_json(result)
+        emit_json(result)
         return
-    _echo(f"{label} on {result['device']}: {result['dtypes']}")
-    _echo(f"  load (construct + load_weights): {result['load_s']:.2f} s")
-    _echo(f"  prefill ({result['prompt_tokens']} tokens): {result['prefill_s']:.3f} s")
-    _echo(
+    echo(f"{label} on {result['device']}: {result['dtypes']}")
+    echo(f"  load (construct + load_weights): {result['load_s']:.2f} s")
+    echo(f"  prefill ({result['prompt_tokens']} tokens): {result['prefill_s']:.3f} s")
+    echo(
         f"  decode: {result['tokens_per_s']:.2f} tokens/s (median {result['s_per_token'] * 1e3:.1f} ms/token "
         f"over {result['decode_steps']} steps)"
     )
-    _echo(f"  peak memory: {result['peak_memory_human']} ({result['peak_memory_kind']})")
+    echo(f"  peak memory: {result['peak_memory_human']} ({result['peak_memory_kind']})")
 
 
 from gemma_profiles.cli.contrib import new, schema_command  # noqa: E402  (the contributor's commands)

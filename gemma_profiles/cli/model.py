@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import shlex
-from typing import TYPE_CHECKING
 
 import click
 
-if TYPE_CHECKING:
-    from gemma_profiles.spec.profile import Profile
-
-
-def _emit_json(data: object) -> None:
-    from gemma_profiles.cli.main import _emit_json as emit
-
-    emit(data)
-
-
-def _load_any(reference: str) -> Profile:
-    from gemma_profiles.cli.main import _load_any as load
-
-    return load(reference)
+from gemma_profiles.cli.common import emit_json, load_any
 
 
 @click.command(
@@ -59,7 +45,7 @@ def import_command(gguf_file: str, directory: str, dtype: str, force: bool, exte
     )
     variant = RUN_PY_VARIANTS[result.config["source"]["architecture"]]
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "directory": str(result.directory),
                 "reused": result.reused,
@@ -107,11 +93,11 @@ def generate(directory: str, prompt: str, tokens: int, profile: str | None, dtyp
     from gemma_profiles.tools.gguf_import import generate_text
 
     require_gemma_pytorch()
-    chosen = _load_any(profile) if profile else None
+    chosen = load_any(profile) if profile else None
     result = generate_text(directory, prompt, tokens=tokens, profile=chosen, dtype=dtype)
     result["peak_rss"] = peak_rss()
     if as_json:
-        _emit_json(result)
+        emit_json(result)
         return
     click.echo(result["text"])
     memory = f", peak RSS {result['peak_rss'] / 2**30:.2f} GiB" if result["peak_rss"] else ""
