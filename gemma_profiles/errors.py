@@ -97,3 +97,22 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     exact = folded.get(word.lower().replace("_", "-"))
     close = [exact] if exact else difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the ways torch, Python and the OS say memory ran out: ``torch.OutOfMemoryError``,
+    ``MemoryError``, ``ENOMEM``, a ``RuntimeError`` saying so.  The loader lets these through
+    (never a `CheckpointError`); the ``oom`` builtin turns them into one line with the plan's numbers."""
+    import errno
+    import sys
+
+    torch = sys.modules.get("torch")  # never imported here: whatever raised it has
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type)):
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OUT_OF_MEMORY)

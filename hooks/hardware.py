@@ -14,7 +14,8 @@ import platform
 
 import psutil
 
-from gemma_profiles.planning.hardware import ISA_FLAGS, CpuInfo, GpuInfo, Hardware, huge_page_mode
+from gemma_profiles.engine.pages import huge_page_mode
+from gemma_profiles.planning.hardware import ISA_FLAGS, CpuInfo, GpuInfo, Hardware
 from gemma_profiles.plugin.hookspecs import hookimpl
 
 

@@ -6,29 +6,99 @@ of copied, int8 on the fly, with NaN/Inf weights refused.  A model that was
 materialised before loading (``.to()`` or ``load_state_dict`` first) goes
 through gemma's own ``load_weights`` after the same checks.  Runs last, so a
 plugin's ``gemma_profile_load_weights`` can replace it.
+
+This builtin decides where each tensor goes (`placement`: the plan's device when this
+machine has it, the plan's layer map, the embedder the plan keeps on the CPU) and hands
+the engine those plain values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gemma_profiles import hookimpl
-from gemma_profiles.planning.plan import Plan
+from gemma_profiles.log import logger
+from gemma_profiles.planning.plan import EMBEDDER_KEYS, OFFLOAD_TARGETS, Plan, expand_layers, normalize_device
+from gemma_profiles.plugin.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from gemma_profiles.engine.loading import Placement
+
+
+def execution_devices(plan: Plan, pending: str | None = None) -> tuple[str, dict[int, str]]:
+    """The device resident tensors go to, and per-layer devices from the plan's layer map.
+
+    :param pending: a device the script asked for with ``.to()`` before loading.
+    """
+    from gemma_profiles.engine.devices import device_problem
+
+    device = "cpu"
+    wanted = str(plan.device.value) if plan.device is not None else pending
+    if wanted is not None:
+        device = wanted if device_problem(wanted) is None else "cpu"
+    layers = {
+        index: "cpu" if where in OFFLOAD_TARGETS or device == "cpu" else device
+        for index, where in expand_layers(plan.layers).items()
+    }
+    return device, layers
+
+
+def planned_embedder_device(plan: Plan, device: str) -> str | None:
+    """``cpu`` when the plan keeps the tied embedder off the execution ``device``
+    (``placement.device_map``'s ``embedder: cpu|disk``; the offload step packs a ``disk``
+    embedder from host memory), else None: it goes to ``device`` with the other resident weights.
+
+    Loading it there first would hold it on a small GPU - with int8, beside its dequantized
+    copy - before the offload step moved it: more than a 5-6 GB card has room for.
+    """
+    device_map = plan.placement.device_map
+    if device == "cpu" or not isinstance(device_map, dict):
+        return None
+    named = next((str(device_map[key]) for key in EMBEDDER_KEYS if key in device_map), None)
+    return "cpu" if named is not None and normalize_device(named) in OFFLOAD_TARGETS else None
+
+
+def placement(plan: Plan, pending: str | None = None) -> Placement:
+    """What the engine's loader needs from ``plan``, as plain values.
+
+    :param pending: a device the script asked for with ``.to()`` before loading.
+    """
+    from gemma_profiles.engine.loading import Placement
+    from gemma_profiles.plugin.manager import blocked_from_env
+
+    device, layers = execution_devices(plan, pending)
+    # Only the quantization builtin computes with float16 storage and the embedder's column scales.
+    quantization = "quantization" not in blocked_from_env()
+    float16 = plan.weight_storage == "float16"
+    if float16 and not quantization:
+        logger.warning(
+            "[{}] quantization.weights: float16 needs the quantization builtin (blocked by "
+            "GEMMA_PROFILE_DISABLE_PLUGINS): weights stay float32",
+            plan.profile,
+        )
+    return Placement(
+        device=device,
+        layers=layers,
+        embedder=planned_embedder_device(plan, device),
+        label=plan.profile,
+        mmap=plan.loading.mmap,
+        float16_storage=float16 and quantization,
+        column_scales=quantization,
+    )
 
 
 @hookimpl(trylast=True)
 def gemma_profile_load_weights(model: Any, path: str, plan: Plan, gemma_loader: Callable[[str], Any]) -> bool:
-    from gemma_profiles.engine.lazy import is_lazy, materialize
+    from gemma_profiles.engine.lazy import is_lazy, materialize, pending_device
     from gemma_profiles.engine.loading import check_checkpoint, check_finite, check_for_gemma, lean_load
 
     check_checkpoint(path)
     if is_lazy(model):
-        lean_load(model, path, plan)
+        lean_load(model, path, placement(plan, pending_device(model)))
     else:
         # Built eagerly (materialised by an earlier .to() or load_state_dict): gemma's own loader.
         materialize(model)
-        check_for_gemma(model, path, plan)
+        check_for_gemma(model, path, plan.profile)
         gemma_loader(path)
         check_finite(model, path)
     return True

@@ -5,7 +5,7 @@ so building the plugin manager never imports torch) carries it out.
 
 What a profile's ``placement`` asks for (``offload: cpu|disk``, ``offload_folder``,
 ``device_map``, ``max_memory``) is applied once the weights are in place
-(`gemma_profile_weights_loaded`, after every other plugin's):
+(`gemma_profile_weights_loaded`, the last of the engine's stages):
 
 - **the execution device** is ``placement.device``; without one, ``cuda:0`` when CUDA
   is present, else the CPU.  ``model.to(x)`` and ``generate(..., device=x)`` use it.
@@ -54,10 +54,18 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from gemma_profiles import hookimpl
+from gemma_profiles import settings
 from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.log import logger
-from gemma_profiles.planning.plan import OFFLOAD_TARGETS, Plan, expand_layers, normalize_device, split_device_map
+from gemma_profiles.planning.plan import (
+    OFFLOAD_TARGETS,
+    Plan,
+    compress_layers,
+    expand_layers,
+    normalize_device,
+    split_device_map,
+)
+from gemma_profiles.plugin.hookspecs import hookimpl
 from gemma_profiles.units import parse_memory
 
 if TYPE_CHECKING:
@@ -66,7 +74,7 @@ if TYPE_CHECKING:
     from gemma_profiles.engine.offload import Layout
 
 #: ``1``: stream ``cpu``-offloaded layers even when the execution device is the CPU.
-STREAM_CPU_ENV = "GEMMA_PROFILE_OFFLOAD_STREAM_CPU"
+STREAM_CPU_ENV = settings.OFFLOAD_STREAM_CPU.name
 
 
 def execution_device(plan: Plan) -> str:
@@ -79,7 +87,7 @@ def execution_device(plan: Plan) -> str:
 
 
 def stream_on_cpu() -> bool:
-    return os.environ.get(STREAM_CPU_ENV, "").strip().lower() in ("1", "true", "yes")
+    return settings.switch(settings.OFFLOAD_STREAM_CPU)
 
 
 def _bytes_of(module: nn.Module) -> int:
@@ -146,17 +154,19 @@ def decide_layout(model: nn.Module, plan: Plan, device: str) -> Layout:
         )
     if embedder == device or (embedder == "cpu" and device == "cpu"):
         embedder = None
-    return Layout(device, offloaded, embedder, placement.offload_folder, reason)
+    spans = compress_layers([offloaded.get(index, device) for index in range(count)])
+    layer_map = ", ".join(f"{span} -> {where}" for span, where in spans.items())
+    return Layout(device, offloaded, embedder, placement.offload_folder, reason, layer_map)
 
 
 # -- hooks -------------------------------------------------------------------------------
 
 
-@hookimpl(trylast=True)
+@hookimpl  # the engine's stages run in hookspecs.WEIGHTS_LOADED_STAGES' order
 def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     if not plan.offloads:
         return
-    from gemma_profiles.hooks.placement import device_problem
+    from gemma_profiles.engine.devices import device_problem
 
     device = execution_device(plan)
     problem = device_problem(device)

@@ -10,28 +10,13 @@ planner's cheapest change (or int8 / a smaller variant / ``gemma-profile plan``)
 
 from __future__ import annotations
 
-import errno
-import sys
 from collections.abc import Callable, Generator
 from typing import Any
 
-from gemma_profiles import hookimpl
-from gemma_profiles.errors import GemmaProfileError
+from gemma_profiles.errors import GemmaProfileError, is_out_of_memory
 from gemma_profiles.planning.plan import Plan
+from gemma_profiles.plugin.hookspecs import hookimpl
 from gemma_profiles.units import format_bytes
-
-_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for the ways torch, Python and the OS say memory ran out."""
-    torch = sys.modules.get("torch")  # never imported here: a loader that raised it has
-    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type)):
-        return True
-    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
-        return True
-    return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _MESSAGES)
 
 
 def plan_numbers(plan: Plan) -> str:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles.engine import hugepages, native
-from gemma_profiles.engine.loading import memory_mapped, quantize_rows
-from gemma_profiles.planning.hardware import huge_page_mode
+from gemma_profiles.engine import hugepages, native, pages
+from gemma_profiles.engine.loading import quantize_rows
+from gemma_profiles.engine.pages import huge_page_mode, memory_mapped
 
 MIB = 1 << 20
 
@@ -122,13 +122,13 @@ def test_a_mapped_int8_checkpoint_is_copied_onto_huge_pages_and_its_pages_droppe
     source = torch.from_file(str(path), shared=False, size=n * k, dtype=torch.int8).view(n, k)
     assert memory_mapped(source) and not memory_mapped(weight)
     assert torch.equal(source, weight)
-    assert hugepages.smaps_bytes([source], "Rss") == n * k  # every page of the mapping read in
+    assert pages.smaps_bytes([source], "Rss") == n * k  # every page of the mapping read in
     scaler = torch.rand(n)
     kernels = native.Int8Weight.pack(source, scaler, release=True)
     assert torch.equal(kernels.unpack(), weight)
     assert hugepages.huge_bytes([kernels.data]) == 4 * MIB
     # Dropped a chunk at a time; the file brings them back if read.
-    assert hugepages.smaps_bytes([source], "Rss") == 0
+    assert pages.smaps_bytes([source], "Rss") == 0
     assert torch.equal(source, weight)
 
 

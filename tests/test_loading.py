@@ -145,7 +145,7 @@ def test_on_the_fly_int8_stays_close(
         model.load_weights(path)
         qkv = model.model.layers[0].self_attn.qkv_proj
         assert qkv.weight.dtype == torch.int8 and qkv.weight_scaler.dtype == getattr(torch, dtype)
-        assert "forward" in qkv.__dict__, "the int8 kernel replaced gemma's dequantize-every-call forward"
+        assert type(qkv).forward is not gemma.model.Linear.forward, "the int8 kernel replaced gemma's forward"
         assert model.config.quant is False, "gemma's forward no longer rebuilds the embedder every step"
         embedder = model.embedder
         state = embedder.state_dict()
@@ -478,9 +478,12 @@ def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
     memory (int8: quantized and later dequantized there), never onto the GPU.  Before: it went to
     the GPU with the resident weights and the offload step moved it afterwards - on a 5-6 GB card
     that moment alone did not fit.  No GPU here: the execution device ``cuda:0`` stands as ``meta``."""
-    import gemma_profiles.hooks.placement as placement
+    import dataclasses
+
+    from gemma_profiles.hooks.loading import placement
     from gemma_profiles.hooks.offload import decide_layout
 
+    import gemma_profiles.engine.devices as devices
     from gemma_profiles.engine import loading
     from gemma_profiles.engine.quantization import column_scaler
     from gemma_profiles.planning.plan import make_plan
@@ -495,19 +498,15 @@ def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
     )
     plan = make_plan(load_profile(str(gpu)))
     assert plan.device is not None and plan.device.value == "cuda"
-    real = loading.execution_devices
-    monkeypatch.setattr(placement, "device_problem", lambda device: None)
-
-    def as_meta(plan: Any, pending: str | None = None) -> tuple[str, dict[int, str]]:
-        device, layers = real(plan, pending)
-        assert device.startswith("cuda"), device
-        return "meta", {i: "meta" if d.startswith("cuda") else d for i, d in layers.items()}
-
-    monkeypatch.setattr(loading, "execution_devices", as_meta)
+    monkeypatch.setattr(devices, "device_problem", lambda device: None)
+    planned = placement(plan)
+    assert planned.device.startswith("cuda") and planned.embedder == "cpu", planned
+    as_meta = {i: "meta" if d.startswith("cuda") else d for i, d in planned.layers.items()}
+    planned = dataclasses.replace(planned, device="meta", layers=as_meta)
     with gemma_profiles.use(profile("float32", weights)):  # preflight refuses cuda here: built for the CPU
         model = build(gemma, tokenizer_path)
         assert model.embedder.weight.is_meta, "built lazily"
-        loading.lean_load(model, path, plan)
+        loading.lean_load(model, path, planned)
     embedder = model.embedder
     on_host = {name: t.device.type for name, t in [*embedder.named_parameters(), *embedder.named_buffers()]}
     assert set(on_host.values()) == {"cpu"}, on_host
@@ -534,7 +533,8 @@ def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
 
 
 def test_a_cpu_plan_or_an_embedder_on_the_gpu_loads_it_with_the_rest() -> None:
-    from gemma_profiles.engine.loading import planned_embedder_device
+    from gemma_profiles.hooks.loading import planned_embedder_device
+
     from gemma_profiles.planning.plan import Plan
     from gemma_profiles.spec.schema import Placement
 
@@ -547,3 +547,26 @@ def test_a_cpu_plan_or_an_embedder_on_the_gpu_loads_it_with_the_rest() -> None:
     assert planned_embedder_device(plan({"embedder": "cuda"}), "cuda:0") is None
     assert planned_embedder_device(plan({"0-3": "cpu"}), "cuda:0") is None
     assert planned_embedder_device(plan(None), "cuda:0") is None
+
+
+def test_the_engine_loads_from_plain_values_without_a_profile(gemma: Any, tokenizer_path: str, float_ckpt: Any) -> None:
+    """The engine alone: no profile, no Plan, no plugin manager - a model built lazily with the
+    engine's own meta mode and a `Placement` of plain values.  Memory-mapped where the dtype
+    matches; ``mmap=False`` copies."""
+    from gemma_profiles.engine.lazy import MetaParameters, is_lazy, set_lazy
+    from gemma_profiles.engine.loading import Placement, lean_load
+    from gemma_profiles.engine.pages import memory_mapped
+
+    path, state = float_ckpt
+    for keep_mapped in (True, False):
+        with MetaParameters():
+            model = build(gemma, tokenizer_path)
+        set_lazy(model, True)
+        assert model.embedder.weight.is_meta
+        lean_load(model, path, Placement(label=f"plain-{keep_mapped}", mmap=keep_mapped))
+        assert not is_lazy(model)
+        loaded = model.state_dict()
+        for name, tensor in state.items():
+            assert torch.equal(loaded[name], tensor), name
+        assert memory_mapped(model.embedder.weight) is keep_mapped
+        assert logits(model, TOKENS).isfinite().all()

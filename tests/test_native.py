@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles.engine import native
+from gemma_profiles.engine import build, native
 
 
 @pytest.fixture(autouse=True)
@@ -117,13 +117,13 @@ def test_turned_off_and_build_failures(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert native.unavailable() == "turned off (GEMMA_PROFILE_NATIVE=0)"
     monkeypatch.delenv(native.ENV)
     native.reset()
-    with pytest.raises(native.Unavailable, match=r"no C compiler \('no-such-cc' not found; set CC\)"):
-        native.build("no-such-cc", tmp_path)
+    with pytest.raises(build.Unavailable, match=r"no C compiler \('no-such-cc' not found; set CC\)"):
+        build.build("no-such-cc", tmp_path)
     failing = tmp_path / "failing-cc"
     failing.write_text("#!/bin/sh\necho 'decode.c:1: error: no AVX-512 here' >&2\nexit 1\n")
     failing.chmod(failing.stat().st_mode | stat.S_IXUSR)
-    with pytest.raises(native.Unavailable, match=r"failed: decode\.c:1: error: no AVX-512 here"):
-        native.build(str(failing), tmp_path)
+    with pytest.raises(build.Unavailable, match=r"failed: decode\.c:1: error: no AVX-512 here"):
+        build.build(str(failing), tmp_path)
     assert not list(tmp_path.glob("*.so*")), "no partial library left behind"
     monkeypatch.setenv("CC", str(failing))
     native.reset()
@@ -131,9 +131,9 @@ def test_turned_off_and_build_failures(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 
 def test_build_is_cached(kernel: None, tmp_path: Path) -> None:
-    first = native.build(folder=tmp_path)
+    first = build.build(folder=tmp_path)
     mtime = os.stat(first).st_mtime_ns
-    assert native.build(folder=tmp_path) == first and os.stat(first).st_mtime_ns == mtime
+    assert build.build(folder=tmp_path) == first and os.stat(first).st_mtime_ns == mtime
 
 
 def int8_cpu_model(
@@ -190,7 +190,7 @@ def test_a_hanging_compiler_gives_torchs_kernels_and_one_line(
     hanging.write_text("#!/bin/sh\nsleep 600\n")
     hanging.chmod(hanging.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("CC", str(hanging))
-    monkeypatch.setenv(native.BUILD_TIMEOUT_ENV, "1")
+    monkeypatch.setenv(build.BUILD_TIMEOUT_ENV, "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     native.reset()
     started = time.monotonic()
@@ -222,11 +222,13 @@ def test_int8_model_state_dict_round_trip(
         model.load_state_dict(state)
 
 
-def test_the_planner_knows_when_the_embedder_stays_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_planner_knows_when_the_embedder_stays_int8(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from gemma_profiles.planning.hardware import native_int8_expected
     from gemma_profiles.planning.memory import ModelShape, estimate_memory
 
     monkeypatch.setenv("CC", "sh")  # any program on PATH stands for a compiler here
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no build of it remembered
+    native.reset()  # nothing tried in this process yet (else the planner reads what the engine found)
     assert native_int8_expected(("avx2", "avx512f", "avx512_vnni"))
     assert not native_int8_expected(("avx2", "avx512f"))
     monkeypatch.setenv(native.ENV, "0")

@@ -757,3 +757,12 @@ def test_device_map_helpers() -> None:
     assert expand_layers({"0-1": "cuda:0", "2": "cpu"}) == {0: "cuda:0", 1: "cuda:0", 2: "cpu"}
     with pytest.raises(GemmaProfileError, match="names neither"):
         split_device_map({"sampler": "cpu"}, 4)
+
+
+def test_the_engine_and_the_planner_name_the_embedder_alike() -> None:
+    """The engine finds the tied embedder by gemma's attribute names; a profile's device_map names
+    it with the same words (the planner's).  Two modules that may not import each other: held equal here."""
+    from gemma_profiles.engine import offload as engine_offload
+    from gemma_profiles.planning import plan
+
+    assert engine_offload.EMBEDDER_KEYS == plan.EMBEDDER_KEYS

@@ -25,22 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import os
 from collections.abc import Iterable
 
 import torch
 
-from gemma_profiles.planning.hardware import THP_SETTING, huge_page_mode
+import gemma_profiles.settings as settings
+from gemma_profiles.engine.pages import THP_SETTING, huge_page_mode, smaps_bytes
 
-ENV = "GEMMA_PROFILE_HUGEPAGES"
+ENV = settings.HUGEPAGES.name
 HUGE_PAGE = 2 << 20
 
 
 def enabled() -> bool:
     """Whether `empty` asks for huge pages (``GEMMA_PROFILE_HUGEPAGES=0`` turns it off)."""
-    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return _supported()
+    return settings.switch(settings.HUGEPAGES) and _supported()
 
 
 def _supported() -> bool:
@@ -102,27 +100,3 @@ def describe(weights: list[torch.Tensor]) -> str:
 def huge_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes on huge pages now in the mappings holding ``tensors`` (0 where there is no smaps)."""
     return smaps_bytes(tensors, "AnonHugePages")
-
-
-def smaps_bytes(tensors: Iterable[torch.Tensor], field: str) -> int:
-    """A byte count of ``/proc/self/smaps`` (``Rss``, ``AnonHugePages``...) summed over the
-    mappings holding ``tensors``; 0 where there is no smaps.
-
-    Counted once per mapping: the kernel merges neighbouring mappings alike, so two tensors
-    may share one.
-    """
-    starts = sorted({tensor.data_ptr() for tensor in tensors})
-    total, counted = 0, False
-    try:
-        with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
-            for line in smaps:
-                head = line.split(maxsplit=1)[0] if line.strip() else ""
-                if "-" in head and not head.endswith(":"):
-                    low, _, high = head.partition("-")
-                    first, last = int(low, 16), int(high, 16)
-                    counted = any(first <= start < last for start in starts)
-                elif counted and head == field + ":":
-                    total += int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return 0
-    return total

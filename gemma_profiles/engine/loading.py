@@ -1,7 +1,8 @@
 """Lean checkpoint loading: checked first, memory-mapped, tensor by tensor, assigned instead of copied.
 
-Torch-touching; used by the ``loading`` builtin (``hooks/loading.py``).  What is
-checked and the memory-map trade-off: docs/loading.md.
+Torch-touching; used by the ``loading`` builtin (``hooks/loading.py``), which reads the
+Plan and hands `lean_load` a `Placement` of plain values.  What is checked and the
+memory-map trade-off: docs/loading.md.
 
 gemma's own ``load_weights`` loads the whole state dict and copies it into the
 parameters (peak RSS 2.0x the checkpoint) with ``strict=False``, so a missing
@@ -22,9 +23,9 @@ silently.  This loader, used whenever a profile is active:
   {mmap: false}`` copies it), else one converted tensor at a time, refusing
   NaN/Inf values (and values a conversion overflows) with the tensor's name;
 - quantizes float weights to gemma's int8 format (int8 weight + per-row
-  ``weight_scaler``) when the plan says ``int8``, and dequantizes an int8
+  ``weight_scaler``) where the model has int8 weights, and dequantizes an int8
   checkpoint into a float model, in row chunks;
-- places each tensor on its layer's device (the plan's layer map; offloaded
+- places each tensor on its layer's device (`Placement`'s layer map; offloaded
   layers stay on the CPU);
 - watches the files the model still reads memory-mapped weights from: a file
   truncated or rewritten after loading is a `CheckpointChangedError` before the
@@ -34,10 +35,7 @@ silently.  This loader, used whenever a profile is active:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
-import mmap
 import os
 import pickle
 import re
@@ -45,17 +43,18 @@ import stat
 import struct
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from gemma_profiles.engine import hugepages, parallel
+from gemma_profiles.engine import hugepages, native, parallel
 from gemma_profiles.engine.half import stored_names
 from gemma_profiles.engine.lazy import assign, meta_tensors, set_lazy
-from gemma_profiles.errors import CheckpointChangedError, CheckpointError
+from gemma_profiles.engine.offload import EMBEDDER_KEYS
+from gemma_profiles.engine.pages import mapped_ranges, memory_mapped, release_pages
+from gemma_profiles.errors import CheckpointChangedError, CheckpointError, is_out_of_memory
 from gemma_profiles.log import logger
-from gemma_profiles.planning.plan import EMBEDDER_KEYS, OFFLOAD_TARGETS, Plan, normalize_device
 
 INDEX_FILE = "pytorch_model.bin.index.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -67,21 +66,7 @@ CHUNK_ROWS = 8192
 #: Bytes summed at a time by the NaN/Inf check: few enough calls that each call's thread start-up
 #: is lost in it (4 Mi elements at a time ran at a fifth of the speed), one chunk resident at a time.
 FINITE_CHUNK_BYTES = 64 << 20
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4
 _DAMAGED = "the file is truncated or damaged: download or save it again"
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _libc()
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
@@ -206,8 +191,6 @@ def _state_dict(state: Any, path: str) -> dict[str, torch.Tensor]:
 
 
 def _open_torch(stamp: Stamp, kind: str) -> Shard:
-    from gemma_profiles.hooks.oom import is_out_of_memory
-
     path = stamp.path
     mapped = kind == "zip"
     try:
@@ -488,52 +471,6 @@ def count_non_finite(tensor: torch.Tensor, release: bool = False) -> int:
 # -- converting ---------------------------------------------------------------------
 
 
-def _pages(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """The whole pages inside a CPU tensor's bytes, ``[first, last)``; None if there are none."""
-    if _LIBC is None or tensor.device.type != "cpu" or tensor.is_mkldnn or tensor.is_meta:
-        return None
-    start, length = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-    first = -(-start // _PAGE) * _PAGE
-    last = (start + length) // _PAGE * _PAGE
-    return (first, last) if last > first else None
-
-
-def release_pages(tensor: torch.Tensor) -> None:
-    """Drop the resident pages of a memory-mapped source tensor we are done with (Linux).
-
-    The mapping is private and never written, so the kernel re-reads the file if
-    the pages are touched again; without this, every converted tensor's source
-    pages stay in RSS until the whole checkpoint mapping goes away.
-    """
-    pages = _pages(tensor)
-    if pages is not None and _LIBC is not None and _file_backed(*pages):
-        _LIBC.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]), _MADV_DONTNEED)
-
-
-def memory_mapped(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` (contiguous) lies in a private file mapping: a mapped checkpoint's."""
-    pages = _pages(tensor)
-    return pages is not None and _file_backed(*pages)
-
-
-def _file_backed(first: int, last: int) -> bool:
-    """Whether ``[first, last)`` lies in one private file mapping (``/proc/self/maps``).
-
-    ``MADV_DONTNEED`` on anonymous memory zeroes it: only a mapped checkpoint's pages,
-    which the kernel re-reads from the file, may be dropped.
-    """
-    try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                low, _, high = fields[0].partition("-")
-                if int(low, 16) <= first < int(high, 16):
-                    return last <= int(high, 16) and fields[4] != "0" and fields[1].endswith("p")
-    except (OSError, ValueError, IndexError):
-        return False
-    return False
-
-
 def column_scales(weight: torch.Tensor, mapped: bool = False) -> torch.Tensor:
     """float32 per-column scales for int8 with row and column scales: each column's largest
     ``|value|`` over the largest of all (so the largest is 1), read in chunks of rows (a mapped
@@ -569,8 +506,6 @@ def quantize_rows(
     ``columns`` (float32, one per column; `column_scales`): quantize ``weight / columns``
     instead, so ``weight ~= q * scaler[:, None] * columns``.
     """
-    from gemma_profiles.engine import native
-
     rows = weight.shape[0]
     # The native kernel streams these every token: onto huge pages (hugepages.py).  torch's
     # int8 kernel is compute-bound, and the float32 temporaries below would be left in the
@@ -649,24 +584,6 @@ _REMEDY = (
 )
 
 
-def _mapped_ranges(inodes: set[int] | None = None) -> list[tuple[int, int, int]] | None:
-    """(low, high, inode) of the file mappings in this process; None where /proc is not readable."""
-    found = []
-    try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) < 5 or not fields[4].isdigit() or fields[4] == "0":
-                    continue
-                inode = int(fields[4])
-                if inodes is None or inode in inodes:
-                    low, _, high = fields[0].partition("-")
-                    found.append((int(low, 16), int(high, 16), inode))
-    except (OSError, ValueError):
-        return None
-    return found
-
-
 class MappedFiles:
     """The checkpoint files a model reads memory-mapped weights from, as they were at load.
 
@@ -687,7 +604,7 @@ class MappedFiles:
             now = os.fstat(stamp.fd)
             if (now.st_size, now.st_mtime_ns) == (stamp.size, stamp.mtime_ns):
                 continue
-            ranges = _mapped_ranges({stamp.inode})
+            ranges = mapped_ranges({stamp.inode})
             if ranges == []:
                 self.stamps.remove(stamp)  # nothing reads it any more
                 continue
@@ -738,7 +655,7 @@ def unmap(model: Any) -> None:
     files = model.__dict__.get(WATCH_ATTRIBUTE)
     if files is None:
         return
-    ranges = _mapped_ranges({stamp.inode for stamp in files.stamps}) or []
+    ranges = mapped_ranges({stamp.inode for stamp in files.stamps}) or []
     unwatch(model)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type == "cpu" and any(low <= tensor.data_ptr() < high for low, high, _ in ranges):
@@ -780,38 +697,33 @@ def check_finite(model: Any, path: str) -> None:
                 raise _non_finite_error(name, count, path)
 
 
-def execution_devices(plan: Plan, pending: str | None = None) -> tuple[str, dict[int, str]]:
-    """The device resident tensors go to, and per-layer devices from the plan's layer map.
+@dataclass(frozen=True)
+class Placement:
+    """Where and how `lean_load` puts a checkpoint's tensors: plain values (the ``loading``
+    builtin reads them off the Plan, ``hooks/loading.py``).
 
-    :param pending: a device the script asked for with ``.to()`` before loading.
+    :param device: where resident tensors go (``cpu``, ``cuda:0``).
+    :param layers: decoder layer index -> device, for layers not on ``device`` (offloaded
+        layers wait on the CPU: ``cpu``).
+    :param embedder: the tied embedder's device when it is not ``device`` (``cpu``: the plan
+        offloads it, and loading it onto a small GPU first would not fit), else None.
+    :param label: the profile's name, for log lines and hints.
+    :param mmap: keep a tensor memory-mapped when its dtype and device already match
+        (``loading: {mmap: false}`` copies it).
+    :param float16_storage: gemma's Linear/Embedding weights stored in float16
+        (``quantization: {weights: float16}``; `gemma_profiles.engine.half`).
+    :param column_scales: quantize the tied embedder with row and column scales
+        (`column_scaled_names`); False gives gemma's per-row format (the ``quantization``
+        builtin, which computes with them, is blocked).
     """
-    from gemma_profiles.hooks.placement import device_problem
 
-    device = "cpu"
-    wanted = str(plan.device.value) if plan.device is not None else pending
-    if wanted is not None:
-        device = wanted if device_problem(wanted) is None else "cpu"
-    layers: dict[int, str] = {}
-    for span, where in plan.layers.items():
-        first, _, last = span.partition("-")
-        for index in range(int(first), int(last or first) + 1):
-            layers[index] = "cpu" if where in ("cpu", "disk") or device == "cpu" else device
-    return device, layers
-
-
-def planned_embedder_device(plan: Plan, device: str) -> str | None:
-    """``cpu`` when the plan keeps the tied embedder off the execution ``device``
-    (``placement.device_map``'s ``embedder: cpu|disk``; the offload step packs a ``disk``
-    embedder from host memory), else None: it goes to ``device`` with the other resident weights.
-
-    Loading it there first would hold it on a small GPU - with int8, beside its dequantized
-    copy - before the offload step moved it: more than a 5-6 GB card has room for.
-    """
-    device_map = plan.placement.device_map
-    if device == "cpu" or not isinstance(device_map, dict):
-        return None
-    named = next((str(device_map[key]) for key in EMBEDDER_KEYS if key in device_map), None)
-    return "cpu" if named is not None and normalize_device(named) in OFFLOAD_TARGETS else None
+    device: str = "cpu"
+    layers: dict[int, str] = field(default_factory=dict)
+    embedder: str | None = None
+    label: str = ""
+    mmap: bool = True
+    float16_storage: bool = False
+    column_scales: bool = True
 
 
 def column_scaled_names() -> set[str]:
@@ -821,34 +733,22 @@ def column_scaled_names() -> set[str]:
     divergence from float32, and a few of its columns (hidden dimensions) are several times
     larger than the rest, so per-row scales waste most of the int8 range on the others.  Only
     the ``quantization`` builtin computes with these scales (gemma's own int8 forward would
-    ignore them): while it is blocked, the embedder gets gemma's per-row format.
+    ignore them): while it is blocked, ``Placement.column_scales`` is False and the embedder
+    gets gemma's per-row format.
     """
-    from gemma_profiles.plugin.manager import blocked_from_env
-
-    if "quantization" in blocked_from_env():
-        return set()
     return {f"{key}.weight" for key in EMBEDDER_KEYS}
 
 
-def lean_load(model: Any, path: str, plan: Plan) -> None:
-    """Check ``path`` against a lazily built ``model``, then load it following ``plan``."""
-    from gemma_profiles.engine.lazy import pending_device
-
-    device, layer_devices = execution_devices(plan, pending_device(model))
+def lean_load(model: Any, path: str, placement: Placement) -> None:
+    """Check ``path`` against a lazily built ``model``, then load it as ``placement`` says."""
+    device, layer_devices, label = placement.device, placement.layers, placement.label
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     int8_in_model = {name for name, t in targets.items() if t.dtype == torch.int8}
-    keep_mapped = plan.loading.mmap
-    column_scaled = column_scaled_names()
+    keep_mapped = placement.mmap
+    column_scaled = column_scaled_names() if placement.column_scales else set()
     # quantization: {weights: float16} - gemma's Linear/Embedding weights stored in float16 (half.py)
-    half_stored = stored_names(model) if plan.weight_storage == "float16" else set()
-    if half_stored and not column_scaled:  # the quantization builtin is blocked: nothing would compute them
-        logger.warning(
-            "[{}] quantization.weights: float16 needs the quantization builtin (blocked by "
-            "GEMMA_PROFILE_DISABLE_PLUGINS): weights stay float32",
-            plan.profile,
-        )
-        half_stored = set()
+    half_stored = stored_names(model) if placement.float16_storage else set()
     pending_int8: dict[str, tuple[torch.Tensor, str]] = {}
     pending_scalers: dict[str, torch.Tensor] = {}
     loaded: set[str] = set()
@@ -857,12 +757,12 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
     def stored_dtype(name: str) -> torch.dtype:
         return torch.float16 if name in half_stored else targets[name].dtype
 
-    embedder_device = planned_embedder_device(plan, device)
+    embedder_device = placement.embedder
     embedder_prefixes = tuple(f"{key}." for key in EMBEDDER_KEYS)
 
     def device_for(name: str) -> str:
         if embedder_device is not None and name.startswith(embedder_prefixes):
-            return embedder_device  # the plan keeps the tied embedder on the CPU: never on the GPU
+            return embedder_device  # the tied embedder kept on the CPU: never on the GPU
         match = _LAYER.match(name.removeprefix("model.") if name.startswith("model.model.") else name)
         return layer_devices.get(int(match.group(1)), device) if match else device
 
@@ -901,7 +801,7 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
         shards = open_checkpoint(path, stack)
         shards = parallel.slice_shards(model, shards)  # tensor parallel: this rank's slice of each tensor
         shards_by_path = {shard.path: shard for shard in shards}
-        unexpected = check_fits(shards, model, path, plan.profile)
+        unexpected = check_fits(shards, model, path, label)
         for shard in shards:
             for name, tensor, mapped in shard.read():
                 if name not in targets:
@@ -939,7 +839,7 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
             raise CheckpointError(
                 f"checkpoint lacks {len(missing) + len(pending_int8)} tensor(s) the model needs: {shown}",
                 where=path,
-                hint=f"is it a checkpoint for this variant? (profile '{plan.profile}')",
+                hint=f"is it a checkpoint for this variant? (profile '{label}')",
             )
         # Whatever gemma computed at construction (rope tables) follows the resident weights.
         for name, buffer in model.named_buffers():
@@ -949,19 +849,19 @@ def lean_load(model: Any, path: str, plan: Plan) -> None:
     if unexpected:
         logger.info(
             "[{}] ignored {} checkpoint tensor(s) the model has no place for ({}), as gemma's loader does",
-            plan.profile,
+            label,
             len(unexpected),
             _shown(unexpected, 3),
         )
     set_lazy(model, False)
     how = "memory-mapped" if mapped_files else ("copied: loading.mmap is false" if not keep_mapped else "converted")
-    logger.info("[{}] loaded {} tensors from {} ({}; {})", plan.profile, len(loaded), path, how, device)
+    logger.info("[{}] loaded {} tensors from {} ({}; {})", label, len(loaded), path, how, device)
 
 
-def check_for_gemma(model: Any, path: str, plan: Plan) -> None:
+def check_for_gemma(model: Any, path: str, label: str) -> None:
     """Before gemma's own loader copies ``path`` into a materialised ``model``: the same checks
     (names, shapes, dtypes - int8 only into int8: gemma's copy does not quantize), and no
     memory-mapped weight left for that copy to write through."""
     with contextlib.ExitStack() as stack:
-        check_fits(open_checkpoint(path, stack), model, path, plan.profile, quantizes=False)
+        check_fits(open_checkpoint(path, stack), model, path, label, quantizes=False)
     unmap(model)

@@ -19,7 +19,6 @@ import mmap
 import os
 import re
 import shutil
-import sys
 import tempfile
 import weakref
 from collections.abc import Callable
@@ -32,10 +31,16 @@ import platformdirs
 import torch
 from torch import nn
 
-from gemma_profiles.engine.pages import process_alive
+from gemma_profiles.engine.pages import (
+    MADV_DONTNEED,
+    MADV_PAGEOUT,
+    MADV_POPULATE_READ,
+    advise,
+    file_mappings,
+    process_alive,
+)
 from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.log import logger
-from gemma_profiles.planning.plan import EMBEDDER_KEYS, compress_layers
 from gemma_profiles.units import format_bytes
 
 #: Where a model's offload state lives (a plain attribute, outside nn.Module's registries).
@@ -43,10 +48,10 @@ STATE_ATTRIBUTE = "_gemma_profile_offload"
 #: Byte alignment of each tensor inside a packed layer: the CUDA caching allocator's, so kernels see what they would.
 ALIGNMENT = 512
 SLOTS = 2
-
-_MADV_DONTNEED = 4
-_MADV_PAGEOUT = 21
-_MADV_POPULATE_READ = 22
+#: gemma's names for the tied embedder (``Gemma3ForMultimodalLM`` calls it ``text_token_embedder``);
+#: a profile's ``device_map`` names it the same way (`gemma_profiles.planning.plan.EMBEDDER_KEYS`,
+#: held equal by tests/test_offload.py).
+EMBEDDER_KEYS = ("embedder", "text_token_embedder")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class Layout:
         device, else None.
     :param folder: where ``disk`` storage goes (files with no name there: see `DiskFiles`).
     :param reason: where the layer split came from (logged).
+    :param layer_map: every layer's device as the log shows it (``0-10 -> cuda:0, 11-17 -> cpu``).
     """
 
     device: str
@@ -66,6 +72,7 @@ class Layout:
     embedder: str | None = None
     folder: str | None = None
     reason: str = ""
+    layer_map: str = ""
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -88,44 +95,6 @@ def embedder_of(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 # -- storage -----------------------------------------------------------------------------
-
-
-def _madvise(tensor: torch.Tensor, advice: int) -> bool:
-    """Advise the kernel about the whole pages inside ``tensor`` (Linux; a hint, never required).
-
-    :returns: whether the kernel took the advice.
-    """
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return False
-    start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
-    return end > start and _libc().madvise(start, end - start, advice) == 0
-
-
-_LIBC: Any = None
-
-
-def _libc() -> Any:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return _LIBC
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process mapped from files (``/proc/self/maps``; empty elsewhere)."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    ranges = []
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].startswith("/"):
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            ranges.append((start, end))
-    return ranges
 
 
 def _unregister_host(address: int) -> None:
@@ -316,14 +285,14 @@ def _write_tensor(handle: Any, tensor: torch.Tensor) -> None:
     if nbytes:
         # Map a memory-mapped source in first: a write() that faults part-way is retried in
         # small pieces, and the page cache then keeps small folios (slow to map back later).
-        _madvise(tensor, _MADV_POPULATE_READ)
+        advise(tensor, MADV_POPULATE_READ)
         handle.write(memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())))
 
 
 def _release_if_mapped(source: torch.Tensor, file_ranges: list[tuple[int, int]]) -> None:
     """A memory-mapped checkpoint page we will not read again leaves the process now."""
     if source.device.type == "cpu" and any(a <= source.data_ptr() < b for a, b in file_ranges):
-        _madvise(source, _MADV_PAGEOUT)
+        advise(source, MADV_PAGEOUT)
 
 
 # -- streaming ---------------------------------------------------------------------------
@@ -408,7 +377,7 @@ class WeightStreamer:
     def release(self, position: int) -> None:
         """Unit ``position`` has run (its compute is queued): its slot may be refilled after it."""
         if not self.through_slot(self.units[position]):
-            _madvise(self.units[position].storage, _MADV_DONTNEED)
+            advise(self.units[position].storage, MADV_DONTNEED)
             return
         if self.active is not None and self.cuda:
             self.released[self.active].record(torch.cuda.current_stream(self.device))
@@ -492,7 +461,7 @@ class WeightStreamer:
         self.staged[slot].synchronize()  # the staging buffer's previous copy has left
         staging = self.staging[slot][: unit.nbytes]
         staging.copy_(unit.storage)
-        _madvise(unit.storage, _MADV_DONTNEED)
+        advise(unit.storage, MADV_DONTNEED)
         self._to_device(staging, slot, unit.nbytes)
 
     def _to_host_slot(self, unit: _Unit, slot: int) -> None:
@@ -506,7 +475,7 @@ def _populate(storage: torch.Tensor) -> None:
     ``MADV_POPULATE_READ`` (Linux 5.14) maps them in one call - the kernel can map a
     page-cache folio whole; elsewhere one byte of each page is read.
     """
-    if not _madvise(storage, _MADV_POPULATE_READ):
+    if not advise(storage, MADV_POPULATE_READ):
         storage[:: mmap.PAGESIZE].sum()
 
 
@@ -689,7 +658,7 @@ def apply_offload(model: nn.Module, layout: Layout, label: str = "offload", *, p
         with contextlib.suppress(OSError):
             if shutil.disk_usage(folder).free < needed:
                 raise _no_room(folder, needed, len(on_disk), "")
-    file_ranges = _file_mappings()
+    file_ranges = file_mappings()
     units: list[_Unit] = []
     packed: list[_Unit] = []  # units and the disk embedder: what to undo on a failure
     state = OffloadState(layout, units, None, folder=folder)
@@ -769,8 +738,7 @@ def offload_state(model: nn.Module) -> OffloadState | None:
 
 
 def _log(layout: Layout, units: list[_Unit], label: str, count: int, state: OffloadState) -> None:
-    per_layer = [layout.offloaded.get(i, layout.device) for i in range(count)]
-    spans = ", ".join(f"{k} -> {v}" for k, v in compress_layers(per_layer).items())
+    spans = layout.layer_map or f"{len(layout.offloaded)} of {count} offloaded"
     if not units and layout.embedder is None:
         logger.info("[{}] offload ({}): every layer resident on {}", label, layout.reason, layout.device)
         return

@@ -41,7 +41,8 @@ from torch import nn
 from gemma_profiles.engine import native
 from gemma_profiles.engine.kernels import pin_to_cpu, state_weight
 from gemma_profiles.engine.lazy import remove_parameter
-from gemma_profiles.engine.loading import COLUMN_SCALER, memory_mapped
+from gemma_profiles.engine.loading import COLUMN_SCALER
+from gemma_profiles.engine.pages import memory_mapped
 
 _NATIVE = "_gemma_profile_int8"
 

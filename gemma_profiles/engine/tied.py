@@ -147,8 +147,8 @@ def install_packed(model: nn.Module, profile: str) -> list[torch.Tensor] | None:
     loaded) for a mapped weight, ``[weight]`` itself for a converted bfloat16 weight on the
     native kernel - or None when the sampler keeps the plain weight."""
     from gemma_profiles.engine import kernels
-    from gemma_profiles.engine.loading import memory_mapped
     from gemma_profiles.engine.offload import embedder_of
+    from gemma_profiles.engine.pages import memory_mapped
 
     found = embedder_of(model)
     if found is None:
@@ -191,7 +191,7 @@ def install_packed(model: nn.Module, profile: str) -> list[torch.Tensor] | None:
 def _pack_rows(weight: torch.Tensor) -> list[torch.Tensor]:
     """Packed copies of ``weight``, CHUNK_ROWS rows each; each chunk's mapped pages dropped once read."""
     from gemma_profiles.engine.kernels import pack
-    from gemma_profiles.engine.loading import release_pages
+    from gemma_profiles.engine.pages import release_pages
 
     chunks = []
     for start in range(0, weight.shape[0], CHUNK_ROWS):

@@ -8,9 +8,7 @@ hook for this machine's facts (the builtin ``hooks/hardware.py`` answers last).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,35 +19,19 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
 #: Old names, kept until gemma_profiles.engine reads `gemma_profiles.settings` itself.
 NATIVE_ENV = settings.NATIVE.name
 DEQUANTIZE_ROWS = settings.DEQUANTIZE_ROWS
-#: Linux's transparent huge page mode: ``always [madvise] never``, the bracketed one in force.
-THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def huge_page_mode(setting: str = THP_SETTING) -> str:
-    """Linux's transparent huge page mode (``always``, ``madvise``, ``never``); "" where unknown.
-
-    The int8 weights go on 2 MiB pages under ``always`` and ``madvise``
-    (`gemma_profiles.engine.hugepages`).
-    """
-    try:
-        with open(setting, encoding="ascii") as handle:
-            text = handle.read()
-    except OSError:
-        return ""
-    start, end = text.find("["), text.find("]")
-    return text[start + 1 : end] if 0 <= start < end else ""
 
 
 def native_int8_expected(isa: tuple[str, ...]) -> bool:
-    """Whether the native int8 CPU kernel should run on a CPU with these ISA flags (without torch).
+    """Whether the native int8 CPU kernel runs on a CPU with these ISA flags (without torch).
 
-    It needs AVX-512 VNNI and a C compiler to build it on first use; the planner uses this to
-    know whether an int8 model keeps its tied embedder int8 in float32 compute too.
+    The engine's own decision (`gemma_profiles.engine.build.int8_verdict`, torch-free): the
+    switch, AVX-512 VNNI, and a library this process built or loaded, else a compiler and no
+    remembered build failure.  The planner uses it to know whether an int8 model keeps its
+    tied embedder int8 in float32 compute too.
     """
-    if not settings.switch(settings.NATIVE):
-        return False
-    has_vnni = any(flag in isa for flag in ("avx512_vnni", "avx512_bf16", "amx_bf16"))
-    return has_vnni and shutil.which(os.environ.get("CC") or "cc") is not None
+    from gemma_profiles.engine.build import int8_verdict
+
+    return int8_verdict(isa) is None
 
 
 @dataclass(frozen=True)
