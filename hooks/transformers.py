@@ -233,6 +233,11 @@ def arguments(plan: Plan, config: Any, kwargs: dict[str, Any]) -> Any:
     if shape.family == "gemma2" and softcap:
         reason = f"Gemma 2 soft-caps attention scores at {softcap}; only eager attention computes the cap"
         given = kwargs.get("attn_implementation")
+        if given is None and kwargs.get("config") is config:
+            # AutoModel* folds the script's attn_implementation into the config it passes on
+            given = getattr(text, "_attn_implementation_internal", None) or getattr(
+                config, "_attn_implementation_internal", None
+            )
         if given is None:
             kwargs["attn_implementation"] = "eager"
             _log(plan, "attn_implementation", given, "eager", reason)

@@ -637,24 +637,55 @@ def detect(as_json: bool) -> None:
         "gemma-profile plan pascal-5gb --variant 7b",
         "gemma-profile plan cpu-8gb -v 2b --here          # against this machine",
         "gemma-profile plan auto -v 1b --seq-len 4096 --json",
+        "gemma-profile plan t4 --model google/gemma-3-1b-it   # a transformers checkpoint (folder or cache)",
     ),
 )
 @click.argument("name")
-@_variant_option(required=True)
+@_variant_option(required=False)
+@click.option(
+    "--model",
+    "model_ref",
+    metavar="DIR_OR_HUB_ID",
+    help="A transformers checkpoint instead of --variant: its folder, config.json, or a Hub id already "
+    "in the Hugging Face cache (never downloaded).",
+)
 @click.option("--batch", type=click.IntRange(min=1), help="Prompts per generate call (default: the profile's).")
 @click.option("--seq-len", type=click.IntRange(min=1), help="Prompt + output tokens (default: the profile's, 1024).")
 @click.option("--here", is_flag=True, help="Size against this machine instead of the profile's hardware facts.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None, here: bool, as_json: bool) -> None:
-    """Memory table and placement for a variant under a profile; exit 1 when it does not fit."""
+def plan_command(
+    name: str,
+    variant: str | None,
+    model_ref: str | None,
+    batch: int | None,
+    seq_len: int | None,
+    here: bool,
+    as_json: bool,
+) -> None:
+    """Memory table and placement for a variant (or a transformers checkpoint) under a profile; exit 1 when it
+    does not fit."""
     from gemma_profiles.planning.plan import make_plan
     from gemma_profiles.units import format_bytes
 
+    if (variant is None) == (model_ref is None):
+        raise GemmaProfileError(
+            "plan needs one model: --variant or --model", hint=f"gemma-profile plan {name} --variant 2b"
+        )
     _check_variant(variant)
     registry = default_registry()
     profile = registry.load(name)
     target = _detected_target(registry, profile, here)
-    plan = make_plan(profile, variant, target=target, batch=batch, seq_len=seq_len)
+    if model_ref is not None:
+        from gemma_profiles.planning import hf
+
+        config = hf.read_config(model_ref)
+        shape = hf.shape_of(config)
+        variant = hf.variant_of(shape)
+        label = hf.describe(config)
+        plan = make_plan(profile, variant, shape.family, target=target, shape=shape, batch=batch, seq_len=seq_len)
+    else:
+        label = str(variant)
+        plan = make_plan(profile, variant, target=target, batch=batch, seq_len=seq_len)
     if plan.verdict is None:
         raise GemmaProfileError(f"profile '{profile.name}' says nothing about the hardware", hint="use --here")
     if as_json:
@@ -664,7 +695,7 @@ def plan_command(name: str, variant: str, batch: int | None, seq_len: int | None
         dtype, quant = plan.config.get("dtype"), plan.config.get("quant")
         machine = " ".join(part for part in (plan.target.device, plan.target.name) if part)
         echo(
-            f"{plan.profile} / {variant}: batch {plan.batch}, {plan.seq_len} tokens; target {machine}"
+            f"{plan.profile} / {label}: batch {plan.batch}, {plan.seq_len} tokens; target {machine}"
             f" ({_target_source(plan.target.source)})"
         )
         echo(f"  compute dtype: {plan.dtype}  ({dtype.origin if dtype else ''})")

@@ -1,0 +1,321 @@
+"""Hugging Face transformers' Gemma under our profiles (hooks/transformers.py, issue 17).
+
+Tiny random Gemma 3 and Gemma 2 models are written with transformers' own config classes and
+``save_pretrained`` (no download), then loaded by an unmodified transformers script in a
+subprocess - the .pth arms the profile from ``GEMMA_PROFILE`` or ``gemma-profile apply``.  The
+script prints its greedy tokens, the argmax of teacher-forced logits and what it was given, as
+JSON; the tests compare each profile with transformers' own float32 run.  Skipped without
+transformers (``pip install 'gemma-profiles[hf]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (the hf extra)")
+
+import gemma_profiles_autoload  # noqa: E402
+from gemma_profiles.errors import GemmaProfileError  # noqa: E402
+from gemma_profiles.planning import hf  # noqa: E402
+from gemma_profiles.plugin.manager import get_plugin_manager  # noqa: E402
+from gemma_profiles.spec.registry import default_registry  # noqa: E402
+
+#: A user's script, as anyone would write it: nothing of ours in it.
+SCRIPT = """\
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+
+kwargs = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+if "dtype" in kwargs:
+    kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], **kwargs)
+prompt = torch.tensor([[2, 17, 33, 101, 7, 250, 61, 5]])
+with torch.no_grad():
+    tokens = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:].tolist()
+    text = torch.arange(3, 131).reshape(1, -1) % 509
+    argmax = model(text).logits[0].argmax(-1).tolist()
+classes = sorted({type(m).__name__ for m in model.modules()})
+print(json.dumps({"tokens": tokens, "argmax": argmax, "dtype": str(model.dtype), "classes": classes,
+                  "attn": model.config._attn_implementation}))
+"""
+
+
+def _tiny(kind: str, folder: Path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    common: dict[str, Any] = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=32,
+        initializer_range=0.2,  # logits far enough apart that a top-1 means something
+    )
+    if kind == "gemma3":
+        model: Any = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(num_key_value_heads=1, **common))
+    else:
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(num_key_value_heads=2, **common))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {kind: _tiny(kind, root / kind) for kind in ("gemma3", "gemma2")}
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("script") / "my_hf_script.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def run(script: Path, model: Path, profile: str | None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    env.pop("GEMMA_PROFILE", None)
+    if profile is not None:
+        env["GEMMA_PROFILE"] = profile
+    command = [sys.executable, str(script), str(model)] + ([json.dumps(kwargs)] if kwargs else [])
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def result(completed: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert completed.returncode == 0, completed.stderr
+    answer: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return answer
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+@pytest.fixture(scope="module")
+def float32(script: Path, models: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """transformers as it is: float32, no profile."""
+    return {kind: result(run(script, path, "off")) for kind, path in models.items()}
+
+
+# -- the plugin and the core ------------------------------------------------------------------------------
+
+
+def test_the_builtins_watched_modules_are_what_the_pth_arms_on() -> None:
+    watched = get_plugin_manager().watched_modules()
+    assert watched == {"transformers.modeling_utils"}
+    assert set(gemma_profiles_autoload.ARM_ON) == watched | set(gemma_profiles_autoload.PATCHED_MODULES)
+
+
+def test_transformers_is_not_imported_by_us() -> None:
+    code = (
+        "import sys, gemma_profiles\n"
+        "from gemma_profiles.plugin.manager import get_plugin_manager\n"
+        "get_plugin_manager().watched_modules()\n"
+        "with gemma_profiles.use('cpu-32gb'):\n"
+        "    import torch\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.stdout.strip() == "False", completed.stderr
+
+
+def test_a_plugins_module_imported_before_the_profile_is_served(models: dict[str, Path]) -> None:
+    """``import transformers`` first, ``gemma_profiles.use`` after: from_pretrained is wrapped then."""
+    code = (
+        "import sys, transformers.modeling_utils as mu, gemma_profiles\n"
+        "before = hasattr(mu.PreTrainedModel.from_pretrained.__func__, '_gemma_profile_original')\n"
+        "gemma_profiles.activate('cpu-32gb')\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(models['gemma3'])!r})\n"
+        "print(before, model.dtype)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("GEMMA_PROFILE", None)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert completed.stdout.strip().splitlines()[-1] == "False torch.bfloat16", completed.stderr
+
+
+# -- an unmodified script under each CPU profile ---------------------------------------------------------
+
+
+def test_cpu_32gb_loads_gemma3_in_bfloat16(script: Path, models: dict[str, Path], float32: dict[str, Any]) -> None:
+    completed = run(script, models["gemma3"], "cpu-32gb")
+    answer = result(completed)
+    assert answer["dtype"] == "torch.bfloat16"
+    assert "[cpu-32gb] from_pretrained dtype: 'auto' -> 'bfloat16'" in completed.stderr
+    assert "Gemma3ForCausalLM loaded on cpu in bfloat16" in completed.stderr
+    # bfloat16 rounds every product: the same top-1 on nearly every teacher-forced position.
+    assert agreement(answer["argmax"], float32["gemma3"]["argmax"]) >= 0.9
+
+
+def test_cpu_8gb_computes_on_int8_weights(script: Path, models: dict[str, Path], float32: dict[str, Any]) -> None:
+    completed = run(script, models["gemma3"], "cpu-8gb")
+    answer = result(completed)
+    assert "[cpu-8gb] int8: 14 of transformers' linear layers read int8 weights directly" in completed.stderr
+    assert "the tied embedder: int8, shared by the lookup" in completed.stderr
+    assert "Int8Linear" in answer["classes"]
+    assert agreement(answer["argmax"], float32["gemma3"]["argmax"]) >= 0.85
+
+
+def test_a_float32_profile_gives_transformers_own_tokens(
+    script: Path, models: dict[str, Path], float32: dict[str, Any], write_profile: Any
+) -> None:
+    """Where the math is the same (float32, the packed CPU kernels or plain matmuls), the same greedy tokens."""
+    path = write_profile("cpu-f32", "extends: cpu-32gb\ndescription: x\nconfig: {dtype: float32}\n")
+    for kind in ("gemma3", "gemma2"):
+        answer = result(run(script, models[kind], str(path)))
+        assert answer["dtype"] == "torch.float32"
+        assert answer["tokens"] == float32[kind]["tokens"]
+        assert answer["argmax"] == float32[kind]["argmax"]
+
+
+def test_the_scripts_dtype_wins_with_a_line(script: Path, models: dict[str, Path], float32: dict[str, Any]) -> None:
+    completed = run(script, models["gemma3"], "cpu-32gb", dtype="float32")
+    answer = result(completed)
+    assert answer["dtype"] == "torch.float32"
+    assert "the script's float32 wins over the profile's bfloat16" in completed.stderr
+    assert answer["tokens"] == float32["gemma3"]["tokens"]
+
+
+def test_gemma2_gets_eager_attention_for_its_soft_cap(
+    script: Path, models: dict[str, Path], float32: dict[str, Any]
+) -> None:
+    completed = run(script, models["gemma2"], "cpu-32gb")
+    answer = result(completed)
+    assert answer["attn"] == "eager"
+    assert "from_pretrained attn_implementation: None -> 'eager' (Gemma 2 soft-caps attention" in completed.stderr
+    assert agreement(answer["argmax"], float32["gemma2"]["argmax"]) >= 0.9
+
+
+def test_the_scripts_attention_is_its_own(script: Path, models: dict[str, Path]) -> None:
+    """An attn_implementation the script passes (AutoModel* folds it into the config) is not rewritten.
+    (transformers 5 refuses sdpa for Gemma 2 itself; eager is the one it runs.)"""
+    completed = run(script, models["gemma2"], "cpu-32gb", attn_implementation="eager")
+    assert result(completed)["attn"] == "eager"
+    assert "attn_implementation: None -> 'eager'" not in completed.stderr
+
+
+def test_pascal_refuses_the_scripts_bfloat16_like_gemma_pytorch(script: Path, models: dict[str, Path]) -> None:
+    from test_bad_inputs import script_error
+
+    completed = run(script, models["gemma3"], "pascal-5gb", dtype="bfloat16")
+    line = script_error(completed)
+    assert line.startswith("gemma_profiles.errors.GemmaProfileError: ")
+    assert (
+        "(compute capability 6.1) has no native bfloat16, but the script's from_pretrained(dtype=torch.bfloat16)"
+        in line
+    )
+    assert "use dtype float16 for Gemma 1 2b, float32 for Gemma 2/3" in line
+
+
+def test_float16_compute_for_gemma3_is_refused(script: Path, models: dict[str, Path]) -> None:
+    from test_bad_inputs import script_error
+
+    line = script_error(run(script, models["gemma3"], "cpu-32gb", dtype="float16"))
+    assert "float16 compute overflows for Gemma 3" in line
+    assert "from_pretrained(dtype=torch.float16) asks for float16" in line
+
+
+def test_apply_arms_transformers_too(script: Path, models: dict[str, Path]) -> None:
+    from click.testing import CliRunner
+
+    from gemma_profiles.cli.main import cli
+
+    assert CliRunner().invoke(cli, ["apply", "cpu-8gb"]).exit_code == 0
+    completed = run(script, models["gemma3"], None)
+    assert "[cpu-8gb] int8:" in completed.stderr
+    assert result(completed)["dtype"] == "torch.bfloat16"
+
+
+def test_blocking_the_builtin_leaves_transformers_alone(
+    script: Path, models: dict[str, Path], float32: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "transformers")
+    completed = run(script, models["gemma3"], "cpu-8gb")
+    assert result(completed) == float32["gemma3"]
+    assert "from_pretrained" not in completed.stderr
+
+
+# -- planning a transformers checkpoint ---------------------------------------------------------------
+
+
+def test_shape_of_a_gemma3_and_a_gemma2_config(models: dict[str, Path]) -> None:
+    g3 = hf.shape_of(hf.read_config(str(models["gemma3"])))
+    assert (g3.family, g3.num_hidden_layers, g3.hidden_size, g3.num_key_value_heads, g3.head_dim) == (
+        "gemma3",
+        2,
+        64,
+        1,
+        16,
+    )
+    assert g3.sliding_window_size == 32
+    g2 = hf.shape_of(transformers.AutoConfig.from_pretrained(models["gemma2"]))  # the object works as the dict
+    assert (g2.family, g2.num_key_value_heads) == ("gemma2", 2)
+    multimodal = {"model_type": "gemma3", "text_config": hf.read_config(str(models["gemma3"]))}
+    assert hf.shape_of(multimodal) == g3
+
+
+def test_a_known_shape_is_its_variant() -> None:
+    gemma_1b = {
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 26,
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "vocab_size": 262144,
+        "max_position_embeddings": 32768,
+    }
+    assert hf.variant_of(hf.shape_of(gemma_1b)) == "1b"
+
+
+def test_not_a_gemma_config_is_one_line() -> None:
+    with pytest.raises(GemmaProfileError, match="model_type 'llama' is not a Gemma text model"):
+        hf.shape_of({"model_type": "llama"})
+
+
+def test_plan_model_reads_a_folder_and_the_hub_cache(models: dict[str, Path], tmp_path: Path, monkeypatch: Any) -> None:
+    from click.testing import CliRunner
+
+    from gemma_profiles.cli.main import cli
+
+    out = CliRunner().invoke(cli, ["plan", "cpu-8gb", "--model", str(models["gemma3"])])
+    assert out.exit_code == 0, out.output
+    assert "Gemma 3 (gemma3_text, 2 layers x 64)" in out.output
+    assert "verdict: fits" in out.output
+    snapshot = tmp_path / "hub" / "models--acme--tiny-gemma" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((models["gemma2"] / "config.json").read_text())
+    (tmp_path / "hub" / "models--acme--tiny-gemma" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-gemma" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    data = json.loads(CliRunner().invoke(cli, ["plan", "cpu-32gb", "--model", "acme/tiny-gemma", "--json"]).output)
+    assert data["family"] == "gemma2" and data["dtype"] == "bfloat16"
+    missing = CliRunner().invoke(cli, ["plan", "cpu-32gb", "--model", "acme/not-here"])
+    assert missing.exit_code == 2
+    assert "acme/not-here: not in the Hugging Face cache" in missing.output
+    assert "gemma-profiles never downloads" in missing.output
+
+
+def test_plan_wants_a_variant_or_a_model() -> None:
+    from click.testing import CliRunner
+
+    from gemma_profiles.cli.main import cli
+
+    out = CliRunner().invoke(cli, ["plan", "cpu-8gb"])
+    assert out.exit_code == 2
+    assert "--variant or --model" in out.output
+    assert default_registry().load("cpu-8gb")  # the profile itself is fine
