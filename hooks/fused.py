@@ -3,6 +3,10 @@
 Applies when the model runs on the CPU as a whole (as the ``kernels`` builtin) and the
 native library builds and runs here (x86-64 with AVX-512 and a C compiler).  Block it with
 ``GEMMA_PROFILE_DISABLE_PLUGINS=fused`` to run gemma's own layer forwards.
+
+The third engine stage of `gemma_profile_weights_loaded` (``quantization`` -> ``kernels`` ->
+``fused`` -> ``offload``, `gemma_profiles.plugin.hookspecs.WEIGHTS_LOADED_STAGES`): the layers'
+projections are already in their final form (int8, packed) when their fused forwards are checked.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ from gemma_profiles.log import logger
 from gemma_profiles.planning.plan import Plan
 
 
-@hookimpl(trylast=True)
+@hookimpl  # the engine's stages run in hookspecs.WEIGHTS_LOADED_STAGES' order
 def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
-    from gemma_profiles.hooks.placement import runs_on_cpu
+    from gemma_profiles.engine.devices import device_problem
 
-    if not runs_on_cpu(plan):
+    if not plan.runs_on_cpu(device_problem):
         return
     import torch
 

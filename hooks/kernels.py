@@ -5,6 +5,10 @@ Applies when the model runs on the CPU as a whole: the plan's device is ``cpu``
 to) and no layer is offloaded or mapped elsewhere.  Block it with
 ``GEMMA_PROFILE_DISABLE_PLUGINS=kernels`` to compute with gemma's plain
 ``F.linear``.
+
+The second engine stage of `gemma_profile_weights_loaded` (``quantization`` -> ``kernels`` ->
+``fused`` -> ``offload``, `gemma_profiles.plugin.hookspecs.WEIGHTS_LOADED_STAGES`): it packs the
+full-precision ``Linear`` layers ``quantization`` left as they were.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from gemma_profiles.log import logger
 from gemma_profiles.planning.plan import Plan
 
 
-@hookimpl(trylast=True)
+@hookimpl  # the engine's stages run in hookspecs.WEIGHTS_LOADED_STAGES' order
 def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
-    from gemma_profiles.hooks.placement import runs_on_cpu
+    from gemma_profiles.engine.devices import device_problem
 
-    if not runs_on_cpu(plan):
+    if not plan.runs_on_cpu(device_problem):
         return
     import torch
 
@@ -47,7 +51,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
             count += 1
     from gemma_profiles.engine.tied import install_packed
 
-    kernels.pin_to_cpu(model, "this model", next(iter(dtypes)), packed_weight=False)
+    kernels.pin_to_cpu(model, "this model", next(iter(dtypes)))
 
     sampler = install_packed(model, plan.profile)
     stored = [*kernels.stored_weights(model), *(w for w in sampler or () if not w.is_mkldnn)]

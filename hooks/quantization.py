@@ -1,5 +1,10 @@
 """int8 compute after loading (`gemma_profiles.engine.quantization` has the kernels and why), and float16 storage
-with float32 compute (`gemma_profiles.engine.half`)."""
+with float32 compute (`gemma_profiles.engine.half`).
+
+The first engine stage of `gemma_profile_weights_loaded` (``quantization`` -> ``kernels`` ->
+``fused`` -> ``offload``, `gemma_profiles.plugin.hookspecs.WEIGHTS_LOADED_STAGES`): the weights
+get their final format before anything packs, fuses or offloads them.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,14 @@ from gemma_profiles.planning.plan import EMBEDDER_KEYS, Plan
 
 @hookimpl
 def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
-    import types
-
     import torch
-    from gemma_profiles.hooks.placement import runs_on_cpu
 
     from gemma_profiles.engine import native
+    from gemma_profiles.engine.devices import device_problem
     from gemma_profiles.engine.quantization import (
         column_scaler,
         dequantize_embedder,
-        fast_forward,
+        direct_linear,
         keep_int8_embedder,
         native_kernel,
         native_linear,
@@ -34,7 +37,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     if config is None or not getattr(config, "quant", False):
         return
     dtype = config.get_dtype()
-    on_cpu = runs_on_cpu(plan)
+    on_cpu = plan.runs_on_cpu(device_problem)
     kernels: dict[str, int] = {}
     embedder = "int8 (lookups and the sampler read it directly)"
     for name, module in list(model.named_modules()):
@@ -51,7 +54,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
                 native_linear(module)
                 kernel = "native VNNI kernel"
             else:
-                module.forward = types.MethodType(fast_forward, module)
+                direct_linear(module)
                 kernel = "_weight_int8pack_mm" if on_cpu and dtype == torch.bfloat16 else "scratch-buffer kernel"
             kernels[kernel] = kernels.get(kernel, 0) + 1
     config.quant = False  # gemma's forward hands embedder.weight to the sampler as it is
@@ -61,7 +64,7 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         from gemma_profiles.engine.kernels import pin_to_cpu
         from gemma_profiles.engine.quantization import native_weights
 
-        pin_to_cpu(model, "this model", torch.int8, packed_weight=False)
+        pin_to_cpu(model, "this model", torch.int8)
         pages = hugepages.describe([packed.data for packed in native_weights(model)])
     why_not = native.unavailable() if on_cpu and "native VNNI kernel" not in kernels else None
     if why_not:

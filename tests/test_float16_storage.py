@@ -12,7 +12,7 @@ import torch
 from test_loading import TOKENS, build, logits
 
 import gemma_profiles
-from gemma_profiles.engine import half
+from gemma_profiles.engine import half, surgery
 from gemma_profiles.errors import GemmaProfileError
 
 
@@ -97,7 +97,7 @@ def test_weights_are_stored_in_float16_and_answers_are_float32s(
         text = model.generate("the cat sees a dog", "cpu", output_len=3, temperature=None)
     assert isinstance(text, str)
     assert model.config.dtype in ("float32", torch.float32)
-    linears = [n for n, m in model.named_modules() if type(m).__name__ == "Linear"]
+    linears = [n for n, m in model.named_modules() if surgery.original_class(m).__name__ == "Linear"]
     assert linears and all(stored[f"{n}.weight"] == torch.float16 for n in linears)
     assert stored["embedder.weight"] == torch.float16
     assert {dtype for name, dtype in stored.items() if "norm" in name} == {torch.float32}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles.engine import kernels
-from gemma_profiles.engine.loading import _file_backed, release_pages
+from gemma_profiles.engine import kernels, surgery
+from gemma_profiles.engine.pages import file_backed, release_pages
 
 PROMPTS = ["the cat sees a dog", "two red birds"]
 
@@ -75,7 +75,7 @@ def test_packed_model_generates_what_the_plain_one_does(
     with gemma_profiles.use(cpu_profile(write_profile, dtype)):
         model = load(gemma, tokenizer_path, variant, dtype, ckpt)
         names = packed_names(model)
-        linears = [n for n, m in model.named_modules() if type(m).__name__ == "Linear"]
+        linears = [n for n, m in model.named_modules() if surgery.original_class(m).__name__ == "Linear"]
         assert names and names == linears, "every gemma Linear is packed"
         weights = [model.get_submodule(n).weight for n in names]
         if dtype == "bfloat16" and kernels.native_bf16():  # plain, for the native kernel
@@ -291,8 +291,7 @@ def test_not_packed(
 
 
 def test_only_on_a_cpu_execution_device(write_profile: Callable[..., Path]) -> None:
-    from gemma_profiles.hooks.placement import runs_on_cpu
-
+    from gemma_profiles.engine.devices import device_problem
     from gemma_profiles.planning.plan import make_plan
     from gemma_profiles.spec.profile import load_profile
 
@@ -300,16 +299,16 @@ def test_only_on_a_cpu_execution_device(write_profile: Callable[..., Path]) -> N
         path = write_profile("where", f"description: t\nplacement: {placement}\n")
         return make_plan(load_profile(str(path)), variant="2b")
 
-    assert runs_on_cpu(plan("{device: cpu}"))
-    assert not runs_on_cpu(plan("{device: 'cuda:0'}"))
-    assert not runs_on_cpu(plan("{device: cpu, offload: disk}"))
-    assert runs_on_cpu(plan("{}")) is not (torch.cuda.is_available())
+    assert plan("{device: cpu}").runs_on_cpu(device_problem)
+    assert not plan("{device: 'cuda:0'}").runs_on_cpu(device_problem)
+    assert not plan("{device: cpu, offload: disk}").runs_on_cpu(device_problem)
+    assert plan("{}").runs_on_cpu(device_problem) is not (torch.cuda.is_available())
 
 
 def test_release_pages_never_zeroes_anonymous_memory(tmp_path: Path) -> None:
     tensor = torch.arange(4 * mmap.PAGESIZE, dtype=torch.uint8)
     start = tensor.data_ptr()
-    assert not _file_backed(start, start + mmap.PAGESIZE)
+    assert not file_backed(start, start + mmap.PAGESIZE)
     release_pages(tensor)
     assert torch.equal(tensor, torch.arange(4 * mmap.PAGESIZE, dtype=torch.uint8))
     # A memory-mapped checkpoint tensor: pages dropped, contents read back from the file.
@@ -317,7 +316,7 @@ def test_release_pages_never_zeroes_anonymous_memory(tmp_path: Path) -> None:
     torch.save({"t": torch.arange(2**20, dtype=torch.float32)}, path)
     mapped = torch.load(path, mmap=True, weights_only=True)["t"]
     assert mapped.sum().item() == sum(range(2**20))
-    assert _file_backed(mapped.data_ptr() + mmap.PAGESIZE, mapped.data_ptr() + 2 * mmap.PAGESIZE)
+    assert file_backed(mapped.data_ptr() + mmap.PAGESIZE, mapped.data_ptr() + 2 * mmap.PAGESIZE)
     release_pages(mapped)
     assert torch.equal(mapped, torch.arange(2**20, dtype=torch.float32))
 

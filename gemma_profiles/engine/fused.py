@@ -1,8 +1,10 @@
 """gemma's decoder layers on the CPU in a few native calls: see ``csrc/decode.c`` for why.
 
 Torch-touching; installed by the ``fused`` builtin (`gemma_profiles.hooks.fused`) on a
-model that runs on the CPU.  Each gemma module of a known kind gets its own ``forward``
-(gemma's classes and files are untouched):
+model that runs on the CPU.  Each gemma module of a known kind gets its own ``forward``: it
+becomes a ``FusedRMSNorm``, ``FusedGemmaMLP``, ``FusedGemmaAttention`` or ``FusedSampler`` (a
+`Fused` mixin on top of gemma's class, `gemma_profiles.engine.surgery`; gemma's classes and
+files are untouched):
 
 - ``RMSNorm``: one call for the whole norm;
 - ``GemmaMLP``: its three projections as they are, ``gelu(gate) * up`` in one call;
@@ -22,7 +24,6 @@ warning says so.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_profiles.engine import native
+from gemma_profiles.engine import native, surgery
 from gemma_profiles.log import logger
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -59,12 +60,19 @@ def _bf16(tensor: torch.Tensor) -> int:
 
 
 # -- the forwards ------------------------------------------------------------
+# Each takes the gemma module as ``self``, whether it is a `Fused` one yet or not (the install
+# check runs them first), and hands what it does not cover to gemma's forward: `_gemmas`.
+
+
+def _gemmas(module: Any) -> Any:
+    """gemma's class of ``module`` (its forward is the fallback)."""
+    return surgery.original_class(module)
 
 
 def rms_norm(self: Any, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     if not _cpu(x, weight) or weight.dim() != 1 or x.shape[-1] != weight.shape[0] or x.numel() == 0:
-        return cast(torch.Tensor, type(self).forward(self, x))
+        return cast(torch.Tensor, _gemmas(self).forward(self, x))
     flat, weight = x.contiguous(), weight.detach().contiguous()
     out = torch.empty_like(flat)
     width = weight.shape[0]
@@ -78,7 +86,7 @@ def rms_norm(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 def mlp(self: Any, x: torch.Tensor) -> torch.Tensor:
     if not _cpu(x):
-        return cast(torch.Tensor, type(self).forward(self, x))
+        return cast(torch.Tensor, _gemmas(self).forward(self, x))
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not _cpu(gate) or gate.dtype != up.dtype or gate.shape != up.shape:
         return cast(torch.Tensor, self.down_proj(F.gelu(gate, approximate="tanh") * up))
@@ -100,7 +108,7 @@ def attention(
     def gemma() -> torch.Tensor:
         return cast(
             torch.Tensor,
-            type(self).forward(self, hidden_states, freqs_cis, kv_write_indices, kv_cache, mask, local_mask),
+            _gemmas(self).forward(self, hidden_states, freqs_cis, kv_write_indices, kv_cache, mask, local_mask),
         )
 
     local = getattr(self.attn_type, "name", None) == "LOCAL_SLIDING" and self.sliding_window_size is not None
@@ -189,7 +197,7 @@ def sampler(
     embedding_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     def gemma() -> tuple[torch.Tensor, torch.Tensor]:
-        return type(self).forward(  # type: ignore[no-any-return]
+        return _gemmas(self).forward(  # type: ignore[no-any-return]
             self, embedding, hidden_states, output_positions, temperatures, top_ps, top_ks, embedding_bias
         )
 
@@ -211,16 +219,70 @@ def sampler(
         return ids.squeeze(dim=-1), logits
 
 
+# -- the classes ---------------------------------------------------------------
+
+
+class Fused(surgery.Surgery):
+    """A gemma module whose forward runs in the native decode library (`gemma_profiles.engine.fused`)."""
+
+    prefix = "Fused"
+
+
+class FusedNorm(Fused):
+    """``RMSNorm`` in one call (`rms_norm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(self, x)
+
+
+class FusedMLP(Fused):
+    """``GemmaMLP`` with ``gelu(gate) * up`` in one call (`mlp`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mlp(self, x)
+
+
+class FusedAttention(Fused):
+    """``GemmaAttention`` with everything between the projections in one call (`attention`)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        freqs_cis: torch.Tensor,
+        kv_write_indices: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        local_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return attention(self, hidden_states, freqs_cis, kv_write_indices, kv_cache, mask, local_mask)
+
+
+class FusedSampling(Fused):
+    """``Sampler`` with greedy decoding's argmax in one call (`sampler`)."""
+
+    def forward(
+        self,
+        embedding: Any,
+        hidden_states: torch.Tensor,
+        output_positions: torch.Tensor,
+        temperatures: torch.Tensor | None,
+        top_ps: torch.Tensor,
+        top_ks: torch.Tensor,
+        embedding_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return sampler(self, embedding, hidden_states, output_positions, temperatures, top_ps, top_ks, embedding_bias)
+
+
 # -- recognising gemma's modules, checking, installing --------------------------
 
 _ATTENTION: tuple[str, ...] = ("qkv_proj", "o_proj", "num_heads", "num_kv_heads", "head_dim", "q_size", "kv_size")
 _ATTENTION += ("scaling", "attn_type", "sliding_window_size", "attn_logit_softcapping", "query_norm", "key_norm")
-#: kind -> (gemma's class name, attributes the forward reads, our forward)
-KINDS: dict[str, tuple[str, tuple[str, ...], Callable[..., Any]]] = {
-    "norms": ("RMSNorm", ("weight", "eps", "add_unit_offset"), rms_norm),
-    "MLPs": ("GemmaMLP", ("gate_proj", "up_proj", "down_proj"), mlp),
-    "attention layers": ("GemmaAttention", _ATTENTION, attention),
-    "sampler": ("Sampler", ("config",), sampler),
+#: kind -> (gemma's class name, attributes the forward reads, the `Fused` class its modules get)
+KINDS: dict[str, tuple[str, tuple[str, ...], type[Fused]]] = {
+    "norms": ("RMSNorm", ("weight", "eps", "add_unit_offset"), FusedNorm),
+    "MLPs": ("GemmaMLP", ("gate_proj", "up_proj", "down_proj"), FusedMLP),
+    "attention layers": ("GemmaAttention", _ATTENTION, FusedAttention),
+    "sampler": ("Sampler", ("config",), FusedSampling),
 }
 
 
@@ -230,8 +292,7 @@ def _of_kind(model: nn.Module, kind: str) -> list[nn.Module]:
 
 
 def is_fused(module: nn.Module) -> bool:
-    forward = module.__dict__.get("forward")
-    return getattr(forward, "__func__", None) in {fn for _, _, fn in KINDS.values()}
+    return isinstance(module, Fused)
 
 
 def install(model: nn.Module, dtype: torch.dtype, hidden_size: int) -> dict[str, int]:
@@ -241,16 +302,16 @@ def install(model: nn.Module, dtype: torch.dtype, hidden_size: int) -> dict[str,
     :param hidden_size: the width of the residual stream (the config's), for the checks.
     """
     installed: dict[str, int] = {}
-    for kind, (_, _, forward) in KINDS.items():
+    for kind, (_, _, fused) in KINDS.items():
         modules = _of_kind(model, kind)
         if not modules:
             continue
-        problem = _check(kind, modules[0], forward, dtype if dtype in _DTYPES else torch.float32, hidden_size)
+        problem = _check(kind, modules[0], fused.forward, dtype if dtype in _DTYPES else torch.float32, hidden_size)
         if problem:
             logger.warning("gemma's own {} forward kept: {}", kind, problem)
             continue
         for module in modules:
-            module.forward = types.MethodType(forward, module)
+            surgery.swap(module, fused)
         installed[kind] = len(modules)
     return installed
 
@@ -286,18 +347,18 @@ def _check(kind: str, module: Any, forward: Callable[..., Any], dtype: torch.dty
             if kind == "norms":
                 width = module.weight.shape[0]
                 x = randn(3, width)
-                return _close(type(module).forward(module, x), forward(module, x), dtype)
+                return _close(_gemmas(module).forward(module, x), forward(module, x), dtype)
             if kind == "MLPs":
                 x = randn(1, 2, hidden_size)
-                return _close(type(module).forward(module, x), forward(module, x), dtype)
+                return _close(_gemmas(module).forward(module, x), forward(module, x), dtype)
             if kind == "attention layers":
                 return _check_attention(module, forward, randn, dtype, hidden_size)
             width = 64
             hidden, embedding = randn(2, 3, width), randn(50, width)
             args = (embedding, hidden, torch.tensor([1]), None, torch.tensor([0.95, 0.95]), torch.tensor([64, 64]))
             one = (embedding, hidden[:1], torch.tensor([2]), *args[3:])
-            return _close(type(module).forward(module, *args), forward(module, *args), dtype) or _close(
-                type(module).forward(module, *one), forward(module, *one), dtype
+            return _close(_gemmas(module).forward(module, *args), forward(module, *args), dtype) or _close(
+                _gemmas(module).forward(module, *one), forward(module, *one), dtype
             )
     except Exception as exc:  # a forward that cannot run on what gemma's takes is not a fit
         return f"{type(exc).__name__}: {exc}"
@@ -321,7 +382,7 @@ def _check_attention(
     prefill = randn(1, 3, width)
     step = randn(1, 1, width)
     results = []
-    for run, cache in zip((type(module).forward, forward), caches, strict=True):
+    for run, cache in zip((_gemmas(module).forward, forward), caches, strict=True):
         positions = torch.arange(3)
         mask = causal.index_select(2, positions)
         first = run(module, prefill, freqs[:3], positions, cache, mask, mask)

@@ -12,13 +12,14 @@ memory - and every product runs in float32 on a float32 copy of a piece of the w
 
 - the loader converts each gemma ``Linear`` and ``Embedding`` weight to float16 while loading
   (a value beyond float16's range is refused, naming the tensor); norms stay float32;
-- each such ``Linear`` computes ``F.linear(x, weight)`` in ``x``'s dtype (float32) a piece at a
+- each such ``Linear`` becomes a ``Float16StoredLinear`` (`Float16StoredMatmul` on top of gemma's
+  class: `gemma_profiles.engine.surgery`) and computes ``F.linear(x, weight)`` in ``x``'s dtype (float32) a piece at a
   time: a block of rows of the weight is converted into one scratch buffer per device and dtype,
   reused by every layer, and multiplied; on a CPU the block is small enough (4 MiB) to stay in
   the caches between its conversion and its product, on CUDA it is larger (64 MiB: fewer
   launches).  The arithmetic is float32's - the same sums of the same float32 numbers - so the
   only difference from a float32 model is the weights' rounding to float16;
-- the tied embedder's lookup returns float32 rows, and the sampler's product (``hidden @
+- the tied embedder (a ``Float16StoredEmbedding``) looks up float32 rows, and the sampler's product (``hidden @
   embedder.T``, which gemma computes on ``embedder.weight`` itself) runs the same way through
   `gemma_profiles.engine.tied`'s stand-in for the weight.
 
@@ -29,13 +30,13 @@ memory (docs/engine.md has the measurements).
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma_profiles.engine import surgery
 from gemma_profiles.errors import GemmaProfileError
 
 STORED = torch.float16
@@ -44,7 +45,8 @@ STORED = torch.float16
 #: conversion, on the 2-core AVX2 box), 64 MiB on CUDA.
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 _DEFAULT_CHUNK = 1 << 24
-_MARK = "_gemma_profile_float16_storage"
+#: The dtype a float16-stored embedder's lookups return (the model's compute dtype).
+_COMPUTE = "_gemma_profile_float16_compute"
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -99,9 +101,27 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], n)
 
 
-def _linear_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    weight: torch.Tensor = self.weight  # type: ignore[assignment]
-    return half_linear(x, weight)
+class Float16Stored(surgery.Surgery):
+    """A gemma module whose weight is stored in float16 and computed with in another dtype."""
+
+    prefix = "Float16Stored"
+
+
+class Float16StoredMatmul(Float16Stored):
+    """A ``Linear`` with a float16 weight, computing in its input's dtype (`half_linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight: torch.Tensor = self.weight  # type: ignore[assignment]
+        return half_linear(x, weight)
+
+
+class Float16StoredLookup(Float16Stored):
+    """The tied embedder with a float16 weight: lookups return rows in the compute dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight: torch.Tensor = self.weight  # type: ignore[assignment]
+        dtype: torch.dtype = self.__dict__[_COMPUTE]
+        return F.embedding(x, weight).to(dtype)
 
 
 def to_stored(name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -139,9 +159,8 @@ def install(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
         if weight.dtype != STORED:
             module._parameters["weight"] = nn.Parameter(to_stored(name, weight), requires_grad=False)
         stored += weight.numel() * STORED.itemsize
-        object.__setattr__(module, _MARK, True)
         if type(module).__name__ == "Linear":
-            module.forward = types.MethodType(_linear_forward, module)
+            surgery.swap(module, Float16StoredMatmul)
             layers += 1
         elif prefix == embedder_name:
             _install_embedder(model, module, dtype, SamplerWeight, install_sampler)
@@ -151,16 +170,13 @@ def install(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
 def _install_embedder(
     model: nn.Module, embedder: nn.Module, dtype: torch.dtype, sampler_weight: Any, install: Any
 ) -> None:
-    def lookup(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        weight: torch.Tensor = self.weight  # type: ignore[assignment]
-        return F.embedding(x, weight).to(dtype)
-
     def current() -> torch.Tensor:
         weight = embedder._parameters["weight"]
         assert weight is not None
         return weight
 
-    embedder.forward = types.MethodType(lookup, embedder)
+    object.__setattr__(embedder, _COMPUTE, dtype)
+    surgery.swap(embedder, Float16StoredLookup)
     shape = (current().shape[0], current().shape[1])
     install(
         model,
@@ -172,4 +188,4 @@ def _install_embedder(
 
 
 def is_stored_half(module: nn.Module) -> bool:
-    return bool(module.__dict__.get(_MARK, False))
+    return isinstance(module, Float16Stored)

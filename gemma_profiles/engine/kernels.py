@@ -25,28 +25,28 @@ model:
   weights), an opaque ``_mkldnn`` tensor that ``torch.ops.mkldnn._linear_pointwise`` reads
   at 45-73 GB/s in both dtypes; prompt-sized batches get faster too.
 
-The stored weight is kept as the module's ``weight`` buffer; ``state_dict()`` gives the
-plain tensor back and ``load_state_dict`` stores it again, so saving and reloading work.
-Moving the model off the CPU or changing its dtype afterwards is a `GemmaProfileError`
-raised before anything converts (`pin_to_cpu`), and int8 layers keep their own kernel
-(`gemma_profiles.engine.quantization`).
+The stored weight is kept as the module's ``weight`` buffer, and the module becomes a
+``PackedLinear`` (`Packed` on top of gemma's ``Linear``: `gemma_profiles.engine.surgery`):
+``state_dict()`` gives the plain tensor back and ``load_state_dict`` stores it again, so saving
+and reloading work.  Moving the model off the CPU or changing its dtype afterwards is a
+`GemmaProfileError` raised before anything converts (`PinnedToCpu`, and `pin_to_cpu` for the
+whole model), and int8 layers keep their own kernel (`gemma_profiles.engine.quantization`).
 """
 
 from __future__ import annotations
 
-import types
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from gemma_profiles.engine import hugepages, native
+from gemma_profiles.engine import hugepages, native, surgery
 from gemma_profiles.engine.pages import release_pages
 from gemma_profiles.errors import GemmaProfileError
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
-_MARK = "_gemma_profile_packed"
 #: Rows of activations up to which a bfloat16 product runs on the native kernel: at 16 rows it
 #: takes as long as ``F.linear`` on the plain weight (benchmarks/cpu_decode.py's box; at 8 rows
 #: 0.85-0.9x oneDNN's packed product, at 32 1.3x), beyond that it is compute-bound.
@@ -120,15 +120,7 @@ def stored_weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 def is_packed(module: nn.Module) -> bool:
-    return bool(module.__dict__.get(_MARK, False))
-
-
-def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return packed_linear(x, self.weight)  # type: ignore[arg-type]
-
-
-def _save_to_state_dict(self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-    destination[prefix + "weight"] = self.weight.to_dense()  # type: ignore[operator]
+    return isinstance(module, Packed)
 
 
 def state_weight(
@@ -163,68 +155,102 @@ def state_weight(
     return values
 
 
-def _load_from_state_dict(
-    self: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: dict[str, Any],
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    current: torch.Tensor = self.weight  # type: ignore[assignment]
-    found = state_weight(state_dict, prefix, ("weight",), current.shape, None, strict, missing_keys, error_msgs)
-    if found is not None:
-        self._buffers["weight"] = pack(found[0].to(device="cpu", dtype=current.dtype))
-
-
-def pin_to_cpu(module: nn.Module, what: str, dtype: torch.dtype, *, packed_weight: bool = True) -> None:
-    """Make ``.to(cuda)``/``.half()`` on a module holding CPU-kernel weights a one-line error
-    raised before anything is converted, not an oneDNN/ctypes failure later; moves and casts
-    that change nothing still pass.
+def refuse_move(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], what: str, dtype: torch.dtype) -> None:
+    """Raise a one-line `GemmaProfileError` when the ``_apply`` function ``fn`` (``.to(cuda)``,
+    ``.half()``...) would move a tensor off the CPU, or cast one away from ``dtype``; moves and
+    casts that change nothing pass.
 
     :param dtype: the compute dtype a cast must keep; ``torch.int8`` for int8 weights, where
         only a device move is refused (``.to(dtype)`` leaves integer tensors alone).
-    :param packed_weight: the module's own ``weight`` buffer is packed: the cast skips it.
     """
-    original: Callable[..., nn.Module] = module._apply
+    probe = fn(torch.zeros(1, dtype=torch.float32 if dtype == torch.int8 else dtype))
+    if probe.device.type != "cpu" or (dtype != torch.int8 and probe.dtype != dtype):
+        target = f"{probe.device}" if probe.device.type != "cpu" else str(probe.dtype).removeprefix("torch.")
+        raise GemmaProfileError(
+            f"{what} holds weights packed for the CPU kernels; they cannot move to {target}",
+            where=surgery.original_class(module).__name__,
+            hint="choose the device and dtype in the profile (placement.device, config.dtype), "
+            "or load with GEMMA_PROFILE_DISABLE_PLUGINS=kernels,quantization",
+        )
 
-    def apply(fn: Any, recurse: bool = True) -> nn.Module:
-        probe = fn(torch.zeros(1, dtype=torch.float32 if dtype == torch.int8 else dtype))
-        if probe.device.type != "cpu" or (dtype != torch.int8 and probe.dtype != dtype):
-            target = f"{probe.device}" if probe.device.type != "cpu" else str(probe.dtype).removeprefix("torch.")
-            raise GemmaProfileError(
-                f"{what} holds weights packed for the CPU kernels; they cannot move to {target}",
-                where=type(module).__name__,
-                hint="choose the device and dtype in the profile (placement.device, config.dtype), "
-                "or load with GEMMA_PROFILE_DISABLE_PLUGINS=kernels,quantization",
-            )
-        if not packed_weight:
-            return original(fn, recurse)
-        buffer = module._buffers.pop("weight")
+
+class PinnedToCpu(surgery.Surgery):
+    """Its ``weight`` buffer is in a CPU kernel's layout: ``.to(cuda)``/``.half()`` is a one-line
+    error raised before anything converts, not an oneDNN/ctypes failure later, and a cast that
+    changes nothing leaves the buffer alone (`refuse_move`)."""
+
+    #: What the error calls the module, and the dtype a cast must keep (None: the weight's).
+    pinned_as: ClassVar[str] = "this layer"
+    pinned_dtype: ClassVar[torch.dtype | None] = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        buffer = self._buffers["weight"]
+        assert buffer is not None
+        refuse_move(self, fn, self.pinned_as, self.pinned_dtype or buffer.dtype)
+        del self._buffers["weight"]  # the cast skips the packed weight
         try:
-            result: nn.Module = original(fn, recurse)
+            return super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         finally:
-            module._buffers["weight"] = buffer
-        return result
+            self._buffers["weight"] = buffer
 
-    module._apply = apply  # type: ignore[method-assign]
+
+class Packed(PinnedToCpu):
+    """A full-precision ``Linear`` whose weight is a buffer stored for `packed_linear` (`pack`):
+    ``state_dict()`` gives the plain tensor back and ``load_state_dict`` packs it again."""
+
+    prefix = "Packed"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.weight)  # type: ignore[arg-type]
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight.to_dense()  # type: ignore[operator]
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        current: torch.Tensor = self.weight  # type: ignore[assignment]
+        found = state_weight(state_dict, prefix, ("weight",), current.shape, None, strict, missing_keys, error_msgs)
+        if found is not None:
+            self._buffers["weight"] = pack(found[0].to(device="cpu", dtype=current.dtype))
+
+
+def pin_to_cpu(model: nn.Module, what: str, dtype: torch.dtype) -> None:
+    """Make ``.to(cuda)``/``.half()`` on a whole model holding CPU-kernel layers fail before any of
+    its modules converts (its layers refuse too, but ``_apply`` reaches them after the embedder).
+
+    The model's class is gemma's profiled one (`gemma_profiles.runtime.patch`), so this is an
+    ``_apply`` of the instance: a ``functools.partial`` of `_pinned_apply` (a deep copy of the
+    model gets its own)."""
+    previous = model.__dict__.get("_apply")  # pinned already (int8 and packed layers): both checks
+    object.__setattr__(model, "_apply", functools.partial(_pinned_apply, model, what, dtype, previous))
+
+
+def _pinned_apply(
+    model: nn.Module, what: str, dtype: torch.dtype, previous: Any, fn: Any, recurse: bool = True
+) -> nn.Module:
+    refuse_move(model, fn, what, dtype)
+    result: nn.Module = (previous or functools.partial(type(model)._apply, model))(fn, recurse)
+    return result
 
 
 def pack_module(module: nn.Module) -> None:
-    """Swap a plain float ``Linear``'s weight parameter for the packed buffer, and its forward."""
+    """Swap a plain float ``Linear``'s weight parameter for the packed buffer; the module becomes
+    a `Packed` one (``PackedLinear``)."""
     weight = module._parameters["weight"]
     assert weight is not None
     packed = pack(weight)
     del module._parameters["weight"]
     module.register_buffer("weight", packed)
     release_pages(weight)  # a memory-mapped checkpoint tensor: its pages are not needed any more
-    module.forward = types.MethodType(_forward, module)
-    module._save_to_state_dict = types.MethodType(_save_to_state_dict, module)  # type: ignore[method-assign]
-    module._load_from_state_dict = types.MethodType(_load_from_state_dict, module)  # type: ignore[method-assign]
-    object.__setattr__(module, _MARK, True)
-    pin_to_cpu(module, "this layer", packed.dtype)
+    surgery.swap(module, Packed)
 
 
 def packable(module: nn.Module) -> bool:

@@ -6,7 +6,8 @@ gemma's int8 ``Linear`` computes ``F.linear(x, weight * weight_scaler[:, None])`
 a full-precision copy of every weight on every forward (two on the CPU, where
 torch materialises the int8 -> float cast) - 16x slower than bf16 on a CPU
 (docs/design.md).  After loading, each int8 ``Linear`` gets a forward that reads the
-int8 weight directly:
+int8 weight directly - it becomes an ``Int8Linear``, or a ``NativeInt8Linear`` on the native
+kernel (mixins on top of gemma's class: `gemma_profiles.engine.surgery`):
 
 - CPU with AVX-512 VNNI, float32 or bfloat16 activations: our native kernel
   (`gemma_profiles.engine.native`: the weight repacked once, multiplied as int8 against
@@ -26,20 +27,20 @@ lookup and again for the sampler, every step.  On a CPU where one of the first t
 kernels runs, the embedder stays int8: its lookup dequantizes just the rows it
 gathers, and the sampler's product runs on that kernel (`gemma_profiles.engine.tied`);
 elsewhere it is dequantized once into the compute dtype.  ``model.config.quant`` is
-then False, so gemma's forward hands the weight to the sampler as it is.
+then False, so gemma's forward hands the weight to the sampler as it is.  A kept embedder is an
+``Int8Embedding`` (or ``NativeInt8Embedding``) whose ``state_dict()`` is in gemma's per-row format.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_profiles.engine import native
-from gemma_profiles.engine.kernels import pin_to_cpu, state_weight
+from gemma_profiles.engine import native, surgery
+from gemma_profiles.engine.kernels import PinnedToCpu, state_weight
 from gemma_profiles.engine.lazy import remove_parameter
 from gemma_profiles.engine.loading import COLUMN_SCALER
 from gemma_profiles.engine.pages import memory_mapped
@@ -86,8 +87,18 @@ def dequantize_into(dense: torch.Tensor, weight: torch.Tensor, scaler: torch.Ten
         torch.mul(weight, scale, out=dense)  # one pass: CUDA casts inside the kernel
 
 
-def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    return int8_linear(x, self.weight, self.weight_scaler)
+class Int8Matmul(surgery.Surgery):
+    """An int8 ``Linear`` computing on its int8 weight directly (`int8_linear`)."""
+
+    prefix = "Int8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scaler)  # type: ignore[arg-type]
+
+
+def direct_linear(module: nn.Module) -> None:
+    """An int8 ``Linear`` computing on its int8 weight without the native kernel (``Int8Linear``)."""
+    surgery.swap(module, Int8Matmul)
 
 
 def column_scaler(module: nn.Module) -> torch.Tensor | None:
@@ -137,8 +148,9 @@ def native_kernel(module: nn.Module, dtype: torch.dtype) -> bool:
     return weight is not None and native.supports(weight, dtype) and native.unavailable() is None
 
 
-def _install_native(module: nn.Module) -> native.Int8Weight:
-    """Swap the int8 weight parameter for the kernel's layout (a buffer); ``state_dict()`` unpacks it."""
+def _install_native(module: nn.Module, kind: type[NativeInt8]) -> native.Int8Weight:
+    """Swap the int8 weight parameter for the kernel's layout (a buffer); the module becomes a
+    ``kind`` (a `NativeInt8`: ``state_dict()`` unpacks it)."""
     weight = module._parameters["weight"]
     scaler = module._parameters["weight_scaler"]
     assert weight is not None and scaler is not None
@@ -149,9 +161,7 @@ def _install_native(module: nn.Module) -> native.Int8Weight:
     del module._parameters["weight"]
     module.register_buffer("weight", packed.data)
     object.__setattr__(module, _NATIVE, packed)
-    module._save_to_state_dict = types.MethodType(_save_native, module)  # type: ignore[method-assign]
-    module._load_from_state_dict = types.MethodType(_load_native, module)  # type: ignore[method-assign]
-    pin_to_cpu(module, "this int8 layer", torch.int8)
+    surgery.swap(module, kind)
     return packed
 
 
@@ -159,14 +169,6 @@ def native_weights(model: nn.Module) -> list[native.Int8Weight]:
     """The int8 weights of ``model`` on the native kernel (each once)."""
     found = (module.__dict__.get(_NATIVE) for module in model.modules())
     return list({id(packed): packed for packed in found if packed is not None}.values())
-
-
-def _save_native(self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-    destination[prefix + "weight"] = self.__dict__[_NATIVE].unpack()
-    scaler = self._parameters["weight_scaler"]
-    assert scaler is not None
-    destination[prefix + "weight_scaler"] = scaler if keep_vars else scaler.detach()
-    _to_gemmas_format(self, destination, prefix)
 
 
 def _to_gemmas_format(module: nn.Module, destination: dict[str, Any], prefix: str) -> None:
@@ -182,16 +184,6 @@ def _to_gemmas_format(module: nn.Module, destination: dict[str, Any], prefix: st
         destination[prefix + "weight_scaler"] = rows.to(scaler.device)
 
 
-def _save_column_scaled(self: nn.Module, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-    nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
-    _to_gemmas_format(self, destination, prefix)
-
-
-def _load_column_scaled(self: nn.Module, *args: Any) -> None:
-    nn.Module._load_from_state_dict(self, *args)
-    _loaded_gemmas_format(self)
-
-
 def _loaded_gemmas_format(module: nn.Module) -> None:
     """A state dict in gemma's per-row format was loaded: no column scales any more."""
     columns = column_scaler(module)
@@ -200,50 +192,101 @@ def _loaded_gemmas_format(module: nn.Module) -> None:
             columns.fill_(1.0)
 
 
-def _load_native(
-    self: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: dict[str, Any],
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    packed: native.Int8Weight = self.__dict__[_NATIVE]
-    names = ("weight", "weight_scaler")
-    found = state_weight(state_dict, prefix, names, packed.shape, torch.int8, strict, missing_keys, error_msgs)
-    if found is None:
-        return
-    weight, scaler = found
-    own = self._parameters["weight_scaler"]
-    assert own is not None
-    with torch.no_grad():
-        own.copy_(scaler)
-    packed = native.Int8Weight.pack(weight, own)
-    object.__setattr__(self, _NATIVE, packed)
-    self._buffers["weight"] = packed.data
-    _loaded_gemmas_format(self)
+class NativeInt8(PinnedToCpu):
+    """An int8 module whose weight is a buffer in the native kernel's layout (`native.Int8Weight`,
+    kept in ``_gemma_profile_int8``): ``state_dict()`` unpacks it, in gemma's per-row format, and
+    ``load_state_dict`` packs it again; it stays on the CPU (`PinnedToCpu`)."""
+
+    prefix = "NativeInt8"
+    pinned_as = "this int8 layer"
+    pinned_dtype = torch.int8
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.__dict__[_NATIVE].unpack()
+        scaler = self._parameters["weight_scaler"]
+        assert scaler is not None
+        destination[prefix + "weight_scaler"] = scaler if keep_vars else scaler.detach()
+        _to_gemmas_format(self, destination, prefix)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        packed: native.Int8Weight = self.__dict__[_NATIVE]
+        names = ("weight", "weight_scaler")
+        found = state_weight(state_dict, prefix, names, packed.shape, torch.int8, strict, missing_keys, error_msgs)
+        if found is None:
+            return
+        weight, scaler = found
+        own = self._parameters["weight_scaler"]
+        assert own is not None
+        with torch.no_grad():
+            own.copy_(scaler)
+        packed = native.Int8Weight.pack(weight, own)
+        object.__setattr__(self, _NATIVE, packed)
+        self._buffers["weight"] = packed.data
+        _loaded_gemmas_format(self)
 
 
-def _native_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    packed: native.Int8Weight = self.__dict__[_NATIVE]
-    if x.dtype in (torch.float32, torch.bfloat16):
-        return packed.matmul(x)
-    return packed.matmul(x.float()).to(x.dtype)
+class NativeInt8Matmul(NativeInt8):
+    """An int8 ``Linear`` computing on the native kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed: native.Int8Weight = self.__dict__[_NATIVE]
+        if x.dtype in (torch.float32, torch.bfloat16):
+            return packed.matmul(x)
+        return packed.matmul(x.float()).to(x.dtype)
+
+
+class NativeInt8Lookup(NativeInt8):
+    """The int8 tied embedder on the native kernel: gemma's lookup on the gathered rows of the
+    packed weight (the sampler's product: `keep_int8_embedder`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaler: torch.Tensor = self.weight_scaler  # type: ignore[assignment]
+        packed: native.Int8Weight = self.__dict__[_NATIVE]
+        return _scaled_rows(packed.rows(x), F.embedding(x, scaler.unsqueeze(-1)), column_scaler(self))
+
+
+class Int8Lookup(surgery.Surgery):
+    """The int8 tied embedder kept int8: gemma's lookup on the gathered rows only (`int8_lookup`);
+    with column scales, ``state_dict()`` gives gemma's per-row format (rounded once more) and a
+    loaded state dict (gemma's format) drops them."""
+
+    prefix = "Int8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_lookup(self, x)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _to_gemmas_format(self, destination, prefix)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        _loaded_gemmas_format(self)
 
 
 def native_linear(module: nn.Module) -> None:
-    """An int8 ``Linear`` computing on the native kernel (check `native_kernel` first)."""
-    _install_native(module)
-    module.forward = types.MethodType(_native_forward, module)
-
-
-def _native_lookup(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """gemma's int8 ``Embedding.forward`` on the gathered rows of the packed weight."""
-    scaler: torch.Tensor = self.weight_scaler  # type: ignore[assignment]
-    packed: native.Int8Weight = self.__dict__[_NATIVE]
-    return _scaled_rows(packed.rows(x), F.embedding(x, scaler.unsqueeze(-1)), column_scaler(self))
+    """An int8 ``Linear`` computing on the native kernel (``NativeInt8Linear``; check `native_kernel` first)."""
+    _install_native(module, NativeInt8Matmul)
 
 
 def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
@@ -263,7 +306,7 @@ def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
         module._parameters["weight_scaler"] = torch.nn.Parameter(scaler.to(dtype), requires_grad=False)
     shape = (weight.shape[0], weight.shape[1])
     if use_native:
-        _install_native(module)
+        _install_native(module, NativeInt8Lookup)
 
         def project(hidden: torch.Tensor) -> torch.Tensor:
             current: native.Int8Weight = module.__dict__[_NATIVE]  # load_state_dict repacks
@@ -273,7 +316,6 @@ def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
             unpacked = module.__dict__[_NATIVE].unpack()
             return dequantize_rows(unpacked, module.weight_scaler, dtype, column_scaler(module))
 
-        lookup = _native_lookup
     else:
 
         def project(hidden: torch.Tensor) -> torch.Tensor:
@@ -283,10 +325,6 @@ def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
         def dense() -> torch.Tensor:
             return dequantize_rows(module.weight, module.weight_scaler, dtype, column_scaler(module))
 
-        lookup = int8_lookup
-        if column_scaler(module) is not None:
-            module._save_to_state_dict = types.MethodType(_save_column_scaled, module)
-            module._load_from_state_dict = types.MethodType(_load_column_scaled, module)
+        surgery.swap(module, Int8Lookup)
     install(model, module, SamplerWeight(dense, project, shape, dtype))
-    module.forward = types.MethodType(lookup, module)
     return True

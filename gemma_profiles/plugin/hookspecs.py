@@ -150,6 +150,13 @@ def gemma_profile_load_weights(model: Any, path: str, plan: Plan, gemma_loader: 
     """
 
 
+#: The engine's stages of `gemma_profile_weights_loaded`, in the order they run: the builtin
+#: plugin of each name (``hooks/<name>.py``).  Each works on what the one before left: int8 or
+#: float16 weights first, then full-precision weights packed for the CPU kernels, then the
+#: layers' fused forwards, and offload last, once every weight is in its final form.
+WEIGHTS_LOADED_STAGES: tuple[str, ...] = ("quantization", "kernels", "fused", "offload")
+
+
 @hookspec
 def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     """Act on the model once its weights are in place (offload, kernel swaps).
@@ -157,7 +164,15 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
     :param model: the model, after ``load_weights`` returned.
     :param plan: the plan it was built with.
 
-    All implementations run.
+    All implementations run, in a fixed order whatever the order plugins were registered in:
+
+    1. other plugins' implementations (pluggy's order among them; ``trylast`` ones excepted):
+       the model as gemma's loader left it, its weights in the checkpoint's format;
+    2. the engine's stages, `WEIGHTS_LOADED_STAGES`: ``quantization`` -> ``kernels`` ->
+       ``fused`` -> ``offload`` (each one that is loaded: a blocked builtin is skipped);
+    3. other plugins' ``trylast`` implementations: the model as it will run.
+
+    Wrappers (``wrapper=True``, such as the ``oom`` builtin's) wrap all of them.
     """
 
 

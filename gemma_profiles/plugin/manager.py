@@ -458,7 +458,10 @@ class GemmaPluginManager:
         return bool(self._wrapped_result("gemma_profile_load_weights", result))
 
     def weights_loaded(self, model: Any, plan: Plan) -> None:
-        self._call("gemma_profile_weights_loaded", model=model, plan=plan)
+        """`gemma_profile_weights_loaded`, its implementations in the hookspec's order (`staged`)."""
+        caller = self.pm.hook.gemma_profile_weights_loaded
+        ordered = staged(caller.get_hookimpls(), hookspecs.WEIGHTS_LOADED_STAGES)
+        self._call("gemma_profile_weights_loaded", _impls=ordered, model=model, plan=plan)
 
     def resolve_device(self, requested: Any, plan: Plan, call: str) -> str | None:
         result = self._call("gemma_profile_resolve_device", requested=requested, plan=plan, call=call)
@@ -475,8 +478,12 @@ class GemmaPluginManager:
 
     # -- error attribution -------------------------------------------------------
 
-    def _call(self, hook_name: str, **kwargs: Any) -> Any:
+    def _call(self, hook_name: str, _impls: list[pluggy.HookImpl] | None = None, **kwargs: Any) -> Any:
+        """Call a hook (its implementations in pluggy's order, or ``_impls``'s: `staged`)."""
         try:
+            if _impls is not None:
+                # what pluggy's HookCaller.__call__ runs, on a list in our order
+                return self.pm._hookexec(hook_name, _impls, kwargs, False)
             return getattr(self.pm.hook, hook_name)(**kwargs)
         except GemmaProfileError:
             raise
@@ -525,6 +532,20 @@ class GemmaPluginManager:
             if found:
                 return found
         return None
+
+
+def staged(impls: list[pluggy.HookImpl], stages: tuple[str, ...]) -> list[pluggy.HookImpl]:
+    """``impls`` (a hook's, in pluggy's list order: called last to first, wrappers at the end)
+    reordered so that they run: other plugins' (not ``trylast``) as pluggy orders them, then the
+    plugins named in ``stages`` in that order, then other plugins' ``trylast`` ones; wrappers
+    still wrap them all.  The order holds however the plugins were registered."""
+    wrappers = [impl for impl in impls if impl.wrapper or impl.hookwrapper]
+    plain = [impl for impl in reversed(impls) if not (impl.wrapper or impl.hookwrapper)]  # in call order
+    rank = {name: index for index, name in enumerate(stages)}
+    first = [impl for impl in plain if impl.plugin_name not in rank and not impl.trylast]
+    middle = sorted((impl for impl in plain if impl.plugin_name in rank), key=lambda impl: rank[impl.plugin_name])
+    last = [impl for impl in plain if impl.plugin_name not in rank and impl.trylast]
+    return [*reversed([*first, *middle, *last]), *wrappers]
 
 
 def _hook_did_you_mean(hook: str) -> str:
