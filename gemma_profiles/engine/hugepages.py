@@ -19,6 +19,10 @@ Where THP is off, not Linux, or ``GEMMA_PROFILE_HUGEPAGES=0``, it is ``torch.emp
 The price is paid at load: faulting 2.4 GB in took 1.8-2.7 s on 2 MiB pages against 0.44 s on
 4 KiB pages in the Firecracker VM this was measured in (which hands freed 8 MiB blocks back to
 its host), and 0.15 s more in all when huge pages had just been freed by a previous run.
+
+Used by `gemma_profiles.engine.loading` (int8 quantized while loading), `gemma_profiles.engine.native`
+(the int8 layout) and `gemma_profiles.engine.kernels` (bfloat16 copies); the ``kernels`` and
+``quantization`` builtins report the result in their log lines.
 """
 
 from __future__ import annotations

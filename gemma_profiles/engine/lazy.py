@@ -8,6 +8,9 @@ tables) is real.  If something other than the loader touches the model first
 (``.to()``, ``load_state_dict``, ``forward``), the meta parameters are
 materialised as uninitialised CPU tensors - exactly what gemma itself builds -
 and the model behaves as gemma's own.
+
+Used by the runtime's patch of gemma's constructor (`gemma_profiles.runtime.patch`), the
+``loading`` builtin (``hooks/loading.py``) and `gemma_profiles.engine.loading`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ CPU memory, or a file mapped with torch's ``from_file``) that its parameters vie
 forward hooks that bring a layer's weights in just before it runs while the next
 one is on its way (`WeightStreamer`), and a check on every layer that its KV cache
 is on the execution device.  The policy - which layers, which device - is the
-``offload`` plugin's (``hooks/offload.py``); this module only carries it out.
+``offload`` builtin's (``hooks/offload.py``); this module only carries it out.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ on the kernel the loader set up:
 
 Any other use of the object gets the dense matrix, so a gemma version that does more
 with ``embedding`` keeps working (slower).
+
+Used by the ``kernels`` builtin (`install_packed`, ``hooks/kernels.py``), and by
+`gemma_profiles.engine.quantization` (int8) and `gemma_profiles.engine.half` (float16 storage).
 """
 
 from __future__ import annotations

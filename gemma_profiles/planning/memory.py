@@ -84,7 +84,7 @@ ADDRESSABLE_BYTES = 2**47
 #: Whether the loader puts the tied embedder on the execution device even when the plan
 #: keeps it on the CPU (the offload hook then moves it after loading, and with int8 after
 #: dequantizing it there).  False: the lean loader reads it into host memory directly
-#: (`gemma_profiles.engine.loading.planned_embedder_device`).
+#: (`gemma_profiles.hooks.loading.planned_embedder_device`).
 EMBEDDER_LOADED_ON_DEVICE = False
 #: float16 storage: rows of the (vocab x hidden) embedder converted to float32 at a time
 #: for the sampler's product (tied.CHUNK_ROWS).
