@@ -483,3 +483,33 @@ def test_attention_matches_gemma_on_random_shapes(gemma: Any, case: dict[str, An
         assert got.shape == expected.shape and got.dtype == expected.dtype
         distance = ((expected.double() - got.double()).norm() / (expected.double().norm() + 1e-30)).item()
         assert distance < tolerance, (case, distance)
+
+
+@torch_only
+@pytest.mark.parametrize("variant", ["2b", "2b-v2", "1b"])
+def test_install_gives_classes_whose_fallbacks_are_gemmas_forwards(
+    gemma: Any,
+    tokenizer_path: str,
+    checkpoint: Callable[..., str],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    variant: str,
+) -> None:
+    """Runs anywhere: with no input the kernels take (``_cpu`` always False), every fused forward
+    hands over to gemma's - through gemma's class, not back into itself - so the install checks
+    pass, every kind is installed, and the model computes exactly as gemma's."""
+    model = load(gemma, tokenizer_path, variant, "float32", checkpoint(variant))  # no profile: gemma's
+    expected = logits(model, TOKENS)
+    tokens = model.generate(PROMPTS, "cpu", output_len=4, temperature=None)
+    monkeypatch.setattr(fused, "_cpu", lambda *tensors: False)
+    installed = fused.install(model, torch.float32, model.config.hidden_size)
+    assert set(installed) == set(KINDS)
+    assert {type(m).__name__ for m in model.modules() if fused.is_fused(m)} == {
+        "FusedRMSNorm",
+        "FusedGemmaMLP",
+        "FusedGemmaAttention",
+        "FusedSampler",
+    }
+    assert all(isinstance(m, surgery.original_class(m)) and "forward" not in vars(m) for m in model.modules())
+    assert torch.equal(logits(model, TOKENS), expected)
+    assert model.generate(PROMPTS, "cpu", output_len=4, temperature=None) == tokens
+    assert fused.install(model, torch.float32, model.config.hidden_size) == {}, "installed once"

@@ -10,8 +10,9 @@ value of a trained Gemma lies far inside its range, and its 11-bit significand r
 8x more finely than bfloat16.  So the weights are stored in float16 - half of float32's
 memory - and every product runs in float32 on a float32 copy of a piece of the weight:
 
-- the loader converts each gemma ``Linear`` and ``Embedding`` weight to float16 while loading
-  (a value beyond float16's range is refused, naming the tensor); norms stay float32;
+- the lean loader (`gemma_profiles.engine.loading`) converts each gemma ``Linear`` and
+  ``Embedding`` weight to float16 while loading (a value beyond float16's range is refused,
+  naming the tensor); norms stay float32;
 - each such ``Linear`` becomes a ``Float16StoredLinear`` (`Float16StoredMatmul` on top of gemma's
   class: `gemma_profiles.engine.surgery`) and computes ``F.linear(x, weight)`` in ``x``'s dtype (float32) a piece at a
   time: a block of rows of the weight is converted into one scratch buffer per device and dtype,

@@ -103,7 +103,7 @@ def direct_linear(module: nn.Module) -> None:
 
 def column_scaler(module: nn.Module) -> torch.Tensor | None:
     """The per-column scales of an int8 embedder quantized with row and column scales (the
-    loader's `COLUMN_SCALER` buffer), or None for gemma's per-row format."""
+    `COLUMN_SCALER` buffer `gemma_profiles.engine.loading` adds), or None for gemma's per-row format."""
     return module._buffers.get(COLUMN_SCALER)
 
 
