@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# GPU checks for offload (issue 4) and pascal-5gb's int8 + float16 (issue 13), in one call, offline,
-# under 9 minutes:
+# GPU checks for offload (issue 4), pascal-5gb's int8 + float16 (issue 13) and tensor parallel
+# (issue 18), in one call, offline, under 9 minutes:
 #   1. the CUDA tests (tests/test_offload_gpu.py, plus the CPU offload tests on this machine);
 #   2. pascal-5gb's numbers (tests/test_int8_gpu.py, tests/test_float16_storage_gpu.py): float16-stored
 #      weights computed in float32 equal float32's; int8 weights with float16 compute under a 5 GiB
 #      allocator cap, activations of std ~16 (norm weights of tens, as trained checkpoints have):
 #      every output finite and within a bound of float32 on the same int8 weights, gemma's 2b layer
 #      shapes one by one and end to end under the pascal-5gb profile;
-#   3. benchmarks/offload_gpu.py: a 2b-shaped model under a 5 GiB CUDA allocator cap - ours
+#   3. tensor parallel (tests/test_parallel.py -k cuda): 2 ranks under torchrun on this machine's
+#      GPUs - NCCL when each rank has a GPU of its own; on a single GPU gloo on CUDA tensors, since
+#      NCCL refuses two ranks on one GPU ("Duplicate GPU detected") - the single process's greedy
+#      text, about half of the sharded weights per rank, each rank's CUDA memory printed;
+#   4. benchmarks/offload_gpu.py: a 2b-shaped model under a 5 GiB CUDA allocator cap - ours
 #      (offload: cpu / disk, prefetch on a side stream) against accelerate's cpu_offload and
 #      dispatch_model at the same layer split, the fraction of the measured host->device
 #      bandwidth bound reached, and pascal-5gb's int8 2b run capped at 5 GiB.
 #
 # From the repository root on a machine with a GPU:
 #     bash benchmarks/gpu_check.sh
+# GPU_CHECK_STEPS picks steps (default "offload int8 parallel bench"), e.g. GPU_CHECK_STEPS=parallel.
 # With this workplace's device tool (the log and offload_gpu.json come back in $OUT):
 #     run(command="bash benchmarks/gpu_check.sh", carry=[".whl", "third_party/gemma_pytorch"], timeout_s=600)
 #
@@ -103,18 +108,36 @@ fi
 $PY -c "from gemma_profiles.runtime.gemma_info import gemma_status; print('gemma under test:', gemma_status().describe())" \
     || { echo "FATAL: gemma-profiles does not import"; exit 2; }
 
+STEPS=" ${GPU_CHECK_STEPS:-offload int8 parallel bench} "
+step() { case "$STEPS" in *" $1 "*) return 0 ;; *) echo "(step $1 skipped: GPU_CHECK_STEPS)"; return 1 ;; esac; }
+tests=0 int8=0 parallel=0 bench=0
+
 echo "== tests: CUDA offload, then the CPU offload tests on this machine $(elapsed)"
-timeout 150 $PY ${PYTEST_FLAGS:-} -m pytest -q -p no:cacheprovider -x tests/test_offload_gpu.py tests/test_offload.py 2>&1 | tail -25
-tests=${PIPESTATUS[0]}
+if step offload; then
+    timeout 140 $PY ${PYTEST_FLAGS:-} -m pytest -q -p no:cacheprovider -x tests/test_offload_gpu.py tests/test_offload.py 2>&1 | tail -25
+    tests=${PIPESTATUS[0]}
+fi
 
 echo "== tests: pascal-5gb, int8 weights + float16 compute under a 5 GiB cap; float16 storage + float32 compute $(elapsed)"
-timeout 120 $PY ${PYTEST_FLAGS:-} -m pytest -q -p no:cacheprovider -rs tests/test_int8_gpu.py tests/test_float16_storage_gpu.py 2>&1 | tail -15
-int8=${PIPESTATUS[0]}
+if step int8; then
+    timeout 110 $PY ${PYTEST_FLAGS:-} -m pytest -q -p no:cacheprovider -rs tests/test_int8_gpu.py tests/test_float16_storage_gpu.py 2>&1 | tail -15
+    int8=${PIPESTATUS[0]}
+fi
+
+echo "== tests: tensor parallel, 2 ranks (torchrun) on $($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null) GPU(s) $(elapsed)"
+if step parallel; then
+    # -s: the ranks' backend and CUDA memory lines; GEMMA_PROFILE_REAL_MODEL=0: no GGUF import here.
+    GEMMA_PROFILE_REAL_MODEL=0 timeout 90 $PY ${PYTEST_FLAGS:-} -m pytest -q -s -p no:cacheprovider -rs \
+        tests/test_parallel.py -k "cuda" 2>&1 | grep -E "cuda rank|passed|failed|skipped|Error|error" | tail -15
+    parallel=${PIPESTATUS[0]}
+fi
 
 echo "== benchmark $(elapsed)"
-export OUT
-timeout 270 $PY benchmarks/offload_gpu.py "$@"
-bench=$?
+if step bench; then
+    export OUT
+    timeout 230 $PY benchmarks/offload_gpu.py "$@"
+    bench=$?
+fi
 
-echo "== done $(elapsed): tests exit $tests, int8 + float16 tests exit $int8, benchmark exit $bench (log: $LOG)"
-[ "$tests" -eq 0 ] && [ "$int8" -eq 0 ] && [ "$bench" -eq 0 ]
+echo "== done $(elapsed): tests exit $tests, int8 + float16 tests exit $int8, tensor parallel exit $parallel, benchmark exit $bench (log: $LOG)"
+[ "$tests" -eq 0 ] && [ "$int8" -eq 0 ] && [ "$parallel" -eq 0 ] && [ "$bench" -eq 0 ]

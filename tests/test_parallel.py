@@ -42,25 +42,35 @@ def sharded_bytes(model: Any) -> int:
 
 
 def _worker(jobs_path: str, out: str) -> None:
-    """One rank: gemma's own calls for each (name, config, checkpoint) job, nothing of ours
-    (the profile comes from GEMMA_PROFILE); what came out in ``out/NAME-rankR.json``."""
+    """One rank: gemma's own calls for each (name, config, checkpoint, device) job, nothing of
+    ours (the profile comes from GEMMA_PROFILE); what came out in ``out/NAME-rankR.json``."""
+    import importlib
     import resource
 
-    from gemma import model as gemma_model
+    import torch
+
+    # What the .pth does at interpreter start, for a copy of the package on PYTHONPATH (gpu_check.sh);
+    # then gemma, as any script imports it.
+    importlib.import_module("gemma_profiles_autoload")
+    gemma_model = importlib.import_module("gemma.model")
 
     with open(jobs_path, "rb") as handle:
         jobs = pickle.load(handle)  # the test's own file
-    for name, config, checkpoint in jobs:
+    for name, config, checkpoint, device in jobs:
         model = gemma_model.GemmaForCausalLM(config)
         model.load_weights(checkpoint)
-        model = model.to("cpu").eval()
-        text = model.generate(PROMPT, "cpu", output_len=OUTPUT_LEN, temperature=None)
+        model = model.to(device).eval()
+        text = model.generate(PROMPT, device, output_len=OUTPUT_LEN, temperature=None)
         result = {
             "text": text,
             "sharded_bytes": sharded_bytes(model),
             "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
+        if device.startswith("cuda"):
+            result["cuda_allocated"] = torch.cuda.memory_allocated()
+            result["cuda_peak"] = torch.cuda.max_memory_allocated()
+            result["backend"] = torch.distributed.get_backend()
         del model
         rank = os.environ.get("RANK", "single")
         with open(os.path.join(out, f"{name}-rank{rank}.json"), "w", encoding="utf-8") as handle:
@@ -90,7 +100,8 @@ def _free_port() -> int:
 
 def _env(profile: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(GEMMA_PROFILE=profile, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"), **extra)
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(GEMMA_PROFILE=profile, OMP_NUM_THREADS="1", PYTHONPATH=path, **extra)
     return env
 
 
@@ -114,10 +125,12 @@ def torchrun(args: list[str], profile: str, cwd: Path | None = None) -> subproce
     return done
 
 
-def run_ranks(jobs: list[tuple[str, Any, Path]], tmp_path: Path, profile: str = "cpu-tp2") -> dict[str, list[Any]]:
+def run_ranks(
+    jobs: list[tuple[str, Any, Path]], tmp_path: Path, profile: str = "cpu-tp2", device: str = "cpu"
+) -> dict[str, list[Any]]:
     """One torchrun launch of 2 ranks for every job (name, config, checkpoint): name -> per-rank results."""
     jobs_path = tmp_path / "jobs.pickle"
-    jobs_path.write_bytes(pickle.dumps([(name, config, str(path)) for name, config, path in jobs]))
+    jobs_path.write_bytes(pickle.dumps([(name, config, str(path), device) for name, config, path in jobs]))
     out = tmp_path / "ranks"
     out.mkdir()
     done = torchrun([__file__, "worker", str(jobs_path), str(out)], profile)
@@ -127,7 +140,7 @@ def run_ranks(jobs: list[tuple[str, Any, Path]], tmp_path: Path, profile: str = 
     return {name: [json.loads((out / f"{name}-rank{rank}.json").read_text()) for rank in (0, 1)] for name, _, _ in jobs}
 
 
-def single_process(gemma: Any, config: Any, checkpoint: Path) -> tuple[str, int]:
+def single_process(gemma: Any, config: Any, checkpoint: Path, device: str = "cpu") -> tuple[str, int]:
     """gemma as it ships, float32, one process: the text and the sharded weights' bytes."""
     session.deactivate()
     previous = torch.get_default_dtype()
@@ -137,8 +150,8 @@ def single_process(gemma: Any, config: Any, checkpoint: Path) -> tuple[str, int]
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(str(checkpoint))
-    model = model.eval()
-    text = model.generate(PROMPT, "cpu", output_len=OUTPUT_LEN, temperature=None)
+    model = model.to(device).eval()
+    text = model.generate(PROMPT, device, output_len=OUTPUT_LEN, temperature=None)
     return text, sharded_bytes(model)
 
 
@@ -247,7 +260,7 @@ def test_a_rank_whose_peers_never_start_stops_with_one_line(
     )
     config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
     jobs_path = tmp_path / "jobs.pickle"
-    jobs_path.write_bytes(pickle.dumps([("tiny", config, str(tmp_path / "none.ckpt"))]))
+    jobs_path.write_bytes(pickle.dumps([("tiny", config, str(tmp_path / "none.ckpt"), "cpu")]))
     env = _env(
         str(profile), RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
     )
@@ -342,6 +355,34 @@ def _shape_profile(folder: Path, tmp_path: Path, name: str, extends: str) -> Pat
     path = tmp_path / f"{name}.yaml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh runs it)")
+def test_two_ranks_on_cuda(gemma: Any, tokenizer_path: str, tmp_path: Path, write_profile: Any):
+    """2 ranks on this machine's GPUs: NCCL with a GPU per rank, else gloo on CUDA tensors (NCCL
+    refuses two ranks on one GPU).  The single process's text; per rank about half of the
+    sharded weights in CUDA memory."""
+    profile = write_profile(
+        "tp-cuda",
+        "name: tp-cuda\nextends: base-cuda\nhardware: {device: cuda}\nconfig: {dtype: float32}\n"
+        "placement: {device: cuda, tensor_parallel: 2, tensor_parallel_timeout: 120}\n",
+        tmp_path,
+    )
+    checkpoint = tmp_path / "medium.ckpt"
+    config = medium_2b(gemma, tokenizer_path, checkpoint)
+    text, sharded = single_process(gemma, config, checkpoint, "cuda")
+    ranks = run_ranks([("medium-2b", config, checkpoint)], tmp_path, str(profile), "cuda")["medium-2b"]
+    expected = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    for rank in ranks:
+        print(
+            f"cuda rank: backend {rank['backend']}, sharded {rank['sharded_bytes']} of {sharded} bytes, "
+            f"allocated {rank['cuda_allocated']}, peak {rank['cuda_peak']}"
+        )
+    assert [rank["text"] for rank in ranks] == [text, text]
+    for rank in ranks:
+        assert rank["backend"] == expected
+        assert 0.5 * sharded <= rank["sharded_bytes"] <= 0.53 * sharded, (rank, sharded)
+        assert rank["cuda_allocated"] < 0.7 * sharded, rank  # the whole model would be > sharded
 
 
 @pytest.mark.integration
