@@ -111,6 +111,26 @@ def tiny_config(
     return dataclasses.replace(config, **changes)
 
 
+def build_tiny_model(
+    gemma: Any, tokenizer_path: str | None, variant: str = "2b", dtype: str = "float32", **changes: Any
+) -> Any:
+    """gemma's construction step as ``scripts/run.py`` does it, on `tiny_config`: the config's
+    dtype ``dtype`` (run.py forces float32), built with torch's default dtype float32 (restored
+    after); ``changes`` overrides config fields (``hidden_size=...``, ``quant=False``).
+
+    Built while a profile is active, the profile applies, as it would to run.py's model.
+    """
+    config = tiny_config(gemma.config, variant, tokenizer_path, dtype=dtype)
+    if changes:
+        config = dataclasses.replace(config, **changes)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return gemma.model.GemmaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _random_tensor(
     name: str,
     shape: Sequence[int],

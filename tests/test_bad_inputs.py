@@ -93,16 +93,9 @@ def one_gpu_box(name: str = "Tesla T4", capability: tuple[int, int] = (7, 5)) ->
 
 def build(gemma: Any, tokenizer: str) -> Any:
     """run.py's construction step on a tiny 2b config (float32, as run.py forces)."""
-    import torch
-    from gemma_testing import tiny_config
+    from gemma_testing import build_tiny_model
 
-    config = tiny_config(gemma.config, "2b", tokenizer, dtype="float32")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        return gemma.model.GemmaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    return build_tiny_model(gemma, tokenizer)
 
 
 # -- profile names and files -----------------------------------------------------------------------
