@@ -16,9 +16,8 @@ import functools
 import mmap
 import os
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 PAGE = mmap.PAGESIZE
 #: ``madvise`` advice (Linux): drop the pages (a private file mapping re-reads them from the
@@ -74,8 +73,7 @@ def advise(tensor: Any, advice: int) -> bool:
     return int(library.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]), advice)) == 0
 
 
-@dataclass(frozen=True)
-class Mapping:
+class Mapping(NamedTuple):
     """One line of ``/proc/self/maps``: ``[low, high)``, permissions (``r-xp``), inode, path ("" if none)."""
 
     low: int
@@ -90,33 +88,40 @@ class Mapping:
         return self.inode != 0 and self.perms.endswith("p")
 
 
+def _read_maps() -> Iterator[Mapping]:
+    """The lines of ``/proc/self/maps`` as they are read (the one parser; raises OSError/ValueError)."""
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 5:
+                continue
+            low, _, high = fields[0].partition("-")
+            inode = int(fields[4]) if fields[4].isdigit() else 0
+            path = fields[5].strip() if len(fields) == 6 else ""
+            yield Mapping(int(low, 16), int(high, 16), fields[1], inode, path)
+
+
 def mappings() -> list[Mapping] | None:
     """This process's mappings (``/proc/self/maps``); None where it is not readable."""
-    found = []
     try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) < 5:
-                    continue
-                low, _, high = fields[0].partition("-")
-                inode = int(fields[4]) if fields[4].isdigit() else 0
-                path = fields[5].strip() if len(fields) == 6 else ""
-                found.append(Mapping(int(low, 16), int(high, 16), fields[1], inode, path))
+        return list(_read_maps())
     except (OSError, ValueError):
         return None
-    return found
 
 
 def file_backed(first: int, last: int) -> bool:
     """Whether ``[first, last)`` lies in one private file mapping.
 
     ``MADV_DONTNEED`` on anonymous memory zeroes it: only a mapped checkpoint's pages,
-    which the kernel re-reads from the file, may be dropped.
+    which the kernel re-reads from the file, may be dropped.  Called for every chunk the
+    loader releases: it stops at the mapping holding ``first``.
     """
-    for mapping in mappings() or ():
-        if mapping.low <= first < mapping.high:
-            return last <= mapping.high and mapping.private_file
+    try:
+        for mapping in _read_maps():
+            if mapping.low <= first < mapping.high:
+                return last <= mapping.high and mapping.private_file
+    except (OSError, ValueError):
+        return False
     return False
 
 
