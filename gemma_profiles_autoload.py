@@ -12,6 +12,13 @@ wanted, a small finder goes first on ``sys.meta_path``; when gemma's model modul
 imported it imports ``gemma_profiles.runtime.session``, which reads the choice and arms the
 patch then.  A wrong value or a broken state file is reported there, when a model is
 built, by a `GemmaProfileError` - never by a line at every interpreter start.
+
+This module imports the package (lazily, when gemma is imported); the package never imports
+it.  Importing any ``gemma_profiles`` module at start would run the package's ``__init__``, so
+the few facts both need are copied here and tests/test_settings.py checks each copy against
+the package's: `OFF_VALUES` (`gemma_profiles.settings.PROFILE_OFF_WORDS`), `PATCHED_MODULES`
+and `ARM_ON` (`gemma_profiles.runtime.session`), `state_file` (`gemma_profiles.runtime.state.state_path`),
+and the attribute marking the finder (`gemma_profiles.runtime.session.ARMING_FINDER`).
 """
 
 import os
@@ -35,38 +42,17 @@ PATCHED_MODULES = ("gemma.model", "gemma.gemma3_model")
 ARM_ON = (*PATCHED_MODULES, "transformers.modeling_utils")
 
 
-class StateDirError(ValueError):
-    """``GEMMA_PROFILE_STATE_DIR`` cannot name a folder every process agrees on; the text says why."""
-
-
-def state_dir() -> str:
-    """The folder holding this environment's applied profile, as an absolute path.
-
-    ``GEMMA_PROFILE_STATE_DIR`` moves it (``~`` and ``~user`` expand); a relative value is
-    refused, since processes started in other folders would each find another state.
-
-    :raises StateDirError: the variable is relative, names an unknown user, or holds a NUL.
-    """
+def state_file() -> "str | None":
+    """The applied-profile file of this Python environment; None when ``GEMMA_PROFILE_STATE_DIR``
+    names no folder every process agrees on (relative, an unknown ``~user``, a NUL): the
+    runtime says why (`gemma_profiles.runtime.state.state_path`, the same rule with the reasons)."""
     value = os.environ.get(STATE_DIR_ENV, "")
     if not value.strip():
-        return os.path.join(sys.prefix, "etc", "gemma-profiles")
-    shown = ascii(value) if not value.isprintable() else repr(value)
-    if "\0" in value:
-        raise StateDirError(f"{STATE_DIR_ENV}={shown} holds a NUL character")
+        return os.path.join(sys.prefix, "etc", "gemma-profiles", STATE_FILE_NAME)
     expanded = os.path.expanduser(value)
-    if expanded.startswith("~"):
-        user = expanded[1:].split(os.sep, 1)[0]
-        raise StateDirError(f"{STATE_DIR_ENV}={shown}: cannot expand '~{user}' (no such user here)")
-    if not os.path.isabs(expanded):
-        raise StateDirError(
-            f"{STATE_DIR_ENV}={shown} is a relative path; processes started in other folders would not find it"
-        )
-    return os.path.normpath(expanded)
-
-
-def state_file() -> str:
-    """The applied-profile file of this Python environment (see `state_dir`)."""
-    return os.path.join(state_dir(), STATE_FILE_NAME)
+    if "\0" in value or expanded.startswith("~") or not os.path.isabs(expanded):
+        return None
+    return os.path.join(os.path.normpath(expanded), STATE_FILE_NAME)
 
 
 def wanted() -> bool:
@@ -80,7 +66,10 @@ def wanted() -> bool:
         value = os.environ.get(ENV_VAR, "").strip()
         if value:
             return value.lower() not in OFF_VALUES
-        os.stat(state_file())
+        path = state_file()
+        if path is None:
+            return True  # a bad GEMMA_PROFILE_STATE_DIR: said when a model is built
+        os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return False
     except Exception:  # a bad GEMMA_PROFILE_STATE_DIR, a folder we may not search, a name too long
@@ -95,6 +84,9 @@ class ArmOnGemmaImport:
     the session and removes this finder) and hands the import to the runtime's own hook,
     which patches the module once gemma's code has run.
     """
+
+    #: How the runtime knows this finder on ``sys.meta_path`` without importing this module.
+    gemma_profiles_arming = True
 
     def find_spec(
         self, fullname: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None

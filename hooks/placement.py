@@ -29,19 +29,6 @@ from gemma_profiles.plugin.hookspecs import hookimpl
 _announced: set[tuple[str, str, str, str]] = set()
 
 
-def runs_on_cpu(plan: Plan) -> bool:
-    """Whether the whole model computes on the CPU: the plan says ``cpu`` (or, without a device,
-    there is no CUDA/MPS device the script could move it to) and nothing is offloaded or mapped."""
-    if plan.offloads:
-        return False
-    if plan.device is not None:
-        return str(plan.device.value).split(":")[0] == "cpu"
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
-
-
 def require_device(plan: Plan) -> str:
     assert plan.device is not None
     device = str(plan.device.value)

@@ -139,3 +139,69 @@ def test_the_fixture_clears_variables_set_by_the_caller(tmp_path):
         timeout=300,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+
+# -- the .pth module's copies of the package's facts (it may import nothing of ours at start) ------
+
+
+def test_the_autoload_finds_the_state_file_the_runtime_reads(monkeypatch, tmp_path):
+    from gemma_profiles.errors import StateError
+    from gemma_profiles.runtime import state
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    values = ["", "   ", "/abs/olute", "/a/./b//c/../d", "~", "~/a/../st", "relative", "./x", "~nosuchuser-gp/x"]
+    values += ["\u202e/x", "/tmp/\x1b[2J", "~root/x", "//double"]  # (a NUL cannot be in the environment)
+    for value in values:
+        monkeypatch.setenv(settings.STATE_DIR.name, value)
+        found = autoload.state_file()
+        try:
+            expected = str(state.state_path())
+        except StateError:
+            assert found is None, value
+        else:
+            assert found == expected, value
+    assert state.STATE_FILE_NAME == autoload.STATE_FILE_NAME
+
+
+def test_the_autoload_arms_on_the_runtimes_modules_and_is_known_by_its_mark():
+    from gemma_profiles.runtime import session
+
+    assert autoload.PATCHED_MODULES == session.PATCHED_MODULES
+    assert autoload.ARM_ON == session.ARM_ON
+    assert getattr(autoload.ArmOnGemmaImport, session.ARMING_FINDER) is True
+    finder = autoload.ArmOnGemmaImport()
+    sys.meta_path.insert(0, finder)
+    try:
+        assert session.arming_pending() and autoload.pending()
+        session.deactivate()  # the program chose: the environment's choice is not armed later
+        assert finder not in sys.meta_path and not autoload.pending()
+    finally:
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+
+
+def test_the_patched_modules_are_the_patchs_targets():
+    source = (ROOT / "gemma_profiles" / "runtime" / "patch.py").read_text(encoding="utf-8")
+    match = re.search(r"^TARGETS = (\{.*\})$", source, re.M)
+    assert match, "runtime/patch.py lost its TARGETS"
+    from gemma_profiles.runtime import session
+
+    assert tuple(eval(match.group(1))) == session.PATCHED_MODULES  # patch imports torch; read, not imported
+
+
+def test_without_the_pth_importing_the_runtime_arms_the_environments_choice(tmp_path):
+    """``python -S`` (no .pth ran): importing the session decides what the .pth would have."""
+    env = dict(os.environ, GEMMA_PROFILE="cpu-fp32", GEMMA_PROFILE_STATE_DIR=str(tmp_path))
+    code = (
+        "import sys; assert 'gemma_profiles_autoload' not in sys.modules; "
+        "sys.path[:0] = [p for p in __import__('json').loads(sys.argv[1])]; "
+        "from gemma_profiles.runtime import session; s = session.current(); "
+        "print(s.reference if s else None, 'gemma_profiles_autoload' in sys.modules)"
+    )
+    import json
+
+    completed = subprocess.run(
+        [sys.executable, "-S", "-c", code, json.dumps(sys.path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["cpu-fp32", "False"]

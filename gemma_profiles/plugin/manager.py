@@ -150,7 +150,7 @@ def _loaded(result: Any) -> bool | None:
     return None if result is None else True
 
 
-def _device(result: Any) -> str | None:
+def _device(result: Any, device_problem: Callable[[str], str | None] | None = None) -> str | None:
     expected = "a device string such as 'cpu' or 'cuda:0', or None (keep the requested device)"
     if result is None:
         return None
@@ -165,9 +165,7 @@ def _device(result: Any) -> str | None:
             device = str(torch.device(device))
         except (RuntimeError, ValueError, TypeError):
             raise _BadResult(f"{expected}; torch does not know the device {printable(repr(device))}") from None
-        from gemma_profiles.engine.devices import device_problem
-
-        problem = device_problem(device)
+        problem = device_problem(device) if device_problem is not None else None
         if problem:
             raise _BadResult(f"a device this machine has; {printable(repr(device))} is not usable: {problem}")
     return device
@@ -219,6 +217,9 @@ class GemmaPluginManager:
     ):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
+        #: `resolve_device`'s ``device_problem`` while it runs (the device check needs torch, which
+        #: this module never imports: the runtime passes it).
+        self._device_problem: Callable[[str], str | None] | None = None
         self._packages: dict[str, tuple[str, str, bool]] = {}
         self.tolerant = tolerant
         self.warn = warn
@@ -335,7 +336,7 @@ class GemmaPluginManager:
         wrongly (a wrapper sees the checked result, or the `PluginError`).
         """
         for caller in self.pm.get_hookcallers(plugin) or []:
-            check = _RESULT_CHECKS.get(caller.name)
+            check = self._result_check(caller.name)
             if check is None:
                 continue
             for impl in caller.get_hookimpls():
@@ -463,14 +464,33 @@ class GemmaPluginManager:
         ordered = staged(caller.get_hookimpls(), hookspecs.WEIGHTS_LOADED_STAGES)
         self._call("gemma_profile_weights_loaded", _impls=ordered, model=model, plan=plan)
 
-    def resolve_device(self, requested: Any, plan: Plan, call: str) -> str | None:
-        result = self._call("gemma_profile_resolve_device", requested=requested, plan=plan, call=call)
-        return self._wrapped_result("gemma_profile_resolve_device", result)  # type: ignore[no-any-return]
+    def resolve_device(
+        self, requested: Any, plan: Plan, call: str, device_problem: Callable[[str], str | None] | None = None
+    ) -> str | None:
+        """The device a plugin chooses instead of ``requested``, or None.
+
+        :param device_problem: why a device cannot be used here, or None when it can
+            (`gemma_profiles.engine.devices.device_problem`, passed by the runtime): a plugin
+            answering a device this machine lacks is named.  None: only the form is checked.
+        """
+        previous, self._device_problem = self._device_problem, device_problem
+        try:
+            result = self._call("gemma_profile_resolve_device", requested=requested, plan=plan, call=call)
+            return self._wrapped_result("gemma_profile_resolve_device", result)  # type: ignore[no-any-return]
+        finally:
+            self._device_problem = previous
+
+    def _result_check(self, hook_name: str) -> Callable[[Any], Any] | None:
+        """`_RESULT_CHECKS`' check for ``hook_name``; `resolve_device`'s also asks its ``device_problem``."""
+        if hook_name == "gemma_profile_resolve_device":
+            return lambda result: _device(result, self._device_problem)
+        return _RESULT_CHECKS.get(hook_name)
 
     def _wrapped_result(self, hook_name: str, result: Any) -> Any:
         """A firstresult hook's final answer, checked again: a wrapper may have replaced it."""
         try:
-            return _RESULT_CHECKS[hook_name](result)
+            check = self._result_check(hook_name)
+            return check(result) if check is not None else result
         except _BadResult as bad:
             caller = getattr(self.pm.hook, hook_name)
             wrappers = [impl.plugin_name for impl in caller.get_hookimpls() if impl.wrapper or impl.hookwrapper]

@@ -1,4 +1,7 @@
-"""The patch on gemma_pytorch's model classes; the only core module that touches torch.
+"""The patch on gemma_pytorch's model classes: where the runtime meets torch and gemma.
+
+The session (`gemma_profiles.runtime.session`) arms it when gemma's model modules are
+imported; the engine (`gemma_profiles.engine`) does the work on weights behind the hooks.
 
 On ``GemmaForCausalLM`` and ``Gemma3ForMultimodalLM`` only ``__init__`` is wrapped, while
 a profile is active: plan + preflight + config rewrite on a copy of the config, then the
@@ -37,15 +40,18 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gemma_profiles.engine import lazy
+from gemma_profiles.engine.devices import device_problem
 from gemma_profiles.errors import GemmaNotAvailableError, PatchError
 from gemma_profiles.log import logger
 from gemma_profiles.plugin.manager import get_plugin_manager
-from gemma_profiles.runtime import session as runtime
+
+if TYPE_CHECKING:
+    from gemma_profiles.runtime.session import Session
 
 #: module -> classes patched in it.
 TARGETS = {"gemma.model": ("GemmaForCausalLM",), "gemma.gemma3_model": ("Gemma3ForMultimodalLM",)}
@@ -64,8 +70,13 @@ class _Replaced:
 _replaced: list[_Replaced] = []
 
 
-def patch_module(module: ModuleType) -> None:
-    """Patch the gemma classes defined in ``module`` (idempotent)."""
+def patch_module(module: ModuleType, session_for_model: Callable[[], Session | None]) -> None:
+    """Patch the gemma classes defined in ``module`` (idempotent).
+
+    :param session_for_model: the session a model under construction uses, or None for none
+        (`gemma_profiles.runtime.session.session_for_model`: the session arms this patch, so
+        this module never imports the session's).
+    """
     names = TARGETS.get(module.__name__, ())
     if module.__name__ == "gemma.model" and not hasattr(module, "GemmaForCausalLM"):
         raise GemmaNotAvailableError(
@@ -76,13 +87,13 @@ def patch_module(module: ModuleType) -> None:
     for name in names:
         cls = getattr(module, name, None)
         if isinstance(cls, type) and _MARKER not in cls.__dict__:
-            _patch_class(cls)
+            _patch_class(cls, session_for_model)
 
 
-def _patch_class(cls: type) -> None:
+def _patch_class(cls: type, session_for_model: Callable[[], Session | None]) -> None:
     had_own = "__init__" in cls.__dict__
     original = cls.__dict__["__init__"] if had_own else getattr(cls, "__init__")  # noqa: B009
-    type.__setattr__(cls, "__init__", _wrap_init(original))
+    type.__setattr__(cls, "__init__", _wrap_init(original, session_for_model))
     _replaced.append(_Replaced(cls, "__init__", had_own, original))
     setattr(cls, _MARKER, True)
     _replaced.append(_Replaced(cls, _MARKER, False, None))
@@ -170,7 +181,7 @@ def _reduce_ex(self: Any, protocol: int) -> tuple[Any, ...]:
     from gemma_profiles.errors import GemmaProfileError
 
     base = next(cls for cls in type(self).__mro__ if not cls.__dict__.get(_PROFILED_MARKER))
-    if "_gemma_profile_offload" in self.__dict__:  # streaming.STATE_ATTRIBUTE
+    if "_gemma_profile_offload" in self.__dict__:  # engine.offload.STATE_ATTRIBUTE
         raise GemmaProfileError(
             f"this {base.__name__} offloads layers under profile '{plan_of(self).profile}': its weights stream "
             "from host memory or disk through hooks that cannot be pickled",
@@ -186,7 +197,7 @@ def _reduce_ex(self: Any, protocol: int) -> tuple[Any, ...]:
         )
     lazy.materialize(self)
     state = {key: value for key, value in self.__dict__.items() if not key.startswith(_OWN_ATTRIBUTES)}
-    # the loader's check that memory-mapped checkpoint files stay as they were (loader.watch)
+    # the loader's check that memory-mapped checkpoint files stay as they were (engine.loading.watch)
     watching = getattr(self.__dict__.get("_gemma_profile_mapped_files"), "handle", None)
     hooks = state.get("_forward_pre_hooks")
     if watching is not None and hooks is not None and watching.id in hooks:
@@ -207,10 +218,10 @@ def _inherited(sub: type, cls: type, name: str) -> Callable[..., Any]:
 # -- wrappers ---------------------------------------------------------------------
 
 
-def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:
+def _wrap_init(original: Callable[..., None], session_for_model: Callable[[], Session | None]) -> Callable[..., None]:
     @functools.wraps(original)
     def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
-        session = runtime.session_for_model()
+        session = session_for_model()
         if session is None:
             original(self, config, *args, **kwargs)
             return
@@ -264,7 +275,7 @@ def _wrap_to(original: Callable[..., Any]) -> Callable[..., Any]:
             lazy.materialize(self)
             return original(self, *args, **kwargs)
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        chosen = get_plugin_manager().resolve_device(device, plan, "to") if device is not None else None
+        chosen = get_plugin_manager().resolve_device(device, plan, "to", device_problem) if device is not None else None
         if lazy.is_lazy(self) and device is not None and dtype is None:
             # No weights yet: remember the device; the loader puts each tensor there (or
             # keeps an offloaded layer on the CPU) instead of building and moving all of it now.
@@ -296,7 +307,7 @@ def _wrap_generate(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, *args, **kwargs)
         positional = len(args) > 1  # generate(prompts, device, ...)
         requested = args[1] if positional else kwargs.get("device")
-        chosen = get_plugin_manager().resolve_device(requested, plan, "generate")
+        chosen = get_plugin_manager().resolve_device(requested, plan, "generate", device_problem)
         if chosen is not None:
             device = torch.device(chosen)
             parameter = next(self.parameters(), None)

@@ -25,7 +25,6 @@ from types import ModuleType
 from typing import Any
 
 import gemma_profiles.log as log
-import gemma_profiles_autoload
 from gemma_profiles.errors import GemmaProfileError, PatchError, ProfileError
 from gemma_profiles.log import logger
 from gemma_profiles.planning.plan import Plan, make_plan
@@ -33,8 +32,31 @@ from gemma_profiles.plugin.types import ConfigRewrite
 from gemma_profiles.spec.profile import Profile
 from gemma_profiles.spec.variants import family_of_architecture, identify_variant
 
-#: gemma_pytorch modules holding classes we patch.
-PATCHED_MODULES = gemma_profiles_autoload.PATCHED_MODULES
+#: gemma_pytorch modules holding classes we patch (`patch.TARGETS`' keys).
+PATCHED_MODULES = ("gemma.model", "gemma.gemma3_model")
+#: Modules whose import arms the chosen profile: gemma's, and those the builtin plugins name in
+#: ``gemma_profile_watched_modules`` (tests/test_transformers.py checks the two lists agree).
+ARM_ON = (*PATCHED_MODULES, "transformers.modeling_utils")
+#: The attribute marking the ``.pth`` module's finder (``gemma_profiles_autoload.ArmOnGemmaImport``)
+#: on ``sys.meta_path``.  The package never imports that module (it imports the package), so
+#: the finder is known by this mark; the runtime removes it once a session is armed or chosen.
+#: `PATCHED_MODULES`, `ARM_ON` and this name have copies there; tests/test_settings.py compares them.
+ARMING_FINDER = "gemma_profiles_arming"
+
+
+def _arming(finder: object) -> bool:
+    return getattr(finder, ARMING_FINDER, None) is True
+
+
+def arming_pending() -> bool:
+    """Whether the ``.pth``'s finder waits for gemma (a profile was chosen, none is armed yet)."""
+    return any(_arming(finder) for finder in sys.meta_path)
+
+
+def _disarm() -> None:
+    """Remove the ``.pth``'s finder: a session is armed, or the program chose (or dropped) one itself."""
+    if arming_pending():
+        sys.meta_path[:] = [finder for finder in sys.meta_path if not _arming(finder)]
 
 
 @dataclass(frozen=True)
@@ -191,7 +213,7 @@ def activate(profile: str | Profile, *, source: str = "api", lazy: bool = False)
 
 def _set_session(session: Session) -> None:
     global _session
-    gemma_profiles_autoload.disarm()  # this session replaces what the environment chose
+    _disarm()  # this session replaces what the environment chose
     log.enable()
     _session = session
     _install_import_hook()
@@ -203,7 +225,7 @@ def deactivate() -> None:
     Models already built under a profile keep it: their plan goes with them (`patch.profiled_class`).
     """
     global _session
-    gemma_profiles_autoload.disarm()  # and the environment's choice is not armed later either
+    _disarm()  # and the environment's choice is not armed later either
     _session = None
     _remove_import_hook()
     patch = sys.modules.get("gemma_profiles.runtime.patch")
@@ -240,7 +262,7 @@ def arm_from_environment() -> Session | None:
         _set_session(Session("the applied profile", "applied", problem=exc))
         return _session
     if active.reference is None:
-        gemma_profiles_autoload.disarm()
+        _disarm()
         return None
     return activate(active.reference, source=active.source, lazy=True)
 
@@ -249,9 +271,9 @@ def spec_after_arming(
     fullname: str, path: Sequence[str] | None, target: ModuleType | None
 ) -> importlib.machinery.ModuleSpec | None:
     """The .pth finder's answer for a gemma model module: arm, then let our import hook find it."""
-    if gemma_profiles_autoload.pending():
+    if arming_pending():
         arm_from_environment()
-    gemma_profiles_autoload.disarm()
+    _disarm()
     hook = next((f for f in sys.meta_path if isinstance(f, GemmaImportHook)), None)
     return hook.find_spec(fullname, path, target) if hook is not None else None
 
@@ -274,7 +296,7 @@ class _PatchingLoader(importlib.abc.Loader):
             if module.__name__ in PATCHED_MODULES:
                 from gemma_profiles.runtime import patch
 
-                patch.patch_module(module)
+                patch.patch_module(module, session_for_model)
             else:
                 _serve(module)
 
@@ -291,7 +313,7 @@ class GemmaImportHook(importlib.abc.MetaPathFinder):
         if fullname not in PATCHED_MODULES and not _watches(fullname):
             return None
         for finder in sys.meta_path:
-            if isinstance(finder, (GemmaImportHook, gemma_profiles_autoload.ArmOnGemmaImport)):
+            if isinstance(finder, GemmaImportHook) or _arming(finder):
                 continue
             if not hasattr(finder, "find_spec"):
                 continue
@@ -304,7 +326,7 @@ class GemmaImportHook(importlib.abc.MetaPathFinder):
 
 
 #: The builtins' watched modules (what the .pth arms on, beside gemma's own).
-_BUILTIN_WATCHED = frozenset(gemma_profiles_autoload.ARM_ON) - frozenset(PATCHED_MODULES)
+_BUILTIN_WATCHED = frozenset(ARM_ON) - frozenset(PATCHED_MODULES)
 _watched: frozenset[str] | None = None
 _asking = False
 
@@ -314,7 +336,7 @@ def watched_modules() -> frozenset[str]:
 
     While the plugins load (their own imports pass through the hook) and when they cannot
     load (a broken plugin: model construction reports it), only the builtins' list in
-    ``gemma_profiles_autoload.ARM_ON`` is watched.
+    `ARM_ON` is watched.
     """
     global _watched, _asking
     if _watched is not None:
@@ -368,7 +390,7 @@ def _install_import_hook() -> None:
         from gemma_profiles.runtime import patch
 
         for module in loaded:
-            patch.patch_module(module)
+            patch.patch_module(module, session_for_model)
     # A watched module imported before the session (`import transformers` first): served now.
     # Only when one is loaded is the plugin manager asked, so activating stays cheap otherwise.
     if any(name in sys.modules for name in _BUILTIN_WATCHED) or _manager_loaded():
@@ -382,5 +404,7 @@ def _remove_import_hook() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, GemmaImportHook)]
 
 
-if gemma_profiles_autoload.pending():  # the .pth saw a profile chosen: arm it now that we are loaded
+# The .pth saw a profile chosen: arm it now that we are loaded.  Where the .pth did not run
+# (``python -S``, an install without it), decide now what it would have decided at start.
+if arming_pending() or "gemma_profiles_autoload" not in sys.modules:
     arm_from_environment()

@@ -17,13 +17,17 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gemma_profiles.settings as settings
 from gemma_profiles.errors import StateError
-from gemma_profiles_autoload import ENV_VAR, OFF_VALUES, StateDirError, state_file
+
+#: The file in the state folder (``gemma_profiles_autoload.STATE_FILE_NAME`` too).
+STATE_FILE_NAME = "applied.json"
 
 #: No state this tool writes comes near this; anything larger is not ours.
 MAX_STATE_BYTES = 64 * 1024
@@ -47,11 +51,30 @@ class ActiveReference:
 
 
 def state_path() -> Path:
-    """The applied-profile file; a `StateError` when ``GEMMA_PROFILE_STATE_DIR`` cannot name one."""
-    try:
-        return Path(state_file())
-    except StateDirError as exc:
-        raise StateError(str(exc), hint="set it to an absolute path, or unset it") from None
+    """The applied-profile file; a `StateError` when ``GEMMA_PROFILE_STATE_DIR`` cannot name one.
+
+    The variable moves the folder (``~`` and ``~user`` expand); a relative value is refused,
+    since processes started in other folders would each find another state.  The ``.pth``
+    module finds the same file with its own standard-library copy of this rule
+    (``gemma_profiles_autoload.state_file``; tests/test_settings.py checks they agree).
+    """
+    name = settings.STATE_DIR.name
+    value = os.environ.get(name, "")
+    if not value.strip():
+        return Path(sys.prefix) / "etc" / "gemma-profiles" / STATE_FILE_NAME
+    shown = ascii(value) if not value.isprintable() else repr(value)
+    if "\0" in value:
+        problem = f"{name}={shown} holds a NUL character"
+    else:
+        expanded = os.path.expanduser(value)
+        if expanded.startswith("~"):
+            user = expanded[1:].split(os.sep, 1)[0]
+            problem = f"{name}={shown}: cannot expand '~{user}' (no such user here)"
+        elif not os.path.isabs(expanded):
+            problem = f"{name}={shown} is a relative path; processes started in other folders would not find it"
+        else:
+            return Path(os.path.normpath(expanded)) / STATE_FILE_NAME
+    raise StateError(problem, hint="set it to an absolute path, or unset it")
 
 
 def _kind(mode: int) -> str:
@@ -186,11 +209,11 @@ def clear_applied() -> bool:
 
 def active_reference() -> ActiveReference:
     """What is active here, without loading anything: env var first, then applied."""
-    value = os.environ.get(ENV_VAR, "").strip()
+    variable, value = settings.PROFILE.name, settings.PROFILE.raw()
     if value:
-        if value.lower() in OFF_VALUES:
-            return ActiveReference(None, "env", f"{ENV_VAR}={value} turns profiles off")
-        return ActiveReference(value, "env", f"{ENV_VAR}={value}")
+        if settings.profile_off(value):
+            return ActiveReference(None, "env", f"{variable}={value} turns profiles off")
+        return ActiveReference(value, "env", f"{variable}={value}")
     applied = read_applied()
     if applied:
         return ActiveReference(applied, "applied", f"applied in {state_path()}")
