@@ -17,7 +17,9 @@ The rules, each a test below:
 - the engine imports only the engine and the shared leaves (errors, log, units, settings): it
   takes plain values, not a Plan, and knows nothing of plugins;
 - hooks depend on the core, never back: only hooks/ imports ``gemma_profiles.hooks``;
-- builtins do not import each other: a fact two of them need lives in the core.
+- builtins do not import each other: a fact two of them need lives in the core;
+- the torch-free layers (the shared leaves, spec, planning, plugin) import only what
+  docs/design.md's package map says.
 """
 
 from __future__ import annotations
@@ -37,6 +39,22 @@ AUTOLOAD = "gemma_profiles_autoload"
 ENGINE_MAY_IMPORT = tuple(f"{PACKAGE}.{leaf}" for leaf in ("errors", "log", "units", "settings"))
 #: Third-party packages spec/ and planning/ must never reach.
 HEAVY = ("torch", "gemma")
+LEAVES = (f"{PACKAGE}.errors", f"{PACKAGE}.log", f"{PACKAGE}.units", f"{PACKAGE}.settings")
+#: docs/design.md's "may import (ours)" column for the torch-free layers; the most specific entry wins.
+MAY_IMPORT: dict[str, tuple[str, ...]] = {
+    **{leaf: LEAVES for leaf in LEAVES},
+    f"{PACKAGE}.spec": (*LEAVES, f"{PACKAGE}.spec", f"{PACKAGE}.plugin.types"),
+    f"{PACKAGE}.spec.registry": (
+        *LEAVES,
+        f"{PACKAGE}.spec",
+        f"{PACKAGE}.plugin.types",
+        f"{PACKAGE}.plugin.manager",  # the plugins' profile sources, detected hardware
+        f"{PACKAGE}.planning.auto",  # the profile named auto
+    ),
+    f"{PACKAGE}.planning": (*LEAVES, f"{PACKAGE}.spec", f"{PACKAGE}.planning"),
+    f"{PACKAGE}.planning.hardware": (*LEAVES, f"{PACKAGE}.planning", f"{PACKAGE}.engine.build"),  # torch-free verdict
+    f"{PACKAGE}.plugin": (*LEAVES, f"{PACKAGE}.planning", f"{PACKAGE}.plugin"),
+}
 
 
 @dataclass(frozen=True)
@@ -320,6 +338,23 @@ def test_builtins_do_not_import_each_other() -> None:
         for edge in internal(imports())
         if _in(edge.source, HOOKS) and _in(edge.target, HOOKS)
     ]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_torch_free_layers_import_only_what_the_design_page_says() -> None:
+    problems = []
+    for edge in internal(imports()):
+        keys = [key for key in MAY_IMPORT if _in(edge.source, key)]
+        if not keys:
+            continue
+        key = max(keys, key=len)
+        allowed = MAY_IMPORT[key]
+        if not any(_in(edge.target, prefix) for prefix in allowed):
+            shown = ", ".join(name.removeprefix(f"{PACKAGE}.") for name in allowed)
+            problems.append(
+                f"{edge.where(ROOT)}: {edge.source} imports {edge.target} (rule: {key} imports only {shown}; "
+                "docs/design.md's package map - move the code, or change the map and this test together)"
+            )
     assert not problems, "\n".join(problems)
 
 
