@@ -7,7 +7,7 @@ materialised before loading (``.to()`` or ``load_state_dict`` first) goes
 through gemma's own ``load_weights`` after the same checks.  Runs last, so a
 plugin's ``gemma_profile_load_weights`` can replace it.
 
-This builtin decides where each tensor goes (`placement`: the plan's device when this
+This builtin decides where each tensor goes (`load_options`: the plan's device when this
 machine has it, the plan's layer map, the embedder the plan keeps on the CPU) and hands
 the engine those plain values.
 """
@@ -22,7 +22,7 @@ from gemma_profiles.planning.plan import EMBEDDER_KEYS, OFFLOAD_TARGETS, Plan, e
 from gemma_profiles.plugin.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from gemma_profiles.engine.loading import Placement
+    from gemma_profiles.engine.loading import LoadOptions
 
 
 def execution_devices(plan: Plan, pending: str | None = None) -> tuple[str, dict[int, str]]:
@@ -58,12 +58,12 @@ def planned_embedder_device(plan: Plan, device: str) -> str | None:
     return "cpu" if named is not None and normalize_device(named) in OFFLOAD_TARGETS else None
 
 
-def placement(plan: Plan, pending: str | None = None) -> Placement:
+def load_options(plan: Plan, pending: str | None = None) -> LoadOptions:
     """What the engine's loader needs from ``plan``, as plain values.
 
     :param pending: a device the script asked for with ``.to()`` before loading.
     """
-    from gemma_profiles.engine.loading import Placement
+    from gemma_profiles.engine.loading import LoadOptions
     from gemma_profiles.plugin.manager import blocked_from_env
 
     device, layers = execution_devices(plan, pending)
@@ -76,7 +76,7 @@ def placement(plan: Plan, pending: str | None = None) -> Placement:
             "GEMMA_PROFILE_DISABLE_PLUGINS): weights stay float32",
             plan.profile,
         )
-    return Placement(
+    return LoadOptions(
         device=device,
         layers=layers,
         embedder=planned_embedder_device(plan, device),
@@ -94,7 +94,7 @@ def gemma_profile_load_weights(model: Any, path: str, plan: Plan, gemma_loader: 
 
     check_checkpoint(path)
     if is_lazy(model):
-        lean_load(model, path, placement(plan, pending_device(model)))
+        lean_load(model, path, load_options(plan, pending_device(model)))
     else:
         # Built eagerly (materialised by an earlier .to() or load_state_dict): gemma's own loader.
         materialize(model)

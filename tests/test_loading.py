@@ -480,7 +480,7 @@ def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
     that moment alone did not fit.  No GPU here: the execution device ``cuda:0`` stands as ``meta``."""
     import dataclasses
 
-    from gemma_profiles.hooks.loading import placement
+    from gemma_profiles.hooks.loading import load_options
     from gemma_profiles.hooks.offload import decide_layout
 
     import gemma_profiles.engine.devices as devices
@@ -499,7 +499,7 @@ def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
     plan = make_plan(load_profile(str(gpu)))
     assert plan.device is not None and plan.device.value == "cuda"
     monkeypatch.setattr(devices, "device_problem", lambda device: None)
-    planned = placement(plan)
+    planned = load_options(plan)
     assert planned.device.startswith("cuda") and planned.embedder == "cpu", planned
     as_meta = {i: "meta" if d.startswith("cuda") else d for i, d in planned.layers.items()}
     planned = dataclasses.replace(planned, device="meta", layers=as_meta)
@@ -551,10 +551,10 @@ def test_a_cpu_plan_or_an_embedder_on_the_gpu_loads_it_with_the_rest() -> None:
 
 def test_the_engine_loads_from_plain_values_without_a_profile(gemma: Any, tokenizer_path: str, float_ckpt: Any) -> None:
     """The engine alone: no profile, no Plan, no plugin manager - a model built lazily with the
-    engine's own meta mode and a `Placement` of plain values.  Memory-mapped where the dtype
+    engine's own meta mode and a `LoadOptions` of plain values.  Memory-mapped where the dtype
     matches; ``mmap=False`` copies."""
     from gemma_profiles.engine.lazy import MetaParameters, is_lazy, set_lazy
-    from gemma_profiles.engine.loading import Placement, lean_load
+    from gemma_profiles.engine.loading import LoadOptions, lean_load
     from gemma_profiles.engine.pages import memory_mapped
 
     path, state = float_ckpt
@@ -563,7 +563,7 @@ def test_the_engine_loads_from_plain_values_without_a_profile(gemma: Any, tokeni
             model = build(gemma, tokenizer_path)
         set_lazy(model, True)
         assert model.embedder.weight.is_meta
-        lean_load(model, path, Placement(label=f"plain-{keep_mapped}", mmap=keep_mapped))
+        lean_load(model, path, LoadOptions(label=f"plain-{keep_mapped}", mmap=keep_mapped))
         assert not is_lazy(model)
         loaded = model.state_dict()
         for name, tensor in state.items():

@@ -1,7 +1,7 @@
 """Lean checkpoint loading: checked first, memory-mapped, tensor by tensor, assigned instead of copied.
 
 Torch-touching; used by the ``loading`` builtin (``hooks/loading.py``), which reads the
-Plan and hands `lean_load` a `Placement` of plain values.  What is checked and the
+Plan and hands `lean_load` plain values (`LoadOptions`).  What is checked and the
 memory-map trade-off: docs/loading.md.
 
 gemma's own ``load_weights`` loads the whole state dict and copies it into the
@@ -25,7 +25,7 @@ silently.  This loader, used whenever a profile is active:
 - quantizes float weights to gemma's int8 format (int8 weight + per-row
   ``weight_scaler``) where the model has int8 weights, and dequantizes an int8
   checkpoint into a float model, in row chunks;
-- places each tensor on its layer's device (`Placement`'s layer map; offloaded
+- places each tensor on its layer's device (`LoadOptions`'s layer map; offloaded
   layers stay on the CPU);
 - watches the files the model still reads memory-mapped weights from: a file
   truncated or rewritten after loading is a `CheckpointChangedError` before the
@@ -698,7 +698,7 @@ def check_finite(model: Any, path: str) -> None:
 
 
 @dataclass(frozen=True)
-class Placement:
+class LoadOptions:
     """Where and how `lean_load` puts a checkpoint's tensors: plain values (the ``loading``
     builtin reads them off the Plan, ``hooks/loading.py``).
 
@@ -733,22 +733,22 @@ def column_scaled_names() -> set[str]:
     divergence from float32, and a few of its columns (hidden dimensions) are several times
     larger than the rest, so per-row scales waste most of the int8 range on the others.  Only
     the ``quantization`` builtin computes with these scales (gemma's own int8 forward would
-    ignore them): while it is blocked, ``Placement.column_scales`` is False and the embedder
+    ignore them): while it is blocked, ``LoadOptions.column_scales`` is False and the embedder
     gets gemma's per-row format.
     """
     return {f"{key}.weight" for key in EMBEDDER_KEYS}
 
 
-def lean_load(model: Any, path: str, placement: Placement) -> None:
-    """Check ``path`` against a lazily built ``model``, then load it as ``placement`` says."""
-    device, layer_devices, label = placement.device, placement.layers, placement.label
+def lean_load(model: Any, path: str, options: LoadOptions) -> None:
+    """Check ``path`` against a lazily built ``model``, then load it as ``options`` say."""
+    device, layer_devices, label = options.device, options.layers, options.label
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     int8_in_model = {name for name, t in targets.items() if t.dtype == torch.int8}
-    keep_mapped = placement.mmap
-    column_scaled = column_scaled_names() if placement.column_scales else set()
+    keep_mapped = options.mmap
+    column_scaled = column_scaled_names() if options.column_scales else set()
     # quantization: {weights: float16} - gemma's Linear/Embedding weights stored in float16 (half.py)
-    half_stored = stored_names(model) if placement.float16_storage else set()
+    half_stored = stored_names(model) if options.float16_storage else set()
     pending_int8: dict[str, tuple[torch.Tensor, str]] = {}
     pending_scalers: dict[str, torch.Tensor] = {}
     loaded: set[str] = set()
@@ -757,7 +757,7 @@ def lean_load(model: Any, path: str, placement: Placement) -> None:
     def stored_dtype(name: str) -> torch.dtype:
         return torch.float16 if name in half_stored else targets[name].dtype
 
-    embedder_device = placement.embedder
+    embedder_device = options.embedder
     embedder_prefixes = tuple(f"{key}." for key in EMBEDDER_KEYS)
 
     def device_for(name: str) -> str:
