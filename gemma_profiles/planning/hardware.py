@@ -12,13 +12,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import gemma_profiles.settings as settings
-
 #: x86 ISA levels we report, lowest first (Linux /proc/cpuinfo flag names).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-#: Old names, kept until gemma_profiles.engine reads `gemma_profiles.settings` itself.
-NATIVE_ENV = settings.NATIVE.name
-DEQUANTIZE_ROWS = settings.DEQUANTIZE_ROWS
 
 
 def native_int8_expected(isa: tuple[str, ...]) -> bool:

@@ -37,6 +37,7 @@ import pluggy
 from gemma_profiles.errors import GemmaProfileError, PluginError, did_you_mean, printable
 from gemma_profiles.plugin import hookspecs
 from gemma_profiles.plugin.types import ProfileSource
+from gemma_profiles.settings import DISABLE_PLUGINS
 
 if TYPE_CHECKING:
     from gemma_profiles.planning.hardware import Hardware
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "gemma_profiles"
 #: Comma-separated plugin names not to load (builtins included), like pytest's ``-p no:NAME``.
-BLOCK_ENV = "GEMMA_PROFILE_DISABLE_PLUGINS"
+BLOCK_ENV = DISABLE_PLUGINS.name
 HOOK_PREFIX = "gemma_profile_"
 #: Every hook name gemma-profiles calls.
 HOOK_NAMES: tuple[str, ...] = tuple(sorted(n for n in vars(hookspecs) if n.startswith(HOOK_PREFIX)))
@@ -590,7 +591,7 @@ def _version_of(package: str) -> str:
 
 
 def blocked_from_env() -> set[str]:
-    return {name.strip() for name in os.environ.get(BLOCK_ENV, "").split(",") if name.strip()}
+    return {name.strip() for name in DISABLE_PLUGINS.raw().split(",") if name.strip()}
 
 
 _manager: GemmaPluginManager | None = None
