@@ -82,6 +82,7 @@ def gemma_profile_rewrite_config(rewrite: ConfigRewrite, plan: Plan) -> None:
     rewrite.set("num_attention_heads", layout.heads, reason=reason)
     rewrite.set("num_key_value_heads", layout.kv_heads, reason=reason)
     rewrite.set("intermediate_size", layout.intermediate, reason=reason)
+    _pending.clear()  # a construction that failed after its rewrite left its entry
     _pending[id(config)] = (config, layout)
 
 

@@ -234,6 +234,14 @@ def test_the_plan_is_per_rank():
     assert "tensor parallel: each of 2 ranks" in out
 
 
+def test_an_indexed_cuda_device_is_refused_with_nccl():
+    from gemma_profiles.engine.parallel import device_problem
+
+    assert "write 'device: cuda'" in str(device_problem("cuda:0", "nccl"))
+    assert device_problem("cuda", "nccl") is None
+    assert device_problem("cuda:0", "gloo") is None  # ranks sharing one GPU: gloo
+
+
 def test_not_started_by_torchrun_is_one_line(gemma: Any, tokenizer_path: str, monkeypatch: pytest.MonkeyPatch):
     from gemma_testing import tiny_config
 

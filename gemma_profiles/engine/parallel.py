@@ -207,6 +207,16 @@ def backend_for(device: str) -> str:
     return "gloo"
 
 
+def device_problem(device: str, backend: str) -> str | None:
+    """Why ``device`` cannot be every rank's device with ``backend``, or None."""
+    if backend == "nccl" and device.startswith("cuda:"):
+        return (
+            f"placement.device {device} would put every rank on one GPU, which NCCL refuses: "
+            "write 'device: cuda' (each rank then takes the GPU of its LOCAL_RANK)"
+        )
+    return None
+
+
 def join(world: int, timeout_s: float, device: str, where: str) -> tuple[int, Any]:
     """Join torchrun's process group (once per process): this rank and the group (None: the
     default group).  Ranks that do not all join within ``timeout_s`` give one
@@ -225,6 +235,9 @@ def join(world: int, timeout_s: float, device: str, where: str) -> tuple[int, An
             )
         return dist.get_rank(), None
     backend = backend_for(device)
+    problem = device_problem(device, backend)
+    if problem is not None:
+        raise GemmaProfileError(f"tensor_parallel: {world}: {problem}", where=where)
     if backend == "nccl":
         # Each rank on its own GPU: a plain "cuda" in the profile then means the rank's GPU.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
