@@ -224,6 +224,63 @@ def test_dotted_names_in_the_docs_resolve() -> None:
     assert not problems, "\n".join(problems)
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but ``-``/``_`` dropped, spaces to ``-``."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"#+ (.*)", line)
+        if heading:
+            slug = _slug(heading.group(1))
+            found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+            seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def broken_links(page: Path) -> list[str]:
+    """Relative links in ``page`` to a file that does not exist or a heading it does not have."""
+    text = page.read_text(encoding="utf-8")
+    problems = []
+    for match in re.finditer(r"\]\(([^)\s]+)\)", text):
+        target = match.group(1)
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, fragment = target.partition("#")
+        destination = (page.parent / path).resolve() if path else page
+        where = f"{page.name}:{text.count(chr(10), 0, match.start()) + 1}"
+        if not destination.exists():
+            problems.append(f"{where}: {target}: no such file")
+        elif fragment and destination.suffix == ".md" and fragment not in _anchors(destination):
+            problems.append(f"{where}: {target}: {destination.name} has no heading with that anchor")
+    return problems
+
+
+def test_links_between_pages_resolve() -> None:
+    pages = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "CONTRIBUTING.md", ROOT / "README.md"]
+    problems = [problem for page in pages for problem in broken_links(page)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_link_check_sees_a_missing_page_and_a_missing_heading(tmp_path: Path) -> None:
+    (tmp_path / "a.md").write_text("# A page\n\n## The `x` hook\n", encoding="utf-8")
+    page = tmp_path / "b.md"
+    page.write_text(
+        "[ok](a.md#the-x-hook) [ok](#b) [web](https://example.org/x.md)\n# B\n[gone](c.md) [moved](a.md#the-y-hook)\n",
+        encoding="utf-8",
+    )
+    assert broken_links(page) == [
+        "b.md:3: c.md: no such file",
+        "b.md:3: a.md#the-y-hook: a.md has no heading with that anchor",
+    ]
+
+
 def doc_samples() -> list[object]:
     from doc_samples import documents, samples
 
