@@ -327,20 +327,19 @@ class GemmaImportHook(importlib.abc.MetaPathFinder):
 
 #: The builtins' watched modules (what the .pth arms on, beside gemma's own).
 _BUILTIN_WATCHED = frozenset(ARM_ON) - frozenset(PATCHED_MODULES)
-_watched: frozenset[str] | None = None
+#: (the plugin manager asked, its answer): asked again when the manager is replaced.
+_watched: tuple[object, frozenset[str]] | None = None
 _asking = False
 
 
 def watched_modules() -> frozenset[str]:
-    """Modules plugins arm on import (``gemma_profile_watched_modules``), asked once per session.
+    """Modules plugins arm on import (``gemma_profile_watched_modules``), asked once per plugin manager.
 
     While the plugins load (their own imports pass through the hook) and when they cannot
     load (a broken plugin: model construction reports it), only the builtins' list in
     `ARM_ON` is watched.
     """
     global _watched, _asking
-    if _watched is not None:
-        return _watched
     fallback = _BUILTIN_WATCHED
     if _asking:
         return fallback
@@ -348,13 +347,15 @@ def watched_modules() -> frozenset[str]:
     try:
         from gemma_profiles.plugin.manager import get_plugin_manager
 
-        _watched = get_plugin_manager().watched_modules() - frozenset(PATCHED_MODULES)
+        manager = get_plugin_manager()
+        if _watched is None or _watched[0] is not manager:
+            _watched = (manager, manager.watched_modules() - frozenset(PATCHED_MODULES))
     except GemmaProfileError as exc:
         logger.debug("watched modules: the plugins did not load ({}); watching {}", exc, sorted(fallback))
         return fallback
     finally:
         _asking = False
-    return _watched
+    return _watched[1]
 
 
 def _watches(fullname: str) -> bool:
@@ -381,8 +382,6 @@ def _serve(module: ModuleType) -> None:
 
 
 def _install_import_hook() -> None:
-    global _watched
-    _watched = None  # asked again: the plugins may have changed since the last session
     if not any(isinstance(f, GemmaImportHook) for f in sys.meta_path):
         sys.meta_path.insert(0, GemmaImportHook())
     loaded = [sys.modules[name] for name in PATCHED_MODULES if name in sys.modules]
