@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gemma_profiles import hookimpl
 from gemma_profiles.log import logger
 from gemma_profiles.planning.plan import Plan
+from gemma_profiles.plugin.hookspecs import hookimpl
 
 
 @hookimpl  # the engine's stages run in hookspecs.WEIGHTS_LOADED_STAGES' order

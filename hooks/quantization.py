@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gemma_profiles import hookimpl
 from gemma_profiles.log import logger
 from gemma_profiles.planning.plan import EMBEDDER_KEYS, Plan
+from gemma_profiles.plugin.hookspecs import hookimpl
 
 
 @hookimpl
