@@ -374,7 +374,7 @@ def quantize(model: Any, plan: Plan, dtype: Any) -> None:
     `gemma_profiles.engine.quantization.int8_linear`; a tied embedding shares its int8 rows with the output
     projection and looks up only the rows it gathers (`gemma_profiles.engine.quantization.int8_lookup`)."""
     from gemma_profiles.engine import surgery
-    from gemma_profiles.engine.loading import quantize_rows
+    from gemma_profiles.engine.loading import COLUMN_SCALER, column_scales, quantize_rows
     from gemma_profiles.engine.quantization import direct_linear
 
     embedding = model.get_input_embeddings()
@@ -390,12 +390,19 @@ def quantize(model: Any, plan: Plan, dtype: Any) -> None:
         count += 1
     embedder = "kept"
     if tied:
-        q, scale = quantize_rows(embedding.weight.detach(), dtype)
-        _to_int8(embedding, q, scale)
-        _to_int8(output, q, scale)
-        surgery.swap(embedding, _scaled_int8_lookup())
-        direct_linear(output)
-        embedder = "int8, shared by the lookup (gathered rows only) and the output projection"
+        # Row and column scales, as gemma_pytorch's loader gives the tied embedder: its massive hidden
+        # dimensions would otherwise spend every row's int8 range (docs/engine.md).
+        weight = embedding.weight.detach()
+        columns = column_scales(weight)
+        q, scale = quantize_rows(weight, dtype, columns=columns)
+        for module in (embedding, output):
+            _to_int8(module, q, scale)
+            module.register_buffer(COLUMN_SCALER, columns)
+        surgery.swap(embedding, _int8_classes()[0])
+        surgery.swap(output, _int8_classes()[1])
+        embedder = (
+            "int8 with row and column scales, shared by the lookup (gathered rows only) and the output projection"
+        )
     logger.info(
         "[{}] int8: {} of transformers' linear layers read int8 weights directly (computed in {}); "
         "the tied embedder: {}",
@@ -412,16 +419,19 @@ def _to_int8(module: Any, q: Any, scale: Any) -> None:
     module.register_buffer("weight_scaler", scale)
 
 
-_lookup_class: type | None = None
+_classes: tuple[type, type] | None = None
 
 
-def _scaled_int8_lookup() -> Any:
-    """The surgery for transformers' scaled word embedding (``embedding(ids) * embed_scale``) on int8 rows
-    (made on first use: this module never imports torch when it loads)."""
-    global _lookup_class
-    if _lookup_class is None:
+def _int8_classes() -> tuple[type, type]:
+    """The surgeries for a tied embedder in int8 with row and column scales: transformers' scaled word
+    embedding (``embedding(ids) * embed_scale``) on the gathered rows, and the output projection
+    (``(x * columns) @ (q * rows).T``).  Made on first use: this module never imports torch when it loads."""
+    global _classes
+    if _classes is None:
+        import torch
+
         from gemma_profiles.engine import surgery
-        from gemma_profiles.engine.quantization import int8_lookup
+        from gemma_profiles.engine.quantization import column_scaler, int8_linear, int8_lookup
 
         class ScaledInt8Lookup(surgery.Surgery):
             prefix = "Int8"
@@ -431,5 +441,14 @@ def _scaled_int8_lookup() -> Any:
                 scale = getattr(self, "embed_scale", None)
                 return rows if scale is None else rows * scale.to(rows.dtype)
 
-        _lookup_class = ScaledInt8Lookup
-    return _lookup_class
+        class ColumnScaledInt8Linear(surgery.Surgery):
+            prefix = "Int8"
+
+            def forward(self, x: Any) -> Any:
+                columns = column_scaler(self)
+                if columns is not None:
+                    x = (x.to(torch.float32) * columns).to(x.dtype)
+                return int8_linear(x, self.weight, self.weight_scaler)  # type: ignore[arg-type]
+
+        _classes = (ScaledInt8Lookup, ColumnScaledInt8Linear)
+    return _classes

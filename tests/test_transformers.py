@@ -164,7 +164,7 @@ def test_cpu_8gb_computes_on_int8_weights(script: Path, models: dict[str, Path],
     completed = run(script, models["gemma3"], "cpu-8gb")
     answer = result(completed)
     assert "[cpu-8gb] int8: 14 of transformers' linear layers read int8 weights directly" in completed.stderr
-    assert "the tied embedder: int8, shared by the lookup" in completed.stderr
+    assert "the tied embedder: int8 with row and column scales, shared by the lookup" in completed.stderr
     assert "Int8Linear" in answer["classes"]
     assert agreement(answer["argmax"], float32["gemma3"]["argmax"]) >= 0.85
 
