@@ -419,6 +419,12 @@ def test_gemma_run_py_unmodified_under_torchrun(real_model: Path, tmp_path: Path
     assert single.returncode == 0, single.stderr[-3000:]
     expected = [line for line in single.stdout.splitlines() if line.startswith("RESULT:")]
     assert expected and expected[0] != "RESULT: "
-    done = torchrun([str(run_py), *args], str(tp))
+    # Each rank's stdout in a file of its own (the two share torchrun's otherwise, and their
+    # lines can interleave).
+    logs = tmp_path / "logs"
+    torchrun(["--log-dir", str(logs), "--redirects", "1", str(run_py), *args], str(tp))
+    printed = sorted(logs.rglob("stdout.log"))
+    assert len(printed) == 2, printed
     # gemma's script prints on every rank: each printed the single process's text.
-    assert [line for line in done.stdout.splitlines() if line.startswith("RESULT:")] == expected * 2
+    for log in printed:
+        assert [line for line in log.read_text().splitlines() if line.startswith("RESULT:")] == expected, log
