@@ -35,6 +35,7 @@ from gemma_profiles.hooks import offload
 
 import gemma_profiles
 from gemma_profiles.engine import offload as streaming
+from gemma_profiles.engine import surgery
 from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.planning.memory import ModelShape
 from gemma_profiles.planning.plan import Target, compress_layers, expand_layers, make_plan, split_device_map
@@ -268,6 +269,7 @@ sys.path.insert(0, {tests!r})
 import torch
 import gemma_profiles
 from gemma_profiles.engine import offload as streaming
+from gemma_profiles.engine import surgery
 from gemma_testing import tiny_config, write_random_checkpoint
 from gemma import config as gemma_config, model as gemma_model
 
@@ -419,6 +421,7 @@ def test_a_full_disk_names_the_folder_and_what_was_needed_and_leaves_nothing(
     # The model is as it was: resident, and right.
     assert same_logits(generate(model.eval()).logits, reference("2b").logits)
     assert not model.model.layers[0].__dict__.get("_apply"), "no offload placement left on the layers"
+    assert all(surgery.ORIGINAL not in vars(layer) for layer in model.model.layers), "gemma's classes again"
 
 
 def test_a_folder_without_room_is_refused_before_anything_is_written(
@@ -550,6 +553,25 @@ def test_model_to_keeps_offloaded_layers_and_refuses_a_dtype_change(offloaded: C
     assert layer.mlp.down_proj.weight.data_ptr() == before, "still the memory-mapped storage"
     with pytest.raises(GemmaProfileError, match=r"decoder layer 1 is offloaded in torch\.float32"):
         model.to(torch.float16)
+    # The offloaded layers show it in their class (no method bound to the instance, gemma's class untouched).
+    kind = surgery.original_class(layer)
+    assert type(layer).__name__ == f"Offloaded{kind.__name__}" and isinstance(layer, kind)
+    assert "_apply" not in vars(layer) and "_apply" not in vars(kind)
+
+
+def test_removing_offload_gives_the_layers_their_class_back(
+    gemma: Any, tokenizer_path: str, checkpoint: Callable[..., str], tmp_path: Path
+) -> None:
+    model = build(gemma, tokenizer_path, "2b")
+    model.load_weights(checkpoint("2b"))
+    layer = model.model.layers[3]
+    kind = type(layer)
+    streaming.apply_offload(model, streaming.Layout("cpu", {3: "disk"}, folder=str(tmp_path)))
+    assert type(layer).__name__ == f"Offloaded{kind.__name__}" and type(model.model.layers[2]) is kind
+    streaming.remove_offload(model)
+    assert type(layer) is kind and surgery.ORIGINAL not in vars(layer)
+    model.to(torch.float16)  # a plain layer again: it converts
+    assert layer.mlp.down_proj.weight.dtype == torch.float16
 
 
 def test_without_a_profile_device_generate_runs_on_the_execution_device(

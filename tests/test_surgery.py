@@ -58,6 +58,32 @@ def test_a_swap_names_the_change_and_keeps_the_class_and_its_methods() -> None:
     torch.testing.assert_close(first(x) * 2, expected)
 
 
+class Negated(surgery.Surgery):
+    """Negates the output."""
+
+    prefix = "Negated"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -super().forward(x)  # type: ignore[no-any-return]
+
+
+def test_unswap_takes_one_change_off_and_keeps_the_others() -> None:
+    layer, x = nn.Linear(3, 2), torch.randn(4, 3)
+    plain = layer(x)
+    surgery.swap(layer, Doubled)
+    surgery.swap(layer, Negated)
+    assert type(layer).__name__ == "NegatedDoubledLinear"
+    torch.testing.assert_close(layer(x), -2 * plain)
+    surgery.unswap(layer, Doubled)  # the one below: the class above is made again on the rest
+    assert type(layer) is surgery.subclass(nn.Linear, Negated) and surgery.original_class(layer) is nn.Linear
+    torch.testing.assert_close(layer(x), -plain)
+    surgery.unswap(layer, Doubled)  # not on: nothing
+    assert type(layer).__name__ == "NegatedLinear"
+    surgery.unswap(layer, Negated)
+    assert type(layer) is nn.Linear and surgery.ORIGINAL not in vars(layer)
+    torch.testing.assert_close(layer(x), plain)
+
+
 def test_a_fused_module_falls_back_to_gemmas_forward_not_to_itself(gemma: Any) -> None:
     # float16 is not the kernels' dtype: gemma's forward runs (the native library is not needed)
     norm = gemma.model.RMSNorm(8)
@@ -101,9 +127,9 @@ def changed(model: nn.Module) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("dtype", "weights", "expected"),
     [
-        ("float32", "none", {"PackedLinear"}),
-        ("bfloat16", "int8", {"Int8Linear", "Int8Embedding"}),
-        ("float32", "float16", {"Float16StoredLinear", "Float16StoredEmbedding"}),
+        ("float32", "none", {"PackedLinear", "SamplerPackedEmbedding", "TiedSampler"}),
+        ("bfloat16", "int8", {"Int8Linear", "Int8Embedding", "TiedSampler"}),
+        ("float32", "float16", {"Float16StoredLinear", "Float16StoredEmbedding", "TiedSampler"}),
     ],
     ids=["kernels", "int8", "float16-storage"],
 )
@@ -137,7 +163,7 @@ def test_the_builtins_change_classes_not_instances(
         for name in classes:
             module = model.get_submodule(name)
             assert isinstance(module, surgery.original_class(module))
-            assert surgery.original_class(module) in (gemma.model.Linear, gemma.model.Embedding)
+            assert surgery.original_class(module) in (gemma.model.Linear, gemma.model.Embedding, gemma.model.Sampler)
             assert not [key for key in METHODS if key in vars(module)], f"{name}: a method bound to the instance"
         assert gemma.model.Linear.__name__ == "Linear" and "forward" in vars(gemma.model.Linear)
         # gemma's keys and formats: the plain model loads the profiled model's state dict as it is
@@ -150,6 +176,9 @@ def test_the_builtins_change_classes_not_instances(
             twin = copy.deepcopy(model)
             assert changed(twin) == classes
             x = torch.randn(3, model.config.hidden_size).to(model.config.get_dtype())
+            from gemma_profiles.engine.tied import _HOOK
+
+            assert twin.sampler.__dict__[_HOOK][0] is twin.embedder, "the twin's sampler reads the twin's embedder"
             for name in ("model.layers.0.mlp.gate_proj", "embedder"):
                 ours, theirs = model.get_submodule(name), twin.get_submodule(name)
                 assert ours is not theirs

@@ -150,3 +150,105 @@ def test_a_loaded_state_dict_reaches_the_in_place_sampler(
     logits = sampler_logits(model, embedder.weight, hidden)
     assert fake_kernel.weights[-1] == (embedder.weight.data_ptr(), embedder.weight.shape[0])
     assert torch.all(logits.float() == float(embedder.weight.shape[1]))
+
+
+# -- a deep copy multiplies by its own embedder ----------------------------------------------------
+
+
+@pytest.fixture
+def bf16_checkpoint(gemma: Any, tokenizer_path: str, tmp_path: Path) -> str:
+    """A bfloat16 checkpoint: a bfloat16 model maps it, so the sampler gets a packed copy."""
+    from gemma_testing import tiny_config, write_random_checkpoint
+
+    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="bfloat16")
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in gemma.model.GemmaForCausalLM(config).named_parameters()}
+    path = tmp_path / "2b-bfloat16.ckpt"
+    write_random_checkpoint(shapes, path, torch.bfloat16, seed=5)
+    return str(path)
+
+
+def load_tiny(gemma: Any, tokenizer: str, dtype: str, ckpt: str) -> Any:
+    from gemma_testing import tiny_config
+
+    config = tiny_config(gemma.config, "2b", tokenizer, dtype=dtype)
+    torch.set_default_dtype(config.get_dtype())
+    try:
+        model = gemma.model.GemmaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.load_weights(ckpt)
+    return model.to("cpu").eval()
+
+
+#: (model dtype, quantization.weights, checkpoint): the four ways the sampler gets a product.
+TIED = {
+    "int8": ("bfloat16", "int8", "float32"),
+    "float16-storage": ("float32", "float16", "float32"),
+    "bf16-in-place": ("bfloat16", "none", "float32"),
+    "bf16-packed-copy": ("bfloat16", "none", "bfloat16"),
+}
+
+
+@pytest.mark.parametrize("case", list(TIED))
+def test_a_deep_copy_multiplies_by_its_own_tied_embedder(
+    gemma: Any,
+    tokenizer_path: str,
+    float32_checkpoint: Callable[[str], str],
+    bf16_checkpoint: str,
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    """Before, the sampler's hook was a closure over the original embedder: a deep copy of an int8
+    model sampled from its raw int8 weight (wrong logits; real gemma's matmul refused the dtype),
+    a float16-storage one from the plain float16 weight (real gemma refused it), and the others
+    lost the fast product."""
+    import copy
+
+    from gemma_profiles.engine import tied
+
+    dtype, weights, ckpt_dtype = TIED[case]
+    if weights == "none":
+        monkeypatch.setattr(native, "bf16_library", lambda: FakeBf16Library())
+    else:
+        monkeypatch.setenv(native.ENV, "0")  # the same path on every CPU (no Native*)
+        native.reset()
+    ckpt = float32_checkpoint("2b") if ckpt_dtype == "float32" else bf16_checkpoint
+    text = f"description: t\nplacement: {{device: cpu}}\nconfig: {{dtype: {dtype}}}\n"
+    text += f"quantization: {{weights: {weights}}}\n"
+    try:
+        with gemma_profiles.use(str(write_profile(f"tied-copy-{case}", text))):
+            model = load_tiny(gemma, tokenizer_path, dtype, ckpt)
+        assert tied._HOOK in model.sampler.__dict__, "the sampler's product runs on the profile's kernel"
+        expected = model.generate(PROMPTS, "cpu", output_len=4, temperature=None)
+        twin = copy.deepcopy(model)
+        # The original's weights all zero (through load_state_dict: packed copies are refilled):
+        # the twin must read nothing of the original's.
+        model.load_state_dict({key: torch.zeros_like(value) for key, value in model.state_dict().items()})
+        products: list[Any] = []
+        spied = tied.SamplerWeight.__torch_function__.__func__  # type: ignore[attr-defined]
+
+        def spy(cls: type, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+            if len(args) == 2 and isinstance(args[1], tied.SamplerWeight) and args[1].transposed:
+                products.append(func)
+            return spied(cls, func, types, args, kwargs)
+
+        monkeypatch.setattr(tied.SamplerWeight, "__torch_function__", classmethod(spy))
+        assert twin.generate(PROMPTS, "cpu", output_len=4, temperature=None) == expected
+        assert products, "the twin's sampler product ran on the profile's kernel, not gemma's matmul"
+    finally:
+        if weights != "none":
+            native.reset()
+
+
+def test_the_float16_product_runs_inside_and_outside_inference_mode() -> None:
+    """gemma's generate runs under ``torch.inference_mode``; the float16-storage product's scratch
+    buffer made there was reused (and written) outside it, which torch refuses."""
+    from gemma_profiles.engine.half import half_linear
+
+    weight, x = torch.randn(5, 4).half(), torch.randn(2, 4)
+    with torch.inference_mode():
+        inside = half_linear(x, weight)
+    torch.testing.assert_close(half_linear(x, weight), inside)
+    torch.testing.assert_close(inside, x @ weight.float().t())

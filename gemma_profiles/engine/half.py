@@ -49,7 +49,7 @@ _DEFAULT_CHUNK = 1 << 24
 #: The dtype a float16-stored embedder's lookups return (the model's compute dtype).
 _COMPUTE = "_gemma_profile_float16_compute"
 
-_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_scratch: dict[tuple[torch.device, torch.dtype, bool], torch.Tensor] = {}
 
 
 def stored_names(model: nn.Module) -> set[str]:
@@ -66,7 +66,8 @@ def stored_names(model: nn.Module) -> set[str]:
 
 
 def _scratch_for(device: torch.device, dtype: torch.dtype, elements: int) -> torch.Tensor:
-    key = (device, dtype)
+    # one per inference mode: a buffer made under it (gemma's generate) cannot be written outside
+    key = (device, dtype, torch.is_inference_mode_enabled())
     buffer = _scratch.get(key)
     if buffer is None or buffer.numel() < elements:
         buffer = torch.empty(elements, dtype=dtype, device=device)
@@ -146,7 +147,7 @@ def install(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
 
     Returns (linear layers, bytes of their weights and the embedder's now stored)."""
     from gemma_profiles.engine.offload import embedder_of
-    from gemma_profiles.engine.tied import SamplerWeight
+    from gemma_profiles.engine.tied import SamplerProduct
     from gemma_profiles.engine.tied import install as install_sampler
 
     found = embedder_of(model)
@@ -164,28 +165,31 @@ def install(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
             surgery.swap(module, Float16StoredMatmul)
             layers += 1
         elif prefix == embedder_name:
-            _install_embedder(model, module, dtype, SamplerWeight, install_sampler)
+            _install_embedder(model, module, dtype, SamplerProduct, install_sampler)
     return layers, stored
 
 
-def _install_embedder(
-    model: nn.Module, embedder: nn.Module, dtype: torch.dtype, sampler_weight: Any, install: Any
-) -> None:
-    def current() -> torch.Tensor:
-        weight = embedder._parameters["weight"]
-        assert weight is not None
-        return weight
-
+def _install_embedder(model: nn.Module, embedder: nn.Module, dtype: torch.dtype, product: Any, install: Any) -> None:
     object.__setattr__(embedder, _COMPUTE, dtype)
     surgery.swap(embedder, Float16StoredLookup)
-    shape = (current().shape[0], current().shape[1])
+    weight = _stored(embedder)
+    # functions of the embedder, not closures over it: a deep copy multiplies by its own
     install(
         model,
         embedder,
-        sampler_weight(
-            lambda: current().to(dtype), lambda hidden: half_linear(hidden.to(dtype), current()), shape, dtype
+        product(
+            lambda module: _stored(module).to(dtype),
+            lambda module, hidden: half_linear(hidden.to(dtype), _stored(module)),
+            (weight.shape[0], weight.shape[1]),
+            dtype,
         ),
     )
+
+
+def _stored(module: nn.Module) -> torch.Tensor:
+    weight = module._parameters["weight"]
+    assert weight is not None
+    return weight
 
 
 def is_stored_half(module: nn.Module) -> bool:

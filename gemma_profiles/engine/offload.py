@@ -31,6 +31,7 @@ import platformdirs
 import torch
 from torch import nn
 
+from gemma_profiles.engine import surgery
 from gemma_profiles.engine.pages import (
     MADV_DONTNEED,
     MADV_PAGEOUT,
@@ -570,11 +571,14 @@ def _embedder_hooks(model: nn.Module, embedder: nn.Module, device: torch.device)
     return handles
 
 
-def _keep_placement(module: nn.Module, what: str) -> None:
-    """``model.to(device)`` leaves ``module`` where offload put it; a dtype change is an error."""
-    floating = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+class KeepPlacement(surgery.Surgery):
+    """An offloaded module: ``model.to(device)`` leaves it where offload put it (its weights
+    stream in from their storage), a dtype change is an error naming it."""
 
-    def _apply(fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+    prefix = "Offloaded"
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        what, floating = self.__dict__[_PLACED]
         if floating is not None:
             try:
                 probe = fn(torch.empty(0, dtype=floating))
@@ -585,9 +589,24 @@ def _keep_placement(module: nn.Module, what: str) -> None:
                     f"{what} is offloaded in {floating}; converting it to {probe.dtype} is not supported",
                     hint="set config.dtype in the profile instead of calling .to(dtype) / .half()",
                 )
-        return module
+        return self
 
-    module.__dict__["_apply"] = _apply
+
+#: Instance attribute of a `KeepPlacement` module: (what to call it, its floating dtype or None).
+_PLACED = "_gemma_profile_offloaded"
+
+
+def _keep_placement(module: nn.Module, what: str) -> None:
+    """``model.to(device)`` leaves ``module`` where offload put it; a dtype change is an error."""
+    floating = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    module.__dict__[_PLACED] = (what, floating)
+    surgery.swap(module, KeepPlacement)
+
+
+def _release_placement(module: nn.Module) -> None:
+    """Undo `_keep_placement` (other changes to the module's class stay)."""
+    surgery.unswap(module, KeepPlacement)
+    module.__dict__.pop(_PLACED, None)
 
 
 def _offload_folder(layout: Layout) -> Path:
@@ -630,7 +649,7 @@ def _undo(units: list[_Unit], modules: list[nn.Module]) -> None:
             unit.storage = torch.empty(0, dtype=torch.uint8)
     units.clear()
     for module in modules:
-        module.__dict__.pop("_apply", None)
+        _release_placement(module)
 
 
 def apply_offload(model: nn.Module, layout: Layout, label: str = "offload", *, prefetch: bool = True) -> OffloadState:
@@ -725,7 +744,7 @@ def remove_offload(model: nn.Module) -> None:
     for handle in state.handles:
         handle.remove()
     for module in state.pinned_modules:
-        module.__dict__.pop("_apply", None)
+        _release_placement(module)
     for unit in state.units:
         unit.point_at(unit.stored)
     if state.streamer is not None:

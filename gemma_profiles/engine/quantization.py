@@ -292,7 +292,7 @@ def native_linear(module: nn.Module) -> None:
 def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
     """Keep the tied embedder int8 on a CPU: row lookups, and the sampler's product on an int8 kernel."""
     from gemma_profiles.engine.loading import dequantize_rows
-    from gemma_profiles.engine.tied import _HOOK, SamplerWeight, install
+    from gemma_profiles.engine.tied import _HOOK, SamplerProduct, install
 
     module = model.get_submodule(name)
     weight, scaler = module.weight, module.weight_scaler
@@ -308,23 +308,24 @@ def keep_int8_embedder(model: Any, name: str, dtype: torch.dtype) -> bool:
     if use_native:
         _install_native(module, NativeInt8Lookup)
 
-        def project(hidden: torch.Tensor) -> torch.Tensor:
-            current: native.Int8Weight = module.__dict__[_NATIVE]  # load_state_dict repacks
-            return current.matmul(_columns_applied(hidden, column_scaler(module), dtype)).to(hidden.dtype)
+        # functions of the embedder, not closures over it: a deep copy multiplies by its own
+        def project(embedder: Any, hidden: torch.Tensor) -> torch.Tensor:
+            current: native.Int8Weight = embedder.__dict__[_NATIVE]  # load_state_dict repacks
+            return current.matmul(_columns_applied(hidden, column_scaler(embedder), dtype)).to(hidden.dtype)
 
-        def dense() -> torch.Tensor:
-            unpacked = module.__dict__[_NATIVE].unpack()
-            return dequantize_rows(unpacked, module.weight_scaler, dtype, column_scaler(module))
+        def dense(embedder: Any) -> torch.Tensor:
+            unpacked = embedder.__dict__[_NATIVE].unpack()
+            return dequantize_rows(unpacked, embedder.weight_scaler, dtype, column_scaler(embedder))
 
     else:
 
-        def project(hidden: torch.Tensor) -> torch.Tensor:
-            scaled = _columns_applied(hidden, column_scaler(module), dtype)
-            return int8_linear(scaled, module.weight, module.weight_scaler).to(hidden.dtype)
+        def project(embedder: Any, hidden: torch.Tensor) -> torch.Tensor:
+            scaled = _columns_applied(hidden, column_scaler(embedder), dtype)
+            return int8_linear(scaled, embedder.weight, embedder.weight_scaler).to(hidden.dtype)
 
-        def dense() -> torch.Tensor:
-            return dequantize_rows(module.weight, module.weight_scaler, dtype, column_scaler(module))
+        def dense(embedder: Any) -> torch.Tensor:
+            return dequantize_rows(embedder.weight, embedder.weight_scaler, dtype, column_scaler(embedder))
 
         surgery.swap(module, Int8Lookup)
-    install(model, module, SamplerWeight(dense, project, shape, dtype))
+    install(model, module, SamplerProduct(dense, project, shape, dtype))
     return True

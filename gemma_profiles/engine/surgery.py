@@ -16,9 +16,12 @@ parents, hooks and references to the module are untouched.
 - ``isinstance(module, <gemma's class>)`` stays true, methods the mixin does not define are
   gemma's, and gemma's classes are not modified.
 - The module keeps its class before the swap in ``_gemma_profile_surgery`` (`original_class`):
-  `restore` sets it back, and a model holding such a module is refused by ``pickle`` in one line
-  (`gemma_profiles.runtime.patch`): its classes are made at run time and its tensors may be in a
-  kernel's layout.  ``copy.deepcopy`` keeps the classes (a copy computes as the original).
+  `restore` sets it back, `unswap` takes one mixin off (the others stay), and a model holding
+  such a module is refused by ``pickle`` in one line (`gemma_profiles.runtime.patch`): its
+  classes are made at run time and its tensors may be in a kernel's layout.
+- ``copy.deepcopy`` keeps the classes, and what a mixin needs beside the module's tensors lives
+  in the module's ``__dict__`` (never in a closure over the module), so a copy computes as the
+  original, on its own tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from torch import nn
 ORIGINAL = "_gemma_profile_surgery"
 
 _made: dict[tuple[type, type], type] = {}
+#: Each made class -> (the class it was made on, the mixin): how `unswap` takes one mixin off.
+_parts: dict[type, tuple[type, type]] = {}
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -53,6 +58,7 @@ def subclass(base: type[nn.Module], mixin: type[Surgery]) -> type[nn.Module]:
         }
         made = type(name, (mixin, base), namespace)
         _made[(base, mixin)] = made
+        _parts[made] = (base, mixin)
     return made
 
 
@@ -69,6 +75,23 @@ def original_class(module: nn.Module) -> type:
     """``module``'s class before any swap (gemma's)."""
     original: type = module.__dict__.get(ORIGINAL, type(module))
     return original
+
+
+def unswap(module: nn.Module, mixin: type[Surgery]) -> None:
+    """Take ``mixin`` off ``module``'s class, keeping the other swaps (in their order); nothing
+    when it is not on."""
+    cls, mixins = type(module), []
+    while cls in _parts:
+        cls, made_with = _parts[cls]
+        mixins.append(made_with)
+    if mixin not in mixins:
+        return
+    for other in reversed(mixins):
+        if other is not mixin:
+            cls = subclass(cls, other)
+    object.__setattr__(module, "__class__", cls)
+    if cls is module.__dict__.get(ORIGINAL):
+        del module.__dict__[ORIGINAL]
 
 
 def restore(module: nn.Module) -> None:

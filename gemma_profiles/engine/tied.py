@@ -27,6 +27,13 @@ on the kernel the loader set up:
 Any other use of the object gets the dense matrix, so a gemma version that does more
 with ``embedding`` keeps working (slower).
 
+The sampler becomes a ``TiedSampler`` (`gemma_profiles.engine.surgery`): its ``forward`` makes
+the swap.  It keeps the embedder and a `SamplerProduct` - the product as functions *of the
+embedder*, never closures over it - in its ``__dict__``, so ``copy.deepcopy`` of the model
+gives a sampler that multiplies by the copy's own embedder.  A packed copy lives in the
+embedder's ``__dict__`` and its class (``SamplerPackedEmbedding``) refills it when a state
+dict is loaded.
+
 Used by the ``kernels`` builtin (`install_packed`, ``hooks/kernels.py``), and by
 `gemma_profiles.engine.quantization` (int8) and `gemma_profiles.engine.half` (float16 storage).
 """
@@ -34,14 +41,19 @@ Used by the ``kernels`` builtin (`install_packed`, ``hooks/kernels.py``), and by
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from gemma_profiles.engine import surgery
 from gemma_profiles.log import logger
 
-_HOOK = "_gemma_profile_sampler_hook"
+#: Instance attribute of a `TiedSampler`: (the tied embedder, its `SamplerProduct`).
+_HOOK = "_gemma_profile_sampler"
+#: Instance attribute of a `SamplerPacked` embedder: its packed copy, in chunks of rows.
+_CHUNKS = "_gemma_profile_sampler_chunks"
 #: Rows packed at a time: the packed copy is built while one chunk's source pages are resident.
 CHUNK_ROWS = 16384
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm}
@@ -123,23 +135,71 @@ class SamplerWeight:
         return func(*dense, **(kwargs or {}))
 
 
-def install(model: nn.Module, embedder: nn.Module, weight: SamplerWeight) -> bool:
-    """Make ``model.sampler`` receive ``weight`` wherever gemma passes ``embedder.weight``."""
-    sampler = getattr(model, "sampler", None)
-    if sampler is None or _HOOK in sampler.__dict__:
-        return False
+@dataclass(frozen=True)
+class SamplerProduct:
+    """The sampler's product for one kind of tied embedder, as functions of the embedder.
 
-    def swap(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    :param dense: ``embedder -> (vocab x hidden)`` matrix, for any use other than the product.
+    :param project: ``(embedder, hidden (..., hidden_size)) -> logits (..., vocab)``.
+    """
+
+    dense: Callable[[nn.Module], torch.Tensor]
+    project: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+    def weight(self, embedder: nn.Module) -> SamplerWeight:
+        """What the sampler receives in place of ``embedder.weight``."""
+        return SamplerWeight(
+            lambda: self.dense(embedder), lambda hidden: self.project(embedder, hidden), self.shape, self.dtype
+        )
+
+
+class TiedSampler(surgery.Surgery):
+    """gemma's ``Sampler`` handed `SamplerWeight` wherever gemma passes the tied embedder's weight."""
+
+    prefix = "Tied"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        embedder, product = self.__dict__[_HOOK]
         current = getattr(embedder, "weight", None)  # a parameter, or the int8 kernel's buffer
-        if kwargs.get("embedding") is current and current is not None:
-            return args, {**kwargs, "embedding": weight}
-        if args and args[0] is current and current is not None:
-            return (weight, *args[1:]), kwargs
-        return None
+        if current is not None and kwargs.get("embedding") is current:
+            kwargs = {**kwargs, "embedding": product.weight(embedder)}
+        elif current is not None and args and args[0] is current:
+            args = (product.weight(embedder), *args[1:])
+        return super().forward(*args, **kwargs)
 
-    handle = sampler.register_forward_pre_hook(swap, with_kwargs=True)
-    object.__setattr__(sampler, _HOOK, handle)
+
+def install(model: nn.Module, embedder: nn.Module, product: SamplerProduct) -> bool:
+    """Make ``model.sampler`` multiply by ``product`` wherever gemma passes ``embedder.weight``."""
+    sampler = getattr(model, "sampler", None)
+    if not isinstance(sampler, nn.Module) or _HOOK in sampler.__dict__:
+        return False
+    sampler.__dict__[_HOOK] = (embedder, product)
+    surgery.swap(sampler, TiedSampler)
     return True
+
+
+class SamplerPacked(surgery.Surgery):
+    """A memory-mapped tied embedder the sampler multiplies through a packed copy of it
+    (``__dict__[_CHUNKS]``): a loaded state dict refills the copy."""
+
+    prefix = "SamplerPacked"
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(  # copies into the (mapped, private) weight
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self.__dict__[_CHUNKS][:] = _pack_rows(_weight_of(self))
 
 
 def install_packed(model: nn.Module, profile: str) -> list[torch.Tensor] | None:
@@ -160,17 +220,12 @@ def install_packed(model: nn.Module, profile: str) -> list[torch.Tensor] | None:
     weight = embedder._parameters.get("weight")
     if weight is None or weight.dim() != 2 or weight.device.type != "cpu" or kernels.available(weight.dtype):
         return None
+    shape = (weight.shape[0], weight.shape[1])
     if not memory_mapped(weight):
         if weight.dtype == torch.bfloat16 and kernels.native_bf16():
             # The native kernel reads plain bfloat16: multiply the embedder itself (the current
             # parameter at every call, so a loaded state dict is used as it is).
-            shape = (weight.shape[0], weight.shape[1])
-            plain = SamplerWeight(
-                lambda: _weight_of(embedder),
-                lambda h: kernels.packed_linear(h, _weight_of(embedder)),
-                shape,
-                weight.dtype,
-            )
+            plain = SamplerProduct(_weight_of, _project_in_place, shape, weight.dtype)
             return [weight] if install(model, embedder, plain) else None
         logger.debug(
             "[{}] the sampler reads the plain {}.weight (not memory-mapped: a packed copy would double it)",
@@ -178,17 +233,14 @@ def install_packed(model: nn.Module, profile: str) -> list[torch.Tensor] | None:
             name,
         )
         return None
+    sampler = getattr(model, "sampler", None)
+    if not isinstance(sampler, nn.Module) or _HOOK in sampler.__dict__:
+        return None
     chunks = _pack_rows(weight)
-    original_load = embedder._load_from_state_dict
-
-    def load_and_repack(*args: Any, **kwargs: Any) -> None:
-        original_load(*args, **kwargs)  # copies into the (mapped, private) weight
-        chunks[:] = _pack_rows(_weight_of(embedder))
-
-    embedder._load_from_state_dict = load_and_repack  # type: ignore[method-assign]
-    shape = (weight.shape[0], weight.shape[1])
-    project = SamplerWeight(lambda: _weight_of(embedder), lambda h: _project(h, chunks), shape, weight.dtype)
-    return chunks if install(model, embedder, project) else None
+    embedder.__dict__[_CHUNKS] = chunks
+    surgery.swap(embedder, SamplerPacked)
+    install(model, embedder, SamplerProduct(_weight_of, _project_packed, shape, weight.dtype))
+    return chunks
 
 
 def _pack_rows(weight: torch.Tensor) -> list[torch.Tensor]:
@@ -210,7 +262,14 @@ def _weight_of(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-def _project(hidden: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
+def _project_packed(embedder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     from gemma_profiles.engine.kernels import packed_linear
 
+    chunks: list[torch.Tensor] = embedder.__dict__[_CHUNKS]
     return torch.cat([packed_linear(hidden, chunk) for chunk in chunks], dim=-1)
+
+
+def _project_in_place(embedder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    from gemma_profiles.engine.kernels import packed_linear
+
+    return packed_linear(hidden, _weight_of(embedder))
