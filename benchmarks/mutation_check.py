@@ -1,6 +1,6 @@
 """Targeted mutation check: break a property on purpose, run the tests that claim it.
 
-    python benchmarks/mutation_check.py [--only NAME ...] [--list] [--jobs 1]
+    python benchmarks/mutation_check.py [--only NAME ...] [--list] [--check]
 
 Each mutation below is one textual change to one source file: the defects that an
 audit found passing every test (converted weights negated, int8 scales off by 5 %,
@@ -9,9 +9,11 @@ temporary folder (the user's checkout is never touched), the change is applied t
 and the tests named beside it run against the copy. A mutation the tests catch is
 *killed*; one they miss *survived* - a hole in the suite. The score is killed / total.
 
-A mutation whose text is no longer in its file is reported as *stale* (the code moved):
-update its snippet rather than dropping it. Exit status: 0 when every mutation was
-killed, 1 otherwise.
+Every mutation's text must occur exactly once in its file, and every test file it names
+must exist: before anything runs, the script checks them all and stops with one line per
+*stale* mutation (the code moved: update its snippet rather than dropping it) and exit
+status 2; ``--check`` does only that (tests/test_mutation_check.py runs it). Otherwise the
+exit status is 0 when every mutation was killed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -62,24 +64,24 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "int8 step x1.05",
         "gemma_profiles/engine/loading.py",
-        ".div_(127.0)",
-        ".div_(127.0).mul_(1.05)",
+        ".div_(127.0)\n        if finite",
+        ".div_(127.0).mul_(1.05)\n        if finite",
         INT8_TESTS,
         "a coarser grid, q and scale consistent",
     ),
     Mutation(
         "int8 truncates",
         "gemma_profiles/engine/loading.py",
-        ".round_()",
-        ".trunc_()",
+        "q[start : start + CHUNK_ROWS] = block.div_(scale.unsqueeze(1)).round_()",
+        "q[start : start + CHUNK_ROWS] = block.div_(scale.unsqueeze(1)).trunc_()",
         INT8_TESTS,
         "rounding toward zero: a biased error",
     ),
     Mutation(
         "int8 dequantize_rows x1.05",
         "gemma_profiles/engine/loading.py",
-        ".unsqueeze(1)).to(dtype)",
-        ".unsqueeze(1) * 1.05).to(dtype)",
+        "scaler[rows].to(torch.float32).unsqueeze(1)\n",
+        "scaler[rows].to(torch.float32).unsqueeze(1) * 1.05\n",
         INT8_TESTS,
         "an int8 checkpoint loaded into a float model",
     ),
@@ -110,8 +112,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "int8 lookup x1.05",
         "gemma_profiles/engine/quantization.py",
-        "F.embedding(x, self.weight).to(scaler.dtype) * F.embedding(x, scaler.unsqueeze(-1))",
-        "F.embedding(x, self.weight).to(scaler.dtype) * F.embedding(x, scaler.unsqueeze(-1)) * 1.05",
+        "_scaled_rows(F.embedding(x, self.weight), F.embedding(x, scaler.unsqueeze(-1)),",
+        "_scaled_rows(F.embedding(x, self.weight), F.embedding(x, scaler.unsqueeze(-1)) * 1.05,",
         INT8_TESTS,
         "the int8 embedder's lookups",
     ),
@@ -119,16 +121,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "loader negates converted",
         "gemma_profiles/engine/loading.py",
-        "tensor = tensor.to(target.dtype)",
-        "tensor = -tensor.to(target.dtype)",
+        "tensor = convert(tensor, stored, mapped)",
+        "tensor = -convert(tensor, stored, mapped)",
         ("tests/test_loading.py::test_loaded_weights_equal_the_checkpoints",),
         "the audit's: 198 tests passed",
     ),
     Mutation(
         "loader scales converted",
         "gemma_profiles/engine/loading.py",
-        "tensor = tensor.to(target.dtype)",
-        "tensor = (tensor * 1.5).to(target.dtype)",
+        "tensor = convert(tensor, stored, mapped)",
+        "tensor = convert(tensor, stored, mapped) * 1.5",
         ("tests/test_loading.py::test_loaded_weights_equal_the_checkpoints",),
         "the audit's x1.5",
     ),
@@ -193,11 +195,28 @@ def _copy_tree(destination: Path) -> None:
     (destination / "gemma_profiles" / "profiles").symlink_to(destination / "profiles")
 
 
+def stale(mutations: tuple[Mutation, ...] | list[Mutation], root: Path = ROOT) -> list[str]:
+    """One line per mutation that cannot run as written: its text not exactly once in its file,
+    or a test file it names missing."""
+    problems = []
+    for mutation in mutations:
+        path = root / mutation.path
+        count = path.read_text(encoding="utf-8").count(mutation.old) if path.is_file() else 0
+        if count != 1:
+            where = "" if path.is_file() else " (no such file)"
+            problems.append(
+                f"stale mutation {mutation.name!r}: its text occurs {count} times in {mutation.path}{where}, "
+                "expected once; update the snippet in benchmarks/mutation_check.py"
+            )
+        for test in mutation.tests:
+            if not (root / test.split("::")[0]).is_file():
+                problems.append(f"stale mutation {mutation.name!r}: no test file {test.split('::')[0]}")
+    return problems
+
+
 def _run(mutation: Mutation, workdir: Path) -> tuple[str, float, str]:
     target = workdir / mutation.path
     text = target.read_text(encoding="utf-8")
-    if text.count(mutation.old) != 1:
-        return "stale", 0.0, f"{mutation.path}: snippet found {text.count(mutation.old)} times"
     target.write_text(text.replace(mutation.old, mutation.new), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(workdir), "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.perf_counter()
@@ -223,12 +242,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="names of the mutations to run")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--check", action="store_true", help="only check that every mutation's text is there")
     args = parser.parse_args()
+    unknown = sorted(set(args.only or ()) - {m.name for m in MUTATIONS})
+    if unknown:
+        print(f"mutation_check: no mutation named {', '.join(map(repr, unknown))} (see --list)", file=sys.stderr)
+        return 2
     chosen = [m for m in MUTATIONS if args.only is None or m.name in args.only]
     if args.list:
         for mutation in chosen:
             print(f"{mutation.name:<28} {mutation.path:<32} {mutation.why}")
         return 0
+    problems = stale(chosen)
+    for problem in problems:
+        print(f"mutation_check: {problem}", file=sys.stderr)
+    if problems or args.check:
+        return 2 if problems else 0
     results: list[tuple[Mutation, str, float, str]] = []
     with tempfile.TemporaryDirectory(prefix="gemma-profiles-mutants-") as folder:
         workdir = Path(folder)
@@ -238,8 +267,7 @@ def main() -> int:
             results.append((mutation, outcome, seconds, tail))
             print(f"{outcome:<9} {mutation.name:<28} {seconds:6.1f} s  {tail}", flush=True)
     killed = sum(1 for _, outcome, _, _ in results if outcome == "killed")
-    stale = sum(1 for _, outcome, _, _ in results if outcome == "stale")
-    print(f"score: {killed}/{len(results)} killed" + (f", {stale} stale" if stale else ""))
+    print(f"score: {killed}/{len(results)} killed")
     return 0 if killed == len(results) else 1
 
 
