@@ -14,13 +14,13 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
 
 import gemma_profiles
-from gemma_profiles.engine import kernels, native
+from gemma_profiles.engine import kernels, native, surgery
 
 PROMPTS = ["the cat sees a dog", "two red birds"]
 
@@ -252,3 +252,40 @@ def test_the_float16_product_runs_inside_and_outside_inference_mode() -> None:
         inside = half_linear(x, weight)
     torch.testing.assert_close(half_linear(x, weight), inside)
     torch.testing.assert_close(inside, x @ weight.float().t())
+
+
+class RecordsEmbedding(surgery.Surgery):
+    """What the ``fused`` stage does to the sampler after the tied product is set up: its own forward."""
+
+    prefix = "Recording"
+    seen: ClassVar[list[Any]] = []
+
+    def forward(self, embedding: Any, *args: Any, **kwargs: Any) -> Any:
+        RecordsEmbedding.seen.append(embedding)
+        return super().forward(embedding, *args, **kwargs)
+
+
+def test_a_sampler_whose_class_changes_later_still_gets_the_tied_product(
+    gemma: Any,
+    tokenizer_path: str,
+    float32_checkpoint: Callable[[str], str],
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``fused`` stage swaps the sampler's class (``FusedSampler``) after the ``quantization``
+    and ``kernels`` stages set up its product: the swap of the embedder's weight must reach the
+    forward the sampler ends up with (a pre-hook, not a class of its own that a later class hides)."""
+    from gemma_profiles.engine import tied
+
+    monkeypatch.setenv(native.ENV, "0")
+    native.reset()
+    text = "description: t\nplacement: {device: cpu}\nconfig: {dtype: bfloat16}\nquantization: {weights: int8}\n"
+    try:
+        with gemma_profiles.use(str(write_profile("tied-later-class", text))):
+            model = load_tiny(gemma, tokenizer_path, "bfloat16", float32_checkpoint("2b"))
+        surgery.swap(model.sampler, RecordsEmbedding)
+        RecordsEmbedding.seen.clear()
+        model.generate(PROMPTS, "cpu", output_len=2, temperature=None)
+        assert RecordsEmbedding.seen and all(isinstance(e, tied.SamplerWeight) for e in RecordsEmbedding.seen)
+    finally:
+        native.reset()

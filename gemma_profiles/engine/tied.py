@@ -27,12 +27,14 @@ on the kernel the loader set up:
 Any other use of the object gets the dense matrix, so a gemma version that does more
 with ``embedding`` keeps working (slower).
 
-The sampler becomes a ``TiedSampler`` (`gemma_profiles.engine.surgery`): its ``forward`` makes
-the swap.  It keeps the embedder and a `SamplerProduct` - the product as functions *of the
-embedder*, never closures over it - in its ``__dict__``, so ``copy.deepcopy`` of the model
-gives a sampler that multiplies by the copy's own embedder.  A packed copy lives in the
-embedder's ``__dict__`` and its class (``SamplerPackedEmbedding``) refills it when a state
-dict is loaded.
+The sampler keeps the embedder and a `SamplerProduct` - the product as functions *of the
+embedder*, never closures over it - in its ``__dict__``, and the pre-hook is `swap_embedding`,
+a plain function that reads them from the sampler it is called on: ``copy.deepcopy`` of the
+model gives a sampler that multiplies by the copy's own embedder (before, the hook was a
+closure over the original's).  The sampler keeps gemma's class: the ``fused`` stage, which
+runs later, swaps it for ``FusedSampler`` (`gemma_profiles.engine.surgery`), and a pre-hook
+runs before whichever forward it has.  A packed copy lives in the embedder's ``__dict__`` and
+the embedder's class (``SamplerPackedEmbedding``) refills it when a state dict is loaded.
 
 Used by the ``kernels`` builtin (`install_packed`, ``hooks/kernels.py``), and by
 `gemma_profiles.engine.quantization` (int8) and `gemma_profiles.engine.half` (float16 storage).
@@ -50,7 +52,7 @@ from torch import nn
 from gemma_profiles.engine import surgery
 from gemma_profiles.log import logger
 
-#: Instance attribute of a `TiedSampler`: (the tied embedder, its `SamplerProduct`).
+#: Instance attribute of gemma's sampler, read by `swap_embedding`: (the tied embedder, its `SamplerProduct`).
 _HOOK = "_gemma_profile_sampler"
 #: Instance attribute of a `SamplerPacked` embedder: its packed copy, in chunks of rows.
 _CHUNKS = "_gemma_profile_sampler_chunks"
@@ -155,19 +157,19 @@ class SamplerProduct:
         )
 
 
-class TiedSampler(surgery.Surgery):
-    """gemma's ``Sampler`` handed `SamplerWeight` wherever gemma passes the tied embedder's weight."""
-
-    prefix = "Tied"
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        embedder, product = self.__dict__[_HOOK]
-        current = getattr(embedder, "weight", None)  # a parameter, or the int8 kernel's buffer
-        if current is not None and kwargs.get("embedding") is current:
-            kwargs = {**kwargs, "embedding": product.weight(embedder)}
-        elif current is not None and args and args[0] is current:
-            args = (product.weight(embedder), *args[1:])
-        return super().forward(*args, **kwargs)
+def swap_embedding(
+    sampler: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The sampler's forward pre-hook: `SamplerWeight` in place of its embedder's weight."""
+    embedder, product = sampler.__dict__[_HOOK]
+    current = getattr(embedder, "weight", None)  # a parameter, or the int8 kernel's buffer
+    if current is None:
+        return None
+    if kwargs.get("embedding") is current:
+        return args, {**kwargs, "embedding": product.weight(embedder)}
+    if args and args[0] is current:
+        return (product.weight(embedder), *args[1:]), kwargs
+    return None
 
 
 def install(model: nn.Module, embedder: nn.Module, product: SamplerProduct) -> bool:
@@ -176,7 +178,7 @@ def install(model: nn.Module, embedder: nn.Module, product: SamplerProduct) -> b
     if not isinstance(sampler, nn.Module) or _HOOK in sampler.__dict__:
         return False
     sampler.__dict__[_HOOK] = (embedder, product)
-    surgery.swap(sampler, TiedSampler)
+    sampler.register_forward_pre_hook(swap_embedding, with_kwargs=True)
     return True
 
 

@@ -164,7 +164,7 @@ def _deepcopy(self: Any, memo: dict[int, Any]) -> Any:
 def _changed_module(model: Any) -> str | None:
     """The first submodule a plugin changed beyond gemma's own, or None: one whose class the
     engine swapped (its ``_gemma_profile_surgery`` marker, `gemma_profiles.engine.surgery`:
-    ``Int8Linear``, ``PackedLinear``, ``TiedSampler``...) or that keeps other state of ours
+    ``Int8Linear``, ``PackedLinear``, ``FusedSampler``...) or that keeps other state of ours
     (``_gemma_profile*``), or one with a function bound to the instance (the model's own
     ``_apply`` pin, `gemma_profiles.engine.kernels.pin_to_cpu`, or a third-party plugin's)."""
     for name, module in model.named_modules():
