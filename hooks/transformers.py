@@ -34,7 +34,7 @@ from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.log import logger
 from gemma_profiles.planning import hf
 from gemma_profiles.planning.plan import Plan, Setting, Target, check_dtype, check_float16, make_plan, normalize_device
-from gemma_profiles.units import parse_memory
+from gemma_profiles.units import format_bytes, parse_memory
 
 #: The module holding ``PreTrainedModel``.
 WATCHED = "transformers.modeling_utils"
@@ -197,13 +197,32 @@ def arguments(plan: Plan, config: Any, kwargs: dict[str, Any]) -> Any:
                 plan.dtype,
                 plan.config["dtype"].origin,
             )
+        if plan.weight_storage == "float16":
+            logger.info(
+                "[{}] float16 storage: the script's {}={} wins; weights stay {}",
+                plan.profile,
+                key,
+                _dtype_name(chosen),
+                _dtype_name(chosen),
+            )
     elif plan.dtype is not None:
         target_key = dtype_key()
         before = kwargs.get("dtype", kwargs.get("torch_dtype", "auto"))
         kwargs.pop("torch_dtype" if target_key == "dtype" else "dtype", None)
         chosen = getattr(torch, plan.dtype)
-        kwargs[target_key] = chosen
-        _log(plan, target_key, before, plan.dtype, plan.config["dtype"].origin)
+        if stores_float16(plan):
+            # loaded as float16 (placed and read at half float32's size), computed in float32 after loading
+            kwargs[target_key] = torch.float16
+            _log(
+                plan,
+                target_key,
+                before,
+                "float16",
+                f"float16 storage, {plan.dtype} compute: quantization.weights: float16; {plan.config['dtype'].origin}",
+            )
+        else:
+            kwargs[target_key] = chosen
+            _log(plan, target_key, before, plan.dtype, plan.config["dtype"].origin)
     else:
         chosen = None
     # placement
@@ -246,6 +265,22 @@ def arguments(plan: Plan, config: Any, kwargs: dict[str, Any]) -> Any:
                 "[{}] from_pretrained attn_implementation: the script's {!r} wins ({})", plan.profile, given, reason
             )
     return chosen
+
+
+def stores_float16(plan: Plan) -> bool:
+    """Whether the model loads in float16 to be computed in the plan's (float32) dtype after loading: the
+    profile's ``quantization.weights: float16``, unless the quantization builtin is blocked (as for gemma_pytorch)."""
+    if plan.weight_storage != "float16" or plan.dtype in (None, "float16"):
+        return False
+    if _blocked("quantization"):
+        logger.warning(
+            "[{}] quantization.weights: float16 needs the quantization builtin (blocked by "
+            "GEMMA_PROFILE_DISABLE_PLUGINS): weights stay {}",
+            plan.profile,
+            plan.dtype,
+        )
+        return False
+    return True
 
 
 def _check_scripts_dtype(plan: Plan, family: str, key: str, dtype: Any) -> None:
@@ -317,10 +352,9 @@ def after_loading(model: Any, plan: Plan, requested: Any) -> None:
         else:
             quantize(model, plan, dtype or torch.float32)
             return
-    if plan.weight_storage == "float16":
-        logger.warning(
-            "[{}] float16 storage: not done for transformers' models; weights stay {}", plan.profile, _dtype_name(dtype)
-        )
+    if plan.weight_storage == "float16" and dtype == torch.float16 and requested not in (None, torch.float16):
+        store_float16(model, plan, requested)
+        return
     if devices == {"cpu"} and not _blocked("kernels"):
         pack(model, plan)
 
@@ -452,3 +486,95 @@ def _int8_classes() -> tuple[type, type]:
 
         _classes = (ScaledInt8Lookup, ColumnScaledInt8Linear)
     return _classes
+
+
+# -- float16 storage, float32 compute ------------------------------------------------------------------------
+
+#: Instance attribute of a float16-stored embedding: the dtype its lookups return.
+_COMPUTE = "_gemma_profile_compute"
+
+
+def store_float16(model: Any, plan: Plan, compute: Any) -> None:
+    """The model was loaded in float16; each linear layer and the embedding now compute in ``compute``
+    (float32) on a float32 copy of a block of their weight (`gemma_profiles.engine.half.half_linear`), on
+    whatever device they are - CPU, CUDA, or offloaded by accelerate.  The norms keep their float16 weights:
+    transformers' Gemma norms compute in float32 (``x.float()``, ``1.0 + weight.float()``)."""
+    from gemma_profiles.engine import surgery
+    from gemma_profiles.engine.half import Float16StoredMatmul
+
+    embedding = model.get_input_embeddings()
+    stored = count = 0
+    seen: set[int] = set()
+    for _, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if module is embedding:
+            object.__setattr__(module, _COMPUTE, compute)
+            surgery.swap(module, _float16_lookup())
+        elif _is_float16_linear(module):
+            surgery.swap(module, Float16StoredMatmul)
+            count += 1
+        else:
+            continue
+        _rebind_accelerate(module)
+        if weight is not None and id(weight) not in seen:
+            seen.add(id(weight))
+            stored += weight.numel() * weight.element_size()
+    logger.info(
+        "[{}] float16 storage: {} of transformers' linear layers and the embedding ({} of weights) "
+        "stored in float16, computed in {}",
+        plan.profile,
+        count,
+        format_bytes(stored),
+        _dtype_name(compute),
+    )
+
+
+def _is_float16_linear(module: Any) -> bool:
+    import torch
+    from torch import nn
+
+    weight = module._parameters.get("weight")
+    return (
+        type(module) is nn.Linear
+        and module.bias is None
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+        and weight.dtype == torch.float16
+    )
+
+
+def _rebind_accelerate(module: Any) -> None:
+    """accelerate's hooks (``device_map="auto"``) call the forward the module had when they were attached
+    (``_old_forward``, a bound method of transformers' class): bind it to the swapped class's."""
+    if "_old_forward" in module.__dict__:
+        module._old_forward = types.MethodType(type(module).forward, module)
+
+
+_lookup: type | None = None
+
+
+def _float16_lookup() -> type:
+    """transformers' scaled word embedding (``embedding(ids) * embed_scale``) on a float16 weight, returning
+    the compute dtype: the gathered rows are converted, then scaled by the exact ``hidden_size ** 0.5``
+    (``scalar_embed_scale``; the ``embed_scale`` buffer was made in float16 while loading).  Made on first
+    use: this module never imports torch when it loads."""
+    global _lookup
+    if _lookup is None:
+        import torch.nn.functional as F
+
+        from gemma_profiles.engine import surgery
+
+        class Float16StoredLookup(surgery.Surgery):
+            prefix = "Float16Stored"
+
+            def forward(self, input_ids: Any) -> Any:
+                compute = self.__dict__[_COMPUTE]
+                rows = F.embedding(input_ids, self.weight, self.padding_idx).to(compute)  # type: ignore[arg-type]
+                scale = getattr(self, "scalar_embed_scale", None)
+                if scale is None:
+                    buffer = getattr(self, "embed_scale", None)
+                    return rows if buffer is None else rows * buffer.to(compute)
+                return rows * scale
+
+        _lookup = Float16StoredLookup
+    return _lookup

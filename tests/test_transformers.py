@@ -29,22 +29,31 @@ from gemma_profiles.spec.registry import default_registry  # noqa: E402
 
 #: A user's script, as anyone would write it: nothing of ours in it.
 SCRIPT = """\
-import json, sys
+import json, os, sys
 import torch
 from transformers import AutoModelForCausalLM
 
 kwargs = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
 if "dtype" in kwargs:
     kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+if "max_memory" in kwargs:  # JSON's keys are strings; a GPU's is its index
+    kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in kwargs["max_memory"].items()}
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], **kwargs)
-prompt = torch.tensor([[2, 17, 33, 101, 7, 250, 61, 5]])
+device = model.device if model.device.type == "cuda" else "cpu"
+prompt = torch.tensor([[2, 17, 33, 101, 7, 250, 61, 5]], device=device)
 with torch.no_grad():
     tokens = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:].tolist()
-    text = torch.arange(3, 131).reshape(1, -1) % 509
-    argmax = model(text).logits[0].argmax(-1).tolist()
+    text = (torch.arange(3, 131).reshape(1, -1) % 509).to(device)
+    logits = model(text).logits[0]
+    argmax = logits.argmax(-1).tolist()
+if os.environ.get("LOGITS_OUT"):
+    torch.save(logits.float().cpu(), os.environ["LOGITS_OUT"])
 classes = sorted({type(m).__name__ for m in model.modules()})
+devices = sorted({p.device.type for p in model.parameters()})
+weights = {id(p): p.numel() * p.element_size() for p in model.parameters()}
 print(json.dumps({"tokens": tokens, "argmax": argmax, "dtype": str(model.dtype), "classes": classes,
-                  "attn": model.config._attn_implementation}))
+                  "attn": model.config._attn_implementation, "bytes": sum(weights.values()),
+                  "logits_dtype": str(logits.dtype), "devices": devices}))
 """
 
 
@@ -179,6 +188,130 @@ def test_a_float32_profile_gives_transformers_own_tokens(
         assert answer["dtype"] == "torch.float32"
         assert answer["tokens"] == float32[kind]["tokens"]
         assert answer["argmax"] == float32[kind]["argmax"]
+
+
+FLOAT16_STORAGE = "extends: cpu-32gb\ndescription: x\nconfig: {dtype: float32}\nquantization: {weights: float16}\n"
+
+
+def _kl(reference: Any, other: Any) -> float:
+    """Mean KL(reference || other) over the positions of two (positions x vocab) logits."""
+    import torch
+
+    p = torch.log_softmax(reference.double(), -1)
+    q = torch.log_softmax(other.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_float16_storage_computes_gemma3_in_float32(
+    script: Path, models: dict[str, Path], write_profile: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pascal-5gb's choice for Gemma 2/3 on the CPU: weights stored in float16 (half float32's bytes), every
+    linear layer and the embedding computed in float32 - transformers' float32 answers but for the rounding."""
+    import torch
+
+    path = write_profile("cpu-f16", FLOAT16_STORAGE)
+    monkeypatch.setenv("LOGITS_OUT", str(tmp_path / "reference.pt"))
+    reference = result(run(script, models["gemma3"], "off"))
+    monkeypatch.setenv("LOGITS_OUT", str(tmp_path / "float16.pt"))
+    completed = run(script, models["gemma3"], str(path))
+    answer = result(completed)
+    assert "from_pretrained dtype: 'auto' -> 'float16' (float16 storage, float32 compute" in completed.stderr
+    assert "[cpu-f16] float16 storage: 15 of transformers' linear layers and the embedding" in completed.stderr
+    assert "computed in float32" in completed.stderr
+    assert "not done for transformers" not in completed.stderr
+    assert answer["bytes"] == pytest.approx(reference["bytes"] / 2, rel=0.01)
+    assert answer["logits_dtype"] == "torch.float32"
+    assert {"Float16StoredLinear", "Float16StoredGemma3TextScaledWordEmbedding"} <= set(answer["classes"])
+    kl = _kl(torch.load(tmp_path / "reference.pt"), torch.load(tmp_path / "float16.pt"))
+    assert kl <= 1e-4, kl
+    assert answer["tokens"] == reference["tokens"]
+    assert answer["argmax"] == reference["argmax"]
+
+
+def _float16_against_float32(
+    script: Path, model: Path, profile: Path, folder: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: Any
+) -> tuple[dict[str, Any], dict[str, Any], float, str]:
+    """transformers' own float32 run and the float16-stored one with the same arguments: both answers, the
+    KL of their logits, the profiled run's stderr."""
+    import torch
+
+    monkeypatch.setenv("LOGITS_OUT", str(folder / "float32.pt"))
+    reference = result(run(script, model, "off", **_fresh(kwargs, folder / "offload-float32")))
+    monkeypatch.setenv("LOGITS_OUT", str(folder / "float16.pt"))
+    completed = run(script, model, str(profile), **_fresh(kwargs, folder / "offload-float16"))
+    answer = result(completed)
+    return (
+        reference,
+        answer,
+        _kl(torch.load(folder / "float32.pt"), torch.load(folder / "float16.pt")),
+        completed.stderr,
+    )
+
+
+def _fresh(kwargs: dict[str, Any], folder: Path) -> dict[str, Any]:
+    return dict(kwargs, offload_folder=str(folder)) if "offload_folder" in kwargs else kwargs
+
+
+def test_float16_storage_under_accelerates_offload(
+    script: Path, models: dict[str, Path], write_profile: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``device_map="auto"`` with a memory cap: accelerate's hooks call the forward of the class the module had
+    when they were attached; the swapped class's runs (float16 weights into float32 compute, no dtype error)."""
+    profile = write_profile("cpu-f16", FLOAT16_STORAGE)
+    limits = {"device_map": "auto", "max_memory": {"cpu": 120_000}, "offload_folder": ""}
+    reference, answer, kl, stderr = _float16_against_float32(
+        script, models["gemma3"], profile, tmp_path, monkeypatch, **limits
+    )
+    assert "meta" in answer["devices"]  # layers offloaded to the disk
+    assert "float16 storage: 15 of transformers' linear layers" in stderr
+    assert kl <= 1e-4, kl
+    assert answer["tokens"] == reference["tokens"]
+
+
+@pytest.mark.parametrize("placement", ["cuda", "offload"])
+def test_float16_storage_on_cuda(
+    placement: str,
+    script: Path,
+    models: dict[str, Path],
+    write_profile: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pascal-5gb's path on a GPU: loaded in float16 on the device (``device_map`` from the profile), computed
+    in float32 there; with ``offload`` accelerate keeps the second layer on the CPU and moves it per forward.
+    Compared with transformers' own float32 run on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    profile = write_profile(
+        "cuda-f16", "extends: base-cuda\ndescription: x\nconfig: {dtype: float32}\nquantization: {weights: float16}\n"
+    )
+    monkeypatch.setenv("LOGITS_OUT", str(tmp_path / "float32.pt"))
+    reference = result(run(script, models["gemma3"], "off"))
+    monkeypatch.setenv("LOGITS_OUT", str(tmp_path / "float16.pt"))
+    kwargs: dict[str, Any] = {}
+    if placement == "offload":
+        kwargs = {"device_map": "auto", "max_memory": {"0": 150_000, "cpu": 10**9}}
+    completed = run(script, models["gemma3"], str(profile), **kwargs)
+    answer = result(completed)
+    assert "cuda" in answer["devices"]
+    assert "float16 storage: 15 of transformers' linear layers" in completed.stderr
+    assert answer["bytes"] == pytest.approx(reference["bytes"] / 2, rel=0.01)
+    kl = _kl(torch.load(tmp_path / "float32.pt"), torch.load(tmp_path / "float16.pt"))
+    assert kl <= 1e-4, kl
+    assert answer["tokens"] == reference["tokens"]
+
+
+def test_float16_storage_gives_way_to_the_scripts_dtype(
+    script: Path, models: dict[str, Path], write_profile: Any, float32: dict[str, Any]
+) -> None:
+    path = write_profile("cpu-f16", FLOAT16_STORAGE)
+    completed = run(script, models["gemma2"], str(path), dtype="float32")
+    answer = result(completed)
+    assert "float16 storage: the script's dtype=float32 wins; weights stay float32" in completed.stderr
+    assert answer["dtype"] == "torch.float32"
+    assert answer["tokens"] == float32["gemma2"]["tokens"]
 
 
 def test_the_scripts_dtype_wins_with_a_line(script: Path, models: dict[str, Path], float32: dict[str, Any]) -> None:
