@@ -112,11 +112,12 @@ def tiny_config(
 
 
 def build_tiny_model(
-    gemma: Any, tokenizer_path: str | None, variant: str = "2b", dtype: str = "float32", **changes: Any
+    gemma: Any, tokenizer_path: str | None, variant: str = "2b", dtype: str | None = "float32", **changes: Any
 ) -> Any:
     """gemma's construction step as ``scripts/run.py`` does it, on `tiny_config`: the config's
-    dtype ``dtype`` (run.py forces float32), built with torch's default dtype float32 (restored
-    after); ``changes`` overrides config fields (``hidden_size=...``, ``quant=False``).
+    dtype ``dtype`` (run.py forces float32; None keeps gemma's default for the variant), built
+    with torch's default dtype float32 (restored after); ``changes`` overrides config fields
+    (``hidden_size=...``, ``quant=False``).
 
     Built while a profile is active, the profile applies, as it would to run.py's model.
     """
@@ -129,6 +130,39 @@ def build_tiny_model(
         return gemma.model.GemmaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+
+
+def cpu_profile(write_profile: Any, dtype: str, weights: str = "none") -> str:
+    """Writes (with conftest's ``write_profile``) a profile for the CPU with ``config.dtype``
+    ``dtype`` and ``quantization.weights`` ``weights``; returns its path."""
+    text = (
+        f"description: t\nplacement: {{device: cpu}}\nconfig: {{dtype: {dtype}}}\n"
+        f"quantization: {{weights: {weights}}}\n"
+    )
+    return str(write_profile(f"cpu-{dtype}-{weights}", text))
+
+
+def tiny_bench_profile(gemma: Any, write_profile: Any, tokenizer_path: str, ckpt: str | os.PathLike[str]) -> Any:
+    """A profile "tiny-bench" that shrinks gemma's 2b by its own ``config:`` (any GemmaConfig field;
+    `tiny_config`'s sizes, bfloat16 on the CPU), and a random float32 checkpoint for the model it
+    builds written to ``ckpt``; returns the profile's path."""
+    import gemma_profiles
+
+    profile = write_profile(
+        "tiny-bench",
+        f"""
+        description: 2b shrunk to a few thousand weights, bfloat16 on the CPU
+        placement: {{device: cpu}}
+        config: {{dtype: bfloat16, vocab_size: 128, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+                  num_attention_heads: 4, num_key_value_heads: 1, head_dim: 16, max_position_embeddings: 64,
+                  tokenizer: {tokenizer_path}}}
+        """,
+    )
+    with gemma_profiles.use(str(profile)):
+        model = gemma.model.GemmaForCausalLM(gemma.config.get_model_config("2b"))
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+    write_random_checkpoint(shapes, ckpt, torch.float32)
+    return profile
 
 
 def _random_tensor(

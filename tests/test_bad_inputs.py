@@ -91,11 +91,11 @@ def one_gpu_box(name: str = "Tesla T4", capability: tuple[int, int] = (7, 5)) ->
     return Hardware(cpu, (GpuInfo(0, name, capability, 16 * GiB, 16 * GiB),), False, "2.13.0", "12.4")
 
 
-def build(gemma: Any, tokenizer: str) -> Any:
-    """run.py's construction step on a tiny 2b config (float32, as run.py forces)."""
+def build(gemma: Any, tokenizer_path: str, **changes: Any) -> Any:
+    """run.py's construction step on a tiny 2b config (float32, as run.py forces); ``changes`` to its config."""
     from gemma_testing import build_tiny_model
 
-    return build_tiny_model(gemma, tokenizer)
+    return build_tiny_model(gemma, tokenizer_path, **changes)
 
 
 # -- profile names and files -----------------------------------------------------------------------
@@ -587,13 +587,10 @@ def test_two_concurrent_applies_leave_one_of_the_two():
 
 
 def test_missing_tokenizer_is_one_line_before_construction(gemma, tokenizer_path, cpu_fp32, tmp_path):
-    from gemma_testing import tiny_config
-
-    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
-    config.tokenizer = str(tmp_path / "no-such" / "tokenizer.model")
+    missing = str(tmp_path / "no-such" / "tokenizer.model")
     with (
         gemma_profiles.use(str(cpu_fp32)),
         pytest.raises(GemmaProfileError, match="tokenizer file not found") as caught,
     ):
-        gemma.model.GemmaForCausalLM(config)
+        build(gemma, tokenizer_path, tokenizer=missing)
     assert str(caught.value).splitlines() == [str(caught.value)]

@@ -153,14 +153,14 @@ def test_extends_auto_takes_the_detected_facts_with_their_origins(
 def test_a_model_builds_under_a_profile_extending_auto(
     gemma: Any, tokenizer_path: str, write_profile: Callable[..., Path]
 ) -> None:
-    from gemma_testing import tiny_config
+    from gemma_testing import build_tiny_model
 
     import gemma_profiles
     from gemma_profiles.runtime import session as runtime
 
     child = write_profile("my-model", "description: my model here\nextends: auto\nconfig: {dtype: float32}\n")
     with gemma_profiles.use(str(child)):
-        model = gemma.model.GemmaForCausalLM(tiny_config(gemma.config, "2b", tokenizer_path))
+        model = build_tiny_model(gemma, tokenizer_path, dtype=None)  # the profile's dtype, not the test's
         session = runtime.current()
         assert session is not None and session.profile().name == "my-model"
     assert {str(p.dtype) for p in model.parameters()} <= {"torch.float32"}
@@ -475,25 +475,9 @@ def test_bench_progress_starts_after_the_loading_log_lines(
     gemma: Any, tokenizer_path: str, tmp_path: Path, write_profile: Callable[..., Path]
 ) -> None:
     # Before: the bar was drawn before loading, and loading's log lines were written after it on its line.
-    import torch
-    from gemma_testing import write_random_checkpoint
+    from gemma_testing import tiny_bench_profile
 
-    import gemma_profiles
-
-    profile = write_profile(
-        "tiny-bench",
-        f"""
-        description: 2b shrunk to a few thousand weights
-        placement: {{device: cpu}}
-        config: {{dtype: bfloat16, vocab_size: 128, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
-                  num_attention_heads: 4, num_key_value_heads: 1, head_dim: 16, max_position_embeddings: 64,
-                  tokenizer: {tokenizer_path}}}
-        """,
-    )
-    with gemma_profiles.use(str(profile)):
-        model = gemma.model.GemmaForCausalLM(gemma.config.get_model_config("2b"))
-        shapes = {n: p.shape for n, p in model.named_parameters()}
-    write_random_checkpoint(shapes, tmp_path / "tiny.ckpt", torch.float32)
+    profile = tiny_bench_profile(gemma, write_profile, tokenizer_path, tmp_path / "tiny.ckpt")
     args = ["--variant", "2b", "--ckpt", str(tmp_path / "tiny.ckpt"), "--tokens", "3", "--prompt", "the cat"]
     result = invoke("bench", str(profile), *args)
     assert result.exit_code == 0, result.output

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from test_loading import TOKENS, build, logits
+from gemma_testing import build_tiny_model, cpu_profile
+from test_loading import TOKENS, logits
 
 import gemma_profiles
 from gemma_profiles.engine import half, surgery
@@ -18,14 +19,7 @@ from gemma_profiles.errors import GemmaProfileError
 
 @pytest.fixture
 def storage_profile(write_profile: Callable[..., Path]) -> Callable[[str], str]:
-    def make(weights: str = "float16") -> str:
-        text = (
-            "description: t\nplacement: {device: cpu}\nconfig: {dtype: float32}\n"
-            f"quantization: {{weights: {weights}}}\n"
-        )
-        return str(write_profile(f"storage-{weights}", text))
-
-    return make
+    return lambda weights="float16": cpu_profile(write_profile, "float32", weights)
 
 
 @pytest.fixture
@@ -33,7 +27,7 @@ def float_checkpoint(gemma: Any, tokenizer_path: str, tmp_path: Path) -> tuple[s
     from gemma_testing import write_random_checkpoint
 
     path = tmp_path / "float.ckpt"
-    state = write_random_checkpoint(build(gemma, tokenizer_path), path, torch.float32, seed=21)
+    state = write_random_checkpoint(build_tiny_model(gemma, tokenizer_path), path, torch.float32, seed=21)
     return str(path), state
 
 
@@ -86,11 +80,11 @@ def test_weights_are_stored_in_float16_and_answers_are_float32s(
 ) -> None:
     path, state = float_checkpoint
     with gemma_profiles.use(storage_profile("none")):
-        dense = build(gemma, tokenizer_path)
+        dense = build_tiny_model(gemma, tokenizer_path)
         dense.load_weights(path)
         expected = logits(dense, TOKENS)
     with gemma_profiles.use(storage_profile()):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         model.load_weights(path)
         stored = {name: p.dtype for name, p in model.named_parameters()}
         got = logits(model, TOKENS)
@@ -121,7 +115,7 @@ def test_gemmas_own_loader_path_stores_float16_too(
     weights are stored in float16 after it."""
     path, state = float_checkpoint
     with gemma_profiles.use(storage_profile()):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         model.load_state_dict(state, strict=False)  # materialised: load_weights goes to gemma's own loader
         model.load_weights(path)
         assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float16
@@ -145,7 +139,7 @@ def test_a_checkpoint_beyond_float16_is_one_clear_error(
     path = tmp_path / "big.ckpt"
     torch.save({"model_state_dict": state}, path)
     with gemma_profiles.use(storage_profile()):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         with pytest.raises(CheckpointError, match=r"gate_proj\.weight overflows float16 storage: 1 value") as caught:
             model.load_weights(str(path))
     assert "quantization.weights: float16" in str(caught.value.hint)
@@ -156,7 +150,7 @@ def test_state_dict_round_trips(
 ) -> None:
     path, _ = float_checkpoint
     with gemma_profiles.use(storage_profile()):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         model.load_weights(path)
         before = logits(model, TOKENS)
         saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -177,7 +171,7 @@ def test_without_the_quantization_builtin_weights_stay_float32(
     path, _ = float_checkpoint
     monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "quantization")
     with gemma_profiles.use(storage_profile()):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         model.load_weights(path)
         assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
         assert torch.isfinite(logits(model, TOKENS)).all()

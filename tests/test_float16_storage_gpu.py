@@ -59,25 +59,13 @@ def test_no_float32_copy_of_the_weight_per_call(exact: None) -> None:
     assert torch.cuda.max_memory_allocated() - before < weight.numel()  # well under a float32 copy
 
 
-def build(gemma: Any, tokenizer: str) -> Any:
-    from gemma_testing import tiny_config
-
-    config = tiny_config(gemma.config, "2b-v2", tokenizer, dtype="float32")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        return gemma.model.GemmaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def test_a_model_stored_in_float16_answers_as_float32_on_cuda(
     gemma: Any, tokenizer_path: str, write_profile: Callable[..., Path], tmp_path: Path, exact: None
 ) -> None:
-    from gemma_testing import write_random_checkpoint
+    from gemma_testing import build_tiny_model, write_random_checkpoint
 
     path = tmp_path / "float.ckpt"
-    write_random_checkpoint(build(gemma, tokenizer_path), path, torch.float32, seed=31)
+    write_random_checkpoint(build_tiny_model(gemma, tokenizer_path, "2b-v2"), path, torch.float32, seed=31)
     runs = {}
     for weights in ("none", "float16"):
         profile = write_profile(
@@ -86,7 +74,7 @@ def test_a_model_stored_in_float16_answers_as_float32_on_cuda(
             f"quantization: {{weights: {weights}}}\n",
         )
         with gemma_profiles.use(str(profile)):
-            model = build(gemma, tokenizer_path)
+            model = build_tiny_model(gemma, tokenizer_path, "2b-v2")
             model.load_weights(str(path))
             model = model.to("cuda").eval()
             steps: list[torch.Tensor] = []

@@ -203,27 +203,16 @@ def test_dequantize_rows_is_weight_times_scale(dtype: torch.dtype) -> None:
 
 
 def build(gemma: Any, tokenizer: str, dtype: str = "float32", hidden: int = 64) -> Any:
-    from gemma_testing import tiny_config
+    from gemma_testing import build_tiny_model
 
-    config = tiny_config(gemma.config, "2b", tokenizer, dtype=dtype)
-    config.hidden_size, config.intermediate_size = hidden, 2 * hidden
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        return gemma.model.GemmaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    return build_tiny_model(gemma, tokenizer, dtype=dtype, hidden_size=hidden, intermediate_size=2 * hidden)
 
 
 @pytest.fixture
 def profile(write_profile: Callable[..., Path]) -> Callable[[str], str]:
-    def make(dtype: str) -> str:
-        text = (
-            f"description: t\nplacement: {{device: cpu}}\nconfig: {{dtype: {dtype}}}\nquantization: {{weights: int8}}\n"
-        )
-        return str(write_profile(f"int8-{dtype}", text))
+    from gemma_testing import cpu_profile
 
-    return make
+    return lambda dtype: cpu_profile(write_profile, dtype, "int8")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -114,17 +114,10 @@ def test_no_weight_sized_allocation_per_call(capped: None) -> None:
 
 def build(gemma: Any, tokenizer: str, dtype: str) -> Any:
     """gemma's 2b layer shapes (hidden 2048, MLP 16384, 8 heads of 256, MQA), two layers, the test vocabulary."""
-    from gemma_testing import tiny_config
+    from gemma_testing import build_tiny_model
 
-    config = tiny_config(gemma.config, "2b", tokenizer, dtype=dtype)
-    config.hidden_size, config.intermediate_size, config.head_dim = 2048, 16384, 256
-    config.num_attention_heads, config.num_key_value_heads = 8, 1
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        return gemma.model.GemmaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    shape = {"hidden_size": 2048, "intermediate_size": 16384, "head_dim": 256}
+    return build_tiny_model(gemma, tokenizer, dtype=dtype, **shape, num_attention_heads=8, num_key_value_heads=1)
 
 
 @pytest.fixture

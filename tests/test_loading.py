@@ -13,19 +13,12 @@ from typing import Any
 
 import pytest
 import torch
+from gemma_testing import build_tiny_model, cpu_profile
 
 import gemma_profiles
 from gemma_profiles.errors import GemmaProfileError
 
 HERE = Path(__file__).parent
-
-
-def build(gemma: Any, tokenizer: str, variant: str = "2b") -> Any:
-    from gemma_testing import tiny_config
-
-    config = tiny_config(gemma.config, variant, tokenizer, dtype="float32")
-    torch.set_default_dtype(torch.float32)
-    return gemma.model.GemmaForCausalLM(config)
 
 
 def logits(model: Any, tokens: list[int]) -> torch.Tensor:
@@ -56,16 +49,7 @@ def logits(model: Any, tokens: list[int]) -> torch.Tensor:
 
 @pytest.fixture
 def profile(write_profile: Callable[..., Path]) -> Callable[..., str]:
-    def make(dtype: str, weights: str = "none") -> str:
-        return str(
-            write_profile(
-                f"load-{dtype}-{weights}",
-                f"description: t\nplacement: {{device: cpu}}\nconfig: {{dtype: {dtype}}}\n"
-                f"quantization: {{weights: {weights}}}\n",
-            )
-        )
-
-    return make
+    return lambda dtype, weights="none": cpu_profile(write_profile, dtype, weights)
 
 
 @pytest.fixture
@@ -73,7 +57,7 @@ def float_ckpt(gemma: Any, tokenizer_path: str, tmp_path: Path) -> tuple[str, di
     from gemma_testing import write_random_checkpoint
 
     path = tmp_path / "float.ckpt"
-    state = write_random_checkpoint(build(gemma, tokenizer_path), path, torch.float32, seed=3)
+    state = write_random_checkpoint(build_tiny_model(gemma, tokenizer_path), path, torch.float32, seed=3)
     return str(path), state
 
 
@@ -89,10 +73,10 @@ def test_lean_loader_equals_gemma_loader(
     if not kernels:
         monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "kernels,fused")
     path, _ = float_ckpt
-    reference = build(gemma, tokenizer_path)
+    reference = build_tiny_model(gemma, tokenizer_path)
     reference.load_weights(path)
     with gemma_profiles.use(profile("float32")):
-        lean = build(gemma, tokenizer_path)
+        lean = build_tiny_model(gemma, tokenizer_path)
         assert all(p.is_meta for name, p in lean.named_parameters() if name.endswith("proj.weight"))
         lean.load_weights(path)
         assert not any(p.is_meta for p in lean.parameters())
@@ -125,7 +109,7 @@ def test_sharded_and_safetensors_checkpoints(
     save_file({k: v.contiguous() for k, v in state.items()}, str(single))
     with gemma_profiles.use(profile("float32")):
         for source in (sharded, single):
-            model = build(gemma, tokenizer_path)
+            model = build_tiny_model(gemma, tokenizer_path)
             model.load_weights(str(source))
             for name, tensor in state.items():
                 assert torch.equal(model.state_dict()[name], tensor), (source, name)
@@ -137,11 +121,11 @@ def test_on_the_fly_int8_stays_close(
 ) -> None:
     path, _ = float_ckpt
     with gemma_profiles.use(profile(dtype)):
-        dense = build(gemma, tokenizer_path)
+        dense = build_tiny_model(gemma, tokenizer_path)
         dense.load_weights(path)
         expected = logits(dense, TOKENS)
     with gemma_profiles.use(profile(dtype, "int8")):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         model.load_weights(path)
         qkv = model.model.layers[0].self_attn.qkv_proj
         assert qkv.weight.dtype == torch.int8 and qkv.weight_scaler.dtype == getattr(torch, dtype)
@@ -184,7 +168,7 @@ def test_without_the_quantization_builtin_the_embedder_keeps_gemmas_per_row_form
     path, state = float_ckpt
     monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "quantization")
     with gemma_profiles.use(profile("float32", "int8")):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         model.load_weights(path)
         assert column_scaler(model.embedder) is None and model.config.quant is True
         q, scaler = quantize_rows(state["embedder.weight"], torch.float32)
@@ -192,7 +176,7 @@ def test_without_the_quantization_builtin_the_embedder_keeps_gemmas_per_row_form
         got = logits(model, TOKENS)
     monkeypatch.delenv("GEMMA_PROFILE_DISABLE_PLUGINS")
     with gemma_profiles.use(profile("float32")):
-        dense = build(gemma, tokenizer_path)
+        dense = build_tiny_model(gemma, tokenizer_path)
         dense.load_weights(path)
         expected = logits(dense, TOKENS)
     assert torch.nn.functional.cosine_similarity(got, expected, dim=0).item() >= 0.99
@@ -202,22 +186,19 @@ def test_without_the_quantization_builtin_the_embedder_keeps_gemmas_per_row_form
 def test_official_int8_checkpoint_loads_into_int8_and_float_models(
     gemma: Any, tokenizer_path: str, profile: Any, tmp_path: Path, int8_kernel: str
 ) -> None:
-    from gemma_testing import tiny_config, write_random_checkpoint
+    from gemma_testing import write_random_checkpoint
 
-    config = tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32")
-    config.quant = True
-    torch.set_default_dtype(torch.float32)
-    int8_model = gemma.model.GemmaForCausalLM(config)  # gemma as-is: its own int8 layout
+    int8_model = build_tiny_model(gemma, tokenizer_path, quant=True)  # gemma as-is: its own int8 layout
     path = tmp_path / "quant.ckpt"
     write_random_checkpoint(int8_model, path, torch.float32, seed=5)
     int8_model.load_weights(str(path))
     expected = logits(int8_model, TOKENS)
     with gemma_profiles.use(profile("float32", "int8")):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         model.load_weights(str(path))
         assert torch.allclose(logits(model, TOKENS), expected, rtol=1e-4, atol=1e-4)
     with gemma_profiles.use(profile("float32")):
-        dense = build(gemma, tokenizer_path)
+        dense = build_tiny_model(gemma, tokenizer_path)
         dense.load_weights(str(path))  # dequantized while loading
         assert dense.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
         assert torch.allclose(logits(dense, TOKENS), expected, rtol=1e-4, atol=1e-4)
@@ -231,7 +212,7 @@ def test_missing_tensor_is_named(
     path = tmp_path / "partial.ckpt"
     torch.save({"model_state_dict": partial}, path)
     with gemma_profiles.use(profile("float32")):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         with pytest.raises(GemmaProfileError, match=r"checkpoint lacks 3 tensor\(s\).*layers\.1\.mlp"):
             model.load_weights(str(path))
 
@@ -239,11 +220,11 @@ def test_missing_tensor_is_named(
 def test_unloaded_lazy_model_behaves_like_gemma(gemma: Any, tokenizer_path: str, float_ckpt: Any, profile: Any) -> None:
     _, state = float_ckpt
     with gemma_profiles.use(profile("float32")):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         model.load_state_dict(state, strict=False)  # the user's own loading, not ours
         assert not any(p.is_meta for p in model.parameters())
         assert torch.equal(model.state_dict()["embedder.weight"], state["embedder.weight"])
-        other = build(gemma, tokenizer_path)
+        other = build_tiny_model(gemma, tokenizer_path)
     # It keeps its profile after the block (tests/test_model_lifetime.py): still waiting for the
     # loader, and the user's own loading materialises it first, as inside the block.
     other.load_state_dict(state, strict=False)
@@ -296,25 +277,12 @@ def test_lean_load_peak_rss_is_about_the_checkpoint(gemma: Any, tokenizer_path: 
 def test_bench_command(gemma: Any, tokenizer_path: str, tmp_path: Path, write_profile: Any) -> None:
     """``gemma-profile bench`` on gemma's 2b shrunk by the profile itself (any GemmaConfig field)."""
     from click.testing import CliRunner
-    from gemma_testing import write_random_checkpoint
+    from gemma_testing import tiny_bench_profile
 
     from gemma_profiles.cli.main import cli
 
-    profile = write_profile(
-        "tiny-bench",
-        f"""
-        description: 2b shrunk to a few thousand weights, bfloat16 on the CPU
-        placement: {{device: cpu}}
-        config: {{dtype: bfloat16, vocab_size: 128, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
-                  num_attention_heads: 4, num_key_value_heads: 1, head_dim: 16, max_position_embeddings: 64,
-                  tokenizer: {tokenizer_path}}}
-        """,
-    )
-    with gemma_profiles.use(str(profile)):
-        model = gemma.model.GemmaForCausalLM(gemma.config.get_model_config("2b"))
-        shapes = {n: p.shape for n, p in model.named_parameters()}
     ckpt = tmp_path / "tiny.ckpt"
-    write_random_checkpoint(shapes, ckpt, torch.float32)
+    profile = tiny_bench_profile(gemma, write_profile, tokenizer_path, ckpt)
     result = CliRunner().invoke(
         cli,
         [
@@ -345,7 +313,7 @@ def test_to_before_load_weights_defers_to_the_loader(
     """``model.to(device)`` before ``load_weights`` does not build the whole model first."""
     path, state = float_ckpt
     with gemma_profiles.use(profile("float32")):
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         assert model.to("cpu") is model
         assert any(p.is_meta for p in model.parameters()), "still lazy: nothing allocated yet"
         model.load_weights(path)
@@ -409,16 +377,13 @@ def test_loaded_weights_equal_the_checkpoints(
     (issue 13's mutation audit); this compares each parameter with its source, on each
     conversion path.  The kernels, fused layers and int8 forwards are off: the parameters
     are what the loader left."""
-    from gemma_testing import tiny_config, write_random_checkpoint
+    from gemma_testing import write_random_checkpoint
 
     from gemma_profiles.engine.loading import quantize_rows
 
     monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "kernels,fused,quantization")
     source_dtype, kind, dtype, weights, mmap = CONVERSIONS[conversion]
-    config = tiny_config(gemma.config, variant, tokenizer_path, dtype="float32")
-    config.quant = source_dtype == "int8"
-    torch.set_default_dtype(torch.float32)
-    shapes = gemma.model.GemmaForCausalLM(config)
+    shapes = build_tiny_model(gemma, tokenizer_path, variant, quant=source_dtype == "int8")
     write_dtype = torch.float32 if source_dtype == "int8" else getattr(torch, source_dtype)
     state = write_random_checkpoint(shapes, tmp_path / "random.ckpt", write_dtype, seed=11)
     path = _write(state, kind, tmp_path)
@@ -429,8 +394,7 @@ def test_loaded_weights_equal_the_checkpoints(
     )
     want = getattr(torch, dtype)
     with gemma_profiles.use(str(profile)):
-        config = tiny_config(gemma.config, variant, tokenizer_path, dtype="float32")
-        model = gemma.model.GemmaForCausalLM(config)
+        model = build_tiny_model(gemma, tokenizer_path, variant)
         model.load_weights(path)
         loaded = dict(model.named_parameters())
     int8 = {name for name, tensor in state.items() if tensor.dtype == torch.int8}
@@ -504,7 +468,7 @@ def test_an_embedder_the_plan_keeps_on_the_cpu_is_loaded_there(
     as_meta = {i: "meta" if d.startswith("cuda") else d for i, d in planned.layers.items()}
     planned = dataclasses.replace(planned, device="meta", layers=as_meta)
     with gemma_profiles.use(profile("float32", weights)):  # preflight refuses cuda here: built for the CPU
-        model = build(gemma, tokenizer_path)
+        model = build_tiny_model(gemma, tokenizer_path)
         assert model.embedder.weight.is_meta, "built lazily"
         loading.lean_load(model, path, planned)
     embedder = model.embedder
@@ -560,7 +524,7 @@ def test_the_engine_loads_from_plain_values_without_a_profile(gemma: Any, tokeni
     path, state = float_ckpt
     for keep_mapped in (True, False):
         with MetaParameters():
-            model = build(gemma, tokenizer_path)
+            model = build_tiny_model(gemma, tokenizer_path)
         set_lazy(model, True)
         assert model.embedder.weight.is_meta
         lean_load(model, path, LoadOptions(label=f"plain-{keep_mapped}", mmap=keep_mapped))

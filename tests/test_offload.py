@@ -56,16 +56,9 @@ def layers_for(variant: str) -> int:
 
 def build(gemma: Any, tokenizer: str, variant: str) -> Any:
     """run.py's construction step (float32, as run.py forces) on a tiny config."""
-    from gemma_testing import tiny_config
+    from gemma_testing import build_tiny_model
 
-    config = tiny_config(gemma.config, variant, tokenizer, dtype="float32")
-    config = dataclasses.replace(config, num_hidden_layers=layers_for(variant), quant=False)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        return gemma.model.GemmaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    return build_tiny_model(gemma, tokenizer, variant, num_hidden_layers=layers_for(variant), quant=False)
 
 
 @dataclasses.dataclass
@@ -640,17 +633,16 @@ def test_int8_weights_offload_to_disk_like_resident(
 
     Both on torch's int8 path (the native kernel, for resident CPU models only, is tested in test_kernels.py).
     """
-    from gemma_testing import tiny_config, write_random_checkpoint
+    from gemma_testing import build_tiny_model, write_random_checkpoint
 
     from gemma_profiles.engine import native
 
     monkeypatch.setenv(native.ENV, "0")
     native.reset()
 
-    config = dataclasses.replace(tiny_config(gemma.config, "2b", tokenizer_path, dtype="float32"), num_hidden_layers=4)
-    quant = dataclasses.replace(config, quant=True)
+    quant = build_tiny_model(gemma, tokenizer_path, num_hidden_layers=4, quant=True)
     ckpt = tmp_path / "int8.ckpt"
-    write_random_checkpoint(gemma.model.GemmaForCausalLM(quant), str(ckpt), torch.float32, seed=3)
+    write_random_checkpoint(quant, str(ckpt), torch.float32, seed=3)
     runs = []
     for name, placement in (
         ("int8-resident", "{device: cpu}"),
@@ -662,7 +654,7 @@ def test_int8_weights_offload_to_disk_like_resident(
             f"placement: {placement}\n",
         )
         with gemma_profiles.use(str(path)):
-            model = gemma.model.GemmaForCausalLM(config)
+            model = build_tiny_model(gemma, tokenizer_path, num_hidden_layers=4)
             model.load_weights(str(ckpt))
             runs.append(generate(model.eval()))
     assert runs[0].text == runs[1].text
