@@ -145,11 +145,6 @@ def test_the_json_schema_catches_what_an_editor_should_underline(document: dict)
 # -- gemma_profiles.testing ----------------------------------------------------------------------
 
 
-def test_every_bundled_profile_passes_the_pack_checks():
-    for path in testing.pack_files(bundled_dir()):
-        assert testing.check_profile(path) == [], path.name
-
-
 GOOD = """\
     # A test card: compute capability 7.5, 8 GB (made up for this test, with enough words).
     name: {name}
