@@ -14,9 +14,10 @@ gemma3_text, gemma3) the wrapper:
    passes wins, with a log line, except a dtype the hardware or the model cannot compute
    (bfloat16 below compute capability 8.0, float16 for Gemma 2/3): that is refused, with the same
    message as for gemma_pytorch;
-3. after loading, when the whole model is on the CPU: int8 weights (the profile's
-   ``quantization.weights: int8``) on our int8 kernels, else the linear layers on our packed
-   CPU kernels (`gemma_profiles.engine.kernels`).
+3. after loading: float16 storage (``quantization.weights: float16``: loaded in float16, each linear
+   layer and the embedding computed in float32 by `gemma_profiles.engine.half`, on any device); when
+   the whole model is on the CPU, int8 weights (``quantization.weights: int8``) on our int8 kernels,
+   else the linear layers on our packed CPU kernels (`gemma_profiles.engine.kernels`).
 
 Every change is logged before -> after.  Other models pass through untouched.
 """

@@ -304,7 +304,7 @@ def test_float16_storage_on_cuda(
 
 
 def test_float16_storage_gives_way_to_the_scripts_dtype(
-    script: Path, models: dict[str, Path], write_profile: Any, float32: dict[str, Any]
+    script: Path, models: dict[str, Path], write_profile: Any, float32: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write_profile("cpu-f16", FLOAT16_STORAGE)
     completed = run(script, models["gemma2"], str(path), dtype="float32")
@@ -312,6 +312,10 @@ def test_float16_storage_gives_way_to_the_scripts_dtype(
     assert "float16 storage: the script's dtype=float32 wins; weights stay float32" in completed.stderr
     assert answer["dtype"] == "torch.float32"
     assert answer["tokens"] == float32["gemma2"]["tokens"]
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "quantization")  # as for gemma_pytorch: float32, a warning
+    blocked = run(script, models["gemma2"], str(path))
+    assert result(blocked)["dtype"] == "torch.float32"
+    assert "quantization.weights: float16 needs the quantization builtin" in blocked.stderr
 
 
 def test_the_scripts_dtype_wins_with_a_line(script: Path, models: dict[str, Path], float32: dict[str, Any]) -> None:
