@@ -124,6 +124,12 @@ def build_tiny_model(
     config = tiny_config(gemma.config, variant, tokenizer_path, dtype=dtype)
     if changes:
         config = dataclasses.replace(config, **changes)
+    return construct(gemma, config)
+
+
+def construct(gemma: Any, config: Any) -> Any:
+    """``GemmaForCausalLM(config)`` with torch's default dtype float32 (restored after), as
+    ``scripts/run.py`` builds it."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:

@@ -255,12 +255,9 @@ def make_gguf(gemma: Any, gemma_like_tokenizer: str, tmp_path: Path) -> Callable
 
 
 def build(gemma: Any, config: Any, checkpoint: Path | None = None, state: dict[str, torch.Tensor] | None = None) -> Any:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        model = gemma.model.GemmaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    from gemma_testing import construct
+
+    model = construct(gemma, config)
     if checkpoint is not None:
         model.load_weights(str(checkpoint))
     if state is not None:

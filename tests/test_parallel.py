@@ -142,13 +142,10 @@ def run_ranks(
 
 def single_process(gemma: Any, config: Any, checkpoint: Path, device: str = "cpu") -> tuple[str, int]:
     """gemma as it ships, float32, one process: the text and the sharded weights' bytes."""
+    from gemma_testing import construct
+
     session.deactivate()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        model = gemma.model.GemmaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = construct(gemma, config)
     model.load_weights(str(checkpoint))
     model = model.to(device).eval()
     text = model.generate(PROMPT, device, output_len=OUTPUT_LEN, temperature=None)

@@ -68,16 +68,7 @@ def float32_checkpoint(gemma: Any, tokenizer_path: str, tmp_path: Path) -> Calla
 
 
 def load_bf16(gemma: Any, tokenizer: str, variant: str, ckpt: str) -> Any:
-    from gemma_testing import tiny_config
-
-    config = tiny_config(gemma.config, variant, tokenizer, dtype="bfloat16")
-    torch.set_default_dtype(config.get_dtype())
-    try:
-        model = gemma.model.GemmaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.load_weights(ckpt)
-    return model.to("cpu").eval()
+    return load_tiny(gemma, tokenizer, "bfloat16", ckpt, variant)
 
 
 def embedder_of(model: Any) -> Any:
@@ -168,10 +159,12 @@ def bf16_checkpoint(gemma: Any, tokenizer_path: str, tmp_path: Path) -> str:
     return str(path)
 
 
-def load_tiny(gemma: Any, tokenizer: str, dtype: str, ckpt: str) -> Any:
+def load_tiny(gemma: Any, tokenizer: str, dtype: str, ckpt: str, variant: str = "2b") -> Any:
+    """The tiny ``variant`` built with torch's default dtype set to the config's (as gemma's
+    scripts do for a bfloat16 run), ``ckpt`` loaded, in eval mode on the CPU."""
     from gemma_testing import tiny_config
 
-    config = tiny_config(gemma.config, "2b", tokenizer, dtype=dtype)
+    config = tiny_config(gemma.config, variant, tokenizer, dtype=dtype)
     torch.set_default_dtype(config.get_dtype())
     try:
         model = gemma.model.GemmaForCausalLM(config)
