@@ -57,7 +57,7 @@ def _library() -> ctypes.CDLL | str:
 @functools.lru_cache(maxsize=1)
 def decode_library() -> ctypes.CDLL | str:
     """The library for the decoder-layer kernels (`gemma_profiles.engine.fused`), or why not."""
-    return _where("gp_decode_supported", "AVX-512 (F, BW, VL)")
+    return _where("gp_decode_supported", "AVX2 + FMA (and AVX-512 F, BW, VL)")
 
 
 @functools.lru_cache(maxsize=1)
