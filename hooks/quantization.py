@@ -52,21 +52,22 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         elif hasattr(module, "weight_scaler") and module.weight.dim() == 2 and type(module).__name__ == "Linear":
             if on_cpu and native_kernel(module, dtype):
                 native_linear(module)
-                kernel = "native VNNI kernel"
+                kernel = f"native int8 kernel ({native.int8_path()})"
             else:
                 direct_linear(module)
                 kernel = "_weight_int8pack_mm" if on_cpu and dtype == torch.bfloat16 else "scratch-buffer kernel"
             kernels[kernel] = kernels.get(kernel, 0) + 1
     config.quant = False  # gemma's forward hands embedder.weight to the sampler as it is
     pages = ""
-    if "native VNNI kernel" in kernels:
+    on_native = any(kernel.startswith("native int8 kernel") for kernel in kernels)
+    if on_native:
         from gemma_profiles.engine import hugepages
         from gemma_profiles.engine.kernels import pin_to_cpu
         from gemma_profiles.engine.quantization import native_weights
 
         pin_to_cpu(model, "this model", torch.int8)
         pages = hugepages.describe([packed.data for packed in native_weights(model)])
-    why_not = native.unavailable() if on_cpu and "native VNNI kernel" not in kernels else None
+    why_not = native.unavailable() if on_cpu and not on_native else None
     if why_not:
         logger.info("[{}] int8: no native kernel here: {}", plan.profile, why_not)
     logger.info(

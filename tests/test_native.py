@@ -63,7 +63,10 @@ def test_layout_round_trip_and_row_lookup(kernel: None, n: int, k: int) -> None:
 
 @pytest.mark.parametrize(
     ("m", "n", "k"),
-    [(1, 7, 63), (2, 37, 100), (3, 64, 2048), (5, 256, 4096), (1, 4, 32768), (3, 9, 5000), (2, 64, 16384)],
+    [
+        *[(1, 7, 63), (2, 37, 100), (3, 64, 2048), (5, 256, 4096), (1, 4, 32768), (3, 9, 5000), (2, 64, 16384)],
+        *[(4, 12, 5000), (6, 9, 16384), (7, 5, 640)],  # pairs of rows and a last odd row, across chunks
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matmul_matches_the_dequantized_product(kernel: None, m: int, n: int, k: int, dtype: torch.dtype) -> None:
@@ -97,6 +100,48 @@ def test_many_rows_go_through_the_dequantized_weight(
     tolerance = 1e-5 if dtype == torch.float32 else 8e-3
     for got in (by_kernel, by_gemm):
         assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < tolerance
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def test_the_kernel_runs_on_an_avx2_cpu() -> None:
+    """A CPU with AVX2 and FMA runs the kernel (its float32 path without AVX-512 VNNI): the
+    kernel is not left to AVX-512 machines only, where CI never runs it."""
+    import platform
+    import shutil
+
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
+        pytest.skip("not an x86-64 CPU with AVX2 and FMA")
+    if not shutil.which(os.environ.get("CC") or "cc") or os.environ.get(native.ENV) == "0":
+        pytest.skip("no C compiler, or the kernels are turned off")
+    native.reset()
+    assert native.unavailable() is None
+    assert native.int8_path() == ("avx512-vnni" if "avx512_vnni" in flags else "avx2")
+
+
+def test_a_bfloat16_prompt_on_the_avx2_path_multiplies_in_float32(
+    kernel: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without AVX-512 torch's bfloat16 GEMM is slow: the AVX2 path's prompt products widen to
+    float32 (the VNNI path keeps bfloat16: AVX-512 BF16 CPUs have oneDNN's fast kernel)."""
+    weight, scaler = quantized(12, 640)
+    packed = native.Int8Weight.pack(weight, scaler)
+    x = torch.randn(3, 640, generator=torch.Generator().manual_seed(3)).bfloat16()
+    monkeypatch.setattr(native, "DEQUANTIZE_ROWS", 2)
+    got = packed.matmul(x)
+    dense = packed.dequantize(torch.float32)
+    if native.int8_path() == "avx2":
+        assert torch.equal(got, torch.nn.functional.linear(x.float(), dense).bfloat16())
+    else:
+        assert torch.equal(got, torch.nn.functional.linear(x, packed.dequantize(torch.bfloat16)))
 
 
 def test_matmul_shapes(kernel: None) -> None:
@@ -223,14 +268,19 @@ def test_int8_model_state_dict_round_trip(
 
 
 def test_the_planner_knows_when_the_embedder_stays_int8(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from gemma_profiles.planning.hardware import native_int8_expected
+    from gemma_profiles.planning.hardware import native_int8_expected, native_int8_path
     from gemma_profiles.planning.memory import ModelShape, estimate_memory
 
     monkeypatch.setenv("CC", "sh")  # any program on PATH stands for a compiler here
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no build of it remembered
     native.reset()  # nothing tried in this process yet (else the planner reads what the engine found)
     assert native_int8_expected(("avx2", "avx512f", "avx512_vnni"))
-    assert not native_int8_expected(("avx2", "avx512f"))
+    assert native_int8_expected(("avx2", "avx512f")), "the AVX2 path"
+    assert native_int8_expected(("avx2",))
+    assert not native_int8_expected(())
+    assert native_int8_path(("avx2", "avx512f", "avx512_vnni")) == "avx512-vnni"
+    assert native_int8_path(("avx2",)) == "avx2"
+    assert native_int8_path(()) is None
     monkeypatch.setenv(native.ENV, "0")
     assert not native_int8_expected(("avx512_vnni",))
     monkeypatch.delenv(native.ENV)
@@ -254,7 +304,7 @@ def test_not_tried_on_other_architectures(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     native.reset()
-    assert native.unavailable() == "x86-64 AVX-512 kernels; this CPU is aarch64"
+    assert native.unavailable() == "x86-64 AVX2/AVX-512 kernels; this CPU is aarch64"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

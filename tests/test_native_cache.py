@@ -327,11 +327,12 @@ def test_the_planner_and_the_engine_agree_off_and_elsewhere(monkeypatch: pytest.
     monkeypatch.delenv(native.ENV)
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     native.reset()
-    assert native.unavailable() == build.int8_verdict(VNNI) == "x86-64 AVX-512 kernels; this CPU is aarch64"
+    assert native.unavailable() == build.int8_verdict(VNNI) == "x86-64 AVX2/AVX-512 kernels; this CPU is aarch64"
     assert not native_int8_expected(VNNI)
 
 
-def test_a_cpu_without_vnni_is_never_expected_to_run_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cpu_without_avx2_is_never_expected_to_run_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CC", "sh")
-    assert build.int8_verdict(("avx2", "avx512f")) == "this CPU lacks AVX-512 VNNI"
+    assert build.int8_verdict(("sse4_2",)) == "this CPU lacks AVX2 (and AVX-512 VNNI)"
+    assert build.int8_verdict(("avx2", "avx512f")) is None, "AVX2 without VNNI: the float32 path"
     assert build.int8_verdict(("avx2", "avx512f", "avx512_bf16")) is None, "every AVX-512 BF16 CPU has VNNI"

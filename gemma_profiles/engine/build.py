@@ -67,9 +67,11 @@ BUILD_TIMEOUT_ENV = settings.NATIVE_BUILD_TIMEOUT.name
 BUILD_TIMEOUT = 120.0
 #: Seconds a failed build is remembered (later processes fall back without building again).
 FAILURE_MEMORY = 3600.0
-#: Linux ``/proc/cpuinfo`` flags of a CPU the int8 kernel runs on: AVX-512 VNNI, or a later
-#: extension every CPU with it also has (``gp_int8_supported``: AVX-512 F/BW/VL and VNNI).
-INT8_CPU_FLAGS = ("avx512_vnni", "avx512_bf16", "amx_bf16")
+#: Linux ``/proc/cpuinfo`` flags of a CPU the int8 kernel runs on: AVX2 (its float32 path;
+#: ``gp_int8_supported`` also checks FMA, which every AVX2 CPU from Intel and AMD has), or
+#: AVX-512 VNNI and the later extensions every CPU with it also has (its integer path).
+VNNI_CPU_FLAGS = ("avx512_vnni", "avx512_bf16", "amx_bf16")
+INT8_CPU_FLAGS = ("avx2", *VNNI_CPU_FLAGS)
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 _PREFIX = "cpu_kernels-"
 #: A cached file larger than this is not our library (it is about 60 KiB).
@@ -403,7 +405,7 @@ def _not_here() -> str | None:
     if not settings.switch(settings.NATIVE):
         return f"turned off ({ENV}=0)"
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"x86-64 AVX-512 kernels; this CPU is {platform.machine() or 'unknown'}"
+        return f"x86-64 AVX2/AVX-512 kernels; this CPU is {platform.machine() or 'unknown'}"
     return None
 
 
@@ -437,6 +439,8 @@ def _declare(library: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures: dict[str, tuple[Any, tuple[Any, ...]]] = {
         "gp_int8_supported": (i32, ()),
+        # 1: AVX-512 VNNI, 2: AVX2 + FMA, 0: neither
+        "gp_int8_path": (i32, ()),
         "gp_decode_supported": (i32, ()),
         "gp_bf16_supported": (i32, ()),
         # x (bfloat16), rows, k, w (bfloat16, n x k), n, y (bfloat16)
@@ -498,7 +502,7 @@ def int8_verdict(isa: tuple[str, ...]) -> str | None:
     if reason is not None:
         return reason
     if not any(flag in isa for flag in INT8_CPU_FLAGS):
-        return "this CPU lacks AVX-512 VNNI"
+        return "this CPU lacks AVX2 (and AVX-512 VNNI)"
     if "library" in _outcome:
         return _outcome["library"]
     return _remembered_build_failure()

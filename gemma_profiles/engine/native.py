@@ -1,7 +1,8 @@
 """The native CPU kernels (``csrc/``), loaded with ctypes: the torch side.
 
 Torch-touching.  Three parts in one library: the int8 matmul (``csrc/int8_matmul.c``,
-used by `gemma_profiles.engine.quantization` on a CPU with AVX-512 VNNI), the bfloat16 matmul
+used by `gemma_profiles.engine.quantization` on a CPU with AVX-512 VNNI - exact integer sums -
+or AVX2 + FMA - float32 sums; `int8_path` says which), the bfloat16 matmul
 (``csrc/bf16_matmul.c``, used by `gemma_profiles.engine.kernels` on a CPU with AVX-512 BF16) and
 the decoder-layer kernels (``csrc/decode.c``, used by `gemma_profiles.engine.fused` on a CPU with
 AVX-512).
@@ -51,7 +52,7 @@ def _where(supported: str, lacking: str) -> ctypes.CDLL | str:
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | str:
     """The library for the int8 kernel, or why not."""
-    return _where("gp_int8_supported", "AVX-512 VNNI")
+    return _where("gp_int8_supported", "AVX2 + FMA (and AVX-512 VNNI)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,6 +71,14 @@ def unavailable() -> str | None:
     """None when the kernel runs here; else why not."""
     library = _library()
     return library if isinstance(library, str) else None
+
+
+def int8_path() -> str | None:
+    """Which path of the int8 kernel runs here: ``"avx512-vnni"``, ``"avx2"``, or None (neither)."""
+    library = _library()
+    if isinstance(library, str):
+        return None
+    return {1: "avx512-vnni", 2: "avx2"}.get(library.gp_int8_path())
 
 
 def bf16_unavailable() -> str | None:
@@ -241,12 +250,18 @@ class Int8Weight:
 
         From `DEQUANTIZE_ROWS` rows of ``x`` on (a prompt), the weight is dequantized into a
         temporary and multiplied by torch's float GEMM instead: the kernel's cost grows with
-        the rows, and there it is ~3x the GEMM's.
+        the rows, and there it is ~3x the GEMM's (VNNI path) or about equal (AVX2 path, where
+        a bfloat16 ``x`` is multiplied in float32).
         """
         library = _library()
         assert not isinstance(library, str), library
         flat = x.reshape(-1, self.k)
         if flat.shape[0] >= DEQUANTIZE_ROWS:
+            if x.dtype == torch.bfloat16 and library.gp_int8_path() == 2:
+                # without AVX-512 BF16 torch's bfloat16 GEMM has no fast kernel (5x float32's
+                # time at 128 x 2048 x 2048 on the AVX2 box): the product runs in float32
+                wide = torch.nn.functional.linear(x.float(), self.dequantize(torch.float32))
+                return wide.to(x.dtype)
             return torch.nn.functional.linear(x, self.dequantize(x.dtype))
         if not flat.is_contiguous():
             flat = flat.contiguous()

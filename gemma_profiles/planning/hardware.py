@@ -20,13 +20,24 @@ def native_int8_expected(isa: tuple[str, ...]) -> bool:
     """Whether the native int8 CPU kernel runs on a CPU with these ISA flags (without torch).
 
     The engine's own decision (`gemma_profiles.engine.build.int8_verdict`, torch-free): the
-    switch, AVX-512 VNNI, and a library this process built or loaded, else a compiler and no
+    switch, AVX2 or AVX-512 VNNI, and a library this process built or loaded, else a compiler and no
     remembered build failure.  The planner uses it to know whether an int8 model keeps its
     tied embedder int8 in float32 compute too.
     """
     from gemma_profiles.engine.build import int8_verdict
 
     return int8_verdict(isa) is None
+
+
+def native_int8_path(isa: tuple[str, ...]) -> str | None:
+    """Which path of the native int8 kernel runs on a CPU with these ISA flags: ``"avx512-vnni"``
+    (integer sums), ``"avx2"`` (float32 sums; a bfloat16 prompt's products run in float32), or
+    None when the kernel does not run (`native_int8_expected`)."""
+    from gemma_profiles.engine.build import VNNI_CPU_FLAGS
+
+    if not native_int8_expected(isa):
+        return None
+    return "avx512-vnni" if any(flag in isa for flag in VNNI_CPU_FLAGS) else "avx2"
 
 
 @dataclass(frozen=True)

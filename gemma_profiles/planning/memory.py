@@ -282,6 +282,7 @@ def estimate_memory(
     offload_device: str = "cpu",
     engine: str = "profiles",
     cpu_int8_kernel: bool = False,
+    cpu_int8_wide_prompts: bool = False,
     embedder_device: str | None = None,
     weight_storage: str | None = None,
     embedder_loaded_on_device: bool | None = None,
@@ -298,6 +299,8 @@ def estimate_memory(
     :param engine: ``"profiles"`` (a profile is active) or ``"gemma"`` (gemma_pytorch as-is).
     :param cpu_int8_kernel: the native int8 kernel runs here (`hardware.native_int8_expected`):
         on a CPU an int8 model keeps its tied embedder int8 in float32 compute too.
+    :param cpu_int8_wide_prompts: that kernel runs its AVX2 path (`hardware.native_int8_path`),
+        where a long bfloat16 prompt's products run in float32: the workspace holds float32.
     :param embedder_device: where the tied embedder stays (``cpu`` or ``disk``) when not on
         ``device``; its lookup and the sampler run there.
     :param weight_storage: ``"float16"``: weights stored in float16, computed in ``dtype``.
@@ -369,8 +372,10 @@ def estimate_memory(
         )
     elif int8 and cpu_int8_kernel and dtype in ("float32", "float", "bfloat16") and batch * prefill >= DEQUANTIZE_ROWS:
         # The native kernel hands a long prompt's products to a float GEMM on a dequantized copy.
-        largest = shape.largest_linear_weights * size
-        items.append(MemoryItem("int8 prompt workspace", device, largest, "one weight, dequantized per product"))
+        wide = cpu_int8_wide_prompts and dtype == "bfloat16"
+        largest = shape.largest_linear_weights * (4 if wide else size)
+        why = "one weight, dequantized to float32 per product" if wide else "one weight, dequantized per product"
+        items.append(MemoryItem("int8 prompt workspace", device, largest, why))
     heads = shape.num_attention_heads
     mlp = 3 * batch * prefill * shape.intermediate_size * size + 2 * batch * prefill * shape.hidden_size * size
     # Per score: the scores, their float32 sum with the mask, its float32 softmax, and (16-bit

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma_profiles.errors import GemmaProfileError, printable
-from gemma_profiles.planning.hardware import Hardware, native_int8_expected
+from gemma_profiles.planning.hardware import Hardware, native_int8_expected, native_int8_path
 from gemma_profiles.planning.memory import (
     ADDRESSABLE_BYTES,
     DTYPE_BYTES,
@@ -718,6 +718,7 @@ def _estimate(
         offloaded_layers=offloaded,
         offload_device=offload_device,
         cpu_int8_kernel=native_int8_expected(target.cpu_isa),
+        cpu_int8_wide_prompts=native_int8_path(target.cpu_isa) == "avx2",
         embedder_device=None if plan.embedder is None else str(plan.embedder.value),
         weight_storage=plan.weight_storage,
     )

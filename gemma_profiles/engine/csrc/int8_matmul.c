@@ -31,6 +31,18 @@
  *
  * Bounds: each int32 lane adds k/16 products of at most 255 * 128, and a row's sum adds 16
  * lanes, so k <= 32768 keeps every partial sum below 2^31 (checked).
+ *
+ * CPUs without AVX-512 VNNI but with AVX2 + FMA (Haswell and later, AMD Zen 1-3) take a second
+ * path over the same packed layout: each int8 weight is widened to float32 in registers
+ * (VPMOVSXBD + VCVTDQ2PS, eight at a time) and multiplied into float32 accumulators against
+ * the activations widened once to float32.  torch's _weight_int8pack_mm, the alternative
+ * there, converts the weights the same way but through memory, and reads them at ~4 GB/s on
+ * the 2-core AVX2 box (docs/benchmarks.md); AVX2's byte product (VPMADDUBSW) saturates its
+ * 16-bit pairs on the kernel's unsigned planes, so the exact-integer scheme above does not
+ * carry over.  A product of an int8 and a bfloat16 value is exact in float32, so with
+ * bfloat16 activations only the float32 sums round; results differ from the VNNI path's by
+ * float32 rounding of the sums, not by the activations' 24-bit quantization.  Every entry point
+ * checks the CPU and dispatches; neither path's instructions run on a CPU without them.
  */
 #include <stdlib.h>
 
@@ -45,11 +57,16 @@
 #define PREFETCH_BYTES 4096
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-int gp_int8_supported(void) {
+static int vnni(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
+
+/* 1: AVX-512 VNNI (integer planes), 2: AVX2 + FMA (float32 accumulation), 0: neither. */
+int gp_int8_path(void) { return vnni() ? 1 : gp_avx2_fma() ? 2 : 0; }
+
+int gp_int8_supported(void) { return gp_int8_path() != 0; }
 
 /* One row of x -> three byte planes of kp bytes (weights past k are loaded as 0); returns its scale. */
 AVX512
@@ -152,12 +169,9 @@ static void block4(const uint8_t *planes, const double *xscale, int64_t m_rows, 
     }
 }
 
-/* Symmetric per-row int8, as gemma's int8 format: scale[r] = max(|x[r]|, 1e-12) / 127,
- * q[r][i] = round_half_even(x[r][i] / scale[r]) clamped to [-127, 127] - the same float32
- * operations, in the same order, as the loader's torch version, so the results are equal.
- * x: n x k float32, or bfloat16 when x_bf16, row-major.  Needs gp_int8_supported(). */
+/* gp_int8_quantize_rows (below) on AVX-512. */
 AVX512
-void gp_int8_quantize_rows(const void *x, int x_bf16, int64_t n, int64_t k, int8_t *q, float *scale) {
+static void quantize_rows512(const void *x, int x_bf16, int64_t n, int64_t k, int8_t *q, float *scale) {
     size_t row_bytes = (size_t)(x_bf16 ? 2 : 4) * (size_t)k;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < n; ++r) {
@@ -190,14 +204,9 @@ void gp_int8_row_sums(const int8_t *w, int64_t n, int64_t k, int32_t *out) {
     }
 }
 
-/*
- * y = w * scale[:, None], w (n x k) packed as above with chunks of kc columns, y plain
- * row-major (bfloat16 when y_bf16, else float32), rounded as torch's int8 * scaler: for
- * products with many rows of x (a prompt), where a float GEMM on the dequantized weight does
- * a third of the kernel's work (three VNNI planes per weight byte).
- */
+/* gp_int8_dequantize (below) on AVX-512. */
 AVX512
-void gp_int8_dequantize(const int8_t *w, int64_t n, int64_t k, int64_t kc, const float *scale, void *y, int y_bf16) {
+static void dequantize512(const int8_t *w, int64_t n, int64_t k, int64_t kc, const float *scale, void *y, int y_bf16) {
     int64_t blocks = (n + ROWS - 1) / ROWS, chunks = (k + kc - 1) / kc;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < n; ++r) {
@@ -217,16 +226,213 @@ void gp_int8_dequantize(const int8_t *w, int64_t n, int64_t k, int64_t kc, const
     }
 }
 
+
+/* ---- the AVX2 + FMA path ------------------------------------------------------------- */
+
+/* Eight int8 weights from p, widened to float32. */
+#define WIDEN8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+
+/* The same operations as quantize_rows512 (and the loader's torch code), eight lanes at a time. */
+AVX2_BASE
+static void quantize_rows256(const void *x, int x_bf16, int64_t n, int64_t k, int8_t *q, float *scale) {
+    size_t row_bytes = (size_t)(x_bf16 ? 2 : 4) * (size_t)k;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        const void *row = (const char *)x + r * row_bytes;
+        __m256 amax = _mm256_setzero_ps();
+        for (int64_t i = 0; i < k; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load8(row, x_bf16, i, k)));
+        float top = hmax8(amax);
+        float s = (top > 1e-12f ? top : 1e-12f) / 127.0f;
+        __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+        for (int64_t i = 0; i < k; i += 8) {
+            __m256 t = _mm256_div_ps(load8(row, x_bf16, i, k), vs);
+            t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
+            __m256i v = _mm256_cvtps_epi32(t);
+            __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            int8_t bytes[16];
+            _mm_storeu_si128((__m128i *)bytes, _mm_packs_epi16(h, h));
+            memcpy(q + r * k + i, bytes, (size_t)(k - i < 8 ? k - i : 8));
+        }
+        scale[r] = s;
+    }
+}
+
+AVX2_BASE
+static void dequantize256(const int8_t *w, int64_t n, int64_t k, int64_t kc, const float *scale, void *y, int y_bf16) {
+    int64_t blocks = (n + ROWS - 1) / ROWS, chunks = (k + kc - 1) / kc;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        __m256 s = _mm256_set1_ps(scale[r]);
+        void *out = (char *)y + r * k * (y_bf16 ? 2 : 4);
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int8_t *block = w + ((c * blocks + r / ROWS) * kc) * ROWS + (r % ROWS) * 64;
+            for (int64_t j = 0; j < kc; j += 64) {
+                const int8_t *src = block + j * ROWS;
+                for (int64_t part = 0; part < 8; ++part) {
+                    int64_t i = c * kc + j + part * 8;
+                    if (i >= k) break;
+                    store8(out, y_bf16, i, _mm256_mul_ps(WIDEN8(src + part * 8), s), k);
+                }
+            }
+        }
+    }
+}
+
+/* The result of one row of the block: carried to the next chunk, or scaled and stored. */
+static inline void finish256(float total, int64_t m, int64_t row, int last, float *acc, int64_t n4, const float *scale,
+                             void *y, int y_bf16, int64_t n) {
+    if (acc) {
+        total += acc[m * n4 + row];
+        if (!last) {
+            acc[m * n4 + row] = total;
+            return;
+        }
+    }
+    if (row >= n) return;
+    float out = total * scale[row];
+    if (y_bf16)
+        ((uint16_t *)y)[m * n + row] = f32_to_bf16(out);
+    else
+        ((float *)y)[m * n + row] = out;
+}
+
+/* Block b of one column chunk (rows 4b..4b+3, kc columns from c0) against every row of the
+ * widened activations xf (m_rows x kp float32, zero past k).  Two rows of x at a time: each
+ * eight weights are widened once and feed two products, eight FMA chains in flight (a single
+ * row of x gets two chains per row of w instead).  The block stays in L1/L2 across the rows
+ * of x, so w is read from memory once whatever m_rows is.  Partial sums are carried in acc
+ * (m_rows x n4 floats) until the last chunk; acc is NULL when there is one chunk. */
+#define PREFETCH_BLOCK(at)                                                          \
+    do {                                                                            \
+        _mm_prefetch((const char *)(at) + PREFETCH_BYTES, _MM_HINT_T0);             \
+        _mm_prefetch((const char *)(at) + PREFETCH_BYTES + 64, _MM_HINT_T0);        \
+        _mm_prefetch((const char *)(at) + PREFETCH_BYTES + 128, _MM_HINT_T0);       \
+        _mm_prefetch((const char *)(at) + PREFETCH_BYTES + 192, _MM_HINT_T0);       \
+    } while (0)
+AVX2_BASE
+static void block4_256(const float *xf, int64_t m_rows, int64_t kp, int64_t c0, int64_t kc, const int8_t *block,
+                       int64_t n0, int last, float *acc, const float *scale, void *y, int y_bf16, int64_t n) {
+    int64_t n4 = (n + ROWS - 1) / ROWS * ROWS;
+    int64_t m = 0;
+    for (; m + 2 <= m_rows; m += 2) {
+        const float *xa = xf + m * kp + c0, *xb = xa + kp;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t i = 0; i < kc; i += 64) {
+            const int8_t *at = block + i * ROWS;
+            if (m == 0) PREFETCH_BLOCK(at);
+            for (int j = 0; j < 64; j += 8) {
+                __m256 va = _mm256_loadu_ps(xa + i + j), vb = _mm256_loadu_ps(xb + i + j);
+                __m256 w0 = WIDEN8(at + j), w1 = WIDEN8(at + 64 + j), w2 = WIDEN8(at + 128 + j), w3 = WIDEN8(at + 192 + j);
+                a0 = _mm256_fmadd_ps(w0, va, a0);
+                a1 = _mm256_fmadd_ps(w1, va, a1);
+                a2 = _mm256_fmadd_ps(w2, va, a2);
+                a3 = _mm256_fmadd_ps(w3, va, a3);
+                b0 = _mm256_fmadd_ps(w0, vb, b0);
+                b1 = _mm256_fmadd_ps(w1, vb, b1);
+                b2 = _mm256_fmadd_ps(w2, vb, b2);
+                b3 = _mm256_fmadd_ps(w3, vb, b3);
+            }
+        }
+        __m256 as[ROWS] = {a0, a1, a2, a3}, bs[ROWS] = {b0, b1, b2, b3};
+        for (int r = 0; r < ROWS; ++r) {
+            finish256(hsum8(as[r]), m, n0 + r, last, acc, n4, scale, y, y_bf16, n);
+            finish256(hsum8(bs[r]), m + 1, n0 + r, last, acc, n4, scale, y, y_bf16, n);
+        }
+    }
+    if (m < m_rows) { /* one row of x (a decode step): two chains per row of w */
+        const float *xm = xf + m * kp + c0;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t i = 0; i < kc; i += 64) {
+            const int8_t *at = block + i * ROWS;
+            if (m == 0) PREFETCH_BLOCK(at);
+            for (int j = 0; j < 64; j += 16) {
+                __m256 x0 = _mm256_loadu_ps(xm + i + j), x1 = _mm256_loadu_ps(xm + i + j + 8);
+                a0 = _mm256_fmadd_ps(WIDEN8(at + j), x0, a0);
+                b0 = _mm256_fmadd_ps(WIDEN8(at + j + 8), x1, b0);
+                a1 = _mm256_fmadd_ps(WIDEN8(at + 64 + j), x0, a1);
+                b1 = _mm256_fmadd_ps(WIDEN8(at + 64 + j + 8), x1, b1);
+                a2 = _mm256_fmadd_ps(WIDEN8(at + 128 + j), x0, a2);
+                b2 = _mm256_fmadd_ps(WIDEN8(at + 128 + j + 8), x1, b2);
+                a3 = _mm256_fmadd_ps(WIDEN8(at + 192 + j), x0, a3);
+                b3 = _mm256_fmadd_ps(WIDEN8(at + 192 + j + 8), x1, b3);
+            }
+        }
+        __m256 sums[ROWS] = {_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)};
+        for (int r = 0; r < ROWS; ++r) finish256(hsum8(sums[r]), m, n0 + r, last, acc, n4, scale, y, y_bf16, n);
+    }
+}
+#undef PREFETCH_BLOCK
+
+AVX2_BASE
+static int matmul256(const void *x, int x_bf16, int64_t m_rows, int64_t k, const int8_t *w, int64_t n, int64_t kc,
+                     const float *scale, void *y, int y_bf16) {
+    int64_t chunks = (k + kc - 1) / kc, kp = chunks * kc, blocks = (n + ROWS - 1) / ROWS;
+    float *xf = aligned_alloc(64, sizeof(float) * (size_t)(m_rows * kp));
+    float *acc = chunks > 1 ? calloc((size_t)(m_rows * blocks * ROWS), sizeof(float)) : NULL;
+    if (!xf || (chunks > 1 && !acc)) {
+        free(xf);
+        free(acc);
+        return -2;
+    }
+    size_t row_bytes = (size_t)(x_bf16 ? 2 : 4) * (size_t)k;
+    for (int64_t m = 0; m < m_rows; ++m)
+        for (int64_t i = 0; i < kp; i += 8)
+            _mm256_store_ps(xf + m * kp + i, load8((const char *)x + m * row_bytes, x_bf16, i, k));
+#pragma omp parallel
+    for (int64_t c = 0; c < chunks; ++c) {
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < blocks; ++b)
+            block4_256(xf, m_rows, kp, c * kc, kc, w + (c * blocks + b) * ROWS * kc, b * ROWS, c == chunks - 1, acc,
+                       scale, y, y_bf16, n);
+    }
+    free(xf);
+    free(acc);
+    return 0;
+}
+
+/* ---- entry points: check the CPU, then the path ----------------------------------------- */
+
+/* Symmetric per-row int8, as gemma's int8 format: scale[r] = max(|x[r]|, 1e-12) / 127,
+ * q[r][i] = round_half_even(x[r][i] / scale[r]) clamped to [-127, 127] - the same float32
+ * operations, in the same order, as the loader's torch version, so the results are equal.
+ * x: n x k float32, or bfloat16 when x_bf16, row-major.  Needs gp_int8_supported(). */
+void gp_int8_quantize_rows(const void *x, int x_bf16, int64_t n, int64_t k, int8_t *q, float *scale) {
+    int path = gp_int8_path();
+    if (path == 1)
+        quantize_rows512(x, x_bf16, n, k, q, scale);
+    else if (path == 2)
+        quantize_rows256(x, x_bf16, n, k, q, scale);
+}
+
+/*
+ * y = w * scale[:, None], w (n x k) packed as above with chunks of kc columns, y plain
+ * row-major (bfloat16 when y_bf16, else float32), rounded as torch's int8 * scaler: for
+ * products with many rows of x (a prompt), where a float GEMM on the dequantized weight is
+ * faster than either path's per-row work.  Needs gp_int8_supported().
+ */
+void gp_int8_dequantize(const int8_t *w, int64_t n, int64_t k, int64_t kc, const float *scale, void *y, int y_bf16) {
+    int path = gp_int8_path();
+    if (path == 1)
+        dequantize512(w, n, k, kc, scale, y, y_bf16);
+    else if (path == 2)
+        dequantize256(w, n, k, kc, scale, y, y_bf16);
+}
+
 /*
  * x: m_rows x k (float32, or bfloat16 when x_bf16), row-major, contiguous.
  * w: n x k int8 packed as above, in column chunks of kc (a multiple of 64).
  * scale: n float32.  wsum: n int32 (each row of w summed).
  * y: m_rows x n (bfloat16 when y_bf16, else float32).
- * Returns 0; -1 on a CPU without AVX-512 VNNI or k, kc out of range; -2 out of memory.
+ * Returns 0; -1 on a CPU with neither path or k, kc out of range; -2 out of memory.
+ * (wsum is read by the VNNI path only.)
  */
 int gp_int8_matmul(const void *x, int x_bf16, int64_t m_rows, int64_t k, const int8_t *w, int64_t n, int64_t kc,
                    const float *scale, const int32_t *wsum, void *y, int y_bf16) {
-    if (!gp_int8_supported() || k <= 0 || k > 32768 || n <= 0 || m_rows <= 0 || kc <= 0 || kc % 64) return -1;
+    int path = gp_int8_path();
+    if (!path || k <= 0 || k > 32768 || n <= 0 || m_rows <= 0 || kc <= 0 || kc % 64) return -1;
+    if (path == 2) return matmul256(x, x_bf16, m_rows, k, w, n, kc, scale, y, y_bf16);
     int64_t chunks = (k + kc - 1) / kc, kp = chunks * kc, blocks = (n + ROWS - 1) / ROWS;
     uint8_t *planes = aligned_alloc(64, (size_t)(m_rows * 3 * kp));
     double *xscale = malloc(sizeof(double) * (size_t)m_rows);
