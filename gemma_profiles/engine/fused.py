@@ -14,6 +14,9 @@ files are untouched):
 - ``Sampler``: greedy decoding (``temperatures is None``) takes its argmax in one call
   (torch's argmax over 256 000 bfloat16 logits costs 0.85 ms here); sampling is gemma's.
 
+The kernels run on x86-64 CPUs with AVX-512 (F, BW, VL), or else AVX2 + FMA (`path` says
+which; the two differ only in the order of float32 sums).
+
 Every forward hands anything it does not cover (a dtype other than float32/bfloat16, a
 tensor off the CPU, an unexpected shape) to gemma's own forward.  Before a kind is
 installed, its forward is run against gemma's on random inputs (a private generator: the
@@ -43,6 +46,14 @@ def unavailable() -> str | None:
     """None when the kernels run here; else why not (one line)."""
     library = native.decode_library()
     return library if isinstance(library, str) else None
+
+
+def path() -> str | None:
+    """The kernels' path on this CPU - ``"AVX-512"`` (F, BW, VL) or ``"AVX2 + FMA"`` - or None when they do not run."""
+    library = native.decode_library()
+    if isinstance(library, str):
+        return None
+    return {1: "AVX-512", 2: "AVX2 + FMA"}.get(library.gp_decode_path())
 
 
 def _library() -> Any:
