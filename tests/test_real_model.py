@@ -26,8 +26,10 @@ pytest.importorskip("gguf", reason="the gguf package is not installed (pip insta
 if os.environ.get("GEMMA_PROFILE_REAL_MODEL", "1") == "0":
     pytest.skip("GEMMA_PROFILE_REAL_MODEL=0: the real-model tests run in another pass", allow_module_level=True)
 
+from gemma_profiles.plugin import manager
 from gemma_profiles.runtime import session
 from gemma_profiles.runtime.gemma_info import gemma_status
+from gemma_profiles.settings import DISABLE_PLUGINS
 from gemma_profiles.tools import gguf_import, quality
 
 pytestmark = pytest.mark.integration
@@ -255,8 +257,15 @@ def test_float16_storage_gives_float32s_answers_where_float16_compute_fails(
     assert float(wrong.float().mean()) > 0.5, "float16 compute was expected to fail on Gemma 3"
 
 
-def test_offload_gives_the_resident_models_logits_exactly(logits_of: Any, tmp_path: Path, write_profile: Any):
-    resident, _ = logits_of("cpu-32gb", SAME_MATH_TOKENS)
+def test_offload_gives_the_resident_models_logits_exactly(
+    logits_of: Any, tmp_path: Path, write_profile: Any, monkeypatch: pytest.MonkeyPatch
+):
+    # Offloaded layers run gemma's own forwards (the fused layers serve a model resident on the CPU
+    # as a whole): the same math is cpu-32gb without the fused builtin.
+    monkeypatch.setenv(DISABLE_PLUGINS.name, "fused")
+    manager.reset_plugin_manager()
+    text = "name: resident\ndescription: cpu-32gb, gemma's own layer forwards\nextends: cpu-32gb\n"
+    resident, _ = logits_of(str(write_profile("resident", text)), SAME_MATH_TOKENS)
     for where in ("cpu", "disk"):
         path = write_profile(
             f"offload-{where}",
