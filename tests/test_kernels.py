@@ -376,5 +376,6 @@ def test_moving_a_packed_model_is_one_clear_error(
             with pytest.raises(GemmaProfileError, match="packed for the CPU kernels; they cannot move to float16"):
                 model.half()
         with pytest.raises(GemmaProfileError, match="cannot move to meta"):
-            model.to("meta")
+            layer.to("meta")
+        model.to("meta")  # the profile's device (cpu) wins over the call's: nothing moves
         assert model.generate(PROMPTS, "cpu", output_len=2, temperature=None) == expected, "left as it was"

@@ -36,6 +36,7 @@ whole model), and int8 layers keep their own kernel (`gemma_profiles.engine.quan
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -47,20 +48,49 @@ from gemma_profiles.engine.pages import release_pages
 from gemma_profiles.errors import GemmaProfileError
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
-#: Rows of activations up to which a bfloat16 product runs on the native kernel: at 16 rows it
-#: takes as long as ``F.linear`` on the plain weight (benchmarks/cpu_decode.py's box; at 8 rows
-#: 0.85-0.9x oneDNN's packed product, at 32 1.3x), beyond that it is compute-bound.
+#: Rows of activations up to which a bfloat16 product runs on the native kernel's AVX-512 BF16
+#: path: at 16 rows it takes as long as ``F.linear`` on the plain weight (benchmarks/cpu_decode.py's
+#: box; at 8 rows 0.85-0.9x oneDNN's packed product, at 32 1.3x), beyond that it is compute-bound.
 NATIVE_ROWS = 16
+#: The same for the kernel's AVX2 + FMA path, against `widened_linear` (benchmarks/bf16_avx2.py).
+NATIVE_ROWS_AVX2 = 16
+#: float32 bytes of weight rows `widened_linear` widens at a time (one buffer per thread, reused).
+WIDEN_BYTES = 8 << 20
+
+_scratch = threading.local()
 
 
 def native_bf16() -> bool:
-    """Whether bfloat16 weights go to the native kernel here (AVX-512 BF16 and the library)."""
+    """Whether bfloat16 weights go to the native kernel here (AVX-512 BF16 or AVX2 + FMA, and the library)."""
     return native.bf16_unavailable() is None
+
+
+@functools.lru_cache(maxsize=4)
+def _avx512_bf16(library: Any) -> bool:
+    """Whether the loaded library's bfloat16 kernel takes its AVX-512 BF16 path (``gp_bf16_supported() == 2``)."""
+    return bool(library.gp_bf16_supported() == 2)
+
+
+def native_path() -> str | None:
+    """Which path of the native bfloat16 kernel runs here: ``"avx512-bf16"``, ``"avx2"``, or None."""
+    library = native.bf16_library()
+    if isinstance(library, str):
+        return None
+    return "avx512-bf16" if _avx512_bf16(library) else "avx2"
+
+
+def native_rows() -> int:
+    """Rows of activations up to which a bfloat16 product runs on the native kernel here."""
+    return NATIVE_ROWS if native_path() == "avx512-bf16" else NATIVE_ROWS_AVX2
 
 
 def kernel_name(dtype: torch.dtype) -> str:
     """What computes with stored weights of ``dtype``, for the log."""
-    return "the native bfloat16 kernel" if dtype == torch.bfloat16 and native_bf16() else "oneDNN-packed weights"
+    if dtype != torch.bfloat16 or not native_bf16():
+        return "oneDNN-packed weights"
+    if native_path() == "avx512-bf16":
+        return "the native bfloat16 kernel"
+    return "the native bfloat16 kernel (AVX2; prompts in float32)"
 
 
 def available(dtype: torch.dtype) -> str | None:
@@ -100,16 +130,46 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         return out
     n, k = packed.shape
     flat = x.reshape(-1, k)
-    if not 0 < flat.shape[0] <= NATIVE_ROWS:
-        return torch.nn.functional.linear(x, packed)
     library = native.bf16_library()
     assert not isinstance(library, str), library
+    if flat.shape[0] > (NATIVE_ROWS if _avx512_bf16(library) else NATIVE_ROWS_AVX2):
+        if _avx512_bf16(library):
+            return torch.nn.functional.linear(x, packed)
+        return widened_linear(flat, packed).reshape(*x.shape[:-1], n)
+    if flat.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], n)
     flat = flat.contiguous()
     y = torch.empty(flat.shape[0], n, dtype=torch.bfloat16)
     status = library.gp_bf16_matmul(flat.data_ptr(), flat.shape[0], k, packed.data_ptr(), n, y.data_ptr())
     if status != 0:
         raise RuntimeError(f"gemma-profiles bfloat16 kernel failed ({status}) for {tuple(x.shape)} x {(n, k)}")
     return y.reshape(*x.shape[:-1], n)
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for bfloat16 ``x`` (m x k) and ``weight`` (n x k) through torch's float32
+    GEMM: the weight widened to float32 `WIDEN_BYTES` at a time into one buffer per thread, the
+    float32 sums rounded once to bfloat16 (nearest even) - what the native kernel computes, in
+    another order.  For prompts on a CPU without AVX-512 BF16, where torch's bfloat16 GEMM has no
+    fast kernel."""
+    m, k = x.shape
+    n = weight.shape[0]
+    rows = max(1, min(n, WIDEN_BYTES // (4 * k)))
+    buffer: torch.Tensor | None = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < rows * k:
+        with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
+            buffer = _scratch.buffer = torch.empty(rows * k, dtype=torch.float32)
+    wide = x.float()
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    out = torch.empty(m * rows, dtype=torch.float32)
+    for start in range(0, n, rows):
+        count = min(n, start + rows) - start
+        block = buffer[: count * k].view(count, k)
+        block.copy_(weight[start : start + count])
+        product = out[: m * count].view(m, count)
+        torch.mm(wide, block.t(), out=product)
+        y[:, start : start + count].copy_(product)
+    return y
 
 
 def stored_weights(model: nn.Module) -> list[torch.Tensor]:

@@ -64,7 +64,7 @@ def decode_library() -> ctypes.CDLL | str:
 @functools.lru_cache(maxsize=1)
 def bf16_library() -> ctypes.CDLL | str:
     """The library for the bfloat16 matmul (`gemma_profiles.engine.kernels`), or why not."""
-    return _where("gp_bf16_supported", "AVX-512 BF16")
+    return _where("gp_bf16_supported", "AVX-512 BF16 or AVX2+FMA")
 
 
 def unavailable() -> str | None:
