@@ -10,8 +10,12 @@ Rows, each on the same imported checkpoint (``gemma-profile import``, float32) a
 - ``float16 storage``: the same with ``quantization: {weights: float16}`` (weights stored in
   float16, computed in float32);
 - ``cpu-8gb per-row``: int8 weights as gemma stores them (one scale per row), bfloat16 compute -
-  the format before issue 15 (the loader's column scales turned off for this row);
-- ``cpu-8gb``: the same with the tied embedder's row and column scales (the current format).
+  the format before issue 15 (the loader's column scales and groups turned off for this row);
+- ``cpu-8gb embedder row+column``: the tied embedder's row and column scales, the decoder's
+  linears per row (the format before scales per group of columns);
+- ``cpu-8gb``: the current format: the embedder's row and column scales, and where the native
+  int8 kernel's AVX2 path runs, the linears with a scale per 64 columns;
+- ``cpu-8gb float32``: the same computed in float32 (``config: {dtype: float32}``).
 
 Quality: teacher-forced over the first ``--tokens`` tokens of ``benchmarks/data`` (windows of 256
 led by ``<bos>``) against gemma as it ships in float32: top-1 agreement, mean KL(float32 || row).
@@ -33,20 +37,22 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TEXT = HERE / "data" / "news-from-nowhere-ch1-2.txt"
-ROWS = ("float32", "float16 storage", "cpu-8gb per-row", "cpu-8gb")
+ROWS = ("float32", "float16 storage", "cpu-8gb per-row", "cpu-8gb embedder row+column", "cpu-8gb", "cpu-8gb float32")
 PROFILES = {
-    "float32": "config: {dtype: float32}\n",
-    "float16 storage": "config: {dtype: float32}\nquantization: {weights: float16}\n",
+    "float32": ("base-cpu", "config: {dtype: float32}\n"),
+    "float16 storage": ("base-cpu", "config: {dtype: float32}\nquantization: {weights: float16}\n"),
+    "cpu-8gb float32": ("cpu-8gb", "config: {dtype: float32}\n"),
 }
 
 
 def _profile(row: str, folder: Path) -> str:
-    if row.startswith("cpu-8gb"):
+    if row not in PROFILES:
         return "cpu-8gb"
+    base, body = PROFILES[row]
     name = "wf-" + row.replace(" ", "-")
     path = folder / f"{name}.yaml"
     path.write_text(
-        f"name: {name}\ndescription: {row} (benchmarks/weight_formats.py)\nextends: base-cpu\n{PROFILES[row]}",
+        f"name: {name}\ndescription: {row} (benchmarks/weight_formats.py)\nextends: {base}\n{body}",
         encoding="utf-8",
     )
     return str(path)
@@ -60,9 +66,11 @@ def _build(row: str, folder: Path, imported: Path) -> Any:
     from gemma_profiles.runtime import session
     from gemma_profiles.tools import gguf_import
 
-    original = loading.column_scaled_names
+    original, group = loading.column_scaled_names, loading.INT8_GROUP_COLUMNS
     if row == "cpu-8gb per-row":
         loading.column_scaled_names = lambda: set()  # type: ignore[assignment]  # gemma's format
+    if row in ("cpu-8gb per-row", "cpu-8gb embedder row+column"):
+        loading.INT8_GROUP_COLUMNS = 0  # the linears per row (hooks/loading.py reads it per load)
     try:
         with session.use(_profile(row, folder)):
             config = gguf_import.load_config(imported)
@@ -76,6 +84,7 @@ def _build(row: str, folder: Path, imported: Path) -> Any:
             return model.eval(), config
     finally:
         loading.column_scaled_names = original  # type: ignore[assignment]
+        loading.INT8_GROUP_COLUMNS = group
 
 
 def _rss() -> tuple[float, float]:

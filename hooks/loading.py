@@ -84,7 +84,23 @@ def load_options(plan: Plan, pending: str | None = None) -> LoadOptions:
         mmap=plan.loading.mmap,
         float16_storage=float16 and quantization,
         column_scales=quantization,
+        int8_group=int8_group(plan) if quantization else 0,
     )
+
+
+def int8_group(plan: Plan) -> int:
+    """Columns per int8 scale group for the decoder's weights: `INT8_GROUP_COLUMNS` where the
+    native kernel's AVX2 path computes them (an int8 plan; the loader groups only weights that stay
+    on the CPU), else 0 (gemma's per-row format: the VNNI path, torch's kernels and CUDA compute per
+    row).  Under tensor parallel each rank groups its own slice: the same groups as one process
+    wherever a slice boundary falls on a multiple of 64 columns."""
+    from gemma_profiles.engine import native
+    from gemma_profiles.engine.loading import INT8_GROUP_COLUMNS
+
+    # (float16 compute is CUDA's, or torch's kernels on a CPU: per row)
+    if plan.quantization != "int8" or str(plan.dtype) not in ("float32", "bfloat16") or not native.grouped_path():
+        return 0
+    return INT8_GROUP_COLUMNS
 
 
 @hookimpl(trylast=True)

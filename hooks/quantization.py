@@ -26,8 +26,10 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
         dequantize_embedder,
         direct_linear,
         keep_int8_embedder,
+        native_group,
         native_kernel,
         native_linear,
+        to_per_row,
     )
 
     config = getattr(model, "config", None)
@@ -51,9 +53,12 @@ def gemma_profile_weights_loaded(model: Any, plan: Plan) -> None:
                 embedder = f"{str(dtype).removeprefix('torch.')} (computed once)"
         elif hasattr(module, "weight_scaler") and module.weight.dim() == 2 and type(module).__name__ == "Linear":
             if on_cpu and native_kernel(module, dtype):
+                group = native_group(module)
                 native_linear(module)
-                kernel = f"native int8 kernel ({native.int8_path()})"
+                scales = f", a scale per {group} columns" if group else ", a scale per row"
+                kernel = f"native int8 kernel ({native.int8_path()}{scales})"
             else:
+                to_per_row(module)  # scales per group of columns are the native AVX2 path's only
                 direct_linear(module)
                 kernel = "_weight_int8pack_mm" if on_cpu and dtype == torch.bfloat16 else "scratch-buffer kernel"
             kernels[kernel] = kernels.get(kernel, 0) + 1

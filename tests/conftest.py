@@ -43,7 +43,7 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
 @pytest.fixture(params=["native", "torch"])
 def int8_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Each int8 CPU path: our native int8 kernel (AVX-512 VNNI or AVX2; skipped where it cannot build or run), torch's."""
+    """Each int8 CPU path: our native int8 kernel (AVX-512 VNNI or AVX2; skipped where it cannot run), torch's."""
     from gemma_profiles.engine import native
 
     if request.param == "torch":

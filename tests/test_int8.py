@@ -22,7 +22,7 @@ import torch
 
 import gemma_profiles
 from gemma_profiles.engine import surgery
-from gemma_profiles.engine.loading import column_scales, dequantize_rows, per_row, quantize_rows
+from gemma_profiles.engine.loading import column_scales, dequantize_rows, per_row, quantize_groups, quantize_rows
 from gemma_profiles.engine.quantization import dequantize_into, int8_linear, int8_lookup
 
 #: float16's largest finite value
@@ -243,7 +243,20 @@ def test_loaded_int8_weights_are_the_checkpoints_within_half_a_step(
             checked += 1
         elif name + "_scaler" in loaded and loaded[name].dtype == torch.int8:
             assert loaded[name + "_scaler"].dtype == getattr(torch, dtype)
-            assert_quantized_within_half_a_step(source, loaded[name], loaded[name + "_scaler"], name)
+            owner = model.get_submodule(name.rpartition(".")[0])
+            packed = owner.__dict__.get("_gemma_profile_int8")
+            if packed is not None and packed.groups is not None:
+                # a scale per group of columns (the native kernel's AVX2 path), each group within
+                # half a step; state_dict() gives gemma's per-row format of those values
+                q, groups = quantize_groups(source, packed.group)
+                assert torch.equal(packed.unpack(), q) and torch.equal(packed.groups, groups), name
+                assert_quantized_within_half_a_step(
+                    source.reshape(-1, packed.group), q.reshape(-1, packed.group), groups.reshape(-1), name
+                )
+                want, want_scaler = per_row(q, groups.amax(1).to(getattr(torch, dtype)), groups=groups)
+                assert torch.equal(loaded[name], want) and torch.equal(loaded[name + "_scaler"], want_scaler), name
+            else:
+                assert_quantized_within_half_a_step(source, loaded[name], loaded[name + "_scaler"], name)
             checked += 1
     linears = sum(1 for module in model.modules() if surgery.original_class(module).__name__ == "Linear")
     assert checked >= linears + 1, f"only {checked} weights checked"
@@ -269,7 +282,7 @@ def first_logits_and_all_finite(model: Any) -> tuple[torch.Tensor, bool, str]:
 
 
 def test_float16_int8_model_generates_finite_logits_with_trained_like_norms(
-    gemma: Any, tokenizer_path: str, tmp_path: Path, profile: Callable[[str], str]
+    gemma: Any, tokenizer_path: str, tmp_path: Path, profile: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """pascal-5gb's numbers on the CPU: int8 weights, float16 compute, norm weights of ~30.
 
@@ -279,6 +292,10 @@ def test_float16_int8_model_generates_finite_logits_with_trained_like_norms(
     """
     from gemma_testing import write_random_checkpoint
 
+    from gemma_profiles.engine import loading
+
+    # the same int8 weights in both: per row (float16 compute is never grouped)
+    monkeypatch.setattr(loading, "INT8_GROUP_COLUMNS", 0)
     hidden = 256
     path = tmp_path / "trained-like.ckpt"
     state = write_random_checkpoint(build(gemma, tokenizer_path, hidden=hidden), path, torch.float32, seed=9)
@@ -347,3 +364,114 @@ def test_per_row_gives_gemmas_format_of_column_scaled_weights() -> None:
     q2, scaler2 = per_row(q, scaler, columns)
     assert q2.dtype == torch.int8 and scaler2.shape == (weight.shape[0],)
     assert_quantized_within_half_a_step(exact, q2, scaler2, "per_row")
+
+
+# -- scales per group of columns (the native kernel's AVX2 path) -------------------------------
+
+
+def test_quantize_groups_is_per_row_quantization_of_each_group() -> None:
+    from gemma_profiles.engine.loading import quantize_groups
+
+    source = weights(6, 256, seed=13)
+    q, groups = quantize_groups(source, 64)
+    assert q.dtype == torch.int8 and groups.shape == (6, 4) and groups.dtype == torch.float32
+    want_q, want_scales = quantize_rows(source.reshape(24, 64), torch.float32)
+    assert torch.equal(q.reshape(24, 64), want_q) and torch.equal(groups.reshape(24), want_scales)
+    bad = source.clone()
+    bad[2, 100] = float("nan")
+    from gemma_profiles.engine.loading import _NonFinite
+
+    with pytest.raises(_NonFinite):
+        quantize_groups(bad, 64, finite=True)
+
+
+def test_per_row_of_a_grouped_weight_is_gemmas_format_of_its_values() -> None:
+    from gemma_profiles.engine.loading import quantize_groups
+
+    source = weights(5, 128, seed=14)
+    q, groups = quantize_groups(source, 64)
+    dense = dequantize_rows(q, groups.amax(1), torch.float32, groups=groups)
+    assert torch.equal(dense, (q.float().view(5, 2, 64) * groups.unsqueeze(2)).view(5, 128))
+    rows_q, rows_scale = per_row(q, groups.amax(1), groups=groups)
+    assert_quantized_within_half_a_step(dense, rows_q, rows_scale)
+
+
+def _linears(model: Any) -> list[Any]:
+    return [m for m in model.modules() if surgery.original_class(m).__name__ == "Linear"]
+
+
+def test_an_int8_model_on_the_avx2_path_keeps_a_scale_per_64_columns(
+    gemma: Any,
+    tokenizer_path: str,
+    tmp_path: Path,
+    profile: Callable[[str], str],
+    write_profile: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loaded for the native kernel's AVX2 path, the decoder's linears are quantized per group of
+    64 columns, and its logits are closer to the float model's than per-row int8's (the same model
+    with the native kernels off: gemma's per-row format); ``state_dict()`` is gemma's format."""
+    from gemma_testing import cpu_profile, write_random_checkpoint
+
+    from gemma_profiles.engine import native
+    from gemma_profiles.engine.loading import INT8_GROUP_COLUMNS
+
+    native.reset()
+    if not native.grouped_path():
+        pytest.skip(f"the native kernel's AVX2 path does not run here: {native.unavailable() or native.int8_path()}")
+    path = tmp_path / "float.ckpt"
+    hidden = 128
+    state = write_random_checkpoint(build(gemma, tokenizer_path, hidden=hidden), path, torch.float32, seed=15)
+    for name, tensor in state.items():  # a few large input dimensions, as trained models have
+        if tensor.dim() == 2 and "embedder" not in name:
+            tensor[:, :8] *= 8.0
+    torch.save({"model_state_dict": state}, path)
+    models = {}
+    for name, switch, weights_profile in (
+        ("float", "1", cpu_profile(write_profile, "float32")),
+        ("grouped", "1", profile("float32")),
+        ("per row", "0", profile("float32")),
+    ):
+        monkeypatch.setenv(native.ENV, switch)
+        native.reset()
+        with gemma_profiles.use(weights_profile):
+            model = build(gemma, tokenizer_path, hidden=hidden)
+            model.load_weights(str(path))
+        models[name] = model.eval()
+        monkeypatch.delenv(native.ENV)
+        native.reset()
+    packed = [m.__dict__.get("_gemma_profile_int8") for m in _linears(models["grouped"])]
+    assert packed and all(p is not None and p.group == INT8_GROUP_COLUMNS for p in packed)
+    assert all("_gemma_profile_int8" not in m.__dict__ for m in _linears(models["per row"]))
+    assert all(m._buffers.get("weight_group_scaler") is None for m in _linears(models["per row"]))
+    want, _, _ = first_logits_and_all_finite(models["float"])
+    errors = {}
+    for name in ("grouped", "per row"):
+        got, finite, _ = first_logits_and_all_finite(models[name])
+        assert finite
+        errors[name] = (got - want).abs().max().item()
+    assert errors["grouped"] < 0.8 * errors["per row"], errors
+    # state_dict(): gemma's per-row format (rounded once more), which gemma's own loader reads
+    saved = models["grouped"].state_dict()
+    assert not any(name.endswith("group_scaler") for name in saved)
+    for name, module in models["grouped"].named_modules():
+        if surgery.original_class(module).__name__ == "Linear":
+            assert saved[name + ".weight"].dtype == torch.int8 and saved[name + ".weight_scaler"].dim() == 1
+
+
+def test_a_grouped_linear_off_the_avx2_path_becomes_per_row() -> None:
+    """`to_per_row`: what the quantization builtin does to a grouped weight that will not run on
+    the kernel computing groups (a weight moved since loading, another kernel)."""
+    from gemma_profiles.engine.loading import GROUP_SCALER, quantize_groups
+    from gemma_profiles.engine.quantization import to_per_row
+
+    source = weights(8, 128, seed=16)
+    q, groups = quantize_groups(source, 64)
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(q.clone(), requires_grad=False)
+    module.weight_scaler = torch.nn.Parameter(groups.amax(1), requires_grad=False)
+    module.register_buffer(GROUP_SCALER, groups, persistent=False)
+    to_per_row(module)
+    assert GROUP_SCALER not in module._buffers
+    want_q, want_scale = per_row(q, groups.amax(1), groups=groups)
+    assert torch.equal(module.weight, want_q) and torch.equal(module.weight_scaler, want_scale)

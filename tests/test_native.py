@@ -256,11 +256,19 @@ def test_int8_model_state_dict_round_trip(
     weight, scaler = state["model.layers.0.mlp.down_proj.weight"], state["model.layers.0.mlp.down_proj.weight_scaler"]
     assert weight.dtype == torch.int8 and weight.shape == (config.hidden_size, config.intermediate_size)
     x = torch.randn(1, config.intermediate_size)
-    before = layer(x)
-    torch.testing.assert_close(before, x @ (weight.float() * scaler.unsqueeze(1)).t(), rtol=1e-5, atol=1e-5)
+    by_rows = x @ (weight.float() * scaler.unsqueeze(1)).t()
+    packed = layer.__dict__["_gemma_profile_int8"]
+    if packed.groups is not None:
+        # a scale per group of columns (the AVX2 path): state_dict() is gemma's per-row format of
+        # those values, one rounding away; loading it back drops the groups
+        torch.testing.assert_close(layer(x), x @ packed.dequantize(torch.float32).t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), by_rows, rtol=0.05, atol=0.05 * by_rows.abs().max().item())
+    else:
+        torch.testing.assert_close(layer(x), by_rows, rtol=1e-5, atol=1e-5)
     state["model.layers.0.mlp.down_proj.weight"] = -weight
     model.load_state_dict(state)
-    torch.testing.assert_close(layer(x), -before, rtol=1e-5, atol=1e-5)
+    assert layer.__dict__["_gemma_profile_int8"].groups is None
+    torch.testing.assert_close(layer(x), -by_rows, rtol=1e-5, atol=1e-5)
     assert torch.equal(model.state_dict()["model.layers.0.mlp.down_proj.weight"], -weight)
     state["model.layers.0.mlp.down_proj.weight"] = weight[:, :8]
     with pytest.raises(RuntimeError, match=r"size mismatch for model\.layers\.0\.mlp\.down_proj\.weight"):
@@ -325,3 +333,104 @@ def test_quantizing_while_loading_gives_the_torch_result_bit_for_bit(
         monkeypatch.delenv(native.ENV)
         native.reset()
         assert torch.equal(fast[0], reference[0]) and torch.equal(fast[1], reference[1]), (n, k)
+
+
+# -- scales per group of columns (the AVX2 path) ------------------------------------------------
+
+
+@pytest.fixture
+def grouped_kernel(kernel: None) -> None:
+    if not native.grouped_path():
+        pytest.skip(f"scales per group run on the AVX2 path only; this CPU runs {native.int8_path()}")
+
+
+def grouped(n: int, k: int, group: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gemma_profiles.engine.loading import quantize_groups
+
+    generator = torch.Generator().manual_seed(seed)
+    source = torch.randn(n, k, generator=generator) * 0.02
+    source[:, : k // 3] *= 10.0  # groups of very different sizes: one row scale would waste them
+    q, groups = quantize_groups(source, group)
+    dense = (q.double().view(n, k // group, group) * groups.double().unsqueeze(2)).view(n, k)
+    return q, groups, dense
+
+
+@pytest.mark.parametrize(
+    ("k", "group", "fits"),
+    [
+        (64, 64, True),
+        (640, 128, True),
+        (640, 64, True),
+        (100, 64, False),
+        (192, 128, False),
+        (16384, 64, True),
+        (4160, 64, True),
+        (4160, 128, False),
+        (0, 64, False),
+        (64, 32, False),
+    ],
+)
+def test_which_groups_fit_the_layout(k: int, group: int, fits: bool) -> None:
+    # 4160: 2 chunks of 2112 columns (the second padded): 64 divides both, 128 does not divide 4160
+    assert native.groups_fit(k, group) is fits
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "group"),
+    [(1, 7, 64, 64), (2, 37, 640, 128), (3, 64, 2048, 64), (5, 9, 16384, 64), (1, 12, 4160, 64), (4, 5, 640, 64)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_matmul_matches_the_dequantized_product(
+    grouped_kernel: None, m: int, n: int, k: int, group: int, dtype: torch.dtype
+) -> None:
+    q, groups, dense = grouped(n, k, group, seed=m)
+    packed = native.Int8Weight.pack(q, groups.amax(1), groups=groups)
+    assert packed.group == group and torch.equal(packed.unpack(), q)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    exact = x.double() @ dense.t()
+    got = packed.matmul(x)
+    assert got.dtype == dtype and got.shape == (m, n)
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < tolerance
+    if k > group:  # the row scale alone would be far off: the groups are used
+        by_row = x.double() @ (q.double() * groups.double().amax(1, keepdim=True)).t()
+        assert ((by_row - exact).abs().max() / exact.abs().max()).item() > 0.1
+    # a prompt: the dequantized weight through a float32 GEMM
+    assert torch.equal(packed.dequantize(torch.float32), dense.float())
+    assert torch.equal(packed.dequantize(torch.bfloat16), dense.float().bfloat16())
+
+
+def test_a_grouped_prompt_goes_through_the_dequantized_weight(
+    grouped_kernel: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q, groups, dense = grouped(12, 640, 64)
+    packed = native.Int8Weight.pack(q, groups.amax(1), groups=groups)
+    x = torch.randn(2, 3, 640, generator=torch.Generator().manual_seed(2)).bfloat16()
+    by_kernel = packed.matmul(x)
+    monkeypatch.setattr(native, "DEQUANTIZE_ROWS", 4)
+    by_gemm = packed.matmul(x)
+    assert torch.equal(by_gemm, torch.nn.functional.linear(x.float(), dense.float()).bfloat16())
+    torch.testing.assert_close(by_kernel, by_gemm, rtol=8e-3, atol=1e-3)
+
+
+def test_groups_that_do_not_fit_are_refused(kernel: None) -> None:
+    q, groups, _ = grouped(8, 640, 128)
+    with pytest.raises(ValueError, match="group scales of shape"):
+        native.Int8Weight.pack(q, groups.amax(1), groups=groups[:4])
+    with pytest.raises(ValueError, match="group scales of shape"):
+        native.Int8Weight.pack(q[:, :600], groups.amax(1), groups=groups)
+
+
+def test_the_kernel_refuses_groups_outside_its_contract(grouped_kernel: None) -> None:
+    """The C entry point checks what Python checks: a group that straddles a chunk is -1, not a
+    wrong answer."""
+    library = native._library()
+    assert not isinstance(library, str)
+    q, groups, _ = grouped(4, 640, 64)
+    packed = native.Int8Weight.pack(q, groups.amax(1), groups=groups)
+    x, y = torch.randn(1, 640), torch.empty(1, 4)
+    weight = packed._pointers[0]
+    call = library.gp_int8_matmul_grouped
+    assert call(x.data_ptr(), 0, 1, 640, weight, 4, packed.kc, groups.data_ptr(), 64, y.data_ptr(), 0) == 0
+    for bad_group in (0, 32, 96, 128 * 3, 1280):
+        assert call(x.data_ptr(), 0, 1, 640, weight, 4, packed.kc, groups.data_ptr(), bad_group, y.data_ptr(), 0) == -1

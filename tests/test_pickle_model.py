@@ -88,5 +88,7 @@ def test_a_model_on_the_profiles_kernels_is_refused_in_one_line(
     with pytest.raises(GemmaProfileError) as caught:
         pickle.dumps(model)
     message = str(caught.value)
-    assert "\n" not in message and "profile 'pickled-int8'" in message and "model.layers.0" in message
+    assert "\n" not in message and "profile 'pickled-int8'" in message
+    # the first changed module by name (the int8 embedder on a native kernel, else a decoder layer)
+    assert "runs embedder on" in message or "model.layers.0" in message, message
     assert "model.state_dict()" in message

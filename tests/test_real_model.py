@@ -41,14 +41,19 @@ TOKENS, SAME_MATH_TOKENS = 128, 32
 #: llama.cpp stores it gave 6e7, q/k rows in llama's interleaved order 980, the rope bases swapped 240.
 REFERENCE_PERPLEXITY = 90.0
 #: (top-1 agreement at least, mean KL in nats at most) against float32. Measured on this text
-#: (AVX2, torch's kernels): cpu-32gb 98.4 %, 0.00098 (every weight x1.01: 0.00136); cpu-8gb
-#: 96.9 %, 0.00472 with the tied embedder's row and column scales (docs/engine.md) - per-row
-#: scales alone, the previous format, gave 93.8 %, 0.0079 and fail here, as does every int8
-#: scale x1.05 (0.0143). The issue's goal (KL <= 0.002, top-1 >= 98 %) is not reached yet.
+#: (AVX2, torch's kernels): cpu-32gb 98.4 %, 0.00098 (every weight x1.01: 0.00136). cpu-8gb
+#: computes in float32 on int8 weights: where the native kernel's AVX2 path runs, the decoder's
+#: linears have a scale per 64 columns - 97.7 %, 0.00161 (on 256 tokens 98.4 %, 0.00159: the
+#: issue's goal, KL <= 0.002 and top-1 >= 98 %); bfloat16 compute on the same weights gave
+#: 0.0028, per-row linears 0.0046 (docs/engine.md), and both fail the first bar. Elsewhere (the
+#: VNNI path, torch's kernels) the linears are per row: 0.0033 in float32 (docs/engine.md).
+#: Every int8 scale x1.05 gives 0.0143.
 THRESHOLDS = {
     "cpu-32gb": (0.96, 0.0013),
-    "cpu-8gb": (0.95, 0.006),
+    "cpu-8gb": (0.96, 0.0022),
 }
+#: cpu-8gb where the decoder's linears stay per row (no AVX2 path of the native kernel).
+CPU_8GB_PER_ROW = (0.95, 0.0045)
 #: Mean KL of float16 storage with float32 compute (measured: 1.1e-6 on 512 tokens; the bar is
 #: the issue's: float32's answers).
 FLOAT16_STORAGE_KL = 1e-4
@@ -196,6 +201,11 @@ def logits_of(imported: Path, text_ids: list[int]) -> Any:
 @pytest.mark.parametrize("profile", list(THRESHOLDS))
 def test_each_cpu_profile_keeps_the_answers(profile: str, logits_of: Any, reference: torch.Tensor, text_ids: list[int]):
     top1, kl = THRESHOLDS[profile]
+    if profile == "cpu-8gb":
+        from gemma_profiles.engine import native
+
+        if not native.grouped_path():
+            top1, kl = CPU_8GB_PER_ROW
     score = quality.Quality()
     score.add(reference, logits_of(profile)[0], text_ids)
     print(f"{profile}: top-1 {score.top1:.4f}, KL {score.kl:.5f}, perplexity {score.perplexity:.2f}")

@@ -452,6 +452,10 @@ def _declare(library: ctypes.CDLL) -> None:
         "gp_int8_matmul": (i32, (p, i32, i64, i64, p, i64, i64, p, p, p, i32)),
         # packed w, n, k, chunk columns, scale, y, y is bfloat16
         "gp_int8_dequantize": (None, (p, i64, i64, i64, p, p, i32)),
+        # x, x is bfloat16, rows of x, k, packed w, n, kc, group scales, group, y, y is bfloat16
+        "gp_int8_matmul_grouped": (i32, (p, i32, i64, i64, p, i64, i64, p, i64, p, i32)),
+        # packed w, n, k, kc, group scales, group, y, y is bfloat16
+        "gp_int8_dequantize_grouped": (i32, (p, i64, i64, i64, p, i64, p, i32)),
         # x, x is bfloat16, rows, d, w, w is bfloat16, offset, eps, y
         "gp_rms_norm": (None, (p, i32, i64, i64, p, i32, f32, f32, p)),
         # gate, up, bfloat16, n, y

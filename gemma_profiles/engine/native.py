@@ -155,6 +155,23 @@ def chunk_columns(k: int) -> int:
     return -(-k // (chunks * 64)) * 64
 
 
+def groups_fit(k: int, group: int) -> bool:
+    """Whether a weight ``k`` columns wide can have scales per ``group`` columns on the kernel: a
+    multiple of 64 that divides ``k`` and the packed layout's column chunk (no group straddles one)."""
+    return 0 < group <= k and group % 64 == 0 and k % group == 0 and chunk_columns(k) % group == 0
+
+
+def grouped_path() -> bool:
+    """Whether scales per group of columns run here: the kernel's AVX2 path (any CPU with AVX2 and
+    FMA; the VNNI path sums whole rows in integers and has no per-group scales)."""
+    library = _library()
+    return not isinstance(library, str) and int8_path() == "avx2"
+
+
+def _float32(groups: torch.Tensor | None) -> torch.Tensor | None:
+    return None if groups is None else groups.detach().to(torch.float32).contiguous()
+
+
 class Int8Weight:
     """One int8 weight in the kernel's layout, with its scale and row sums.
 
@@ -163,17 +180,38 @@ class Int8Weight:
         bytes at a time (``n4``: ``n`` padded to 4; columns past ``k`` zero).
     """
 
-    def __init__(self, data: torch.Tensor, n: int, k: int, scale: torch.Tensor, sums: torch.Tensor) -> None:
+    def __init__(
+        self,
+        data: torch.Tensor,
+        n: int,
+        k: int,
+        scale: torch.Tensor,
+        sums: torch.Tensor,
+        groups: torch.Tensor | None = None,
+    ) -> None:
         self.data, self.n, self.k, self.scale, self.sums = data, n, k, scale, sums
         self.kc = data.shape[2] * 64
+        #: float32 scales per group of `group` columns (n x k/group), or None: per-row ``scale``.
+        self.groups = groups
+        self.group = 0 if groups is None else k // groups.shape[1]
         # Addresses taken once: the tensors are owned here and never resized.
         self._pointers = (data.data_ptr(), scale.data_ptr(), sums.data_ptr())
+        self._groups = 0 if groups is None else groups.data_ptr()
 
     @classmethod
     def pack(
-        cls, weight: torch.Tensor, scaler: torch.Tensor, *, in_place: bool = False, release: bool = False
+        cls,
+        weight: torch.Tensor,
+        scaler: torch.Tensor,
+        *,
+        in_place: bool = False,
+        release: bool = False,
+        groups: torch.Tensor | None = None,
     ) -> Int8Weight:
         """``weight`` (n x k int8) in the kernel's layout.
+
+        :param groups: scales per group of columns (n x k/group; `groups_fit`), computed by the
+            AVX2 path; ``scaler`` is then kept for ``state_dict()`` only.
 
         :param in_place: reuse ``weight``'s memory (it is scrambled) when no padding is needed
             and ``weight`` is contiguous; otherwise a copy.  With one column chunk each block
@@ -186,6 +224,8 @@ class Int8Weight:
         """
         n, k = weight.shape
         kc = chunk_columns(k)
+        if groups is not None and (groups.shape[0] != n or not groups_fit(k, k // max(groups.shape[1], 1))):
+            raise ValueError(f"group scales of shape {tuple(groups.shape)} do not fit an int8 weight of {n} x {k}")
         chunks = -(-k // kc)
         n4, kp = -(-n // 4) * 4, chunks * kc
         sums = row_sums(weight)
@@ -196,7 +236,7 @@ class Int8Weight:
                 source = plain.clone()
                 data = plain.view(chunks, n // 4, kc // 64, 4, 64)
                 data.copy_(source.view(n // 4, 4, chunks, kc // 64, 64).permute(2, 0, 3, 1, 4))
-                return cls(data, n, k, scale, sums)
+                return cls(data, n, k, scale, sums, _float32(groups))
             blocks = plain.view(n // 4, 4, k // 64, 64)
             step = max(1, _STAGING_BYTES // (4 * k))  # ~8 MiB of blocks at a time
             scratch = _staging(step * 4 * k).view(step, k // 64, 4, 64)
@@ -205,7 +245,7 @@ class Int8Weight:
                 staged = scratch[: chunk.shape[0]]
                 staged.copy_(chunk.permute(0, 2, 1, 3))
                 chunk.view(staged.shape).copy_(staged)
-            return cls(blocks.view(1, n // 4, k // 64, 4, 64), n, k, scale, sums)
+            return cls(blocks.view(1, n // 4, k // 64, 4, 64), n, k, scale, sums, _float32(groups))
         # Every token reads the whole weight: on huge pages where the OS gives them (hugepages.py).
         data = hugepages.empty((chunks, n4 // 4, kc // 64, 4, 64), torch.int8)
         step = max(1, _STAGING_BYTES // (4 * kp))
@@ -219,7 +259,7 @@ class Int8Weight:
             data[:, first:last].copy_(rows.reshape(last - first, 4, chunks, kc // 64, 64).permute(2, 0, 3, 1, 4))
             if release and plain.is_contiguous():
                 release_pages(plain[4 * first : 4 * last])
-        return cls(data, n, k, scale, sums)
+        return cls(data, n, k, scale, sums, _float32(groups))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -237,12 +277,21 @@ class Int8Weight:
         return gathered.reshape(*ids.shape, -1)[..., : self.k]
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """``weight * scale[:, None]`` as a plain ``(n, k)`` tensor of ``dtype`` (float32 or bfloat16)."""
+        """``weight * scale[:, None]`` (or times its group scales) as a plain ``(n, k)`` tensor of
+        ``dtype`` (float32 or bfloat16)."""
         library = _library()
         assert not isinstance(library, str), library
         out = torch.empty(self.n, self.k, dtype=dtype)
         weight, scale, _ = self._pointers
-        library.gp_int8_dequantize(weight, self.n, self.k, self.kc, scale, out.data_ptr(), int(dtype == torch.bfloat16))
+        bf16 = int(dtype == torch.bfloat16)
+        if self.groups is not None:
+            status = library.gp_int8_dequantize_grouped(
+                weight, self.n, self.k, self.kc, self._groups, self.group, out.data_ptr(), bf16
+            )
+            if status != 0:
+                raise RuntimeError(f"gemma-profiles int8 kernel: grouped dequantize failed ({status}) for {self.shape}")
+            return out
+        library.gp_int8_dequantize(weight, self.n, self.k, self.kc, scale, out.data_ptr(), bf16)
         return out
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +306,7 @@ class Int8Weight:
         assert not isinstance(library, str), library
         flat = x.reshape(-1, self.k)
         if flat.shape[0] >= DEQUANTIZE_ROWS:
-            if x.dtype == torch.bfloat16 and library.gp_int8_path() == 2:
+            if x.dtype == torch.bfloat16 and (library.gp_int8_path() == 2 or self.groups is not None):
                 # without AVX-512 BF16 torch's bfloat16 GEMM has no fast kernel (5x float32's
                 # time at 128 x 2048 x 2048 on the AVX2 box): the product runs in float32
                 wide = torch.nn.functional.linear(x.float(), self.dequantize(torch.float32))
@@ -270,9 +319,24 @@ class Int8Weight:
             return out.reshape(*x.shape[:-1], self.n)
         bf16 = int(x.dtype == torch.bfloat16)
         weight, scale, sums = self._pointers
-        status = library.gp_int8_matmul(
-            flat.data_ptr(), bf16, flat.shape[0], self.k, weight, self.n, self.kc, scale, sums, out.data_ptr(), bf16
-        )
+        if self.groups is not None:
+            status = library.gp_int8_matmul_grouped(
+                flat.data_ptr(),
+                bf16,
+                flat.shape[0],
+                self.k,
+                weight,
+                self.n,
+                self.kc,
+                self._groups,
+                self.group,
+                out.data_ptr(),
+                bf16,
+            )
+        else:
+            status = library.gp_int8_matmul(
+                flat.data_ptr(), bf16, flat.shape[0], self.k, weight, self.n, self.kc, scale, sums, out.data_ptr(), bf16
+            )
         if status != 0:
             raise RuntimeError(f"gemma-profiles int8 kernel failed ({status}) for {tuple(x.shape)} x {self.shape}")
         return out.reshape(*x.shape[:-1], self.n)

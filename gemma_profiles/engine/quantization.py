@@ -42,7 +42,7 @@ from torch import nn
 from gemma_profiles.engine import native, surgery
 from gemma_profiles.engine.kernels import PinnedToCpu, state_weight
 from gemma_profiles.engine.lazy import remove_parameter
-from gemma_profiles.engine.loading import COLUMN_SCALER
+from gemma_profiles.engine.loading import COLUMN_SCALER, GROUP_SCALER
 from gemma_profiles.engine.pages import memory_mapped
 
 _NATIVE = "_gemma_profile_int8"
@@ -107,6 +107,29 @@ def column_scaler(module: nn.Module) -> torch.Tensor | None:
     return module._buffers.get(COLUMN_SCALER)
 
 
+def group_scaler(module: nn.Module) -> torch.Tensor | None:
+    """The scales per group of columns of an int8 ``Linear`` quantized for the native kernel's AVX2
+    path (the `GROUP_SCALER` buffer `gemma_profiles.engine.loading` adds), or None (per row)."""
+    return module._buffers.get(GROUP_SCALER)
+
+
+def to_per_row(module: nn.Module) -> None:
+    """An int8 ``Linear`` with scales per group of columns that will not run on the kernel that
+    computes them: requantized to gemma's per-row format (rounded once more), so every other
+    int8 path - torch's, CUDA's, gemma's own - computes it right."""
+    from gemma_profiles.engine.loading import per_row
+
+    groups = module._buffers.pop(GROUP_SCALER, None)
+    if groups is None:
+        return
+    weight, scaler = module._parameters["weight"], module._parameters["weight_scaler"]
+    assert weight is not None and scaler is not None
+    q, rows = per_row(weight.detach().cpu(), scaler.detach().cpu(), None, groups.cpu())
+    with torch.no_grad():
+        weight.copy_(q.to(weight.device))
+        scaler.copy_(rows.to(scaler.device))
+
+
 def dequantize_embedder(model: Any, name: str, dtype: torch.dtype) -> None:
     """Turn the int8 tied embedder into a plain ``dtype`` weight (once, in row chunks)."""
     from gemma_profiles.engine.loading import dequantize_rows
@@ -157,12 +180,25 @@ def _install_native(module: nn.Module, kind: type[NativeInt8]) -> native.Int8Wei
     # The parameter is dropped next: pack in its memory, unless that is a mapped checkpoint's
     # (an int8 checkpoint), whose pages are copied onto huge pages and dropped as they go.
     mapped = memory_mapped(weight)
-    packed = native.Int8Weight.pack(weight, scaler, in_place=not mapped, release=mapped)
+    groups = group_scaler(module)
+    if groups is not None and not (native.grouped_path() and native.groups_fit(weight.shape[1], native_group(module))):
+        to_per_row(module)  # (the loader groups only for this path: a weight changed since)
+        groups = None
+    packed = native.Int8Weight.pack(weight, scaler, in_place=not mapped, release=mapped, groups=groups)
     del module._parameters["weight"]
     module.register_buffer("weight", packed.data)
     object.__setattr__(module, _NATIVE, packed)
     surgery.swap(module, kind)
     return packed
+
+
+def native_group(module: nn.Module) -> int:
+    """Columns per scale group of ``module``'s int8 weight (0: per row)."""
+    groups = group_scaler(module)
+    weight = module._parameters.get("weight")
+    if groups is None or weight is None or groups.shape[1] == 0:
+        return 0
+    return int(weight.shape[1]) // int(groups.shape[1])
 
 
 def native_weights(model: nn.Module) -> list[native.Int8Weight]:
@@ -172,24 +208,36 @@ def native_weights(model: nn.Module) -> list[native.Int8Weight]:
 
 
 def _to_gemmas_format(module: nn.Module, destination: dict[str, Any], prefix: str) -> None:
-    """A weight with column scales is saved in gemma's per-row format (rounded once more), so
-    gemma's own loader reads the state dict right; the column scales are not saved."""
+    """A weight with column scales or scales per group of columns is saved in gemma's per-row
+    format (rounded once more), so gemma's own loader reads the state dict right; those scales
+    are not saved."""
     from gemma_profiles.engine.loading import per_row
 
-    columns = column_scaler(module)
-    if columns is not None:
+    columns, groups = column_scaler(module), _packed_groups(module)
+    if columns is not None or groups is not None:
         weight, scaler = destination[prefix + "weight"], destination[prefix + "weight_scaler"]
-        q, rows = per_row(weight.detach().cpu(), scaler.detach().cpu(), columns.cpu())
+        q, rows = per_row(
+            weight.detach().cpu(),
+            scaler.detach().cpu(),
+            None if columns is None else columns.cpu(),
+            None if groups is None else groups.cpu(),
+        )
         destination[prefix + "weight"] = q.to(weight.device)
         destination[prefix + "weight_scaler"] = rows.to(scaler.device)
 
 
+def _packed_groups(module: nn.Module) -> torch.Tensor | None:
+    packed = module.__dict__.get(_NATIVE)
+    return packed.groups if packed is not None else group_scaler(module)
+
+
 def _loaded_gemmas_format(module: nn.Module) -> None:
-    """A state dict in gemma's per-row format was loaded: no column scales any more."""
+    """A state dict in gemma's per-row format was loaded: no column or group scales any more."""
     columns = column_scaler(module)
     if columns is not None:
         with torch.no_grad():
             columns.fill_(1.0)
+    module._buffers.pop(GROUP_SCALER, None)
 
 
 class NativeInt8(PinnedToCpu):

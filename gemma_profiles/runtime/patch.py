@@ -166,13 +166,17 @@ def _changed_module(model: Any) -> str | None:
     engine swapped (its ``_gemma_profile_surgery`` marker, `gemma_profiles.engine.surgery`:
     ``Int8Linear``, ``PackedLinear``, ``FusedSampler``...) or that keeps other state of ours
     (``_gemma_profile*``), or one with a function bound to the instance (the model's own
-    ``_apply`` pin, `gemma_profiles.engine.kernels.pin_to_cpu`, or a third-party plugin's)."""
+    ``_apply`` pin, `gemma_profiles.engine.kernels.pin_to_cpu`, or a third-party plugin's).
+    A changed submodule is named before the model itself (whose pin only follows from one)."""
+    found = None
     for name, module in model.named_modules():
         for key, value in module.__dict__.items():
             replaced = isinstance(value, (types.FunctionType, types.MethodType, functools.partial))
             if (name and key.startswith(_OWN_ATTRIBUTES)) or replaced:
-                return name or "the model"
-    return None
+                if name:
+                    return str(name)
+                found = "the model"
+    return found
 
 
 def _reduce_ex(self: Any, protocol: int) -> tuple[Any, ...]:
