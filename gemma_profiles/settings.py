@@ -36,6 +36,12 @@ PROFILE_OFF_WORDS = ("off", "none", "0", "false", "no")
 #: product to a float GEMM on a dequantized copy of the weight (`gemma_profiles.engine.native`);
 #: the planner counts that copy's memory from the same number (`gemma_profiles.planning.memory`).
 DEQUANTIZE_ROWS = 160
+#: The same on the kernel's AVX2 path (float32 sums; `DEQUANTIZE_ROWS` is the VNNI path's): with
+#: a scale per 64 columns and float32 activations, one thread, the kernel took 0.66x the float32
+#: GEMM's time (dequantization included) at 64 rows of 2b's shapes, 1.04x at 128, 1.33x at 256
+#: (``OMP_NUM_THREADS=1 python benchmarks/int8_rows.py``; on the 270M's smaller weights the
+#: crossover is nearer 32-64 rows, where both take under a millisecond).
+DEQUANTIZE_ROWS_AVX2 = 128
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def test_many_rows_go_through_the_dequantized_weight(
     x = torch.randn(2, 5, k, generator=torch.Generator().manual_seed(2)).to(dtype)
     by_kernel = packed.matmul(x)
     monkeypatch.setattr(native, "DEQUANTIZE_ROWS", 10)
+    monkeypatch.setattr(native, "DEQUANTIZE_ROWS_AVX2", 10)
     by_gemm = packed.matmul(x)
     assert by_gemm.shape == by_kernel.shape == (2, 5, n) and by_gemm.dtype == dtype
     exact = x.double() @ (weight.double() * scaler.double().unsqueeze(1)).t()
@@ -136,6 +137,7 @@ def test_a_bfloat16_prompt_on_the_avx2_path_multiplies_in_float32(
     packed = native.Int8Weight.pack(weight, scaler)
     x = torch.randn(3, 640, generator=torch.Generator().manual_seed(3)).bfloat16()
     monkeypatch.setattr(native, "DEQUANTIZE_ROWS", 2)
+    monkeypatch.setattr(native, "DEQUANTIZE_ROWS_AVX2", 2)
     got = packed.matmul(x)
     dense = packed.dequantize(torch.float32)
     if native.int8_path() == "avx2":
@@ -408,6 +410,7 @@ def test_a_grouped_prompt_goes_through_the_dequantized_weight(
     x = torch.randn(2, 3, 640, generator=torch.Generator().manual_seed(2)).bfloat16()
     by_kernel = packed.matmul(x)
     monkeypatch.setattr(native, "DEQUANTIZE_ROWS", 4)
+    monkeypatch.setattr(native, "DEQUANTIZE_ROWS_AVX2", 4)
     by_gemm = packed.matmul(x)
     assert torch.equal(by_gemm, torch.nn.functional.linear(x.float(), dense.float()).bfloat16())
     torch.testing.assert_close(by_kernel, by_gemm, rtol=8e-3, atol=1e-3)

@@ -39,6 +39,8 @@ MAX_K = 32768
 #: (benchmarks/int8_rows.py on the 2-core AVX-512 box: the kernel is 0.83x the GEMM's time at
 #: 128 rows, 1.4x at 256, 4.8x at 1024); in `gemma_profiles.settings`, since the planner counts the copy.
 DEQUANTIZE_ROWS = settings.DEQUANTIZE_ROWS
+#: The same on the AVX2 path (`gemma_profiles.settings.DEQUANTIZE_ROWS_AVX2`).
+DEQUANTIZE_ROWS_AVX2 = settings.DEQUANTIZE_ROWS_AVX2
 
 
 def _where(supported: str, lacking: str) -> ctypes.CDLL | str:
@@ -297,16 +299,17 @@ class Int8Weight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ (weight * scale[:, None]).T`` in ``x``'s dtype (float32 or bfloat16).
 
-        From `DEQUANTIZE_ROWS` rows of ``x`` on (a prompt), the weight is dequantized into a
-        temporary and multiplied by torch's float GEMM instead: the kernel's cost grows with
-        the rows, and there it is ~3x the GEMM's (VNNI path) or about equal (AVX2 path, where
-        a bfloat16 ``x`` is multiplied in float32).
+        From `DEQUANTIZE_ROWS` rows of ``x`` on (`DEQUANTIZE_ROWS_AVX2` on the AVX2 path), the
+        weight is dequantized into a temporary and multiplied by torch's float GEMM instead: the
+        kernel's cost grows with the rows (on the AVX2 path a bfloat16 ``x`` is then multiplied
+        in float32: torch's bfloat16 GEMM is slow without AVX-512 BF16).
         """
         library = _library()
         assert not isinstance(library, str), library
         flat = x.reshape(-1, self.k)
-        if flat.shape[0] >= DEQUANTIZE_ROWS:
-            if x.dtype == torch.bfloat16 and (library.gp_int8_path() == 2 or self.groups is not None):
+        avx2 = library.gp_int8_path() == 2
+        if flat.shape[0] >= (DEQUANTIZE_ROWS_AVX2 if avx2 else DEQUANTIZE_ROWS):
+            if x.dtype == torch.bfloat16 and (avx2 or self.groups is not None):
                 # without AVX-512 BF16 torch's bfloat16 GEMM has no fast kernel (5x float32's
                 # time at 128 x 2048 x 2048 on the AVX2 box): the product runs in float32
                 wide = torch.nn.functional.linear(x.float(), self.dequantize(torch.float32))

@@ -72,7 +72,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from gemma_profiles.settings import DEQUANTIZE_ROWS
+from gemma_profiles.settings import DEQUANTIZE_ROWS, DEQUANTIZE_ROWS_AVX2
 from gemma_profiles.spec.variants import VARIANTS, family_of_architecture
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "bfloat16": 2}
@@ -370,7 +370,12 @@ def estimate_memory(
         items.append(
             MemoryItem(f"{dtype} scratch buffer", device, largest, f"{weight_storage} weights computed in {dtype}")
         )
-    elif int8 and cpu_int8_kernel and dtype in ("float32", "float", "bfloat16") and batch * prefill >= DEQUANTIZE_ROWS:
+    elif (
+        int8
+        and cpu_int8_kernel
+        and dtype in ("float32", "float", "bfloat16")
+        and batch * prefill >= (DEQUANTIZE_ROWS_AVX2 if cpu_int8_wide_prompts else DEQUANTIZE_ROWS)
+    ):
         # The native kernel hands a long prompt's products to a float GEMM on a dequantized copy.
         wide = cpu_int8_wide_prompts and dtype == "bfloat16"
         largest = shape.largest_linear_weights * (4 if wide else size)
