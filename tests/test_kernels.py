@@ -126,6 +126,145 @@ def test_native_bfloat16_product(bf16_kernel: None, rows: int, n: int, k: int) -
     assert kernels.packed_linear(x[:, :0], stored).shape == (2, 0, n)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def test_the_bfloat16_kernel_runs_on_an_avx2_cpu() -> None:
+    """A CPU with AVX2 and FMA runs the native bfloat16 kernel (its AVX2 path without AVX-512
+    BF16), so bfloat16 weights no longer wait for oneDNN's bfloat16 GEMM, which is slow there."""
+    import os
+    import platform
+    import shutil
+
+    from gemma_profiles.engine import native
+
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
+        pytest.skip("not an x86-64 CPU with AVX2 and FMA")
+    if not shutil.which(os.environ.get("CC") or "cc") or os.environ.get(native.ENV) == "0":
+        pytest.skip("no C compiler, or the kernels are turned off")
+    native.reset()
+    assert native.bf16_unavailable() is None and kernels.native_bf16()
+    avx512 = "avx512_bf16" in flags
+    assert kernels.native_path() == ("avx512-bf16" if avx512 else "avx2")
+    assert kernels.native_rows() == (kernels.NATIVE_ROWS if avx512 else kernels.NATIVE_ROWS_AVX2)
+    assert kernels.available(torch.bfloat16) is None
+    assert kernels.kernel_name(torch.bfloat16).startswith("the native bfloat16 kernel")
+
+
+def _native(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``gp_bf16_matmul`` called directly (any number of rows, no routing)."""
+    from gemma_profiles.engine import native
+
+    library = native.bf16_library()
+    assert not isinstance(library, str), library
+    (n, k), rows = weight.shape, x.shape[0]
+    y = torch.empty(rows, n, dtype=torch.bfloat16)
+    assert library.gp_bf16_matmul(x.data_ptr(), rows, k, weight.data_ptr(), n, y.data_ptr()) == 0
+    return y
+
+
+def _assert_bf16_product(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """``got`` is ``x.float() @ weight.float().T`` rounded to bfloat16, within two bfloat16 ulps
+    (float32 sums in another order can round the other way) plus the float32 error of the sum
+    (relative 2^-20 of the sum of |products|, for results that cancel to near zero)."""
+    reference = x.float() @ weight.float().t()
+    rounded = reference.bfloat16().float()
+    ulp = torch.ldexp(torch.ones_like(rounded), torch.frexp(rounded).exponent - 8)  # bfloat16: 8 bits
+    magnitude = x.float().abs() @ weight.float().abs().t()
+    assert got.dtype == torch.bfloat16 and got.shape == reference.shape
+    error = (got.float() - rounded).abs()
+    assert bool((error <= 2 * ulp + magnitude * 2**-20).all()), (error - 2 * ulp).max()
+
+
+@pytest.mark.parametrize("k", [1, 7, 8, 15, 16, 17, 31, 33, 100, 640, 2047, 2049, 4100])
+@pytest.mark.parametrize("n", [1, 3, 5, 8, 13])
+def test_native_bfloat16_tails(bf16_kernel: None, n: int, k: int) -> None:
+    """Columns past a multiple of 16/32 and short row groups (n not a multiple of 4), on one row
+    of x (below and above 2048 columns: one row of w at a time, or four side by side) and on
+    every row count up to the native kernel's limit and one past it (the kernel takes any)."""
+    generator = torch.Generator().manual_seed(n * 10000 + k)
+    weight = torch.randn(n, k, generator=generator).to(torch.bfloat16)
+    for rows in range(1, kernels.native_rows() + 2):
+        x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+        _assert_bf16_product(_native(x, weight), x, weight)
+
+
+@pytest.mark.parametrize("k", [40, 2080])
+def test_native_bfloat16_nan_and_inf(bf16_kernel: None, k: int) -> None:
+    """NaN and infinities propagate as in the float32 product: a NaN input makes its whole
+    output row (x) or column (w) NaN, an infinity gives +-inf, or NaN where inf meets 0 or -inf."""
+    generator = torch.Generator().manual_seed(k)
+    weight = torch.randn(9, k, generator=generator).to(torch.bfloat16)
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+        x[:, 0] = x[:, k - 2] = 1.0
+        x[0, k - 1] = float("nan")  # in a tail column
+        weight[2, 3] = float("inf")
+        weight[4, k // 2] = float("-inf")
+        weight[6, 0] = float("inf")
+        weight[6, k - 2] = float("-inf")  # inf + -inf: NaN
+        if rows > 1:
+            x[1, 0] = 0.0  # 0 * inf: NaN in row 1, column 6
+        got = _native(x, weight).float()
+        reference = x.float() @ weight.float().t()
+        assert torch.equal(got.isnan(), reference.isnan()), (got, reference)
+        assert torch.equal(got.isposinf(), reference.isposinf()) and torch.equal(got.isneginf(), reference.isneginf())
+        assert got[0].isnan().all() and got[:, 6].isnan().all()
+        clean = [0, 1, 3, 5, 7, 8]  # rows of w without an infinity; rows of x past the first have no NaN
+        _assert_bf16_product(got[1:, clean].bfloat16(), x[1:], weight[clean])
+
+
+@pytest.mark.parametrize(("n", "k"), [(70, 100), (33, 2080), (1000, 64)])
+def test_a_long_input_widens_the_weight_to_float32(
+    bf16_kernel: None, monkeypatch: pytest.MonkeyPatch, n: int, k: int
+) -> None:
+    """More rows than the native kernel takes: on the AVX2 path the weight is widened to float32
+    a block of rows at a time (here small blocks, the last one short) for torch's float32 GEMM;
+    the result is the float32 product rounded once to bfloat16, also inside inference mode (the
+    reused block buffer is an ordinary tensor either way) and for inputs of more dimensions."""
+    monkeypatch.setattr(kernels, "WIDEN_BYTES", 4 * k * 16)  # blocks of 16 rows
+    generator = torch.Generator().manual_seed(n + k)
+    weight = kernels.pack(torch.randn(n, k, generator=generator).to(torch.bfloat16))
+    x = torch.randn(2, kernels.native_rows(), k, generator=generator).to(torch.bfloat16)
+    flat = x.reshape(-1, k)
+    wide = kernels.widened_linear(flat, weight)
+    assert torch.equal(wide, (flat.float() @ weight.float().t()).bfloat16())
+    _assert_bf16_product(wide, flat, weight)
+    with torch.inference_mode():
+        assert torch.equal(kernels.widened_linear(flat, weight), wide)
+    got = kernels.packed_linear(x, weight)
+    assert got.shape == (2, kernels.native_rows(), n)
+    if kernels.native_path() == "avx2":
+        assert torch.equal(got.reshape(-1, n), wide)
+    else:
+        assert torch.equal(got, torch.nn.functional.linear(x, weight))
+
+
+def test_a_long_input_on_the_avx2_path_never_reaches_bfloat16_f_linear(
+    bf16_kernel: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel runs its AVX2 path, a prompt's bfloat16 product is never torch's bfloat16
+    GEMM (9.5x slower than float32 there); up to the row limit it is the native kernel."""
+    if kernels.native_path() != "avx2":
+        pytest.skip("the AVX-512 BF16 path sends prompts to oneDNN's bfloat16 GEMM")
+
+    def refuse(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("bfloat16 F.linear")
+
+    monkeypatch.setattr(torch.nn.functional, "linear", refuse)
+    weight = kernels.pack(torch.randn(24, 640).to(torch.bfloat16))
+    for rows in (1, kernels.native_rows(), kernels.native_rows() + 1, 300):
+        x = torch.randn(rows, 640).to(torch.bfloat16)
+        _assert_bf16_product(kernels.packed_linear(x, weight), x, weight)
+
+
 @pytest.fixture
 def without_native(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """``GEMMA_PROFILE_NATIVE=0``, the library's cached state forgotten before and after; skips

@@ -20,7 +20,15 @@ model:
   itself, on 4 KiB pages.  Longer inputs (a prompt) take ``F.linear`` on the plain weight:
   oneDNN reorders it on each call, 1.12-1.15x the packed product's time at 640 rows,
   1.3-1.4x at 64, 1.6-1.9x at 8-16 (where this kernel is used instead);
-- **otherwise** (float32, or no AVX-512 BF16): the weight reordered once by
+- **bfloat16 on a CPU with AVX2 + FMA but no AVX-512 BF16** (Haswell, Zen 1-3; and the
+  library): the same plain weight on 2 MiB pages and the same kernel, on its AVX2 path (float32
+  FMAs on the widened weight; one row of activations streams at memory speed where oneDNN's
+  bfloat16 product read at 0.3-0.65x a ``sum()``'s rate - ``benchmarks/bf16_avx2.py``), up to
+  `NATIVE_ROWS_AVX2` rows.  Longer inputs never reach torch's bfloat16 GEMM, which has no fast
+  kernel on such CPUs (prompts 9.5x slower than float32: docs/benchmarks.md): `widened_linear`
+  widens the weight to float32 `WIDEN_BYTES` at a time into one reused buffer per thread and
+  runs torch's float32 GEMM, rounding the sums to bfloat16 once;
+- **otherwise** (float32, or neither path): the weight reordered once by
   ``torch.ops.mkldnn._reorder_linear_weight`` (what ``torch.compile`` does with frozen CPU
   weights), an opaque ``_mkldnn`` tensor that ``torch.ops.mkldnn._linear_pointwise`` reads
   at 45-73 GB/s in both dtypes; prompt-sized batches get faster too.
@@ -53,7 +61,7 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 #: box; at 8 rows 0.85-0.9x oneDNN's packed product, at 32 1.3x), beyond that it is compute-bound.
 NATIVE_ROWS = 16
 #: The same for the kernel's AVX2 + FMA path, against `widened_linear` (benchmarks/bf16_avx2.py).
-NATIVE_ROWS_AVX2 = 16
+NATIVE_ROWS_AVX2 = 64
 #: float32 bytes of weight rows `widened_linear` widens at a time (one buffer per thread, reused).
 WIDEN_BYTES = 8 << 20
 
