@@ -23,6 +23,32 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"gemma under test: {gemma_status().describe()}"
 
 
+# -- pytest-xdist (.ci/run: -n 2 --dist loadgroup) ----------------------------------------------------
+#: Work that takes minutes on its own, started first under xdist so that it overlaps the many short
+#: modules instead of running alone at the end (longest first; each name a module or module/part).
+SLOW_FIRST = ("test_transformers/real", "test_real_model", "test_transformers", "test_offload", "test_parallel")
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The unit one xdist worker runs whole: the test's module (its module-scoped fixtures are built
+    once), except transformers' real-270M tests, a part of their own (their own fixture, ~2 min)."""
+    module = item.path.stem
+    if module == "test_transformers" and "real" in getattr(item, "fixturenames", ()):
+        return f"{module}/real"
+    return module
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):
+        return  # not an xdist worker: the order and the marks stay as they are
+    groups = {id(item): xdist_group(item) for item in items}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[id(item)]))
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[id(item)], len(rank)))  # stable: each module's own order kept
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """No profile active, state and user dir in a temp folder, a fresh plugin manager."""

@@ -230,6 +230,74 @@ def test_ci_runs_make_test():
     assert "pytest -q" not in text and "pip install" not in text  # the set-up and the test command are make's
 
 
+#: The engine modules that hold or drive the native kernels: a test module importing one of them has
+#: tests whose path differs without a C compiler.
+KERNEL_MODULES = {"native", "fused", "kernels", "quantization", "build"}
+
+
+def ci_list(name: str) -> list[str]:
+    """The test modules a ``NAME="..."`` list in .ci/run names."""
+    text = (ROOT / ".ci" / "run").read_text()
+    start = text.index(f'\n{name}="') + len(name) + 3
+    return text[start : text.index('"', start)].split()
+
+
+def kernel_imports(path: Path) -> set[str]:
+    """Which of `KERNEL_MODULES` the test module imports (``from gemma_profiles.engine import x`` or
+    ``gemma_profiles.engine.x``), anywhere in it."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module == "gemma_profiles.engine":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(
+                node.module.removeprefix("gemma_profiles.engine.")
+                if node.module.startswith("gemma_profiles.engine.")
+                else ""
+            )
+        elif isinstance(node, ast.Import):
+            found |= {
+                a.name.removeprefix("gemma_profiles.engine.")
+                for a in node.names
+                if a.name.startswith("gemma_profiles.engine.")
+            }
+    return found & KERNEL_MODULES
+
+
+def test_ci_runs_every_module_importing_the_kernels_without_a_compiler():
+    """The no-compiler pass is an allow-list: a new test module of the kernels must be in it."""
+    listed = set(ci_list("NO_CC_TESTS"))
+    modules = {path.stem: path for path in (ROOT / "tests").glob("test_*.py")}
+    assert listed <= set(modules), f"NO_CC_TESTS in .ci/run names no such module: {sorted(listed - set(modules))}"
+    missing = sorted(name for name, path in modules.items() if kernel_imports(path) and name not in listed)
+    assert not missing, f"add to NO_CC_TESTS in .ci/run (they import the kernels' modules): {missing}"
+
+
+def test_the_kernel_module_rule_sees_each_import_form(tmp_path: Path):
+    forms = {
+        "from gemma_profiles.engine import native, loading": {"native"},
+        "from gemma_profiles.engine.fused import install": {"fused"},
+        "import gemma_profiles.engine.quantization": {"quantization"},
+        "from gemma_profiles.engine import offload as streaming": set(),
+        "def f():\n    from gemma_profiles.engine import kernels": {"kernels"},
+    }
+    for source, expected in forms.items():
+        (tmp_path / "test_x.py").write_text(source + "\n")
+        assert kernel_imports(tmp_path / "test_x.py") == expected, source
+
+
+def test_ci_runs_each_kernel_test_module_once():
+    """The kernels' own modules leave the two-worker pass for one of their own (default threads)."""
+    text = (ROOT / ".ci" / "run").read_text()
+    kernel_tests = ci_list("KERNEL_TESTS")
+    assert kernel_tests and all((ROOT / "tests" / f"{name}.py").is_file() for name in kernel_tests)
+    assert text.count('PYTEST_ARGS="$XDIST$(tests --ignore= "$KERNEL_TESTS")"') == 2  # gemma_pytorch, stand-in
+    assert text.count('PYTEST_ARGS="-p no:cacheprovider$(tests "" "$KERNEL_TESTS")"') == 2
+    assert 'PYTEST_ARGS="$XDIST$(tests "" "$NO_CC_TESTS")"' in text
+
+
 def test_the_demo_without_its_model_package_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):

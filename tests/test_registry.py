@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -256,9 +259,21 @@ def test_a_source_that_cannot_be_listed_is_skipped_with_one_warning(log_messages
     assert "(GEMMA_PROFILE_PATH) are skipped: File name too long" in warnings[0]
 
 
-def test_a_source_that_is_neither_folder_nor_profile_file_is_skipped_with_one_warning(tmp_path, log_messages):
+@pytest.fixture
+def short_tmp_path() -> Iterator[Path]:
+    """A temp folder with a short path: a long one is shown elided in the warnings (pytest-xdist's
+    workers add ``popen-gwN/`` to ``tmp_path``)."""
+    folder = Path(tempfile.mkdtemp(prefix="gp-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_source_that_is_neither_folder_nor_profile_file_is_skipped_with_one_warning(short_tmp_path, log_messages):
     from gemma_profiles.spec import registry as registry_module
 
+    tmp_path = short_tmp_path
     registry_module._unreadable.clear()
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
