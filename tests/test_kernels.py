@@ -444,6 +444,25 @@ def test_only_on_a_cpu_execution_device(write_profile: Callable[..., Path]) -> N
     assert plan("{}").runs_on_cpu(device_problem) is not (torch.cuda.is_available())
 
 
+def test_packing_hands_the_freed_weight_back_to_the_system(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight converted while loading lives in the C heap: once copied for the kernel, it is
+    freed before the heap is trimmed (glibc kept 138 MiB of Gemma 3 270M's otherwise)."""
+    import weakref
+
+    if kernels.available(torch.bfloat16):
+        pytest.skip(str(kernels.available(torch.bfloat16)))
+    linear = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    module = type("Linear", (torch.nn.Module,), {"quant": False})()  # gemma's Linear, matched by name
+    module.weight = linear.weight
+    del linear
+    source = weakref.ref(module.weight)
+    calls: list[bool] = []
+    monkeypatch.setattr(kernels, "_malloc_trim", lambda: lambda pad: calls.append(source() is None) or 1)
+    kernels.pack_module(module)
+    assert calls == [True], "trimmed once, after the source weight was freed"
+    assert kernels.is_packed(module)
+
+
 def test_release_pages_never_zeroes_anonymous_memory(tmp_path: Path) -> None:
     tensor = torch.arange(4 * mmap.PAGESIZE, dtype=torch.uint8)
     start = tensor.data_ptr()
