@@ -270,9 +270,10 @@ def test_float16_storage_gives_float32s_answers_where_float16_compute_fails(
 def test_offload_gives_the_resident_models_logits_exactly(
     logits_of: Any, tmp_path: Path, write_profile: Any, monkeypatch: pytest.MonkeyPatch
 ):
-    # Offloaded layers run gemma's own forwards (the fused layers serve a model resident on the CPU
-    # as a whole): the same math is cpu-32gb without the fused builtin.
-    monkeypatch.setenv(DISABLE_PLUGINS.name, "fused")
+    # Offloaded layers run gemma's own forwards and torch's products (the fused layers and the native
+    # bfloat16 kernel serve a model resident on the CPU as a whole): the same math is cpu-32gb
+    # without the fused and kernels builtins.
+    monkeypatch.setenv(DISABLE_PLUGINS.name, "fused,kernels")
     manager.reset_plugin_manager()
     text = "name: resident\ndescription: cpu-32gb, gemma's own layer forwards\nextends: cpu-32gb\n"
     resident, _ = logits_of(str(write_profile("resident", text)), SAME_MATH_TOKENS)
