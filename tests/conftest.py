@@ -7,6 +7,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,30 +24,46 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"gemma under test: {gemma_status().describe()}"
 
 
-# -- pytest-xdist (.ci/run: -n 2 --dist loadgroup) ----------------------------------------------------
+# -- pytest-xdist (.ci/run: -n 2 --dist loadfile) -----------------------------------------------------
 #: Work that takes minutes on its own, started first under xdist so that it overlaps the many short
-#: modules instead of running alone at the end (longest first; each name a module or module/part).
-SLOW_FIRST = ("test_transformers/real", "test_real_model", "test_transformers", "test_offload", "test_parallel")
+#: modules instead of running alone at the end (longest first; each name a scope of `xdist_scope`).
+SLOW_FIRST = (
+    "tests/test_transformers.py::real",
+    "tests/test_real_model.py",
+    "tests/test_transformers.py",
+    "tests/test_offload.py",
+    "tests/test_parallel.py",
+)
 
 
-def xdist_group(item: pytest.Item) -> str:
-    """The unit one xdist worker runs whole: the test's module (its module-scoped fixtures are built
-    once), except transformers' real-270M tests, a part of their own (their own fixture, ~2 min)."""
-    module = item.path.stem
-    if module == "test_transformers" and "real" in getattr(item, "fixturenames", ()):
-        return f"{module}/real"
+def xdist_scope(nodeid: str) -> str:
+    """What one xdist worker runs whole: the test's module (its module-scoped fixtures are built once),
+    except transformers' real-270M tests, a scope of their own (their own fixture, ~2 min)."""
+    module = nodeid.split("::", 1)[0]
+    if module.endswith("test_transformers.py") and "::test_real_270m" in nodeid:
+        return f"{module}::real"
     return module
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the marks
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with `xdist_scope`'s scopes (``--dist load``, ``each``, ...: xdist's own)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scopes(LoadFileScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return Scopes(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not hasattr(config, "workerinput"):
-        return  # not an xdist worker: the order and the marks stay as they are
-    groups = {id(item): xdist_group(item) for item in items}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[id(item)]))
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(groups[id(item)], len(rank)))  # stable: each module's own order kept
+    """Under xdist the scopes are handed out in collection order: the slow ones go first."""
+    if hasattr(config, "workerinput"):  # an xdist worker; else the order stays as it is
+        rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+        items.sort(key=lambda item: rank.get(xdist_scope(item.nodeid), len(rank)))  # stable sort
 
 
 @pytest.fixture(autouse=True)

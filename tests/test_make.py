@@ -341,3 +341,17 @@ def test_the_demo_runs_the_real_model_under_a_profile_and_as_is(tmp_path: Path):
     assert summaries[1].startswith("SUMMARY profile=none ") and "dtype=float32" in summaries[1]
     assert summaries[2].startswith("SUMMARY ratio cpu-32gb/as-is: tokens/s x")
     assert "[GEMMA_PROFILE=cpu-32gb] The capital of France is" in done.stdout
+
+
+def test_xdist_scopes_keep_a_module_on_one_worker_but_split_off_transformers_real_model():
+    from conftest import SLOW_FIRST, xdist_scope
+
+    assert xdist_scope("tests/test_offload.py::test_x[a-b]") == "tests/test_offload.py"
+    assert (
+        xdist_scope("tests/test_transformers.py::test_cpu_8gb_computes_on_int8_weights") == "tests/test_transformers.py"
+    )
+    real = "tests/test_transformers.py::test_real_270m_under_cpu_32gb"
+    assert xdist_scope(real) == "tests/test_transformers.py::real"
+    assert all((ROOT / name.split("::")[0]).is_file() for name in SLOW_FIRST)
+    transformers = (ROOT / "tests" / "test_transformers.py").read_text()
+    assert "def test_real_270m_" in transformers  # the tests the split is for still carry the name it matches
