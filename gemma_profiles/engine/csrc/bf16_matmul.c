@@ -1,8 +1,8 @@
 /*
- * y = x @ w.T for bfloat16 weights on a CPU with AVX-512 BF16, for a few rows of x (a decode
- * step, a short prompt).
+ * y = x @ w.T for bfloat16 weights on a CPU with AVX-512 BF16, or AVX2 + FMA (below), for a few
+ * rows of x (a decode step, a short prompt).
  *
- * Built on first use by gemma_profiles/native.py (cc -O3 -fopenmp), loaded with ctypes;
+ * Built on first use by gemma_profiles/engine/build.py (cc -O3 -fopenmp), loaded with ctypes;
  * OpenMP resolves to the libgomp torch already loaded, so both share one thread pool.
  *
  * Why: a decode step reads every weight once, so its time is the rate at which the weights
