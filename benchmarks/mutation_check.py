@@ -64,10 +64,18 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "int8 step x1.05",
         "gemma_profiles/engine/loading.py",
-        ".div_(127.0)\n        if finite",
-        ".div_(127.0).mul_(1.05)\n        if finite",
+        "amax(dim=1).clamp_(min=1e-12).div_(127.0)\n        if finite",
+        "amax(dim=1).clamp_(min=1e-12).div_(127.0).mul_(1.05)\n        if finite",
         INT8_TESTS,
         "a coarser grid, q and scale consistent",
+    ),
+    Mutation(
+        "int8 group step x1.05",
+        "gemma_profiles/engine/loading.py",
+        "amax(dim=2).clamp_(min=1e-12).div_(127.0)",
+        "amax(dim=2).clamp_(min=1e-12).div_(127.0).mul_(1.05)",
+        INT8_TESTS,
+        "scales per 64 columns on a coarser grid (the AVX2 path's format)",
     ),
     Mutation(
         "int8 truncates",

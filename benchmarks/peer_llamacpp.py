@@ -8,13 +8,15 @@ Five systems, each in a fresh process, in interleaved rounds (every round runs e
 once; each round starts one system later, so no system always follows the same one):
 
 - gemma as it ships, float32 (``GEMMA_PROFILE=off``, run.py's dtype);
-- ours, ``cpu-32gb`` (bfloat16) and ``cpu-8gb`` (int8 weights, bfloat16 compute), through the
+- ours, ``cpu-32gb`` (bfloat16) and ``cpu-8gb`` (int8 weights, float32 compute), through the
   .pth autoload: the same script as gemma's;
 - llama.cpp (llama-cpp-python's ``Llama``) on a BF16 GGUF and on a Q8_0 GGUF.
 
 Same weights everywhere: the registry's Gemma 3 270M (Q4_K_M). gemma and ours load its
 ``gemma-profile import`` (float32: the dequantized values exactly; cpu-32gb rounds them to
-bfloat16 while loading, cpu-8gb quantizes them per row). The two GGUFs for llama.cpp are made
+bfloat16 while loading, cpu-8gb quantizes them to int8: the tied embedder with row and column
+scales, the decoder's linears per row, or per 64 columns where the native int8 kernel's AVX2 path
+runs). The two GGUFs for llama.cpp are made
 from that same Q4_K_M file by llama.cpp's own ``llama_model_quantize`` (``allow_requantize``,
 ``pure``): it dequantizes every tensor to float32 and writes BF16 (the same rounding as
 cpu-32gb's: the embedder is checked bit for bit against the import's) or Q8_0 (blocks of 32, one
@@ -268,10 +270,13 @@ def weight_bytes(checkpoint: Path) -> dict[str, int]:
     matrices = sum(t.numel() for t in state.values() if t.dim() == 2)
     rows = sum(t.shape[0] for t in state.values() if t.dim() == 2)
     vectors = sum(t.numel() for t in state.values() if t.dim() != 2)
+    linears = sum(t.numel() for name, t in state.items() if t.dim() == 2 and "embedder" not in name)
     return {
         "gemma": 4 * (matrices + vectors),
         "cpu-32gb": 2 * (matrices + vectors),
-        "cpu-8gb": matrices + 2 * rows + 2 * vectors,  # int8 + a bfloat16 scale per row
+        # int8, a float32 scale per row and, on the int8 kernel's AVX2 path, one per 64 columns of
+        # the decoder's linears (float32 compute: the norms stay float32)
+        "cpu-8gb": matrices + 4 * rows + 4 * linears // 64 + 4 * vectors,
     }
 
 

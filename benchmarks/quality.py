@@ -124,7 +124,11 @@ def _build(row: Row, folder: Path) -> None:
         model.load_weights(str(folder / gguf_import.CHECKPOINT))
         row.model = model.eval()
     row.load_s = time.perf_counter() - start
-    kinds = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    # the weights as saved: an int8 weight on the native kernel is a buffer in its layout
+    weights = model.state_dict().values()
+    kinds = sorted(
+        {str(t.dtype).removeprefix("torch.") for t in weights if t.is_floating_point() or t.dtype == torch.int8}
+    )
     row.kind = "/".join(kinds) + f", compute {model.config.dtype}"
 
 

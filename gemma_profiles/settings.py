@@ -104,7 +104,7 @@ NATIVE = Variable(
     "a switch",
     "on",
     "our native C kernels (int8 and bfloat16 products, fused layers) where the CPU has "
-    "AVX-512; off computes with torch's kernels and gemma's own layer forwards",
+    "AVX2 + FMA or AVX-512; off computes with torch's kernels and gemma's own layer forwards",
 )
 NATIVE_BUILD_TIMEOUT = Variable(
     "GEMMA_PROFILE_NATIVE_BUILD_TIMEOUT",

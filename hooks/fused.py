@@ -1,7 +1,7 @@
 """gemma's norms, MLP middle, attention core and greedy argmax in native calls: see `gemma_profiles.engine.fused`.
 
 Applies when the model runs on the CPU as a whole (as the ``kernels`` builtin) and the
-native library builds and runs here (x86-64 with AVX-512 and a C compiler).  Block it with
+native library builds and runs here (x86-64 with AVX-512 or AVX2 + FMA, and a C compiler).  Block it with
 ``GEMMA_PROFILE_DISABLE_PLUGINS=fused`` to run gemma's own layer forwards.
 
 The third engine stage of `gemma_profile_weights_loaded` (``quantization`` -> ``kernels`` ->

@@ -442,6 +442,12 @@ def _declare(library: ctypes.CDLL) -> None:
         # 1: AVX-512 VNNI, 2: AVX2 + FMA, 0: neither
         "gp_int8_path": (i32, ()),
         "gp_decode_supported": (i32, ()),
+        # 1: AVX-512 F/BW/VL, 2: AVX2 + FMA, 0: neither; gp_decode_use(2) forces the AVX2 path
+        # (tests, on an AVX-512 CPU), gp_decode_use(0) goes back to the CPU's best
+        "gp_decode_path": (i32, ()),
+        "gp_decode_use": (i32, (i32,)),
+        # x (float32), n, y: e^x with the kernels' own exp (tests)
+        "gp_exp": (None, (p, i64, p)),
         "gp_bf16_supported": (i32, ()),
         # x (bfloat16), rows, k, w (bfloat16, n x k), n, y (bfloat16)
         "gp_bf16_matmul": (i32, (p, i64, i64, p, i64, p)),

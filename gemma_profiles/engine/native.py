@@ -3,9 +3,11 @@
 Torch-touching.  Three parts in one library: the int8 matmul (``csrc/int8_matmul.c``,
 used by `gemma_profiles.engine.quantization` on a CPU with AVX-512 VNNI - exact integer sums -
 or AVX2 + FMA - float32 sums; `int8_path` says which), the bfloat16 matmul
-(``csrc/bf16_matmul.c``, used by `gemma_profiles.engine.kernels` on a CPU with AVX-512 BF16) and
+(``csrc/bf16_matmul.c``, used by `gemma_profiles.engine.kernels` on a CPU with AVX-512 BF16 or
+AVX2 + FMA) and
 the decoder-layer kernels (``csrc/decode.c``, used by `gemma_profiles.engine.fused` on a CPU with
-AVX-512).
+AVX-512 F/BW/VL or AVX2 + FMA).  Each part checks the CPU when called and takes its AVX-512 path
+where the CPU has the instructions, else its AVX2 + FMA one.
 
 `gemma_profiles.engine.build` compiles the library on first use, caches it and loads it
 (no torch); a missing compiler, a failed build or a CPU without the instructions leaves the
