@@ -475,3 +475,19 @@ def test_a_grouped_linear_off_the_avx2_path_becomes_per_row() -> None:
     assert GROUP_SCALER not in module._buffers
     want_q, want_scale = per_row(q, groups.amax(1), groups=groups)
     assert torch.equal(module.weight, want_q) and torch.equal(module.weight_scaler, want_scale)
+
+
+def test_the_scratch_buffer_made_under_inference_mode_serves_a_forward_outside_it() -> None:
+    """gemma's generate runs under inference mode; the int8 scratch buffer it first allocates is
+    then used by a plain forward too (a test, a script's own call): it must be a normal tensor
+    (an inference tensor cannot be written outside inference mode)."""
+    from gemma_profiles.engine import quantization
+
+    quantization._scratch.clear()
+    q, scaler = quantize_rows(weights(8, 64, seed=17), torch.float32)
+    x = activations(1, 64, 1.0)
+    with torch.inference_mode():
+        inside = int8_linear(x, q, scaler)
+    outside = int8_linear(x, q, scaler)
+    assert torch.equal(inside, outside)
+    assert_near(outside, reference(x, q, scaler), 1e-5)

@@ -43,7 +43,6 @@ whole model), and int8 layers keep their own kernel (`gemma_profiles.engine.quan
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import threading
 from collections.abc import Callable
@@ -53,7 +52,7 @@ import torch
 from torch import nn
 
 from gemma_profiles.engine import hugepages, native, surgery
-from gemma_profiles.engine.pages import release_pages
+from gemma_profiles.engine.pages import release_pages, trim_heap
 from gemma_profiles.errors import GemmaProfileError
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -324,28 +323,6 @@ def pack_module(module: nn.Module) -> None:
     del weight
     trim_heap()
     surgery.swap(module, Packed)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):  # not glibc
-        return None
-    return trim
-
-
-def trim_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
-
-    A weight converted while loading (a float32 checkpoint in a bfloat16 model) lives in the heap,
-    not in the file's pages; freed after its copy onto 2 MiB pages, glibc keeps its pages: Gemma 3
-    270M under cpu-32gb stayed 138 MiB above the plain model after loading (1072 against 934 MiB),
-    and loading peaked there too.  Trimming after each copy keeps the peak one tensor above the
-    model (about 35 ms for the 270M's 90 layers)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def packable(module: nn.Module) -> bool:

@@ -54,7 +54,10 @@ def _scratch_for(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     key = (weight.device, dtype)
     buffer = _scratch.get(key)
     if buffer is None or buffer.numel() < weight.numel():
-        buffer = torch.empty(weight.numel(), dtype=dtype, device=weight.device)
+        # a normal tensor even when made under inference mode (gemma's generate): an inference
+        # tensor could not be written by a forward outside it
+        with torch.inference_mode(False):
+            buffer = torch.empty(weight.numel(), dtype=dtype, device=weight.device)
         _scratch[key] = buffer
     return buffer[: weight.numel()].view(weight.shape)
 
