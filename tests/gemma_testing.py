@@ -6,6 +6,7 @@ import dataclasses
 import os
 import random
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -60,6 +61,41 @@ def _period(items: Sequence[Any]) -> list[Any]:
         if n % p == 0 and list(items[:p]) * (n // p) == list(items):
             return list(items[:p])
     return list(items)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's Linux ``/proc/cpuinfo`` flags (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def tiny_hf_model(kind: str, **overrides: Any) -> Any:
+    """A tiny random transformers Gemma (``kind``: ``gemma3``, ``gemma2`` or ``gemma``), written with
+    transformers' own config classes (no download): 2 layers of 64, vocabulary 512, seeded."""
+    import transformers
+
+    torch.manual_seed(0)
+    shape: dict[str, Any] = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=32,
+        initializer_range=0.2,  # logits far enough apart that a top-1 means something
+    )
+    shape.update(overrides)
+    if kind == "gemma3":
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(num_key_value_heads=1, **shape))
+    if kind == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(num_key_value_heads=2, **shape))
+    shape.pop("sliding_window")
+    return transformers.GemmaForCausalLM(transformers.GemmaConfig(num_key_value_heads=1, **shape))
 
 
 def tiny_config(

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from gemma_testing import cpu_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_kernels import checkpoint, cpu_profile, load  # noqa: F401 (checkpoint: a fixture)
@@ -28,15 +29,6 @@ def torch_only(test: Callable[..., None]) -> Callable[..., None]:
     """A test of this file's own yardsticks, on gemma's forwards: it runs without the kernels."""
     test.torch_only = True  # type: ignore[attr-defined]
     return test
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's Linux ``/proc/cpuinfo`` flags (empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
 FLAGS = cpu_flags()

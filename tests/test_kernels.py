@@ -126,15 +126,6 @@ def test_native_bfloat16_product(bf16_kernel: None, rows: int, n: int, k: int) -
     assert kernels.packed_linear(x[:, :0], stored).shape == (2, 0, n)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
 def test_the_bfloat16_kernel_runs_on_an_avx2_cpu() -> None:
     """A CPU with AVX2 and FMA runs the native bfloat16 kernel (its AVX2 path without AVX-512
     BF16), so bfloat16 weights no longer wait for oneDNN's bfloat16 GEMM, which is slow there."""
@@ -142,9 +133,11 @@ def test_the_bfloat16_kernel_runs_on_an_avx2_cpu() -> None:
     import platform
     import shutil
 
+    from gemma_testing import cpu_flags
+
     from gemma_profiles.engine import native
 
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
         pytest.skip("not an x86-64 CPU with AVX2 and FMA")
     if not shutil.which(os.environ.get("CC") or "cc") or os.environ.get(native.ENV) == "0":

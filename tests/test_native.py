@@ -103,22 +103,15 @@ def test_many_rows_go_through_the_dequantized_weight(
         assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < tolerance
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
 def test_the_kernel_runs_on_an_avx2_cpu() -> None:
     """A CPU with AVX2 and FMA runs the kernel (its float32 path without AVX-512 VNNI): the
     kernel is not left to AVX-512 machines only, where CI never runs it."""
     import platform
     import shutil
 
-    flags = _cpu_flags()
+    from gemma_testing import cpu_flags
+
+    flags = cpu_flags()
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
         pytest.skip("not an x86-64 CPU with AVX2 and FMA")
     if not shutil.which(os.environ.get("CC") or "cc") or os.environ.get(native.ENV) == "0":

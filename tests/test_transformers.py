@@ -59,25 +59,9 @@ print(json.dumps({"tokens": tokens, "argmax": argmax, "dtype": str(model.dtype),
 
 
 def _tiny(kind: str, folder: Path) -> Path:
-    import torch
+    from gemma_testing import tiny_hf_model
 
-    torch.manual_seed(0)
-    common: dict[str, Any] = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        head_dim=16,
-        max_position_embeddings=256,
-        sliding_window=32,
-        initializer_range=0.2,  # logits far enough apart that a top-1 means something
-    )
-    if kind == "gemma3":
-        model: Any = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(num_key_value_heads=1, **common))
-    else:
-        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(num_key_value_heads=2, **common))
-    model.save_pretrained(folder)
+    tiny_hf_model(kind).save_pretrained(folder)
     return folder
 
 

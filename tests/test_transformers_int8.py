@@ -35,26 +35,9 @@ LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); the tied lm_head is the
 
 
 def _tiny(kind: str, folder: Path, **overrides: Any) -> Path:
-    torch.manual_seed(0)
-    shape: dict[str, Any] = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        head_dim=16,
-        max_position_embeddings=256,
-        sliding_window=32,
-        initializer_range=0.2,  # logits far enough apart that a top-1 means something
-    )
-    shape.update(overrides)
-    if kind == "gemma3":
-        model: Any = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(num_key_value_heads=1, **shape))
-    elif kind == "gemma2":
-        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(num_key_value_heads=2, **shape))
-    else:
-        shape.pop("sliding_window")
-        model = transformers.GemmaForCausalLM(transformers.GemmaConfig(num_key_value_heads=1, **shape))
+    from gemma_testing import tiny_hf_model
+
+    model = tiny_hf_model(kind, **overrides)
     with torch.no_grad():
         # Layers that outweigh the embedding in the residual stream: otherwise a random model with a tied
         # embedder predicts its input token again (half the positions, and greedy text repeats one token).

@@ -77,6 +77,7 @@ def unavailable() -> str | None:
     return library if isinstance(library, str) else None
 
 
+@functools.lru_cache(maxsize=1)
 def int8_path() -> str | None:
     """Which path of the int8 kernel runs here: ``"avx512-vnni"``, ``"avx2"``, or None (neither)."""
     library = _library()
@@ -94,7 +95,7 @@ def bf16_unavailable() -> str | None:
 def reset() -> None:
     """Forget the cached library (tests switch ``GEMMA_PROFILE_NATIVE``/``CC``)."""
     build.reset()
-    for cached in (_library, decode_library, bf16_library):
+    for cached in (_library, decode_library, bf16_library, int8_path):
         cached.cache_clear()
 
 
@@ -309,7 +310,7 @@ class Int8Weight:
         library = _library()
         assert not isinstance(library, str), library
         flat = x.reshape(-1, self.k)
-        avx2 = library.gp_int8_path() == 2
+        avx2 = int8_path() == "avx2"  # (cached: this is every int8 product's path)
         if flat.shape[0] >= (DEQUANTIZE_ROWS_AVX2 if avx2 else DEQUANTIZE_ROWS):
             if x.dtype == torch.bfloat16 and (avx2 or self.groups is not None):
                 # without AVX-512 BF16 torch's bfloat16 GEMM has no fast kernel (5x float32's

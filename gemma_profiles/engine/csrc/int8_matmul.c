@@ -363,7 +363,6 @@ static void block4_256(const float *xf, int64_t m_rows, int64_t kp, int64_t c0, 
         for (int r = 0; r < ROWS; ++r) finish256(hsum8(sums[r]), m, n0 + r, last, acc, n4, scale, y, y_bf16, n);
     }
 }
-#undef PREFETCH_BLOCK
 
 /* ---- scales per group of columns (AVX2 path only) ----------------------------------------
  * w ~= q * gscale[r][i / group]: gscale is n x (k / group) float32, group a multiple of 64
@@ -384,12 +383,7 @@ static void block4_grouped(const float *xf, int64_t m_rows, int64_t kp, int64_t 
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t i = g0; i < g0 + group; i += 64) {
                 const int8_t *at = block + i * ROWS;
-                if (m == 0) {
-                    _mm_prefetch((const char *)at + PREFETCH_BYTES, _MM_HINT_T0);
-                    _mm_prefetch((const char *)at + PREFETCH_BYTES + 64, _MM_HINT_T0);
-                    _mm_prefetch((const char *)at + PREFETCH_BYTES + 128, _MM_HINT_T0);
-                    _mm_prefetch((const char *)at + PREFETCH_BYTES + 192, _MM_HINT_T0);
-                }
+                if (m == 0) PREFETCH_BLOCK(at);
                 for (int j = 0; j < 64; j += 8) {
                     __m256 xv = _mm256_loadu_ps(xm + i + j);
                     a0 = _mm256_fmadd_ps(WIDEN8(at + j), xv, a0);
