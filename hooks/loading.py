@@ -36,11 +36,20 @@ def execution_devices(plan: Plan, pending: str | None = None) -> tuple[str, dict
     wanted = str(plan.device.value) if plan.device is not None else pending
     if wanted is not None:
         device = wanted if device_problem(wanted) is None else "cpu"
-    layers = {
-        index: "cpu" if where in OFFLOAD_TARGETS or device == "cpu" else device
-        for index, where in expand_layers(plan.layers).items()
-    }
+    layers = {index: _layer_device(where, device) for index, where in expand_layers(plan.layers).items()}
     return device, layers
+
+
+def _layer_device(where: str, device: str) -> str:
+    """Where a decoder layer's weights are loaded: offloaded layers wait on the CPU; a layer another
+    GPU computes (a pipeline stage) goes straight there; else the execution device."""
+    from gemma_profiles.engine.devices import device_problem
+
+    if where in OFFLOAD_TARGETS or device == "cpu":
+        return "cpu"
+    if where.startswith("cuda:") and device.startswith("cuda") and device_problem(where) is None:
+        return where
+    return device
 
 
 def planned_embedder_device(plan: Plan, device: str) -> str | None:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -135,18 +136,13 @@ def decide_layout(model: nn.Module, plan: Plan, device: str) -> Layout:
         per_layer, reason = {}, "nothing to offload"
     stream_cpu = stream_on_cpu()
     offloaded: dict[int, str] = {}
+    stages: dict[int, str] = {}
     for index in range(count):
         where = per_layer.get(index, device)
         if where in OFFLOAD_TARGETS and (where != device or stream_cpu):
             offloaded[index] = where
         elif where != device:
-            raise GemmaProfileError(
-                f"profile '{plan.profile}' puts decoder layer {index} on {where}, but the model runs on {device}: "
-                "gemma's generate() allocates every layer's KV cache on one device, so decoder layers run there "
-                "and the others are offloaded",
-                where=plan.profile_path,
-                hint=f"map layers to {device}, cpu or disk",
-            )
+            stages[index] = _stage(plan, index, where, device)
     if embedder is not None and embedder not in OFFLOAD_TARGETS and embedder != device:
         raise GemmaProfileError(
             f"profile '{plan.profile}' puts the embedder on {embedder}; it can stay on {device}, cpu or disk",
@@ -154,9 +150,31 @@ def decide_layout(model: nn.Module, plan: Plan, device: str) -> Layout:
         )
     if embedder == device or (embedder == "cpu" and device == "cpu"):
         embedder = None
-    spans = compress_layers([offloaded.get(index, device) for index in range(count)])
+    spans = compress_layers([offloaded.get(index, stages.get(index, device)) for index in range(count)])
     layer_map = ", ".join(f"{span} -> {where}" for span, where in spans.items())
-    return Layout(device, offloaded, embedder, placement.offload_folder, reason, layer_map)
+    return Layout(device, offloaded, embedder, placement.offload_folder, reason, layer_map, stages)
+
+
+def _stage(plan: Plan, index: int, where: str, device: str) -> str:
+    """``where``, a second GPU that computes decoder layer ``index`` (a pipeline stage), once it is
+    known to be usable beside the execution ``device``."""
+    from gemma_profiles.engine.devices import device_problem
+
+    if not (re.fullmatch(r"cuda:\d+", where) and device.startswith("cuda")):
+        raise GemmaProfileError(
+            f"profile '{plan.profile}' puts decoder layer {index} on {where}, but the model runs on {device}: "
+            "other devices compute layers only as CUDA GPUs beside a CUDA execution device (a pipeline)",
+            where=plan.profile_path,
+            hint=f"map layers to {device}, another cuda:N, cpu or disk",
+        )
+    problem = device_problem(where)
+    if problem:
+        raise GemmaProfileError(
+            f"profile '{plan.profile}' computes decoder layer {index} on {where}, but {problem}",
+            where=plan.profile_path,
+            hint="map the layers to the GPUs this machine has ('nvidia-smi -L'), or offload them: cpu or disk",
+        )
+    return where
 
 
 # -- hooks -------------------------------------------------------------------------------

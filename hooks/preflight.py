@@ -2,9 +2,10 @@
 
 Checked in order, each a one-line `GemmaProfileError` raised from gemma's constructor:
 
-1. the device: a profile whose ``placement.device`` is ``cuda``/``cuda:N``/``mps`` on a
+1. the devices: a profile whose ``placement.device`` is ``cuda``/``cuda:N``/``mps`` on a
    machine without it (no CUDA device, a CPU-only torch, fewer GPUs) names the profile, the
-   device, what this machine has and the best profile here (``gemma-profile detect``);
+   device, what this machine has and the best profile here (``gemma-profile detect``); so does
+   a layer map that computes layers on a GPU this machine lacks (a pipeline's ``cuda:1``);
 2. the kernels: torch's build targets (``torch.cuda.get_arch_list()``) against the GPU's
    compute capability (`gemma_profiles.planning.hardware.torch_kernel_support`) - PyPI's default torch
    has no kernels for Maxwell/Pascal/Volta, which would fail mid-run with "no kernel image is
@@ -31,7 +32,26 @@ CUDA_BUILDS = "https://pytorch.org/get-started/locally/"
 @hookimpl
 def gemma_profile_preflight(plan: Plan) -> None:
     check_device(plan)
+    check_stages(plan)
     check_memory(plan)
+
+
+def check_stages(plan: Plan, hardware: Hardware | None = None) -> None:
+    """Every other GPU the plan computes layers on (a pipeline: the layer map's ``cuda:N``) is here."""
+    home = normalize_device(str(plan.device.value)) if plan.device is not None else None
+    stages = sorted({d for d in plan.layers.values() if d.startswith("cuda:") and d != home})
+    if not stages:
+        return
+    hardware = hardware or detect_hardware()
+    for stage in stages:
+        if hardware.gpu(stage) is None:
+            spans = ", ".join(span for span, d in plan.layers.items() if d == stage)
+            raise GemmaProfileError(
+                f"profile '{plan.profile}' computes decoder layers {spans} on '{stage}', but {_cuda_here(hardware)}",
+                where=plan.profile_path,
+                hint="map those layers to a GPU this machine has, offload them (cpu or disk), "
+                "or drop the other GPUs from placement.max_memory",
+            )
 
 
 def check_device(plan: Plan, hardware: Hardware | None = None) -> None:

@@ -614,9 +614,12 @@ def test_loading_twice_reapplies_offload(
     assert same_logits(run.logits, reference("2b").logits)
 
 
-def test_a_layer_on_a_second_accelerator_is_refused(offloaded: Callable[..., Run]) -> None:
-    with pytest.raises(GemmaProfileError, match=r"decoder layer 3 on cuda:1.*one device"):
+def test_a_layer_on_a_gpu_beside_a_cpu_model_is_refused(offloaded: Callable[..., Run]) -> None:
+    # (layers on a second GPU beside a CUDA execution device are a pipeline: test_pipeline.py)
+    with pytest.raises(GemmaProfileError, match=r"layers on cuda:1 need the model to run on a CUDA device too"):
         offloaded("2b", "{device: cpu, device_map: {'3': 'cuda:1'}}")
+    with pytest.raises(GemmaProfileError, match=r"'mps' is not a device layers can run on"):
+        offloaded("2b", "{device: cpu, device_map: {'3': mps}}")
 
 
 def test_a_device_map_naming_something_else_is_refused(offloaded: Callable[..., Run]) -> None:

@@ -66,6 +66,8 @@ class Layout:
     :param folder: where ``disk`` storage goes (files with no name there: see `DiskFiles`).
     :param reason: where the layer split came from (logged).
     :param layer_map: every layer's device as the log shows it (``0-10 -> cuda:0, 11-17 -> cpu``).
+    :param stages: decoder layer index -> the other device that computes it (a pipeline:
+        ``cuda:1``); its weights and KV cache live there, activations move (`Pipeline`).
     """
 
     device: str
@@ -74,6 +76,7 @@ class Layout:
     folder: str | None = None
     reason: str = ""
     layer_map: str = ""
+    stages: dict[int, str] = field(default_factory=dict)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -525,6 +528,101 @@ def _kv_check(index: int, device: torch.device, label: str) -> Callable[..., Non
     return check
 
 
+def relocate(tensor: torch.Tensor, device: torch.device) -> None:
+    """Move ``tensor`` to ``device`` in place: the same Python object, its data now there.
+
+    gemma's ``generate`` keeps every layer's ``(k, v)`` cache in a list and the layer writes it in
+    place (``index_copy_``), so a copy would be written instead of the cache (wrong tokens, no
+    error).  Swapping the tensor's data (as ``nn.Module.to`` does for parameters) moves the cache
+    itself, once; the list still holds it, and the memory it had is freed.
+    """
+    moved = tensor.to(device)
+    if not torch._has_compatible_shallow_copy_type(tensor, moved):
+        raise GemmaProfileError(
+            f"a KV cache on {tensor.device} cannot be moved in place to {device} (a {moved.device.type} tensor "
+            "is not interchangeable with it)",
+            hint="map decoder layers only to CUDA devices (cuda:N), cpu or disk",
+        )
+    tensor.data = moved
+
+
+#: A decoder layer's keyword arguments that differ from layer to layer (gemma's names).
+_PER_LAYER = ("hidden_states",)
+
+
+class Pipeline:
+    """Decoder layers computed on other devices (`Layout.stages`): each such layer's inputs go to
+    its device before it runs, and the final norm's input comes back to the execution device.
+
+    The step's shared inputs (rope table rows, masks, write indices) are moved once per step and
+    device, not once per layer: the moved copies are kept until the decoder stack's next call.
+    A layer's KV cache is moved in place at its first step (`relocate`) and stays there.
+    """
+
+    def __init__(self, device: torch.device, devices: list[torch.device]) -> None:
+        self.device = device
+        self.devices = devices  # every decoder layer's compute device
+        self._moved: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def new_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._moved.clear()
+
+    def shared(self, value: Any, device: torch.device) -> Any:
+        """``value`` on ``device``: moved once per step (tensors, tuples and lists of them)."""
+        if isinstance(value, torch.Tensor):
+            if _same_device(value.device, device):
+                return value
+            key = (id(value), device)
+            held = self._moved.get(key)
+            if held is None or held[0] is not value:  # (an id can be reused once a tensor is freed)
+                held = (value, value.to(device, non_blocking=True))
+                self._moved[key] = held
+            return held[1]
+        if isinstance(value, tuple | list):
+            return type(value)(self.shared(v, device) for v in value)
+        return value
+
+    def layer_hook(self, index: int) -> Callable[..., Any]:
+        device = self.devices[index]
+
+        def to_layer(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            cache = kwargs.get("kv_cache")
+            if isinstance(cache, tuple | list):
+                for tensor in cache:
+                    if isinstance(tensor, torch.Tensor) and not _same_device(tensor.device, device):
+                        relocate(tensor, device)
+            # The hidden states change every layer (moved as they are, at a device boundary only);
+            # the rest is the step's (`shared`).
+            moved = {key: self._input(key, value, device) for key, value in kwargs.items()}
+            return tuple(_move(a, device) for a in args), moved
+
+        return to_layer
+
+    def _input(self, key: str, value: Any, device: torch.device) -> Any:
+        if key == "kv_cache":
+            return value
+        return _move(value, device) if key in _PER_LAYER else self.shared(value, device)
+
+    def home_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return tuple(_move(a, self.device) for a in args), {k: _move(v, self.device) for k, v in kwargs.items()}
+
+    def install(self, model: nn.Module) -> list[Any]:
+        layers = decoder_layers(model)
+        stack = model.model
+        assert isinstance(stack, nn.Module)  # (decoder_layers checked model.model.layers)
+        handles = [stack.register_forward_pre_hook(self.new_step, with_kwargs=True)]
+        previous = self.device
+        for index, layer in enumerate(layers):
+            here = self.devices[index]
+            if here != self.device or previous != here:
+                handles.append(layer.register_forward_pre_hook(self.layer_hook(index), with_kwargs=True, prepend=True))
+            previous = here
+        norm = getattr(stack, "norm", None)
+        if previous != self.device and isinstance(norm, nn.Module):
+            handles.append(norm.register_forward_pre_hook(self.home_hook, with_kwargs=True))
+        return handles
+
+
 def _stream_hooks(streamer: WeightStreamer, position: int) -> tuple[Callable[..., None], Callable[..., None]]:
     unit = streamer.units[position]
 
@@ -703,6 +801,10 @@ def apply_offload(model: nn.Module, layout: Layout, label: str = "offload", *, p
                 _keep_placement(embedder, name)
                 state.pinned_modules.append(embedder)
                 state.handles += _embedder_hooks(model, embedder, device)
+            for index, stage in sorted(layout.stages.items()):
+                layers[index].to(stage)  # (the loader put its weights there already: a no-op then)
+                _keep_placement(layers[index], f"decoder layer {index} (computed on {stage})")
+                state.pinned_modules.append(layers[index])
             # Everything else (resident layers, embedder, norm, rope tables) on the execution device.
             nn.Module.to(model, device)
     except BaseException as exc:
@@ -725,8 +827,12 @@ def apply_offload(model: nn.Module, layout: Layout, label: str = "offload", *, p
     if units:
         state.streamer = WeightStreamer(units, device, prefetch=prefetch)
     positions = {unit.index: position for position, unit in enumerate(units)}
+    if layout.stages:
+        devices = [torch.device(layout.stages.get(index, layout.device)) for index in range(len(layers))]
+        state.handles += Pipeline(device, devices).install(model)
     for index, layer in enumerate(layers):
-        state.handles.append(layer.register_forward_pre_hook(_kv_check(index, device, label), with_kwargs=True))
+        if index not in layout.stages:  # (a stage's cache moves to it: `Pipeline`)
+            state.handles.append(layer.register_forward_pre_hook(_kv_check(index, device, label), with_kwargs=True))
         if index in positions and state.streamer is not None:
             bring_in, send_back = _stream_hooks(state.streamer, positions[index])
             state.handles.append(layer.register_forward_pre_hook(bring_in, with_kwargs=True))

@@ -286,6 +286,7 @@ def estimate_memory(
     embedder_device: str | None = None,
     weight_storage: str | None = None,
     embedder_loaded_on_device: bool | None = None,
+    stages: Mapping[str, int] | None = None,
 ) -> MemoryEstimate:
     """Estimate the memory of building, loading and generating with one model.
 
@@ -306,6 +307,11 @@ def estimate_memory(
     :param weight_storage: ``"float16"``: weights stored in float16, computed in ``dtype``.
     :param embedder_loaded_on_device: the loader puts an ``embedder_device`` embedder on
         ``device`` first; None: `EMBEDDER_LOADED_ON_DEVICE`.
+    :param stages: pipeline stages - another accelerator (``cuda:1``) -> how many decoder layers
+        compute there instead of on ``device``.  Each stage holds its layers, their share of the
+        KV cache, the step's masks and its own activations (and a CUDA context); ``device`` still
+        holds the whole KV cache for a moment, since gemma's ``generate`` allocates every layer's
+        cache there before the first step moves each to its layer's device.
     """
     if embedder_loaded_on_device is None:
         embedder_loaded_on_device = EMBEDDER_LOADED_ON_DEVICE
@@ -315,7 +321,8 @@ def estimate_memory(
     kind = device.split(":")[0]
     host = "cpu"  # checkpoint pages and offloaded-to-cpu layers live in host memory, whatever the device
     prefill = min(prefill_tokens or seq_len, seq_len)
-    layers_here = shape.num_hidden_layers - offloaded_layers
+    stages = {normalize(d): n for d, n in (stages or {}).items() if n > 0 and normalize(d) != normalize(device)}
+    layers_here = shape.num_hidden_layers - offloaded_layers - sum(stages.values())
     layer = shape.layer_bytes(storage, int8)
     rope_tables = 2 if shape.family == "gemma3" else 1
     embedder_at = normalize(embedder_device) if embedder_device else device
@@ -347,7 +354,8 @@ def estimate_memory(
         streamed = min(offloaded_layers, 2)
         items.append(MemoryItem(f"streaming slots x{streamed}", device, streamed * layer, "offloaded layers run here"))
     kv = shape.num_hidden_layers * batch * seq_len * shape.num_key_value_heads * shape.head_dim * 2 * size
-    items.append(MemoryItem("KV cache", device, kv, f"batch {batch} x {seq_len} tokens"))
+    kv_note = f"batch {batch} x {seq_len} tokens" + ("; all of it here until the first step" if stages else "")
+    items.append(MemoryItem("KV cache", device, kv, kv_note))
     kept = 2 if shape.sliding_window_size else 1  # the causal mask, and the local one with sliding windows
     # Building them holds one more full mask for a moment; the prefill holds each one's prompt rows too.
     masks = max((kept + 1) * seq_len * seq_len, kept * (seq_len + prefill) * seq_len)
@@ -391,6 +399,21 @@ def estimate_memory(
     items.append(MemoryItem("activation peak", device, max(mlp, attention, logits), f"{prefill} prompt tokens"))
     if kind == "cuda":
         items.append(MemoryItem("CUDA context", device, CUDA_CONTEXT_BYTES, "not in max_memory_allocated"))
+    for stage, count in sorted(stages.items()):
+        items.append(MemoryItem(f"decoder layers x{count}", stage, count * layer, "pipeline stage"))
+        share = kv * count // shape.num_hidden_layers
+        items.append(MemoryItem("KV cache", stage, share, f"its {count} layers' share, moved here at the first step"))
+        # The step's masks (the prompt's rows at the prefill), moved here once per step.
+        items.append(MemoryItem("attention masks", stage, kept * prefill * seq_len * 4, "this step's, moved here"))
+        items.append(MemoryItem("activation peak", stage, max(mlp, attention), f"{prefill} prompt tokens"))
+        # Each device computing int8 or float16-stored layers has its own scratch buffer.
+        items += [
+            dataclasses.replace(item, device=stage)
+            for item in list(items)
+            if item.device == device and item.component.endswith("scratch buffer")
+        ]
+        if stage.startswith("cuda"):
+            items.append(MemoryItem("CUDA context", stage, CUDA_CONTEXT_BYTES, "not in max_memory_allocated"))
     if checkpoint_dtype is not None and not ours:
         items.append(
             MemoryItem(

@@ -558,12 +558,13 @@ def make_plan(
     )
     if shape is None or plan.dtype not in DTYPE_BYTES or target is None:
         return plan
-    plan = _size(plan, shape, target)
-    if not explicit_quant and plan.verdict is not None and not plan.verdict.fits:
+    sized = _size(plan, shape, target)
+    if not explicit_quant and sized.verdict is not None and not sized.verdict.fits:
+        # From the unsized plan: the split sizing wrote (device_map) was for the larger weights.
         int8 = _size(_with_quant(plan, "auto: the weights do not fit in " + str(plan.dtype)), shape, target)
         if int8.verdict is not None and int8.verdict.fits:
-            plan = int8
-    return plan
+            return int8
+    return sized
 
 
 def check_storage(dtype: Setting, storage_origin: str, profile: str) -> None:
@@ -678,8 +679,13 @@ def _warnings(config: dict[str, Setting], variant: str | None, family: str | Non
     return []
 
 
-def budgets_for(plan: Plan, target: Target) -> dict[str, Budget]:
-    """What each device may use: ``max_memory`` when the profile sets it, else capacity minus reserve."""
+def budgets_for(plan: Plan, target: Target, stages: tuple[str, ...] = ()) -> dict[str, Budget]:
+    """What each device may use: ``max_memory`` when the profile sets it, else capacity minus reserve.
+
+    :param stages: other accelerators that compute layers (a pipeline): a stage ``max_memory``
+        does not name is taken to be a GPU like the execution device (the profile's hardware
+        section describes one GPU).
+    """
     limits = {
         normalize_device(k) if not k.isdigit() else f"cuda:{k}": v for k, v in (plan.placement.max_memory or {}).items()
     }
@@ -687,17 +693,43 @@ def budgets_for(plan: Plan, target: Target) -> dict[str, Budget]:
     capacities = {"cpu": target.host_memory}
     if target.device != "cpu":
         capacities[target.device] = target.memory
+    for stage in stages:
+        capacities[stage] = target.memory
     for device, capacity in capacities.items():
         if device in limits:
             budgets[device] = Budget(device, parse_memory(limits[device]), "placement.max_memory")
         elif capacity is not None:
             reserve = reserve_for(capacity)
+            source = _capacity_source(target.source)
+            if device in stages:
+                source = f"as {target.device} ({source})"
             budgets[device] = Budget(
                 device,
                 capacity - reserve,
-                f"{format_bytes(capacity)} {_capacity_source(target.source)}, less a {format_bytes(reserve)} reserve",
+                f"{format_bytes(capacity)} {source}, less a {format_bytes(reserve)} reserve",
             )
     return budgets
+
+
+def pipeline_stages(plan: Plan, target: Target) -> tuple[str, ...]:
+    """The other GPUs layers may be split over when no ``device_map`` says where: each ``cuda:N``
+    that ``max_memory`` names besides the execution device, by index (a pipeline; docs/parallel.md)."""
+    if not target.device.startswith("cuda") or isinstance(plan.placement.device_map, dict):
+        return ()
+    named = {normalize_device(k) if not k.isdigit() else f"cuda:{k}" for k in plan.placement.max_memory or {}}
+    others = [d for d in named if d.startswith("cuda:") and d != target.device]
+    return tuple(sorted(others, key=lambda d: int(d.split(":")[1])))
+
+
+def _stage_problem(device: str, target: Target) -> str | None:
+    """Why ``device`` (a ``device_map`` value) cannot compute layers beside ``target.device``; None when it can."""
+    if device in OFFLOAD_TARGETS or device == target.device:
+        return None
+    if not re.fullmatch(r"cuda:\d+", device):
+        return f"'{device}' is not a device layers can run on (cuda:N), nor cpu or disk (offload)"
+    if not target.device.startswith("cuda"):
+        return f"layers on {device} need the model to run on a CUDA device too (it runs on {target.device})"
+    return None
 
 
 def _estimate(
@@ -707,6 +739,7 @@ def _estimate(
     offloaded: int = 0,
     seq_len: int | None = None,
     offload_device: str = "cpu",
+    stages: dict[str, int] | None = None,
 ) -> MemoryEstimate:
     return estimate_memory(
         shape.per_rank(plan.placement.tensor_parallel),  # tensor parallel: one rank's share
@@ -721,6 +754,7 @@ def _estimate(
         cpu_int8_wide_prompts=native_int8_path(target.cpu_isa) == "avx2",
         embedder_device=None if plan.embedder is None else str(plan.embedder.value),
         weight_storage=plan.weight_storage,
+        stages=stages,
     )
 
 
@@ -758,17 +792,30 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
     layers = shape.num_hidden_layers
     offload = plan.placement.offload
     device_map = plan.placement.device_map
+    stages: dict[str, int] = {}
     if isinstance(device_map, dict):
-        # An explicit map wins; "cpu" on a CPU target is simply resident.
-        named, _ = split_device_map(device_map, layers, f"{plan.profile_path} placement.device_map")
+        # An explicit map wins; "cpu" on a CPU target is simply resident; another GPU computes its layers.
+        where_map = f"{plan.profile_path} placement.device_map"
+        named, _ = split_device_map(device_map, layers, where_map)
         devices = [named.get(index, target.device) for index in range(layers)]
+        for device in dict.fromkeys(devices):
+            problem = _stage_problem(device, target)
+            if problem:
+                raise GemmaProfileError(f"profile '{plan.profile}': {problem}", where=where_map)
+            if device not in OFFLOAD_TARGETS and device != target.device:
+                stages[device] = devices.count(device)
+        budgets = budgets_for(plan, target, tuple(stages))
         stored = [d for d in devices if d in OFFLOAD_TARGETS and d != target.device]
         offloaded = len(stored)
         where = "disk" if stored and all(d == "disk" for d in stored) else "cpu"
         if plan.embedder is not None and plan.embedder.value == target.device:
             plan = replace(plan, embedder=None)
-        estimate = _estimate(plan, shape, target, offloaded, offload_device=where)
+        estimate = _estimate(plan, shape, target, offloaded, offload_device=where, stages=stages)
         layer_map = compress_layers(devices)
+    elif pipeline_stages(plan, target) and _shortfall(_estimate(plan, shape, target), budgets).get(target.device):
+        plan, stages, estimate, budgets = _split_over_gpus(plan, shape, target)
+        offloaded = 0
+        layer_map = expand_stages(plan)
     else:
         # Keep as many layers resident as the budget allows; the rest wait on the CPU
         # (or on disk).  On a CPU target only disk offload frees anything.  When even
@@ -810,6 +857,9 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
             how += f", {offloaded} of {layers} layers offloaded to {offload if offload != 'none' else 'cpu/disk'}"
         if plan.embedder is not None:
             how += f", the embedder on {plan.embedder.value}"
+        if stages:
+            spans = ", ".join(f"{span} on {d}" for span, d in layer_map.items())
+            how += f", layers split over {1 + len(stages)} GPUs (a pipeline: {spans})"
         ranks = plan.placement.tensor_parallel
         if ranks > 1:
             how += f", tensor parallel: each of {ranks} ranks holds 1/{ranks} of the layers and the embedder whole"
@@ -827,6 +877,51 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
             _cheapest_fix(plan, shape, target, budgets, worst, short[worst]),
         )
     return replace(plan, memory=estimate, budgets=tuple(budgets.values()), verdict=verdict, layers=layer_map)
+
+
+def _split_over_gpus(
+    plan: Plan, shape: ModelShape, target: Target
+) -> tuple[Plan, dict[str, int], MemoryEstimate, dict[str, Budget]]:
+    """Consecutive layers on each GPU that ``max_memory`` names (`pipeline_stages`): the execution
+    device keeps as many as fit, then the next GPU, and so on; the last one takes the rest.  The
+    split is written into ``placement.device_map``, which ``hooks/offload.py`` places from."""
+    others = pipeline_stages(plan, target)
+    budgets = budgets_for(plan, target, others)
+    layers = shape.num_hidden_layers
+    order = (target.device, *others)
+    counts = dict.fromkeys(order, 0)
+    remaining = layers
+    for position, device in enumerate(order):
+        if position == len(order) - 1:
+            counts[device] = remaining
+            break
+        # Layers after this device's go to the next one while this one is sized; the
+        # execution device's needs do not depend on how the others split theirs.
+        best = 0
+        for count in range(remaining, -1, -1):
+            trial = {d: c for d, c in counts.items() if d != target.device and c}
+            trial[order[position + 1]] = remaining - count
+            if device != target.device:
+                trial[device] = count  # (the execution device holds what no stage does)
+            if not _shortfall(_estimate(plan, shape, target, stages=trial), budgets).get(device):
+                best = count
+                break
+        counts[device] = best
+        remaining -= best
+    devices = [d for d in order for _ in range(counts[d])]
+    stages = {d: c for d, c in counts.items() if d != target.device and c}
+    mapped: dict[str, str] = {**compress_layers(devices)}
+    if plan.embedder is not None:
+        mapped["embedder"] = str(plan.embedder.value)
+    plan = replace(plan, placement=plan.placement.model_copy(update={"device_map": mapped}))
+    return plan, stages, _estimate(plan, shape, target, stages=stages), budgets
+
+
+def expand_stages(plan: Plan) -> dict[str, str]:
+    """The layer map of a plan whose ``device_map`` `_split_over_gpus` wrote."""
+    device_map = plan.placement.device_map
+    assert isinstance(device_map, dict)
+    return {key: value for key, value in device_map.items() if key not in EMBEDDER_KEYS}
 
 
 def _fits(plan: Plan, shape: ModelShape, target: Target, budgets: dict[str, Budget], **kwargs: Any) -> bool:
