@@ -367,40 +367,116 @@ static void block4_256(const float *xf, int64_t m_rows, int64_t kp, int64_t c0, 
 /* ---- scales per group of columns (AVX2 path only) ----------------------------------------
  * w ~= q * gscale[r][i / group]: gscale is n x (k / group) float32, group a multiple of 64
  * dividing kc (so no group straddles a chunk).  Each group's float32 sum is scaled once, by
- * an FMA into the row's total: four FMA chains (one per row of the block) in the inner loop,
- * still faster than memory delivers the weights on one core.  llama.cpp's Q8_0 keeps a scale
- * per 32 weights; on the real Gemma 3 270M groups of 64-128 columns take int8's error from
- * per-row scales' to within the issue's goal in float32 compute (docs/engine.md). */
+ * an FMA into the row's total.  llama.cpp's Q8_0 keeps a scale per 32 weights; on the real
+ * Gemma 3 270M groups of 64-128 columns take int8's error from per-row scales' to within the
+ * issue's goal in float32 compute (docs/engine.md).
+ *
+ * One row of x (a decode step) runs four FMA chains, one per row of the block: still faster
+ * than memory delivers the weights on one core.  Rows of x in pairs (a prompt) share each eight
+ * widened weights, eight chains in flight, as block4_256 does; the group step adds one FMA per
+ * eight (1/8 more than per-row scales), and the eight totals live in registers across groups.
+ * Both loops put a row through the same FMAs in the same order - chains, group step, horizontal
+ * sum - so a row's result does not depend on how many rows are beside it, bit for bit
+ * (tests/test_native.py).  (Four rows of x, two rows of the block at a time, measured no faster
+ * than two: benchmarks/int8_rows.py.) */
+
+/* Two rows of x (xa, xb; kc columns from c0) against the block; totals ta, tb (one per row of
+ * the block) carried in and out.  sp: each row of the block's group scales. */
+AVX2_BASE
+static void two_rows_grouped(const float *xa, const float *xb, int64_t c0, int64_t kc, const int8_t *block,
+                             int prefetch, const float *const sp[ROWS], int64_t group, int64_t k, __m256 *ta,
+                             __m256 *tb) {
+    __m256 ta0 = ta[0], ta1 = ta[1], ta2 = ta[2], ta3 = ta[3], tb0 = tb[0], tb1 = tb[1], tb2 = tb[2], tb3 = tb[3];
+    const float *s0 = sp[0], *s1 = sp[1], *s2 = sp[2], *s3 = sp[3];
+    for (int64_t g0 = 0, gi = c0 / group; g0 < kc && c0 + g0 < k; g0 += group, ++gi) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t i = g0; i < g0 + group; i += 64) {
+            const int8_t *at = block + i * ROWS;
+            if (prefetch) PREFETCH_BLOCK(at);
+            for (int j = 0; j < 64; j += 8) {
+                __m256 va = _mm256_loadu_ps(xa + i + j), vb = _mm256_loadu_ps(xb + i + j);
+                __m256 w = WIDEN8(at + j);
+                a0 = _mm256_fmadd_ps(w, va, a0);
+                b0 = _mm256_fmadd_ps(w, vb, b0);
+                w = WIDEN8(at + 64 + j);
+                a1 = _mm256_fmadd_ps(w, va, a1);
+                b1 = _mm256_fmadd_ps(w, vb, b1);
+                w = WIDEN8(at + 128 + j);
+                a2 = _mm256_fmadd_ps(w, va, a2);
+                b2 = _mm256_fmadd_ps(w, vb, b2);
+                w = WIDEN8(at + 192 + j);
+                a3 = _mm256_fmadd_ps(w, va, a3);
+                b3 = _mm256_fmadd_ps(w, vb, b3);
+            }
+        }
+        __m256 s = _mm256_broadcast_ss(s0 + gi);
+        ta0 = _mm256_fmadd_ps(a0, s, ta0);
+        tb0 = _mm256_fmadd_ps(b0, s, tb0);
+        s = _mm256_broadcast_ss(s1 + gi);
+        ta1 = _mm256_fmadd_ps(a1, s, ta1);
+        tb1 = _mm256_fmadd_ps(b1, s, tb1);
+        s = _mm256_broadcast_ss(s2 + gi);
+        ta2 = _mm256_fmadd_ps(a2, s, ta2);
+        tb2 = _mm256_fmadd_ps(b2, s, tb2);
+        s = _mm256_broadcast_ss(s3 + gi);
+        ta3 = _mm256_fmadd_ps(a3, s, ta3);
+        tb3 = _mm256_fmadd_ps(b3, s, tb3);
+    }
+    ta[0] = ta0, ta[1] = ta1, ta[2] = ta2, ta[3] = ta3, tb[0] = tb0, tb[1] = tb1, tb[2] = tb2, tb[3] = tb3;
+}
+
+/* One row of x (xm) against the block: the same chains and group steps as one of two_rows_grouped's. */
+AVX2_BASE
+static void one_row_grouped(const float *xm, int64_t c0, int64_t kc, const int8_t *block, int prefetch,
+                            const float *const sp[ROWS], int64_t group, int64_t k, __m256 *t) {
+    __m256 t0 = t[0], t1 = t[1], t2 = t[2], t3 = t[3];
+    for (int64_t g0 = 0, gi = c0 / group; g0 < kc && c0 + g0 < k; g0 += group, ++gi) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = g0; i < g0 + group; i += 64) {
+            const int8_t *at = block + i * ROWS;
+            if (prefetch) PREFETCH_BLOCK(at);
+            for (int j = 0; j < 64; j += 8) {
+                __m256 xv = _mm256_loadu_ps(xm + i + j);
+                a0 = _mm256_fmadd_ps(WIDEN8(at + j), xv, a0);
+                a1 = _mm256_fmadd_ps(WIDEN8(at + 64 + j), xv, a1);
+                a2 = _mm256_fmadd_ps(WIDEN8(at + 128 + j), xv, a2);
+                a3 = _mm256_fmadd_ps(WIDEN8(at + 192 + j), xv, a3);
+            }
+        }
+        t0 = _mm256_fmadd_ps(a0, _mm256_broadcast_ss(sp[0] + gi), t0);
+        t1 = _mm256_fmadd_ps(a1, _mm256_broadcast_ss(sp[1] + gi), t1);
+        t2 = _mm256_fmadd_ps(a2, _mm256_broadcast_ss(sp[2] + gi), t2);
+        t3 = _mm256_fmadd_ps(a3, _mm256_broadcast_ss(sp[3] + gi), t3);
+    }
+    t[0] = t0, t[1] = t1, t[2] = t2, t[3] = t3;
+}
+
+/* Block b of one column chunk (rows n0..n0+3, kc columns from c0) against every row of xf, two
+ * rows at a time and a last odd one alone; partial sums carried in acc as block4_256's. */
 AVX2_BASE
 static void block4_grouped(const float *xf, int64_t m_rows, int64_t kp, int64_t c0, int64_t kc, const int8_t *block,
                            int64_t n0, int last, float *acc, const float *gscale, int64_t group, void *y, int y_bf16,
                            int64_t n, int64_t k) {
     int64_t n4 = (n + ROWS - 1) / ROWS * ROWS, groups = k / group;
-    for (int64_t m = 0; m < m_rows; ++m) {
-        const float *xm = xf + m * kp + c0;
-        __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-        for (int64_t g0 = 0; g0 < kc && c0 + g0 < k; g0 += group) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t i = g0; i < g0 + group; i += 64) {
-                const int8_t *at = block + i * ROWS;
-                if (m == 0) PREFETCH_BLOCK(at);
-                for (int j = 0; j < 64; j += 8) {
-                    __m256 xv = _mm256_loadu_ps(xm + i + j);
-                    a0 = _mm256_fmadd_ps(WIDEN8(at + j), xv, a0);
-                    a1 = _mm256_fmadd_ps(WIDEN8(at + 64 + j), xv, a1);
-                    a2 = _mm256_fmadd_ps(WIDEN8(at + 128 + j), xv, a2);
-                    a3 = _mm256_fmadd_ps(WIDEN8(at + 192 + j), xv, a3);
-                }
-            }
-            int64_t gi = (c0 + g0) / group;
-            /* rows past n (padding) have no scales: their sums are zero and never stored */
-            t0 = _mm256_fmadd_ps(a0, _mm256_set1_ps(n0 + 0 < n ? gscale[(n0 + 0) * groups + gi] : 0.0f), t0);
-            t1 = _mm256_fmadd_ps(a1, _mm256_set1_ps(n0 + 1 < n ? gscale[(n0 + 1) * groups + gi] : 0.0f), t1);
-            t2 = _mm256_fmadd_ps(a2, _mm256_set1_ps(n0 + 2 < n ? gscale[(n0 + 2) * groups + gi] : 0.0f), t2);
-            t3 = _mm256_fmadd_ps(a3, _mm256_set1_ps(n0 + 3 < n ? gscale[(n0 + 3) * groups + gi] : 0.0f), t3);
+    /* each row's scales; a padding row (past n) borrows row n - 1's: its weights are zero, so its
+     * sums stay zero, and it is never stored */
+    const float *sp[ROWS];
+    for (int r = 0; r < ROWS; ++r) sp[r] = gscale + (n0 + r < n ? n0 + r : n - 1) * groups;
+    int64_t m = 0;
+    for (; m + 2 <= m_rows; m += 2) {
+        __m256 ta[ROWS], tb[ROWS];
+        for (int r = 0; r < ROWS; ++r) ta[r] = tb[r] = _mm256_setzero_ps();
+        two_rows_grouped(xf + m * kp + c0, xf + (m + 1) * kp + c0, c0, kc, block, m == 0, sp, group, k, ta, tb);
+        for (int r = 0; r < ROWS; ++r) {
+            finish256(hsum8(ta[r]), m, n0 + r, last, acc, n4, NULL, y, y_bf16, n);
+            finish256(hsum8(tb[r]), m + 1, n0 + r, last, acc, n4, NULL, y, y_bf16, n);
         }
-        __m256 totals[ROWS] = {t0, t1, t2, t3};
-        for (int r = 0; r < ROWS; ++r) finish256(hsum8(totals[r]), m, n0 + r, last, acc, n4, NULL, y, y_bf16, n);
+    }
+    if (m < m_rows) {
+        __m256 t[ROWS];
+        for (int r = 0; r < ROWS; ++r) t[r] = _mm256_setzero_ps();
+        one_row_grouped(xf + m * kp + c0, c0, kc, block, m == 0, sp, group, k, t);
+        for (int r = 0; r < ROWS; ++r) finish256(hsum8(t[r]), m, n0 + r, last, acc, n4, NULL, y, y_bf16, n);
     }
 }
 
