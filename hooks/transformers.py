@@ -24,7 +24,10 @@ Every change is logged before -> after.  Other models pass through untouched.
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import importlib
+import logging
 import os
 import types
 from collections.abc import Callable
@@ -101,13 +104,15 @@ def profiled_from_pretrained(
     plan = plan_for(session.profile(), config)
     for warning in plan.warnings:
         logger.warning("[{}] {}", plan.profile, warning)
+    scripts = frozenset(name for name, value in kwargs.items() if value is not None)
     kwargs = dict(kwargs)
     dtype = arguments(plan, config, kwargs)
+    int8 = int8_arguments(plan, config, kwargs, dtype, scripts)
     from gemma_profiles.plugin.manager import get_plugin_manager
 
     get_plugin_manager().preflight(plan)
     model = original(cls, *args, **kwargs)
-    after_loading(model, plan, dtype)
+    after_loading(model, plan, dtype, int8)
     return model
 
 
@@ -318,6 +323,185 @@ def _max_memory(plan: Plan) -> dict[int | str, int]:
     return result
 
 
+# -- int8 on CUDA: bitsandbytes' LLM.int8() (docs/transformers.md) ----------------------------------------
+
+#: `int8_arguments`' routes: our int8 kernels after loading (the whole model on the CPU), or bitsandbytes'
+#: ``Linear8bitLt`` layers made by transformers while loading onto CUDA.  Any other route is "" (no int8).
+CPU = "cpu"
+BITSANDBYTES = "bitsandbytes"
+#: LLM.int8()'s int8 products need compute capability 7.5 (Turing) or newer: bitsandbytes' installation
+#: guide, https://huggingface.co/docs/bitsandbytes/main/en/installation ("LLM.int8() | 7.5+").
+BITSANDBYTES_CAPABILITY = (7, 5)
+#: LLM.int8()'s outlier threshold (transformers' ``llm_int8_threshold`` default, the paper's 6.0): an input
+#: column holding a value this large is multiplied in the model's dtype, the rest in int8.
+BITSANDBYTES_THRESHOLD = 6.0
+FLOAT16_MAX = 65504.0
+#: The largest value the int8 part of a product may reach (half of float16's range): on CUDA bitsandbytes
+#: dequantizes it through a float16 tensor (`bound_bitsandbytes`).
+FLOAT16_BOUND = FLOAT16_MAX / 2
+_BNB_INSTALL = "pip install 'gemma-profiles[cuda-int8]' (or pip install bitsandbytes)"
+
+
+def int8_arguments(plan: Plan, config: Any, kwargs: dict[str, Any], dtype: Any, scripts: frozenset[str]) -> str:
+    """The route of the plan's int8 weights for this call, setting ``kwargs`` for it.
+
+    ``"cpu"`` (`CPU`): nothing before the call; after it, our int8 kernels when the whole model is on the
+    CPU.  ``"bitsandbytes"`` (`BITSANDBYTES`): the model goes to CUDA, whose compute capability runs
+    bitsandbytes' LLM.int8(): ``quantization_config=BitsAndBytesConfig(load_in_8bit=True, ...)`` is set,
+    transformers makes each linear layer a ``Linear8bitLt`` while loading, and `bound_bitsandbytes` checks
+    them after it.  ``""``: no int8 weights for this call (the script's own ``quantization_config`` wins,
+    the checkpoint is quantized already, or CUDA without LLM.int8(): one line says why, weights stay in
+    the dtype).  ``scripts``: the arguments the script itself passed."""
+    if plan.quantization != "int8":
+        return ""
+    origin = plan.config["quant"].origin if "quant" in plan.config else "quantization.weights"
+    given = kwargs.get("quantization_config")
+    if given is not None:
+        logger.info(
+            "[{}] from_pretrained quantization_config: the script's {} wins over the profile's int8 weights ({})",
+            plan.profile,
+            type(given).__name__,
+            origin,
+        )
+        _check_scripts_int8(plan, given, dtype)
+        return ""
+    text = hf.text_config(config)
+    existing = getattr(config, "quantization_config", None) or getattr(text, "quantization_config", None)
+    if existing is not None:
+        method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", "")
+        logger.info(
+            "[{}] int8 weights: the checkpoint is quantized already ({}); it loads as it is",
+            plan.profile,
+            str(getattr(method, "value", method)) or "its quantization_config",
+        )
+        return ""
+    route = int8_route(plan, kwargs)
+    if route == BITSANDBYTES:
+        problem = bitsandbytes_problem()
+        if problem is not None:
+            route = f"{problem}; {_BNB_INSTALL}"
+    if route in (CPU, BITSANDBYTES):
+        if route == BITSANDBYTES:
+            _bitsandbytes_config(plan, kwargs, origin)
+        return route
+    logger.warning("[{}] int8 weights on CUDA: {}; weights stay {}", plan.profile, route, _dtype_name(dtype))
+    limits = _max_memory(plan)
+    if "device_map" not in scripts and limits and kwargs.get("device_map") != "auto":
+        # the memory verdict counted int8 layers: let accelerate place the larger ones within the profile's limits
+        _log(plan, "device_map", kwargs.get("device_map"), "auto", "no int8 weights: the layers may not fit")
+        kwargs["device_map"] = "auto"
+        if "max_memory" not in scripts:
+            kwargs["max_memory"] = limits
+            _log(plan, "max_memory", None, limits, "placement.max_memory")
+    return ""
+
+
+def int8_route(plan: Plan, kwargs: dict[str, Any]) -> str:
+    """Where the call puts the model, as an int8 route: `CPU` when no layer goes to CUDA (transformers loads on
+    the CPU without a ``device_map``), `BITSANDBYTES` on CUDA with compute capability 7.5 or newer (or not
+    known), else why not (a sentence naming the GPU)."""
+    if not any(device.startswith("cuda") for device in _mapped_devices(plan, kwargs.get("device_map"))):
+        return CPU
+    target = plan.target
+    capability = target.compute_capability if target is not None and target.device.startswith("cuda") else None
+    if capability is not None and tuple(capability) < BITSANDBYTES_CAPABILITY:
+        wanted = ".".join(map(str, BITSANDBYTES_CAPABILITY))
+        return (
+            f"bitsandbytes' LLM.int8() needs compute capability {wanted} or newer (Turing), "
+            f"{target.name or target.device} has {'.'.join(map(str, capability))}"  # type: ignore[union-attr]
+        )
+    return BITSANDBYTES
+
+
+def _mapped_devices(plan: Plan, device_map: Any) -> set[str]:
+    """The devices a ``device_map`` argument puts layers on (``auto`` and accelerate's other strategies: the
+    plan's device, or this machine's first GPU when it has one)."""
+    if device_map is None:
+        return {"cpu"}
+    if isinstance(device_map, dict):
+        return set().union(*(_mapped_devices(plan, value) for value in device_map.values())) or {"cpu"}
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        return {f"cuda:{device_map}"}
+    name = str(device_map)
+    if name in ("auto", "balanced", "balanced_low_0", "sequential"):
+        if plan.device is not None:
+            return {normalize_device(str(plan.device.value))}
+        from gemma_profiles.plugin.manager import detect_hardware
+
+        return {"cuda:0"} if detect_hardware().gpus else {"cpu"}
+    return {normalize_device(name)}
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes cannot serve transformers here (not installed, too old for transformers, no CUDA
+    library), or None."""
+    import importlib
+
+    try:
+        bnb = importlib.import_module("bitsandbytes")
+    except ImportError:
+        return "bitsandbytes is not installed"
+    except Exception as exc:  # a broken install: one line, not its traceback
+        return f"bitsandbytes does not import ({type(exc).__name__}: {exc})"
+    from transformers.utils import import_utils
+
+    wanted = getattr(import_utils, "BITSANDBYTES_MIN_VERSION", "0")
+    if not import_utils.is_bitsandbytes_available():
+        return f"transformers needs bitsandbytes {wanted} or newer, this is {getattr(bnb, '__version__', '?')}"
+    import torch
+
+    extension = getattr(bnb, "cextension", None)
+    mock = getattr(extension, "ErrorHandlerMockBNBNativeLibrary", None)
+    if torch.cuda.is_available() and mock is not None and isinstance(getattr(extension, "lib", None), mock):
+        return "bitsandbytes found no CUDA library for this machine (python -m bitsandbytes says why)"
+    return None
+
+
+def _bitsandbytes_config(plan: Plan, kwargs: dict[str, Any], origin: str) -> None:
+    """``quantization_config`` for LLM.int8(); with a device map that may offload, the layers accelerate puts
+    on the CPU or disk stay unquantized (transformers refuses such a map without
+    ``llm_int8_enable_fp32_cpu_offload``)."""
+    from transformers import BitsAndBytesConfig
+
+    device_map = kwargs.get("device_map")
+    offload = device_map in ("auto", "balanced", "balanced_low_0", "sequential") or (
+        isinstance(device_map, dict) and bool({"cpu", "disk"} & {str(v) for v in device_map.values()})
+    )
+    settings = {"load_in_8bit": True, "llm_int8_threshold": BITSANDBYTES_THRESHOLD}
+    if offload:
+        settings["llm_int8_enable_fp32_cpu_offload"] = True
+    kwargs["quantization_config"] = BitsAndBytesConfig(**settings)  # type: ignore[no-untyped-call]
+    shown = ", ".join(f"{name}={value}" for name, value in settings.items())
+    _log(plan, "quantization_config", None, f"BitsAndBytesConfig({shown})", f"int8 weights on CUDA; {origin}")
+    if offload:
+        logger.info(
+            "[{}] int8 weights: layers accelerate offloads to the CPU or disk stay in {} (bitsandbytes "
+            "quantizes the GPU's only)",
+            plan.profile,
+            plan.dtype or "the load dtype",
+        )
+
+
+def _check_scripts_int8(plan: Plan, given: Any, dtype: Any) -> None:
+    """A warning when the script's own LLM.int8() config has no outlier threshold and the model computes
+    beyond float16: bitsandbytes then casts every input to float16, where a value above 65504 is inf."""
+
+    def field(name: str) -> Any:
+        return given.get(name) if isinstance(given, dict) else getattr(given, name, None)
+
+    if not field("load_in_8bit") or _dtype_name(dtype) == "float16":
+        return
+    threshold = field("llm_int8_threshold")
+    if threshold is not None and threshold <= 0:
+        logger.warning(
+            "[{}] the script's BitsAndBytesConfig has llm_int8_threshold={}: bitsandbytes casts each int8 "
+            "layer's input to float16, and without the outlier threshold an activation above 65504 becomes "
+            "inf (NaN logits); leave it at its default 6.0, or drop quantization_config (the profile's int8 keeps it)",
+            plan.profile,
+            threshold,
+        )
+
+
 # -- after the call: our CPU engine on its layers ---------------------------------------------------------
 
 
@@ -327,7 +511,9 @@ def _blocked(name: str) -> bool:
     return get_plugin_manager().pm.is_blocked(name)
 
 
-def after_loading(model: Any, plan: Plan, requested: Any) -> None:
+def after_loading(model: Any, plan: Plan, requested: Any, int8: str = CPU) -> None:
+    """After transformers' call: the int8 weights (``int8``: `int8_arguments`' route), float16 storage, or the
+    CPU kernels."""
     import torch
 
     devices = {p.device.type for p in model.parameters()}
@@ -339,11 +525,14 @@ def after_loading(model: Any, plan: Plan, requested: Any) -> None:
         ", ".join(sorted(devices)),
         _dtype_name(dtype),
     )
-    if plan.quantization == "int8":
+    if int8 == BITSANDBYTES:
+        bound_bitsandbytes(model, plan, requested)
+        return
+    if plan.quantization == "int8" and int8 == CPU:
         if devices != {"cpu"}:
             logger.warning(
-                "[{}] int8 weights: not done for transformers' models on {} (our int8 kernels are CPU ones; "
-                "bitsandbytes is not wired in); weights stay {}",
+                "[{}] int8 weights: not done for transformers' models on {} without CUDA (our int8 kernels "
+                "need the whole model on the CPU); weights stay {}",
                 plan.profile,
                 ", ".join(sorted(devices)),
                 _dtype_name(dtype),
@@ -690,3 +879,150 @@ def _float16_lookup() -> type:
 
         _lookup = Float16StoredLookup
     return _lookup
+
+
+# -- bitsandbytes' int8 layers, after the call -----------------------------------------------------------------
+
+#: Instance attribute of a `bound_bitsandbytes` layer: the power of two its output is multiplied by (its
+#: scales were divided by it), or absent.
+_OUTPUT_SCALE = "_gemma_profile_output_scale"
+#: Set while one of our ``Linear8bitLt`` layers computes: `_CastNotice` drops bitsandbytes' per-call notice.
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("gemma_profiles_bitsandbytes_quiet", default=False)
+#: bitsandbytes' logger that says, on every call, that a layer's input is cast to float16.
+_BNB_LOGGER = "bitsandbytes.autograd._functions"
+_CAST_NOTICE = "MatMul8bitLt: inputs will be cast"
+
+
+class _CastNotice(logging.Filter):
+    """Drops bitsandbytes' "inputs will be cast ... to float16" notice - logged on every product, hundreds of
+    lines per token - while one of our layers computes; `bound_bitsandbytes` says it once.  Everyone else's
+    bitsandbytes layers keep it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_QUIET.get() and str(record.msg).startswith(_CAST_NOTICE))
+
+
+def bound_bitsandbytes(model: Any, plan: Plan, compute: Any) -> None:
+    """transformers made the model's linear layers bitsandbytes ``Linear8bitLt`` (LLM.int8()) while loading.
+
+    Each product (bitsandbytes 0.50, ``MatMul8bitLt``): the input is cast to float16; columns holding a
+    value of at least the outlier threshold (6.0) are multiplied in the input's own dtype on the dequantized
+    weight columns - so an input above 65504, inf in float16, is one of those and stays exact -; the rest is
+    quantized per row to int8 and multiplied in int32, and on CUDA that int32 result is dequantized into a
+    float16 tensor (the kernel writes float16 only) before it is cast to the input's dtype.  That part
+    is at most ``threshold * sum(|row of the weight|)`` in magnitude; where this bound passes `FLOAT16_BOUND`
+    (a model computing in float32 or bfloat16 - Gemma 2/3 - may hold such weights) the layer's scales are
+    divided by a power of two that brings it below, and its output multiplied back in its own dtype
+    (``ProfiledLinear8bitLt``; ``state_dict()`` writes the scales as bitsandbytes made them).  Every layer
+    gets the class, which also keeps bitsandbytes' per-call float16 notice quiet (`_CastNotice`)."""
+    import torch
+
+    from gemma_profiles.engine import surgery
+
+    bnb = importlib.import_module("bitsandbytes")
+    mixin = _bounded_class()
+    layers = [m for _, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    beyond_float16 = compute is not None and compute != torch.float16
+    scaled = unbounded = 0
+    thresholds = set()
+    for module in layers:
+        threshold = float(module.state.threshold)
+        thresholds.add(threshold)
+        scale = _output_scale(module, threshold) if beyond_float16 else 1
+        if scale is None:
+            unbounded += 1
+        elif scale != 1:
+            object.__setattr__(module, _OUTPUT_SCALE, scale)
+            scaled += 1
+        surgery.swap(module, mixin)
+        _rebind_accelerate(module)
+    log = logging.getLogger(_BNB_LOGGER)
+    if not any(isinstance(f, _CastNotice) for f in log.filters):
+        log.addFilter(_CastNotice())
+    compute_name = _dtype_name(compute) if compute is not None else "the load dtype"
+    if beyond_float16:
+        bound = (
+            f"each product's int8 part bounded below {FLOAT16_BOUND:g} for its float16 dequantization on CUDA "
+            f"({scaled} layer(s) scaled by a power of two to stay there)"
+        )
+    else:
+        bound = "the model computes in float16 itself"
+    logger.info(
+        "[{}] int8 weights: {} of transformers' linear layers on bitsandbytes' LLM.int8() (Linear8bitLt, outlier "
+        "threshold {}): inputs cast to float16, columns with a value at or above the threshold multiplied in {}; "
+        "{}; the embedder, the tied output projection and the norms stay {}",
+        plan.profile,
+        len(layers),
+        ", ".join(f"{t:g}" for t in sorted(thresholds)) or "-",
+        compute_name,
+        bound,
+        compute_name,
+    )
+    if unbounded:
+        logger.warning(
+            "[{}] int8 weights: {} bitsandbytes layer(s) cannot be bounded (no outlier threshold, or a bias): "
+            "on CUDA their float16 steps may overflow (an input or an int8 product above 65504 becomes inf)",
+            plan.profile,
+            unbounded,
+        )
+
+
+def _output_scale(module: Any, threshold: float) -> float | None:
+    """The power of two `bound_bitsandbytes` divides ``module``'s scales by (1: none needed); None when the
+    int8 part cannot be bounded (no outlier threshold, or no int8 weight here)."""
+    import math
+
+    import torch
+
+    weight = module.weight
+    scales = [t for t in (getattr(weight, "SCB", None), module.state.SCB) if t is not None]
+    if threshold <= 0 or not scales or weight.dtype != torch.int8:
+        return None
+    row_scale = scales[0].float() / 127  # bitsandbytes: weight ~ CB * SCB / 127, per row
+    rows = max(1, (1 << 24) // max(1, weight.shape[1]))
+    largest = 0.0
+    for start in range(0, weight.shape[0], rows):
+        block = weight.data[start : start + rows].to(torch.int16).abs().sum(dim=1, dtype=torch.float32)
+        largest = max(largest, float((block * row_scale[start : start + rows]).max()))
+    bound = threshold * largest
+    if bound <= FLOAT16_BOUND:
+        return 1
+    if module.bias is not None:
+        return None  # bitsandbytes adds the bias inside the float16 dequantization: it would need the scale too
+    scale = float(2 ** math.ceil(math.log2(bound / FLOAT16_BOUND)))
+    for tensor in {id(t): t for t in scales}.values():
+        tensor.div_(scale)
+    return scale
+
+
+_bounded: type | None = None
+
+
+def _bounded_class() -> type:
+    """The ``Linear8bitLt`` mixin of `bound_bitsandbytes` (made on first use: this module never imports torch
+    when it loads)."""
+    global _bounded
+    if _bounded is None:
+        from gemma_profiles.engine import surgery
+
+        class Profiled(surgery.Surgery):
+            prefix = "Profiled"
+
+            def forward(self, x: Any) -> Any:
+                token = _QUIET.set(True)
+                try:
+                    out = super().forward(x)
+                finally:
+                    _QUIET.reset(token)
+                scale = self.__dict__.get(_OUTPUT_SCALE)
+                return out if scale is None else out * scale
+
+            def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+                super()._save_to_state_dict(destination, prefix, keep_vars)
+                scale = self.__dict__.get(_OUTPUT_SCALE)
+                key = prefix + "SCB"
+                if scale is not None and key in destination:
+                    destination[key] = destination[key] * scale
+
+        _bounded = Profiled
+    return _bounded
