@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks for offload (issue 4), pascal-5gb's int8 + float16 (issue 13) and tensor parallel
-# (issue 18), in one call, offline, under 9 minutes:
+# GPU checks for offload (issue 4), pascal-5gb's int8 + float16 (issue 13), tensor parallel and the
+# pipeline (issue 18), in one call, offline, under 9 minutes:
 #   1. the CUDA tests (tests/test_offload_gpu.py, plus the CPU offload tests on this machine);
 #   2. pascal-5gb's numbers (tests/test_int8_gpu.py, tests/test_float16_storage_gpu.py): float16-stored
 #      weights computed in float32 equal float32's; int8 weights with float16 compute under a 5 GiB
@@ -11,14 +11,17 @@
 #      GPUs - NCCL when each rank has a GPU of its own; on a single GPU gloo on CUDA tensors, since
 #      NCCL refuses two ranks on one GPU ("Duplicate GPU detected") - the single process's greedy
 #      text, about half of the sharded weights per rank, each rank's CUDA memory printed;
-#   4. benchmarks/offload_gpu.py: a 2b-shaped model under a 5 GiB CUDA allocator cap - ours
+#   4. a pipeline (tests/test_pipeline_gpu.py): decoder layers computed on the CPU beside cuda:0 (activations
+#      and each stage's KV cache really cross devices), and cuda:0 + cuda:1 under a profile when there are two
+#      GPUs - the single-GPU text either way;
+#   5. benchmarks/offload_gpu.py: a 2b-shaped model under a 5 GiB CUDA allocator cap - ours
 #      (offload: cpu / disk, prefetch on a side stream) against accelerate's cpu_offload and
 #      dispatch_model at the same layer split, the fraction of the measured host->device
 #      bandwidth bound reached, and pascal-5gb's int8 2b run capped at 5 GiB.
 #
 # From the repository root on a machine with a GPU:
 #     bash benchmarks/gpu_check.sh
-# GPU_CHECK_STEPS picks steps (default "offload int8 parallel bench"), e.g. GPU_CHECK_STEPS=parallel.
+# GPU_CHECK_STEPS picks steps (default "offload int8 parallel pipeline bench"), e.g. GPU_CHECK_STEPS=parallel.
 # With this workplace's device tool (the log and offload_gpu.json come back in $OUT):
 #     run(command="bash benchmarks/gpu_check.sh", carry=[".whl", "third_party/gemma_pytorch"], timeout_s=600)
 #
@@ -108,9 +111,9 @@ fi
 $PY -c "from gemma_profiles.runtime.gemma_info import gemma_status; print('gemma under test:', gemma_status().describe())" \
     || { echo "FATAL: gemma-profiles does not import"; exit 2; }
 
-STEPS=" ${GPU_CHECK_STEPS:-offload int8 parallel bench} "
+STEPS=" ${GPU_CHECK_STEPS:-offload int8 parallel pipeline bench} "
 step() { case "$STEPS" in *" $1 "*) return 0 ;; *) echo "(step $1 skipped: GPU_CHECK_STEPS)"; return 1 ;; esac; }
-tests=0 int8=0 parallel=0 bench=0
+tests=0 int8=0 parallel=0 pipeline=0 bench=0
 
 echo "== tests: CUDA offload, then the CPU offload tests on this machine $(elapsed)"
 if step offload; then
@@ -132,6 +135,13 @@ if step parallel; then
     parallel=${PIPESTATUS[0]}
 fi
 
+echo "== tests: a pipeline - layers on the CPU beside cuda:0; cuda:0 + cuda:1 when there are two GPUs $(elapsed)"
+if step pipeline; then
+    timeout 60 $PY ${PYTEST_FLAGS:-} -m pytest -q -s -p no:cacheprovider -rs tests/test_pipeline_gpu.py tests/test_pipeline.py \
+        2>&1 | grep -E "pipeline over|passed|failed|skipped|Error|error" | tail -15
+    pipeline=${PIPESTATUS[0]}
+fi
+
 echo "== benchmark $(elapsed)"
 if step bench; then
     export OUT
@@ -139,5 +149,5 @@ if step bench; then
     bench=$?
 fi
 
-echo "== done $(elapsed): tests exit $tests, int8 + float16 tests exit $int8, tensor parallel exit $parallel, benchmark exit $bench (log: $LOG)"
-[ "$tests" -eq 0 ] && [ "$int8" -eq 0 ] && [ "$parallel" -eq 0 ] && [ "$bench" -eq 0 ]
+echo "== done $(elapsed): tests exit $tests, int8 + float16 tests exit $int8, tensor parallel exit $parallel, pipeline exit $pipeline, benchmark exit $bench (log: $LOG)"
+[ "$tests" -eq 0 ] && [ "$int8" -eq 0 ] && [ "$parallel" -eq 0 ] && [ "$pipeline" -eq 0 ] && [ "$bench" -eq 0 ]

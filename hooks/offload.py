@@ -38,10 +38,16 @@ What a profile's ``placement`` asks for (``offload: cpu|disk``, ``offload_folder
   two layers, not the weights.
 - **the KV cache**: gemma writes each layer's cache in place (``index_copy_``); moving it
   with ``.to()`` would write into a copy and give wrong tokens without an error (what
-  accelerate's hooks do to this model).  Every decoder layer checks that its cache is on
-  its execution device and raises `GemmaProfileError` otherwise - it never copies.
-  Decoder layers therefore all run on the execution device: a ``device_map`` naming a
-  second accelerator is refused (gemma's ``generate`` allocates every cache on one device).
+  accelerate's hooks do to this model).  Every decoder layer on the execution device checks
+  that its cache is there and raises `GemmaProfileError` otherwise - it never copies.
+- **a pipeline**: layers a ``device_map`` (or the planner's split over the GPUs ``max_memory``
+  names) puts on another GPU (``cuda:1``) are computed there, beside a CUDA execution device:
+  their weights are loaded straight onto it, their inputs follow them (the step's masks and
+  rope rows once per GPU and step), and each one's KV cache - which gemma's ``generate``
+  allocates on the execution device - is moved there in place at the first step
+  (`gemma_profiles.engine.offload.relocate`), the same tensor object, so the in-place writes
+  land in it.  Any other device is refused by the planner; a GPU this machine lacks by the
+  preflight.
 - **the tied embedder** stays on the execution device unless the ``device_map`` names
   ``embedder: cpu|disk``; then the lookup and the sampler - which reads
   ``embedder.weight`` directly - run where the weight is, and their outputs come back.

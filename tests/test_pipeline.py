@@ -239,3 +239,16 @@ def test_pipeline_hooks_on_a_cpu_model_change_nothing(gemma: Any, tokenizer_path
     assert type(layers[1]).__name__.startswith("Offloaded")
     offload.remove_offload(model)
     assert state.handles and all(len(layers[i]._forward_pre_hooks) == 1 for i in range(4))
+
+
+# -- detect -------------------------------------------------------------------------------------
+
+
+def test_detect_picks_the_two_gpu_profile_only_where_there_are_two_gpus() -> None:
+    from gemma_profiles.planning.auto import best_match
+    from gemma_profiles.spec.registry import default_registry
+
+    one = best_match(hardware(1), default_registry())
+    two = best_match(hardware(2), default_registry())
+    assert one is not None and one.name == "t4"
+    assert two is not None and two.name == "kaggle-2xt4-notebook" and "uses 2 of them" in two.reason

@@ -169,10 +169,26 @@ def best_match(hardware: Hardware, registry: Registry, on_broken: Any = None) ->
         facts = profile.model.hardware
         if profile.model.abstract or facts is None or profile.model.placement.tensor_parallel > 1:
             continue  # a profile for several ranks (torchrun) never runs a script started alone
+        needed = gpus_named(profile.model.placement)
+        if needed > max(len(hardware.gpus), 1):
+            continue  # a pipeline over more GPUs than this machine has
         match = _score(name, facts, hardware, gpu)
+        if match and needed > 1:  # of two profiles for this GPU, the one that uses all of them
+            match = Match(match.name, f"{match.reason}; it uses {needed} of them", match.score + needed)
         if match and (best is None or match.score > best.score):
             best = match
     return best
+
+
+def gpus_named(placement: schema.Placement) -> int:
+    """How many CUDA devices a placement needs: one past the highest ``cuda:N`` its ``device``,
+    ``max_memory`` and ``device_map`` name (1 when it names none)."""
+    named = [str(placement.device or ""), *(placement.max_memory or {})]
+    if isinstance(placement.device_map, dict):
+        named += [str(value) for value in placement.device_map.values()]
+    indices = [int(n.split(":")[1]) for n in named if re.fullmatch(r"cuda:\d+", n)]
+    indices += [int(n) for n in placement.max_memory or {} if n.isdigit()]
+    return max(indices, default=0) + 1
 
 
 def _score(name: str, facts: schema.Hardware, hardware: Hardware, gpu: GpuInfo | None) -> Match | None:

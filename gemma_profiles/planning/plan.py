@@ -925,6 +925,11 @@ def expand_stages(plan: Plan) -> dict[str, str]:
 
 
 def _fits(plan: Plan, shape: ModelShape, target: Target, budgets: dict[str, Budget], **kwargs: Any) -> bool:
+    if pipeline_stages(plan, target) and "offloaded" not in kwargs:
+        # Other GPUs can take layers: the trial fits if some split over them does.
+        trial = replace(plan, seq_len=kwargs.get("seq_len") or plan.seq_len)
+        _, _, estimate, split_budgets = _split_over_gpus(trial, shape, target)
+        return not _shortfall(estimate, split_budgets)
     return not _shortfall(_estimate(plan, shape, target, **kwargs), budgets)
 
 
