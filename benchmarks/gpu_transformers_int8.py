@@ -15,14 +15,16 @@ CUDA memory (``max_memory_allocated``).  The models are random, written with tra
 classes and ``save_pretrained`` into a temporary folder (no download), their layers strengthened so
 that greedy text means something and activations are large (`strengthen`):
 
-1. ``t4``, a Gemma 3 with Gemma 2 2b's layer shapes (hidden 2304, MLP 9216, 8 heads, 4 KV heads of
-   256; ``--layers``, vocabulary 262144), float32 compute: every linear layer a ``Linear8bitLt``;
+1. t4 on a Gemma 3 with Gemma 2 2b's layer shapes (hidden 2304, MLP 9216, 8 heads, 4 KV heads of
+   256; ``--layers``, vocabulary 262144), float32 compute: every linear layer a ``Linear8bitLt``.  t4 gives
+   int8 to its 7b, 9b, 12b and 27b only (too large to make at random here), so the profile is
+   `T4_INT8`, a file extending t4 with ``quantization: {weights: int8}`` for every model;
 2. ``pascal-5gb`` under a 5 GiB allocator cap (``torch.cuda.set_per_process_memory_fraction``), a
    Gemma 1 2b (its profile's int8 + float16 compute; its Gemma 2/3 store float16 weights instead).
    The profile describes a Pascal card (compute capability 6.1, below LLM.int8()'s 7.5), but the plan
    is made for the GPU detected here, so LLM.int8() runs; the refusal on 6.1 is a CPU test;
 3. the float16 dequantization bound: a tiny Gemma 3 whose ``q_proj`` weights are scaled so that the
-   int8 part of its products passes 65504 (its ``q_norm`` keeps the model itself finite).  Under t4
+   int8 part of its products passes 65504 (its ``q_norm`` keeps the model itself finite).  Under t4-int8
    the layers are scaled (finite logits); with the script's own ``BitsAndBytesConfig`` they are not,
    and bitsandbytes' float16 dequantization kernel gives inf - which is what hooks/transformers.py's
    ``bound_bitsandbytes`` is for.  Exit 1 if that control is finite: the premise would be wrong.
@@ -50,6 +52,12 @@ QUERY_SCALE = 3e5
 #: Strength of the layers over the embedding (`strengthen`).
 STRENGTH = 16.0
 GiB = 2**30
+#: t4 with int8 weights for every model (t4 itself gives them to 7b, 9b, 12b and 27b only).
+T4_INT8 = """name: t4-int8
+extends: t4
+description: "t4 with int8 weights for every model (benchmarks/gpu_transformers_int8.py)"
+quantization: {weights: int8}
+"""
 #: Layer shapes (transformers' config fields); vocabulary and layers set by the caller.
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16, max_position_embeddings=256)
 SHAPE_2B = dict(
@@ -176,7 +184,8 @@ def run_child(folder: Path, profile: str, work: Path, name: str, **options: Any)
     options["logits"] = str(work / f"{name}.pt")
     command = [sys.executable, __file__, "--child", str(folder), json.dumps(options)]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    lines = [line for line in completed.stderr.splitlines() if "[" + profile + "]" in line or "Error" in line]
+    tag = "[" + Path(profile).stem + "]"
+    lines = [line for line in completed.stderr.splitlines() if tag in line or "Error" in line]
     print(f"--- {name} (GEMMA_PROFILE={profile}): exit {completed.returncode}")
     for line in lines[-12:]:
         print("   ", line[:300])
@@ -240,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     root = args.keep or Path(tempfile.mkdtemp(prefix="gpu-hf-int8-"))
     root.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
+    t4 = root / "t4-int8.yaml"
+    t4.write_text(T4_INT8)
     float32 = {"kwargs": {"dtype": "float32", "device_map": "cuda:0"}, "tokens": args.tokens}
 
     # 1. t4: Gemma 3, 2b layer shapes, float32 compute.
@@ -247,19 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     if not (folder / "config.json").is_file():
         started = time.perf_counter()
         model = build("gemma3", layers=args.layers, vocab=262144, shape=SHAPE_2B, num_key_value_heads=4)
-        strengthen(model, "gemma3")
-        model.save_pretrained(folder)
+        strengthen(model, "gemma3").to(torch.bfloat16).save_pretrained(folder)  # as checkpoints are
         del model
         print(f"wrote {folder} in {time.perf_counter() - started:.0f} s")
     reference = run_child(folder, "off", root, "gemma3 float32", **float32)
-    got = run_child(folder, "t4", root, "gemma3 t4", tokens=args.tokens)
-    compare("t4, Gemma 3 (2b layer shapes)", got, reference, 7 * args.layers, failures)
+    got = run_child(folder, str(t4), root, "gemma3 t4-int8", tokens=args.tokens)
+    compare("t4-int8, Gemma 3 (2b layer shapes)", got, reference, 7 * args.layers, failures)
 
     # 2. pascal-5gb: Gemma 1 2b, int8 + float16 compute, under a 5 GiB cap.
     folder = root / "gemma-2b"
     if not (folder / "config.json").is_file():
         model = strengthen(build("gemma", layers=18, vocab=256000, shape=GEMMA1_2B), "gemma")
-        model.save_pretrained(folder)
+        model.to(torch.bfloat16).save_pretrained(folder)
         del model
     reference = run_child(folder, "off", root, "gemma float32", **float32)
     got = run_child(folder, "pascal-5gb", root, "gemma pascal-5gb", tokens=args.tokens, cap_gib=5)
@@ -272,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (folder / "config.json").is_file():
         scale_queries(strengthen(build("gemma3"), "gemma3"), QUERY_SCALE).save_pretrained(folder)
     reference = run_child(folder, "off", root, "queries float32", **float32)
-    got = run_child(folder, "t4", root, "queries t4", tokens=args.tokens)
-    compare("t4, q_proj products past 65504", got, reference, 14, failures)
+    got = run_child(folder, str(t4), root, "queries t4-int8", tokens=args.tokens)
+    compare("t4-int8, q_proj products past 65504", got, reference, 14, failures)
     own = {"quantization_config": {"load_in_8bit": True}, "dtype": "float32", "device_map": "cuda:0"}
     control = run_child(folder, "off", root, "queries own config", tokens=args.tokens, kwargs=own)
     print(f"the script's own BitsAndBytesConfig (no bound): finite {control['finite']} (expected: False)")

@@ -376,6 +376,11 @@ def int8_arguments(plan: Plan, config: Any, kwargs: dict[str, Any], dtype: Any, 
         )
         return ""
     route = int8_route(plan, kwargs)
+    if route == BITSANDBYTES and _blocked("quantization"):
+        logger.info(
+            "[{}] int8 weights: the quantization builtin is blocked; weights stay {}", plan.profile, _dtype_name(dtype)
+        )
+        return ""
     if route == BITSANDBYTES:
         problem = bitsandbytes_problem()
         if problem is not None:

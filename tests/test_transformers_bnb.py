@@ -267,6 +267,16 @@ def test_without_bitsandbytes_one_warning_and_a_float_model(
     assert got["tokens"] == float32["gemma3"]["tokens"]
 
 
+@needs_bnb
+def test_the_blocked_quantization_builtin_keeps_the_dtype(
+    models: dict[str, Path], on_cuda: None, log_messages: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEMMA_PROFILE_DISABLE_PLUGINS", "quantization")  # as for gemma_pytorch
+    model = load(models["gemma3"])
+    assert not _int8(model) and model.dtype == torch.float32
+    assert _logged(log_messages, "[cpu-8gb] int8 weights: the quantization builtin is blocked; weights stay float32")
+
+
 # -- float16 inside LLM.int8() ----------------------------------------------------------------------------------
 
 
@@ -365,3 +375,32 @@ def test_plan_counts_int8_layers_on_the_gpu(tmp_path: Path) -> None:
     embedder = items["embedder (tied output)"]
     assert embedder["device"] == "cuda:0" and embedder["bytes"] == 256000 * 3584 * 4
     assert data["verdict"]["fits"]
+
+
+# -- the GPU script's own code, here ----------------------------------------------------------------------------
+
+
+@needs_bnb
+def test_the_gpu_scripts_child_and_comparison_run_here(
+    models: dict[str, Path], float32: dict[str, Any], on_cuda: None, tmp_path: Path
+) -> None:
+    """benchmarks/gpu_transformers_int8.py's per-system code (its ``--child``) and its checks, on the CPU."""
+    with gemma_profiles.use("cpu-8gb"):
+        got = bench.child(str(models["gemma3"]), {"logits": str(tmp_path / "logits.pt"), "tokens": 12})
+    assert got["int8_layers"] == LINEARS and got["finite"] and got["devices"] == ["cpu"]
+    got["logits"] = torch.load(tmp_path / "logits.pt")
+    failures: list[str] = []
+    reference = {**float32["gemma3"], "cuda_peak_gib": None}
+    bench.compare("cpu-8gb through bitsandbytes", got, reference, LINEARS, failures)
+    assert failures == []
+    bench.compare("wrong count", got, reference, LINEARS + 1, failures)
+    assert failures == [f"wrong count: {LINEARS} Linear8bitLt layers, want {LINEARS + 1}"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's answer on a machine without CUDA")
+def test_the_gpu_script_says_it_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main([]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "gpu_transformers_int8.py: needs CUDA (torch.cuda.is_available() is False here); "
+        "its CPU side is tests/test_transformers_bnb.py"
+    )
