@@ -13,7 +13,9 @@ gemma3_text, gemma3) the wrapper:
    ``attn_implementation`` (eager for Gemma 2's soft-capped attention) - an argument the script
    passes wins, with a log line, except a dtype the hardware or the model cannot compute
    (bfloat16 below compute capability 8.0, float16 for Gemma 2/3): that is refused, with the same
-   message as for gemma_pytorch;
+   message as for gemma_pytorch; with int8 weights (``quantization.weights: int8``) and a model going to
+   CUDA, ``quantization_config`` for bitsandbytes' LLM.int8() (`int8_arguments`: compute capability 7.5+;
+   its ``Linear8bitLt`` layers are bounded for their float16 steps after loading, `bound_bitsandbytes`);
 3. after loading: float16 storage (``quantization.weights: float16``: loaded in float16, each linear
    layer and the embedding computed in float32 by `gemma_profiles.engine.half`, on any device); when
    the whole model is on the CPU, int8 weights (``quantization.weights: int8``) on our int8 kernels,
