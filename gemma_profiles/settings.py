@@ -36,11 +36,14 @@ PROFILE_OFF_WORDS = ("off", "none", "0", "false", "no")
 #: product to a float GEMM on a dequantized copy of the weight (`gemma_profiles.engine.native`);
 #: the planner counts that copy's memory from the same number (`gemma_profiles.planning.memory`).
 DEQUANTIZE_ROWS = 160
-#: The same on the kernel's AVX2 path (float32 sums; `DEQUANTIZE_ROWS` is the VNNI path's): with
-#: a scale per 64 columns and float32 activations, one thread, the kernel took 0.66x the float32
-#: GEMM's time (dequantization included) at 64 rows of 2b's shapes, 1.04x at 128, 1.33x at 256
-#: (``OMP_NUM_THREADS=1 python benchmarks/int8_rows.py``; on the 270M's smaller weights the
-#: crossover is nearer 32-64 rows, where both take under a millisecond).
+#: The same on the kernel's AVX2 path (float32 sums; `DEQUANTIZE_ROWS` is the VNNI path's).  With
+#: a scale per 64 columns, float32 activations and one thread, the kernel (rows of x in pairs)
+#: takes 0.48x the float32 GEMM's time (dequantization included) at 64 rows of 2b's shapes, 0.78x
+#: at 128, 0.99x at 192, 1.05x at 256; on the 270M's small weights, whose dequantized copy stays in
+#: cache, 0.80x at 32, 1.11x at 64, 1.24x at 128 (``OMP_NUM_THREADS=1 python
+#: benchmarks/int8_rows.py --shapes 2b|270m --scales groups,rows``, docs/benchmarks.md).  The
+#: crossover depends on the weight's size (~190 rows for 2b's, ~48 for the 270M's): 128 stays,
+#: between the two.
 DEQUANTIZE_ROWS_AVX2 = 128
 
 
