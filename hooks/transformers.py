@@ -548,12 +548,37 @@ def after_loading(model: Any, plan: Plan, requested: Any, int8: str = CPU) -> No
             logger.info("[{}] int8 weights: the quantization builtin is blocked; weights stay {}", plan.profile, dtype)
         else:
             quantize(model, plan, dtype or torch.float32)
+            fuse(model, plan, dtype)
             return
     if plan.weight_storage == "float16" and dtype == torch.float16 and requested not in (None, torch.float16):
         store_float16(model, plan, requested)
         return
     if devices == {"cpu"} and not _blocked("kernels"):
         pack(model, plan)
+    if devices == {"cpu"}:
+        fuse(model, plan, dtype)
+
+
+def fuse(model: Any, plan: Plan, dtype: Any) -> None:
+    """The norms and the MLP's ``gelu(gate) * up`` of a model on the CPU in the fused kernels' single
+    calls (`gemma_profiles.engine.fused`: transformers' Gemma norms and MLPs compute what gemma's do),
+    each kind checked against transformers' own forward first, as the ``fused`` builtin does for gemma."""
+    import torch
+
+    from gemma_profiles.engine import fused
+
+    if _blocked("fused") or dtype not in (torch.float32, torch.bfloat16):
+        return
+    reason = fused.unavailable()
+    if reason:
+        logger.info("[{}] transformers' own norm and MLP forwards: {}", plan.profile, reason)
+        return
+    hidden = model.config.get_text_config().hidden_size
+    installed = fused.install(model, dtype, hidden, owner="transformers'")
+    if installed:
+        logger.info(
+            "[{}] fused CPU layers: {}", plan.profile, ", ".join(f"{n} {kind}" for kind, n in installed.items())
+        )
 
 
 def _plain_linears(model: Any) -> list[tuple[str, Any]]:

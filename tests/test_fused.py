@@ -77,7 +77,8 @@ def fused_kinds(model: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for module in model.modules():
         if fused.is_fused(module):
-            kind = next(k for k, (name, _, _) in fused.KINDS.items() if name == surgery.original_class(module).__name__)
+            original = surgery.original_class(module).__name__
+            kind = next(k for k, (names, _, _) in fused.KINDS.items() if original in names)
             counts[kind] = counts.get(kind, 0) + 1
     return counts
 
@@ -402,8 +403,8 @@ def test_a_forward_that_disagrees_with_gemma_is_not_installed(
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return fused.rms_norm(self, x) * 1.01
 
-    name, attributes, _ = fused.KINDS["norms"]
-    monkeypatch.setitem(fused.KINDS, "norms", (name, attributes, Wrong))
+    names, attributes, _ = fused.KINDS["norms"]
+    monkeypatch.setitem(fused.KINDS, "norms", (names, attributes, Wrong))
     ckpt = checkpoint("2b")
     state = torch.get_rng_state()
     with gemma_profiles.use(cpu_profile(write_profile, "float32")):

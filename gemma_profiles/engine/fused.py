@@ -87,7 +87,8 @@ def rms_norm(self: Any, x: torch.Tensor) -> torch.Tensor:
     flat, weight = x.contiguous(), weight.detach().contiguous()
     out = torch.empty_like(flat)
     width = weight.shape[0]
-    offset = 1.0 if self.add_unit_offset else 0.0
+    # (transformers' Gemma norms have no such flag: they all scale by 1 + weight)
+    offset = 1.0 if getattr(self, "add_unit_offset", True) else 0.0
     _library().gp_rms_norm(
         flat.data_ptr(), _bf16(flat), flat.numel() // width, width, weight.data_ptr(), _bf16(weight), offset,
         float(self.eps), out.data_ptr(),
@@ -288,29 +289,34 @@ class FusedSampling(Fused):
 
 _ATTENTION: tuple[str, ...] = ("qkv_proj", "o_proj", "num_heads", "num_kv_heads", "head_dim", "q_size", "kv_size")
 _ATTENTION += ("scaling", "attn_type", "sliding_window_size", "attn_logit_softcapping", "query_norm", "key_norm")
-#: kind -> (gemma's class name, attributes the forward reads, the `Fused` class its modules get)
-KINDS: dict[str, tuple[str, tuple[str, ...], type[Fused]]] = {
-    "norms": ("RMSNorm", ("weight", "eps", "add_unit_offset"), FusedNorm),
-    "MLPs": ("GemmaMLP", ("gate_proj", "up_proj", "down_proj"), FusedMLP),
-    "attention layers": ("GemmaAttention", _ATTENTION, FusedAttention),
-    "sampler": ("Sampler", ("config",), FusedSampling),
+#: transformers' Gemma, Gemma 2 and Gemma 3 norms (``(1 + weight) * x / rms(x)``, as gemma's) and MLPs
+#: (``down(gelu_tanh(gate(x)) * up(x))``): the norm and MLP forwards serve them too (hooks/transformers.py).
+HF_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+HF_MLPS = ("Gemma2MLP", "Gemma3MLP")  # (transformers' Gemma 1 MLP is called GemmaMLP, as gemma's)
+#: kind -> (class names, attributes the forward reads, the `Fused` class its modules get)
+KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], type[Fused]]] = {
+    "norms": (("RMSNorm", *HF_NORMS), ("weight", "eps"), FusedNorm),
+    "MLPs": (("GemmaMLP", *HF_MLPS), ("gate_proj", "up_proj", "down_proj"), FusedMLP),
+    "attention layers": (("GemmaAttention",), _ATTENTION, FusedAttention),
+    "sampler": (("Sampler",), ("config",), FusedSampling),
 }
 
 
 def _of_kind(model: nn.Module, kind: str) -> list[nn.Module]:
-    name, attributes, _ = KINDS[kind]
-    return [m for m in model.modules() if type(m).__name__ == name and all(hasattr(m, a) for a in attributes)]
+    names, attributes, _ = KINDS[kind]
+    return [m for m in model.modules() if type(m).__name__ in names and all(hasattr(m, a) for a in attributes)]
 
 
 def is_fused(module: nn.Module) -> bool:
     return isinstance(module, Fused)
 
 
-def install(model: nn.Module, dtype: torch.dtype, hidden_size: int) -> dict[str, int]:
+def install(model: nn.Module, dtype: torch.dtype, hidden_size: int, owner: str = "gemma's") -> dict[str, int]:
     """Give every recognised module of ``model`` its fused forward; returns how many per kind.
 
     :param dtype: the dtype activations flow in (the model config's), for the checks.
     :param hidden_size: the width of the residual stream (the config's), for the checks.
+    :param owner: whose forwards the fused ones replace, for the log (``transformers'``).
     """
     installed: dict[str, int] = {}
     for kind, (_, _, fused) in KINDS.items():
@@ -319,7 +325,7 @@ def install(model: nn.Module, dtype: torch.dtype, hidden_size: int) -> dict[str,
             continue
         problem = _check(kind, modules[0], fused.forward, dtype if dtype in _DTYPES else torch.float32, hidden_size)
         if problem:
-            logger.warning("gemma's own {} forward kept: {}", kind, problem)
+            logger.warning("{} own {} forward kept: {}", owner, kind, problem)
             continue
         for module in modules:
             surgery.swap(module, fused)
@@ -360,7 +366,7 @@ def _check(kind: str, module: Any, forward: Callable[..., Any], dtype: torch.dty
                 x = randn(3, width)
                 return _close(_gemmas(module).forward(module, x), forward(module, x), dtype)
             if kind == "MLPs":
-                x = randn(1, 2, hidden_size)
+                x = randn(1, 2, getattr(module.gate_proj, "in_features", hidden_size))
                 return _close(_gemmas(module).forward(module, x), forward(module, x), dtype)
             if kind == "attention layers":
                 return _check_attention(module, forward, randn, dtype, hidden_size)
