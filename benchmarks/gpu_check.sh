@@ -14,26 +14,25 @@
 #   4. a pipeline (tests/test_pipeline_gpu.py): decoder layers computed on the CPU beside cuda:0 (activations
 #      and each stage's KV cache really cross devices), and cuda:0 + cuda:1 under a profile when there are two
 #      GPUs - the single-GPU text either way;
-#   5. benchmarks/offload_gpu.py: a 2b-shaped model under a 5 GiB CUDA allocator cap - ours
+#   5. transformers' int8 on CUDA through bitsandbytes (benchmarks/gpu_transformers_int8.py): a 2b-shaped
+#      Gemma 3 under a t4-int8 profile, pascal-5gb's Gemma 1 2b under a 5 GiB cap (cc < 7.5 there: float),
+#      each product's float16 dequantization kept finite by the bound;
+#   6. benchmarks/offload_gpu.py: a 2b-shaped model under a 5 GiB CUDA allocator cap - ours
 #      (offload: cpu / disk, prefetch on a side stream) against accelerate's cpu_offload and
 #      dispatch_model at the same layer split, the fraction of the measured host->device
 #      bandwidth bound reached, and pascal-5gb's int8 2b run capped at 5 GiB.
 #
 # From the repository root on a machine with a GPU:
 #     bash benchmarks/gpu_check.sh
-# GPU_CHECK_STEPS picks steps (default "offload int8 parallel pipeline bench"), e.g. GPU_CHECK_STEPS=parallel.
+# GPU_CHECK_STEPS picks steps (default "offload int8 parallel pipeline hfint8 bench"), e.g. GPU_CHECK_STEPS=parallel.
 # With this workplace's device tool (the log and offload_gpu.json come back in $OUT):
 #     run(command="bash benchmarks/gpu_check.sh", carry=[".whl", "third_party/gemma_pytorch"], timeout_s=600)
 #
 # The GPU machine has torch (and accelerate, sentencepiece, pluggy, pyyaml, click, psutil) but no
 # package registry.  Whatever else is missing travels as wheels in the folder GEMMA_PROFILES_WHEELS
 # (default: .wheels, then .whl - ignored by git, never committed), installed with
-# `pip install --no-index --find-links`.  Make it here (Python 3.12, x86-64):
-#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#         -d .whl loguru pydantic pydantic_core annotated-types typing-inspection typing_extensions platformdirs
-#     (add accelerate, safetensors, huggingface_hub ... if the machine lacks accelerate)
-#     echo /.whl/ >> .git/info/exclude
+# `pip install --no-index --find-links`.  Make it here with benchmarks/gpu_wheels.sh (Python 3.12,
+# x86-64; 33 MB with transformers and a bitsandbytes trimmed to CUDA 12.6+, under the 64 MiB carry).
 # accelerate not importable after that: the comparison rows are skipped, with a message.
 # gemma: the real gemma_pytorch when GEMMA_PYTORCH_SRC (default third_party/gemma_pytorch) holds it,
 # else the stand-in in tests/standin.
@@ -61,7 +60,8 @@ missing() {
 import importlib.util
 names = {"loguru": "loguru", "pydantic": "pydantic", "platformdirs": "platformdirs", "pluggy": "pluggy",
          "yaml": "pyyaml", "click": "click", "psutil": "psutil", "sentencepiece": "sentencepiece",
-         "pytest": "pytest", "accelerate": "accelerate"}
+         "pytest": "pytest", "accelerate": "accelerate", "transformers": "transformers",
+         "bitsandbytes": "bitsandbytes"}
 print(" ".join(dist for module, dist in names.items() if importlib.util.find_spec(module) is None))
 EOF
 }
@@ -74,8 +74,11 @@ if [ -n "$need" ]; then
     echo "missing: $need"
     if [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then
         echo "installing from $WHEELS (no index)"
-        # shellcheck disable=SC2086
-        $PY -m pip install -q --no-index --find-links "$WHEELS" $need 2>&1 | tail -3 || true
+        # Every wheel there, one at a time and without resolving: the folder holds the dependencies
+        # (benchmarks/gpu_wheels.sh), and a wheel this Python cannot take must not stop the others.
+        for wheel in "$WHEELS"/*.whl; do
+            $PY -m pip install -q --no-index --no-deps "$wheel" 2>&1 | tail -1 || true
+        done
         need=$(missing)
         [ -n "$need" ] && echo "still missing after $WHEELS: $need"
     else
@@ -86,6 +89,7 @@ for required in loguru pydantic platformdirs pluggy pyyaml click psutil sentence
     case " $need " in *" $required "*) echo "FATAL: $required is required"; exit 2 ;; esac
 done
 case " $need " in *" accelerate "*) echo "accelerate is not importable: the comparison with it is skipped" ;; esac
+case " $need " in *" transformers "*|*" bitsandbytes "*) echo "transformers or bitsandbytes missing: step hfint8 skips" ;; esac
 
 echo "== gemma-profiles and gemma $(elapsed)"
 # gemma-profiles from this tree: hooks/ and profiles/ are installed as gemma_profiles.hooks/.profiles.
@@ -111,9 +115,9 @@ fi
 $PY -c "from gemma_profiles.runtime.gemma_info import gemma_status; print('gemma under test:', gemma_status().describe())" \
     || { echo "FATAL: gemma-profiles does not import"; exit 2; }
 
-STEPS=" ${GPU_CHECK_STEPS:-offload int8 parallel pipeline bench} "
+STEPS=" ${GPU_CHECK_STEPS:-offload int8 parallel pipeline hfint8 bench} "
 step() { case "$STEPS" in *" $1 "*) return 0 ;; *) echo "(step $1 skipped: GPU_CHECK_STEPS)"; return 1 ;; esac; }
-tests=0 int8=0 parallel=0 pipeline=0 bench=0
+tests=0 int8=0 parallel=0 pipeline=0 hfint8=0 bench=0
 
 echo "== tests: CUDA offload, then the CPU offload tests on this machine $(elapsed)"
 if step offload; then
@@ -142,6 +146,14 @@ if step pipeline; then
     pipeline=${PIPESTATUS[0]}
 fi
 
+echo "== transformers' int8 on CUDA (bitsandbytes' LLM.int8(): t4-int8, pascal-5gb under 5 GiB, the float16 bound) $(elapsed)"
+if step hfint8 && [ -n "$(echo " $need " | grep -E ' (transformers|bitsandbytes) ')" ]; then
+    echo "SKIPPED: transformers or bitsandbytes not installed (benchmarks/gpu_wheels.sh makes their wheels)"
+elif step hfint8; then
+    timeout 240 $PY benchmarks/gpu_transformers_int8.py --layers 8 2>&1 | tail -30
+    hfint8=${PIPESTATUS[0]}
+fi
+
 echo "== benchmark $(elapsed)"
 if step bench; then
     export OUT
@@ -149,5 +161,5 @@ if step bench; then
     bench=$?
 fi
 
-echo "== done $(elapsed): tests exit $tests, int8 + float16 tests exit $int8, tensor parallel exit $parallel, pipeline exit $pipeline, benchmark exit $bench (log: $LOG)"
-[ "$tests" -eq 0 ] && [ "$int8" -eq 0 ] && [ "$parallel" -eq 0 ] && [ "$pipeline" -eq 0 ] && [ "$bench" -eq 0 ]
+echo "== done $(elapsed): tests exit $tests, int8 + float16 tests exit $int8, tensor parallel exit $parallel, pipeline exit $pipeline, transformers int8 exit $hfint8, benchmark exit $bench (log: $LOG)"
+[ "$tests" -eq 0 ] && [ "$int8" -eq 0 ] && [ "$parallel" -eq 0 ] && [ "$pipeline" -eq 0 ] && [ "$hfint8" -eq 0 ] && [ "$bench" -eq 0 ]
