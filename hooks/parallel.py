@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gemma_profiles import hookimpl
 from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.log import logger
 from gemma_profiles.planning.plan import Plan
+from gemma_profiles.plugin.hookspecs import hookimpl
 from gemma_profiles.plugin.types import ConfigRewrite
 
 #: id(rewritten config) -> (that config, the layout): handed from the rewrite to the built model.

@@ -35,11 +35,11 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from gemma_profiles import hookimpl
 from gemma_profiles.errors import GemmaProfileError
 from gemma_profiles.log import logger
 from gemma_profiles.planning import hf
 from gemma_profiles.planning.plan import Plan, Setting, Target, check_dtype, check_float16, make_plan, normalize_device
+from gemma_profiles.plugin.hookspecs import hookimpl
 from gemma_profiles.units import format_bytes, parse_memory
 
 #: The module holding ``PreTrainedModel``.
