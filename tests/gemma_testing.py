@@ -163,6 +163,17 @@ def build_tiny_model(
     return construct(gemma, config)
 
 
+def greedy(model: Any, device: str, prompt: str, tokens: int) -> tuple[str, list[torch.Tensor]]:
+    """gemma's ``generate`` without sampling, and the logits of each step (float32, on the CPU)."""
+    logits: list[torch.Tensor] = []
+    handle = model.sampler.register_forward_hook(lambda m, a, out: logits.append(out[1].float().cpu()))
+    try:
+        text = model.generate(prompt, device, output_len=tokens, temperature=None)
+    finally:
+        handle.remove()
+    return text, logits
+
+
 def construct(gemma: Any, config: Any) -> Any:
     """``GemmaForCausalLM(config)`` with torch's default dtype float32 (restored after), as
     ``scripts/run.py`` builds it."""

@@ -45,13 +45,9 @@ def build(gemma: Any, tokenizer: str, dtype: str = "float16") -> Any:
 
 
 def run(model: Any) -> tuple[str, list[torch.Tensor]]:
-    logits: list[torch.Tensor] = []
-    handle = model.sampler.register_forward_hook(lambda m, a, out: logits.append(out[1].float().cpu()))
-    try:
-        text = model.generate(PROMPT, "cuda", output_len=TOKENS, temperature=None)
-    finally:
-        handle.remove()
-    return text, logits
+    from gemma_testing import greedy
+
+    return greedy(model, "cuda", PROMPT, TOKENS)
 
 
 @pytest.fixture

@@ -208,7 +208,7 @@ def test_pipeline_hooks_on_a_cpu_model_change_nothing(gemma: Any, tokenizer_path
     """Layers 1-2 as a stage on ``cpu:0`` (the CPU, named apart from the execution device ``cpu``):
     the hooks run on every boundary and the final norm, and the tokens and logits stay the plain
     model's exactly."""
-    from gemma_testing import build_tiny_model, write_random_checkpoint
+    from gemma_testing import build_tiny_model, greedy, write_random_checkpoint
 
     model = build_tiny_model(gemma, tokenizer_path, "2b", num_hidden_layers=4, quant=False)
     write_random_checkpoint(model, str(tmp_path / "m.ckpt"), torch.float32, seed=3)
@@ -216,12 +216,7 @@ def test_pipeline_hooks_on_a_cpu_model_change_nothing(gemma: Any, tokenizer_path
     model.eval()
 
     def run() -> tuple[str, list[torch.Tensor]]:
-        logits: list[torch.Tensor] = []
-        handle = model.sampler.register_forward_hook(lambda m, a, out: logits.append(out[1].clone()))
-        try:
-            return model.generate("the cat sees", "cpu", output_len=4, temperature=None), logits
-        finally:
-            handle.remove()
+        return greedy(model, "cpu", "the cat sees", 4)
 
     plain_text, plain_logits = run()
     calls: list[int] = []

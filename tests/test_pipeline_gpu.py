@@ -13,7 +13,6 @@ activations and the KV caches really cross devices:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,46 +34,40 @@ TOKENS = 6
 LAYERS = 6
 
 
-def build(gemma: Any, tokenizer: str) -> Any:
-    from gemma_testing import tiny_config
+def build(gemma: Any, tokenizer: str, ckpt: str | None = None) -> Any:
+    """gemma's construction step on a tiny float32 2b; loaded from ``ckpt`` when given."""
+    from gemma_testing import build_tiny_model
 
-    config = tiny_config(gemma.config, "2b", tokenizer, dtype="float32")
-    config = dataclasses.replace(config, num_hidden_layers=LAYERS, quant=False)
-    return gemma.model.GemmaForCausalLM(config)
+    model = build_tiny_model(gemma, tokenizer, "2b", num_hidden_layers=LAYERS, quant=False)
+    if ckpt is not None:
+        model.load_weights(ckpt)
+    return model
 
 
 def run(model: Any) -> tuple[str, list[torch.Tensor]]:
-    logits: list[torch.Tensor] = []
-    handle = model.sampler.register_forward_hook(lambda m, a, out: logits.append(out[1].float().cpu()))
-    try:
-        text = model.generate(PROMPT, "cuda", output_len=TOKENS, temperature=None)
-    finally:
-        handle.remove()
-    return text, logits
+    from gemma_testing import greedy
+
+    return greedy(model, "cuda", PROMPT, TOKENS)
 
 
 @pytest.fixture
 def ckpt(gemma: Any, tokenizer_path: str, tmp_path: Path) -> str:
     from gemma_testing import write_random_checkpoint
 
-    path = tmp_path / "pipe.ckpt"
-    write_random_checkpoint(build(gemma, tokenizer_path), str(path), torch.float32, seed=5)
-    return str(path)
+    write_random_checkpoint(build(gemma, tokenizer_path), str(tmp_path / "pipe.ckpt"), torch.float32, seed=5)
+    return str(tmp_path / "pipe.ckpt")
 
 
 @pytest.fixture
 def reference(gemma: Any, tokenizer_path: str, ckpt: str) -> tuple[str, list[torch.Tensor]]:
-    model = build(gemma, tokenizer_path)
-    model.load_weights(ckpt)
-    return run(model.to("cuda").eval())
+    """One GPU, no profile."""
+    return run(build(gemma, tokenizer_path, ckpt).to("cuda").eval())
 
 
 def test_layers_computed_on_the_cpu_beside_cuda_give_the_same_text(
     gemma: Any, tokenizer_path: str, ckpt: str, reference: tuple[str, list[torch.Tensor]]
 ) -> None:
-    model = build(gemma, tokenizer_path)
-    model.load_weights(ckpt)
-    model.to("cuda").eval()
+    model = build(gemma, tokenizer_path, ckpt).to("cuda").eval()
     stages = {2: "cpu", 3: "cpu"}
     seen: dict[int, list[tuple[int, str]]] = {2: [], 3: [], 4: []}
 
