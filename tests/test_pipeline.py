@@ -247,3 +247,11 @@ def test_detect_picks_the_two_gpu_profile_only_where_there_are_two_gpus() -> Non
     two = best_match(hardware(2), default_registry())
     assert one is not None and one.name == "t4"
     assert two is not None and two.name == "kaggle-2xt4-notebook" and "uses 2 of them" in two.reason
+
+
+def test_tensor_parallel_and_a_pipeline_do_not_mix(plan_of: Callable[..., Plan]) -> None:
+    with pytest.raises(GemmaProfileError, match=r"asks for tensor parallel: each rank computes on one GPU"):
+        plan_of("{device: cuda:0, tensor_parallel: 2, device_map: {'14-27': cuda:1}}")
+    # max_memory naming both GPUs under tensor parallel sizes each rank, not a split
+    plan = plan_of("{device: cuda:0, tensor_parallel: 2, max_memory: {cuda:0: 14GiB, cuda:1: 14GiB}}")
+    assert set(plan.layers.values()) == {"cuda:0"} and plan.placement.device_map is None

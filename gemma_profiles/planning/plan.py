@@ -714,7 +714,11 @@ def budgets_for(plan: Plan, target: Target, stages: tuple[str, ...] = ()) -> dic
 def pipeline_stages(plan: Plan, target: Target) -> tuple[str, ...]:
     """The other GPUs layers may be split over when no ``device_map`` says where: each ``cuda:N``
     that ``max_memory`` names besides the execution device, by index (a pipeline; docs/parallel.md)."""
-    if not target.device.startswith("cuda") or isinstance(plan.placement.device_map, dict):
+    if (
+        not target.device.startswith("cuda")
+        or isinstance(plan.placement.device_map, dict)
+        or plan.placement.tensor_parallel > 1  # (each rank has one GPU of its own)
+    ):
         return ()
     named = {normalize_device(k) if not k.isdigit() else f"cuda:{k}" for k in plan.placement.max_memory or {}}
     others = [d for d in named if d.startswith("cuda:") and d != target.device]
@@ -800,6 +804,12 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
         devices = [named.get(index, target.device) for index in range(layers)]
         for device in dict.fromkeys(devices):
             problem = _stage_problem(device, target)
+            stage = device.startswith("cuda:") and device != target.device
+            if problem is None and stage and plan.placement.tensor_parallel > 1:
+                problem = (
+                    f"it maps layers to {device} and asks for tensor parallel: each rank computes on one GPU of "
+                    "its own; a device_map over several GPUs is a pipeline in one process - use one or the other"
+                )
             if problem:
                 raise GemmaProfileError(f"profile '{plan.profile}': {problem}", where=where_map)
             if device not in OFFLOAD_TARGETS and device != target.device:
