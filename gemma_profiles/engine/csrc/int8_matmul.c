@@ -372,7 +372,10 @@ static void block4_256(const float *xf, int64_t m_rows, int64_t kp, int64_t c0, 
  * issue's goal in float32 compute (docs/engine.md).
  *
  * One row of x (a decode step) runs four FMA chains, one per row of the block: still faster
- * than memory delivers the weights on one core.  Rows of x in pairs (a prompt) share each eight
+ * than memory delivers the weights on one core.  The loop issues one FMA per cycle there, the
+ * rate of the widening (VPMOVSXBD + VCVTDQ2PS), not a wait on the FMA latency: eight chains (two
+ * per row of the block), with VPMOVSXBD or with in-lane VPSHUFB widening, measured 0.88-0.99x
+ * its speed (docs/benchmarks.md).  Rows of x in pairs (a prompt) share each eight
  * widened weights, eight chains in flight, as block4_256 does; the group step adds one FMA per
  * eight (1/8 more than per-row scales), and the eight totals live in registers across groups.
  * Both loops put a row through the same FMAs in the same order - chains, group step, horizontal
