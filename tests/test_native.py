@@ -457,28 +457,3 @@ def test_grouped_rows_in_pairs_give_each_rows_own_result(
         assert torch.equal(together, alone[:m]), m
         rows = torch.arange(m)
         assert torch.equal(packed.matmul(x[rows.flip(0)]), alone[:m].flip(0)), m  # order of rows is irrelevant
-
-
-def test_grouped_short_prompts_cost_about_what_per_row_scales_cost(grouped_kernel: None) -> None:
-    """A prompt of a few rows: with scales per group each widened weight feeds two rows of x, as
-    with per-row scales; the group step adds one FMA per eight, so the grouped kernel takes ~1.1x
-    the per-row one's time (1.56x when it took rows one at a time).  Both interleaved, one thread,
-    the fastest of 15 calls each (a loaded box slows calls, never speeds them)."""
-    import time
-
-    q, groups, _ = grouped(1024, 2048, 64)
-    by_group = native.Int8Weight.pack(q, groups.amax(1), groups=groups)
-    by_row = native.Int8Weight.pack(q, groups.amax(1))
-    x = torch.randn(8, 2048, generator=torch.Generator().manual_seed(8))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        best = {"group": float("inf"), "row": float("inf")}
-        for _ in range(15):
-            for name, weight in (("group", by_group), ("row", by_row)):
-                start = time.perf_counter()
-                weight.matmul(x)
-                best[name] = min(best[name], time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    assert best["group"] < 1.3 * best["row"], best
