@@ -575,7 +575,7 @@ class Pipeline:
             key = (id(value), device)
             held = self._moved.get(key)
             if held is None or held[0] is not value:  # (an id can be reused once a tensor is freed)
-                held = (value, value.to(device, non_blocking=True))
+                held = (value, value.to(device))  # (blocking: a GPU -> CPU copy must be complete when read)
                 self._moved[key] = held
             return held[1]
         if isinstance(value, tuple | list):
