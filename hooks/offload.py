@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +70,7 @@ from gemma_profiles.planning.plan import (
     expand_layers,
     normalize_device,
     split_device_map,
+    stage_problem,
 )
 from gemma_profiles.plugin.hookspecs import hookimpl
 from gemma_profiles.units import parse_memory
@@ -166,11 +166,12 @@ def _stage(plan: Plan, index: int, where: str, device: str) -> str:
     known to be usable beside the execution ``device``."""
     from gemma_profiles.engine.devices import device_problem
 
-    if not (re.fullmatch(r"cuda:\d+", where) and device.startswith("cuda")):
+    # (the planner's check, for a plan it could not size: the profile's device is not here)
+    problem = stage_problem(where, device, plan.placement.tensor_parallel)
+    if problem:
         raise GemmaProfileError(
-            f"profile '{plan.profile}' puts decoder layer {index} on {where}, but the model runs on {device}: "
-            "other devices compute layers only as CUDA GPUs beside a CUDA execution device (a pipeline)",
-            where=plan.profile_path,
+            f"profile '{plan.profile}': {problem}",
+            where=f"{plan.profile_path} placement.device_map",
             hint=f"map layers to {device}, another cuda:N, cpu or disk",
         )
     problem = device_problem(where)

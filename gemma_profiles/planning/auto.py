@@ -183,11 +183,12 @@ def best_match(hardware: Hardware, registry: Registry, on_broken: Any = None) ->
 def gpus_named(placement: schema.Placement) -> int:
     """How many CUDA devices a placement needs: one past the highest ``cuda:N`` its ``device``,
     ``max_memory`` and ``device_map`` name (1 when it names none)."""
-    named = [str(placement.device or ""), *(placement.max_memory or {})]
+    from gemma_profiles.planning.plan import memory_limits
+
+    named = [str(placement.device or ""), *memory_limits(placement)]
     if isinstance(placement.device_map, dict):
         named += [str(value) for value in placement.device_map.values()]
     indices = [int(n.split(":")[1]) for n in named if re.fullmatch(r"cuda:\d+", n)]
-    indices += [int(n) for n in placement.max_memory or {} if n.isdigit()]
     return max(indices, default=0) + 1
 
 

@@ -679,6 +679,11 @@ def _warnings(config: dict[str, Setting], variant: str | None, family: str | Non
     return []
 
 
+def memory_limits(placement: schema.Placement) -> dict[str, str | int]:
+    """``placement.max_memory`` by device name: ``cuda`` and a bare GPU index (``1``) as ``cuda:N``."""
+    return {normalize_device(k) if not k.isdigit() else f"cuda:{k}": v for k, v in (placement.max_memory or {}).items()}
+
+
 def budgets_for(plan: Plan, target: Target, stages: tuple[str, ...] = ()) -> dict[str, Budget]:
     """What each device may use: ``max_memory`` when the profile sets it, else capacity minus reserve.
 
@@ -686,9 +691,7 @@ def budgets_for(plan: Plan, target: Target, stages: tuple[str, ...] = ()) -> dic
         does not name is taken to be a GPU like the execution device (the profile's hardware
         section describes one GPU).
     """
-    limits = {
-        normalize_device(k) if not k.isdigit() else f"cuda:{k}": v for k, v in (plan.placement.max_memory or {}).items()
-    }
+    limits = memory_limits(plan.placement)
     budgets: dict[str, Budget] = {}
     capacities = {"cpu": target.host_memory}
     if target.device != "cpu":
@@ -720,19 +723,24 @@ def pipeline_stages(plan: Plan, target: Target) -> tuple[str, ...]:
         or plan.placement.tensor_parallel > 1  # (each rank has one GPU of its own)
     ):
         return ()
-    named = {normalize_device(k) if not k.isdigit() else f"cuda:{k}" for k in plan.placement.max_memory or {}}
-    others = [d for d in named if d.startswith("cuda:") and d != target.device]
+    others = [d for d in memory_limits(plan.placement) if d.startswith("cuda:") and d != target.device]
     return tuple(sorted(others, key=lambda d: int(d.split(":")[1])))
 
 
-def _stage_problem(device: str, target: Target) -> str | None:
-    """Why ``device`` (a ``device_map`` value) cannot compute layers beside ``target.device``; None when it can."""
-    if device in OFFLOAD_TARGETS or device == target.device:
+def stage_problem(device: str, home: str, tensor_parallel: int = 1) -> str | None:
+    """Why decoder layers mapped to ``device`` (a ``device_map`` value) cannot run there beside the
+    execution device ``home``; None when they can (``home`` itself and the offload targets included)."""
+    if device in OFFLOAD_TARGETS or device == home:
         return None
     if not re.fullmatch(r"cuda:\d+", device):
         return f"'{device}' is not a device layers can run on (cuda:N), nor cpu or disk (offload)"
-    if not target.device.startswith("cuda"):
-        return f"layers on {device} need the model to run on a CUDA device too (it runs on {target.device})"
+    if not home.startswith("cuda"):
+        return f"layers on {device} need the model to run on a CUDA device too (it runs on {home})"
+    if tensor_parallel > 1:
+        return (
+            f"it maps layers to {device} and asks for tensor parallel: each rank computes on one GPU of "
+            "its own; a device_map over several GPUs is a pipeline in one process - use one or the other"
+        )
     return None
 
 
@@ -803,13 +811,7 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
         named, _ = split_device_map(device_map, layers, where_map)
         devices = [named.get(index, target.device) for index in range(layers)]
         for device in dict.fromkeys(devices):
-            problem = _stage_problem(device, target)
-            stage = device.startswith("cuda:") and device != target.device
-            if problem is None and stage and plan.placement.tensor_parallel > 1:
-                problem = (
-                    f"it maps layers to {device} and asks for tensor parallel: each rank computes on one GPU of "
-                    "its own; a device_map over several GPUs is a pipeline in one process - use one or the other"
-                )
+            problem = stage_problem(device, target.device, plan.placement.tensor_parallel)
             if problem:
                 raise GemmaProfileError(f"profile '{plan.profile}': {problem}", where=where_map)
             if device not in OFFLOAD_TARGETS and device != target.device:
@@ -823,9 +825,11 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
         estimate = _estimate(plan, shape, target, offloaded, offload_device=where, stages=stages)
         layer_map = compress_layers(devices)
     elif pipeline_stages(plan, target) and _shortfall(_estimate(plan, shape, target), budgets).get(target.device):
-        plan, stages, estimate, budgets = _split_over_gpus(plan, shape, target)
+        layer_map, stages, estimate, budgets = _split_over_gpus(plan, shape, target)
         offloaded = 0
-        layer_map = expand_stages(plan)
+        # hooks/offload.py places from the device_map: the plan writes the split there.
+        mapped = {**layer_map, **({} if plan.embedder is None else {"embedder": str(plan.embedder.value)})}
+        plan = replace(plan, placement=plan.placement.model_copy(update={"device_map": mapped}))
     else:
         # Keep as many layers resident as the budget allows; the rest wait on the CPU
         # (or on disk).  On a CPU target only disk offload frees anything.  When even
@@ -891,10 +895,10 @@ def _size(plan: Plan, shape: ModelShape, target: Target) -> Plan:
 
 def _split_over_gpus(
     plan: Plan, shape: ModelShape, target: Target
-) -> tuple[Plan, dict[str, int], MemoryEstimate, dict[str, Budget]]:
+) -> tuple[dict[str, str], dict[str, int], MemoryEstimate, dict[str, Budget]]:
     """Consecutive layers on each GPU that ``max_memory`` names (`pipeline_stages`): the execution
-    device keeps as many as fit, then the next GPU, and so on; the last one takes the rest.  The
-    split is written into ``placement.device_map``, which ``hooks/offload.py`` places from."""
+    device keeps as many as fit, then the next GPU, and so on; the last one takes the rest.
+    Returns the layer map, the layers per stage, their estimate and the budgets."""
     others = pipeline_stages(plan, target)
     budgets = budgets_for(plan, target, others)
     layers = shape.num_hidden_layers
@@ -918,20 +922,9 @@ def _split_over_gpus(
                 break
         counts[device] = best
         remaining -= best
-    devices = [d for d in order for _ in range(counts[d])]
     stages = {d: c for d, c in counts.items() if d != target.device and c}
-    mapped: dict[str, str] = {**compress_layers(devices)}
-    if plan.embedder is not None:
-        mapped["embedder"] = str(plan.embedder.value)
-    plan = replace(plan, placement=plan.placement.model_copy(update={"device_map": mapped}))
-    return plan, stages, _estimate(plan, shape, target, stages=stages), budgets
-
-
-def expand_stages(plan: Plan) -> dict[str, str]:
-    """The layer map of a plan whose ``device_map`` `_split_over_gpus` wrote."""
-    device_map = plan.placement.device_map
-    assert isinstance(device_map, dict)
-    return {key: value for key, value in device_map.items() if key not in EMBEDDER_KEYS}
+    layer_map = compress_layers([d for d in order for _ in range(counts[d])])
+    return layer_map, stages, _estimate(plan, shape, target, stages=stages), budgets
 
 
 def _fits(plan: Plan, shape: ModelShape, target: Target, budgets: dict[str, Budget], **kwargs: Any) -> bool:
