@@ -341,6 +341,8 @@ FLOAT16_MAX = 65504.0
 #: The largest value the int8 part of a product may reach (half of float16's range): on CUDA bitsandbytes
 #: dequantizes it through a float16 tensor (`bound_bitsandbytes`).
 FLOAT16_BOUND = FLOAT16_MAX / 2
+#: accelerate's placement strategies a ``device_map`` argument may name (each may offload layers).
+_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _BNB_INSTALL = "pip install 'gemma-profiles[cuda-int8]' (or pip install bitsandbytes)"
 
 
@@ -430,7 +432,7 @@ def _mapped_devices(plan: Plan, device_map: Any) -> set[str]:
     if isinstance(device_map, int) and not isinstance(device_map, bool):
         return {f"cuda:{device_map}"}
     name = str(device_map)
-    if name in ("auto", "balanced", "balanced_low_0", "sequential"):
+    if name in _STRATEGIES:
         if plan.device is not None:
             return {normalize_device(str(plan.device.value))}
         from gemma_profiles.plugin.manager import detect_hardware
@@ -442,8 +444,6 @@ def _mapped_devices(plan: Plan, device_map: Any) -> set[str]:
 def bitsandbytes_problem() -> str | None:
     """Why bitsandbytes cannot serve transformers here (not installed, too old for transformers, no CUDA
     library), or None."""
-    import importlib
-
     try:
         bnb = importlib.import_module("bitsandbytes")
     except ImportError:
@@ -471,7 +471,7 @@ def _bitsandbytes_config(plan: Plan, kwargs: dict[str, Any], origin: str) -> Non
     from transformers import BitsAndBytesConfig
 
     device_map = kwargs.get("device_map")
-    offload = device_map in ("auto", "balanced", "balanced_low_0", "sequential") or (
+    offload = device_map in _STRATEGIES or (
         isinstance(device_map, dict) and bool({"cpu", "disk"} & {str(v) for v in device_map.values()})
     )
     settings = {"load_in_8bit": True, "llm_int8_threshold": BITSANDBYTES_THRESHOLD}
@@ -553,9 +553,9 @@ def after_loading(model: Any, plan: Plan, requested: Any, int8: str = CPU) -> No
     if plan.weight_storage == "float16" and dtype == torch.float16 and requested not in (None, torch.float16):
         store_float16(model, plan, requested)
         return
-    if devices == {"cpu"} and not _blocked("kernels"):
-        pack(model, plan)
     if devices == {"cpu"}:
+        if not _blocked("kernels"):
+            pack(model, plan)
         fuse(model, plan, dtype)
 
 
