@@ -288,3 +288,22 @@ def test_offload_gives_the_resident_models_logits_exactly(
             """,
         )
         assert torch.equal(logits_of(str(path), SAME_MATH_TOKENS)[0], resident), where
+
+
+def test_pipeline_hooks_give_gemmas_own_logits_exactly(imported: Path, text_ids: list[int], reference: torch.Tensor):
+    """The pipeline's hooks (tests/test_pipeline.py) on the real model and gemma's real arguments -
+    both rope tables, the masks (the local one equals the causal one below the 512-token window),
+    the KV caches: layers 6-11 as a stage on ``cpu:0`` (the CPU, named apart from the execution
+    device) leave gemma's float32 logits bit for bit; a hook that zeroed the mask fails here.
+    Moving them between devices is tests/test_pipeline_gpu.py's."""
+    from gemma_profiles.engine import offload
+
+    session.deactivate()
+    model = build(imported)
+    offload.apply_offload(model, offload.Layout("cpu", {}, reason="test", stages=dict.fromkeys(range(6, 12), "cpu:0")))
+    layers = model.model.layers
+    hooked = [
+        i for i in range(len(layers)) if any(h.__name__ == "to_layer" for h in layers[i]._forward_pre_hooks.values())
+    ]
+    assert hooked == list(range(6, 13))
+    assert torch.equal(quality.teacher_forced_logits(model, text_ids), reference)
